@@ -1,0 +1,1 @@
+//! Parasync client (being written).

@@ -1,0 +1,1 @@
+//! Parasync collectives (being written).

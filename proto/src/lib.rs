@@ -1,0 +1,13 @@
+//! Generated protobuf messages and gRPC stubs of the Parasync protocol.
+//!
+//! Only the crates that convert to and from their own domain types use this crate
+//! (`ps-server` and `client`); proto types never appear in their public APIs.
+
+/// `parasync.ps.v1`: the parameter-server service.
+pub mod ps {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("parasync.ps.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Parasync proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("parasync_descriptor");

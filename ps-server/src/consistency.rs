@@ -1,0 +1,1 @@
+//! Consistency state machines (placeholder, being written).

@@ -1,0 +1,10 @@
+//! The Parasync parameter server.
+//!
+//! A shard holds named variables (`f32` or `bf16`), applies a server-side optimizer to the
+//! gradients that workers push, and serves the current values to workers that pull. How
+//! gradients from several workers combine is decided by one consistency mode per server
+//! (`sync`, `async` or `bounded` staleness); those decisions live in the pure state
+//! machines of [`consistency`], which the gRPC layer only feeds and obeys.
+
+pub mod consistency;
+pub mod optimizer;

@@ -1,0 +1,1 @@
+//! Server-side optimizers (placeholder, being written).

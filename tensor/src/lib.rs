@@ -1,0 +1,171 @@
+//! Element types and their little-endian byte encoding.
+//!
+//! Every Parasync crate moves tensors as raw little-endian bytes; this crate holds the one
+//! definition of the element types (`f32`, `bf16`), the bf16 rounding rules, and the
+//! conversions between `f32` values and wire bytes.
+
+pub mod bf16;
+
+use std::fmt;
+
+/// Element type of stored or transmitted tensor data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE-754 binary32.
+    F32,
+    /// bfloat16: the upper half of an `f32` (8-bit exponent, 7-bit mantissa).
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+
+    /// Lower-case name, as used in flags and messages (`f32`, `bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "bf16" | "bfloat16" => Ok(DType::Bf16),
+            other => Err(format!("unknown dtype {other:?} (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// Byte data that does not fit the element type or the expected element count.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EncodingError {
+    /// The byte length is not a multiple of the element size.
+    #[error("{len} bytes is not a whole number of {dtype} elements ({size} bytes each)")]
+    Ragged { len: usize, dtype: DType, size: usize },
+    /// More elements were supplied than the destination holds.
+    #[error("{got} elements do not fit: expected {expected}")]
+    Overflow { got: usize, expected: usize },
+}
+
+/// Number of elements that `len` bytes of `dtype` hold, or an error if they do not divide.
+pub fn element_count(len: usize, dtype: DType) -> Result<usize, EncodingError> {
+    if len % dtype.size() != 0 {
+        return Err(EncodingError::Ragged { len, dtype, size: dtype.size() });
+    }
+    Ok(len / dtype.size())
+}
+
+/// Appends `values` to `out` encoded as `dtype` (bf16 rounds to nearest even).
+pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
+    match dtype {
+        DType::F32 => {
+            out.reserve(values.len() * 4);
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::Bf16 => {
+            out.reserve(values.len() * 2);
+            for v in values {
+                out.extend_from_slice(&bf16::from_f32_rne(*v).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Appends bf16 storage words to `out` encoded as `dtype`.
+pub fn encode_bf16(words: &[u16], dtype: DType, out: &mut Vec<u8>) {
+    match dtype {
+        DType::F32 => {
+            out.reserve(words.len() * 4);
+            for w in words {
+                out.extend_from_slice(&bf16::to_f32(*w).to_le_bytes());
+            }
+        }
+        DType::Bf16 => {
+            out.reserve(words.len() * 2);
+            for w in words {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Decodes `bytes` of `dtype` into `out`, which must have room for exactly the encoded
+/// element count; returns the number of elements written.
+pub fn decode_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<usize, EncodingError> {
+    let n = element_count(bytes.len(), dtype)?;
+    if n > out.len() {
+        return Err(EncodingError::Overflow { got: n, expected: out.len() });
+    }
+    match dtype {
+        DType::F32 => {
+            for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(4)) {
+                *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+            }
+        }
+        DType::Bf16 => {
+            for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(2)) {
+                *dst = bf16::to_f32(u16::from_le_bytes([src[0], src[1]]));
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Decodes a whole byte buffer of `dtype` into a new vector.
+pub fn decode_vec(bytes: &[u8], dtype: DType) -> Result<Vec<f32>, EncodingError> {
+    let n = element_count(bytes.len(), dtype)?;
+    let mut out = vec![0.0; n];
+    decode_into(bytes, dtype, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trip_is_exact() {
+        let v = [0.0f32, -1.5, f32::MIN_POSITIVE, 3.4e38, f32::INFINITY];
+        let mut b = Vec::new();
+        encode_f32(&v, DType::F32, &mut b);
+        assert_eq!(b.len(), 20);
+        assert_eq!(decode_vec(&b, DType::F32).unwrap(), v);
+    }
+
+    #[test]
+    fn bf16_wire_halves_bytes_and_keeps_representable_values() {
+        let v = [1.0f32, -2.0, 0.5, 256.0];
+        let mut b = Vec::new();
+        encode_f32(&v, DType::Bf16, &mut b);
+        assert_eq!(b.len(), 8);
+        assert_eq!(decode_vec(&b, DType::Bf16).unwrap(), v);
+    }
+
+    #[test]
+    fn ragged_and_overflowing_bytes_are_errors() {
+        assert!(matches!(decode_vec(&[0u8; 5], DType::F32), Err(EncodingError::Ragged { .. })));
+        let mut out = [0.0f32; 1];
+        assert_eq!(
+            decode_into(&[0u8; 8], DType::F32, &mut out),
+            Err(EncodingError::Overflow { got: 2, expected: 1 })
+        );
+    }
+}
