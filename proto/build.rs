@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/parasync/ps/v1/ps.proto"];
+    let files = ["proto/parasync/ps/v1/ps.proto", "proto/parasync/collective/v1/rendezvous.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

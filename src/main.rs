@@ -1,1 +1,43 @@
-fn main() {}
+//! `parasync`: every Parasync role in one binary.
+
+use clap::{Parser, Subcommand};
+
+/// Parasync: parameter server and collectives for distributed training.
+#[derive(Parser)]
+#[command(name = "parasync", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one parameter-server shard (the same program as `ps-server`).
+    Server(ps_server::config::ServerArgs),
+    /// Train a 64-128-10 MLP on the digits data with a local cluster of real processes.
+    Demo(parasync::demo::DemoArgs),
+    /// One worker of the demo job (started by `parasync demo`).
+    #[command(hide = true)]
+    DemoWorker(parasync::demo::WorkerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Server(args) => {
+            ps_server::server::init_logging();
+            ps_server::server::main_with(args)
+        }
+        Cmd::Demo(args) => {
+            let exe = std::env::current_exe()?;
+            let report = parasync::demo::run(&args, &exe)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                parasync::demo::print_report(&report);
+            }
+            Ok(())
+        }
+        Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
+    }
+}

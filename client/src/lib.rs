@@ -1,1 +1,29 @@
-//! Parasync client (being written).
+//! Parasync client: what a trainer calls once per step.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), parasync_client::Error> {
+//! use parasync_client::{Client, ClientOptions, Optimizer, VariableSpec};
+//! let addrs = vec!["127.0.0.1:7070".to_string(), "127.0.0.1:7071".to_string()];
+//! let mut ps = Client::connect(&addrs, ClientOptions { worker_id: 0, ..Default::default() }).await?;
+//! let mut w = VariableSpec::new("dense/w", &[784, 10]);
+//! w.optimizer = Optimizer::sgd(0.1);
+//! ps.register(vec![w]).await?;
+//! for step in 0..100 {
+//!     let params = ps.pull(step).await?;           // waits for `step` in sync mode
+//!     let grad = vec![0.0f32; params[0].len()];    // … compute gradients …
+//!     ps.push(step, &[&grad]).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The API is free of transport types so that a C ABI and a Python binding can sit on it.
+
+mod client;
+mod error;
+pub mod placement;
+mod spec;
+
+pub use client::{ps_addresses_from_env, Client, ClientOptions, PushSummary, ShardInfo};
+pub use error::{Error, ErrorKind, Result};
+pub use parasync_tensor::DType;
+pub use spec::{Init, Optimizer, VariableSpec};

@@ -1,1 +1,27 @@
-//! Parasync collectives (being written).
+//! Parasync collectives: allreduce, broadcast, allgather, reduce_scatter and barrier between
+//! the ranks of a job, over plain TCP (or NCCL on GPUs with the `nccl` feature).
+//!
+//! Layers, from pure to I/O:
+//! - [`dtype`], [`frame`], [`schedule`]: element types and kernels, frame headers and their
+//!   validation, the ring schedule — plain functions, table-tested;
+//! - [`transport`]: moving validated frames between ranks (in-memory for tests, TCP);
+//! - [`Communicator`]: numbering, timeouts, algorithm choice, fusion, poisoning on error;
+//! - [`rendezvous`] and [`env`]: how ranks find each other (gRPC, launcher variables).
+
+mod algo;
+pub mod background;
+pub mod comm;
+pub mod dtype;
+pub mod env;
+pub mod error;
+pub mod frame;
+pub mod rendezvous;
+pub mod schedule;
+pub mod transport;
+
+pub use background::{BackgroundCommunicator, Handle};
+pub use comm::{Algorithm, CommConfig, Communicator};
+pub use rendezvous::{connect, connect_hosting, ConnectOptions, JoinSpec, RendezvousHost};
+pub use transport::tcp::TcpOptions;
+pub use dtype::{Bf16, DType, Element, ReduceOp};
+pub use error::{Error, Result};

@@ -9,5 +9,11 @@ pub mod ps {
     tonic::include_proto!("parasync.ps.v1");
 }
 
+/// `parasync.collective.v1`: the rendezvous service of collective communicators.
+pub mod collective {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("parasync.collective.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every Parasync proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("parasync_descriptor");

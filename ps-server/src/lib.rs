@@ -6,5 +6,14 @@
 //! (`sync`, `async` or `bounded` staleness); those decisions live in the pure state
 //! machines of [`consistency`], which the gRPC layer only feeds and obeys.
 
+pub mod config;
 pub mod consistency;
+pub mod convert;
+pub mod error;
+pub mod metrics;
 pub mod optimizer;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use error::{Error, Result};

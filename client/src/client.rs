@@ -1,0 +1,457 @@
+//! The per-step client: connect to the shards, register the model, pull and push.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
+use parasync_tensor::DType;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::placement::{place, Part, Placement};
+use crate::spec::{dtype_to_proto, Init, VariableSpec};
+
+type Rpc = ParameterServerClient<Channel>;
+
+/// Explicit values above this many bytes are sent after registration as an assignment
+/// stream, so no single message gets large.
+const INLINE_INIT_BYTES: usize = 4 << 20;
+
+/// Settings of a client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// This worker's id, `0..num_workers` (the order sync mode sums gradients in).
+    pub worker_id: u32,
+    /// How long to keep retrying (with backoff) while shards start.
+    pub connect_timeout: Duration,
+    /// Element type on the wire for pulls and pushes (independent of storage).
+    pub wire_dtype: DType,
+    /// Data bytes per streamed message.
+    pub chunk_bytes: usize,
+    /// Variables of at least this many bytes are split into row blocks over all shards.
+    pub split_bytes: usize,
+    /// How long the server may hold a pull waiting for its step (`None`: server default).
+    pub pull_timeout: Option<Duration>,
+    /// HTTP/2 connections opened to each shard; calls are spread over them.
+    pub connections_per_shard: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            worker_id: 0,
+            connect_timeout: Duration::from_secs(30),
+            wire_dtype: DType::F32,
+            chunk_bytes: 1 << 20,
+            split_bytes: 4 << 20,
+            pull_timeout: None,
+            connections_per_shard: 1,
+        }
+    }
+}
+
+/// One shard: its address and open connections.
+struct Shard {
+    addr: String,
+    conns: Vec<Rpc>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Shard {
+    fn rpc(&self) -> Rpc {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+}
+
+/// The registered model: specs, their placement, and the versions last pulled.
+struct Model {
+    specs: Vec<VariableSpec>,
+    placement: Placement,
+    /// Version of each part at the last pull (base of the next async push).
+    versions: Mutex<Vec<Vec<u64>>>,
+}
+
+/// Outcome of pushing a whole model's gradients for one step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushSummary {
+    /// Parts applied now or accepted for their sync step.
+    pub accepted: usize,
+    /// Parts dropped as late gradients for a completed sync step.
+    pub dropped_stale: usize,
+    /// Staleness of every applied async / bounded part.
+    pub staleness: Vec<u64>,
+}
+
+/// Mode and variables of one shard, as the shard reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// Address the client connected to.
+    pub addr: String,
+    /// `sync`, `async` or `bounded`.
+    pub mode: String,
+    /// The shard's index.
+    pub shard_index: u32,
+    /// Workers the shard expects.
+    pub num_workers: u32,
+    /// Late gradients dropped so far.
+    pub dropped_stale: u64,
+    /// `(name, version)` of each variable on the shard.
+    pub variables: Vec<(String, u64)>,
+}
+
+/// A trainer's connection to every shard of a parameter-server job.
+///
+/// Calls to different shards (and different parts) are in flight concurrently. Methods
+/// take `&self`, so one client can be shared by the tasks of a worker.
+pub struct Client {
+    shards: Vec<Shard>,
+    opts: ClientOptions,
+    model: Option<Model>,
+}
+
+impl Client {
+    /// Connects to every shard, retrying with backoff until `opts.connect_timeout`.
+    pub async fn connect(addrs: &[String], opts: ClientOptions) -> Result<Client> {
+        if addrs.is_empty() {
+            return Err(Error::usage("no parameter-server addresses given"));
+        }
+        if opts.chunk_bytes < 4 || opts.connections_per_shard == 0 {
+            return Err(Error::usage("chunk_bytes must be at least 4 and connections_per_shard at least 1"));
+        }
+        let shards = try_join_all(addrs.iter().enumerate().map(|(i, a)| connect_shard(i, a, &opts))).await?;
+        Ok(Client { shards, opts, model: None })
+    }
+
+    /// Number of shards.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    /// Where each registered variable lives (after [`Client::register`]).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.model.as_ref().map(|m| &m.placement)
+    }
+
+    /// Registers the model's variables on their shards (idempotent: every worker may call
+    /// it with the same specs). Fixes the variable order of later pulls and pushes.
+    pub async fn register(&mut self, specs: Vec<VariableSpec>) -> Result<()> {
+        for s in &specs {
+            if s.is_empty() {
+                return Err(Error::usage(format!("variable {:?} has an empty shape {:?}", s.name, s.shape)));
+            }
+            if let Init::Values(v) = &s.init {
+                if v.len() != s.len() {
+                    return Err(Error::usage(format!(
+                        "variable {:?}: {} initial values for shape {:?} ({} elements)",
+                        s.name,
+                        v.len(),
+                        s.shape,
+                        s.len()
+                    )));
+                }
+            }
+        }
+        let keys: Vec<(&str, &[usize], DType)> =
+            specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice(), s.dtype)).collect();
+        let placement = place(&keys, self.shards.len(), self.opts.split_bytes);
+        let mut calls = Vec::new();
+        for (spec, parts) in specs.iter().zip(&placement.parts) {
+            for (pi, part) in parts.iter().enumerate() {
+                calls.push(self.register_part(spec, part, pi as u64));
+            }
+        }
+        try_join_all(calls).await?;
+        let versions = placement.parts.iter().map(|p| vec![0; p.len()]).collect();
+        self.model = Some(Model { specs, placement, versions: Mutex::new(versions) });
+        Ok(())
+    }
+
+    async fn register_part(&self, spec: &VariableSpec, part: &Part, index: u64) -> Result<()> {
+        use ps::initializer::Kind;
+        // Split pieces draw from their own stream so pieces do not repeat each other.
+        let seed = |s: u64| s.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut assign = None;
+        let init = match &spec.init {
+            Init::Zeros => None,
+            Init::Constant(c) => Some(Kind::Constant(*c)),
+            Init::Uniform { low, high, seed: s } => Some(Kind::Uniform(ps::UniformInit { low: *low, high: *high, seed: seed(*s) })),
+            Init::Normal { mean, stddev, seed: s } => {
+                Some(Kind::Normal(ps::NormalInit { mean: *mean, stddev: *stddev, seed: seed(*s) }))
+            }
+            Init::Values(v) => {
+                let slice = &v[part.elements.clone()];
+                if slice.len() * 4 <= INLINE_INIT_BYTES {
+                    let mut data = Vec::new();
+                    parasync_tensor::encode_f32(slice, DType::F32, &mut data);
+                    Some(Kind::Values(ps::TensorValues { dtype: dtype_to_proto(DType::F32), data: data.into() }))
+                } else {
+                    assign = Some(slice);
+                    None
+                }
+            }
+        };
+        let req = ps::RegisterRequest {
+            name: part.name.clone(),
+            shape: part.shape.iter().map(|&d| d as u64).collect(),
+            storage_dtype: dtype_to_proto(spec.dtype),
+            optimizer: Some(spec.optimizer.to_proto()),
+            init: init.map(|k| ps::Initializer { kind: Some(k) }),
+            stochastic_rounding: spec.stochastic_rounding,
+        };
+        let shard = &self.shards[part.shard];
+        let resp = shard
+            .rpc()
+            .register(req)
+            .await
+            .map_err(|s| Error::from_status(s, &format!("register {:?} on shard {} ({})", part.name, part.shard, shard.addr)))?
+            .into_inner();
+        if let (Some(values), true) = (assign, resp.created) {
+            self.send_part(part, 0, 0, values, DType::F32, ps::PushKind::Assign).await?;
+        }
+        Ok(())
+    }
+
+    fn model(&self) -> Result<&Model> {
+        self.model.as_ref().ok_or_else(|| Error::usage("register the model before pulling or pushing"))
+    }
+
+    /// Pulls every variable for `step` (sync: waits until the step exists; bounded: waits
+    /// for the slowest worker) into new buffers, in registration order.
+    pub async fn pull(&self, step: u64) -> Result<Vec<Vec<f32>>> {
+        let model = self.model()?;
+        let mut out: Vec<Vec<f32>> = model.specs.iter().map(|s| vec![0.0; s.len()]).collect();
+        self.pull_into(step, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Like [`Client::pull`], into caller-owned buffers (one per variable, exact sizes).
+    pub async fn pull_into(&self, step: u64, out: &mut [Vec<f32>]) -> Result<()> {
+        let model = self.model()?;
+        check_sizes(model, out.iter().map(|v| v.len()))?;
+        let mut calls = Vec::new();
+        for (vi, (buf, parts)) in out.iter_mut().zip(&model.placement.parts).enumerate() {
+            let mut rest: &mut [f32] = buf.as_mut_slice();
+            for (pi, part) in parts.iter().enumerate() {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
+                rest = tail;
+                calls.push(async move { self.pull_part(part, step, dst).await.map(|v| (vi, pi, v)) });
+            }
+        }
+        let versions = try_join_all(calls).await?;
+        let mut stored = model.versions.lock().expect("versions lock");
+        for (vi, pi, v) in versions {
+            stored[vi][pi] = v;
+        }
+        Ok(())
+    }
+
+    async fn pull_part(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
+        let shard = &self.shards[part.shard];
+        let ctx = || format!("pull {:?} for step {step} from shard {} ({})", part.name, part.shard, shard.addr);
+        let wire = self.opts.wire_dtype;
+        let req = ps::PullRequest {
+            variable: part.name.clone(),
+            worker_id: self.opts.worker_id,
+            step,
+            wire_dtype: dtype_to_proto(wire),
+            timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32),
+        };
+        let mut stream = shard.rpc().pull(req).await.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
+        let mut filled = 0usize;
+        let mut version = None;
+        while let Some(msg) = stream.message().await.map_err(|s| Error::from_status(s, &ctx()))? {
+            if let Some(h) = msg.header {
+                let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
+                if shape != part.shape {
+                    return Err(Error::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("{}: the shard holds shape {shape:?}, this client expects {:?}", ctx(), part.shape),
+                    ));
+                }
+                version = Some(h.version);
+            }
+            let n = parasync_tensor::decode_into(&msg.data, wire, &mut dst[filled..])
+                .map_err(|e| Error::new(ErrorKind::Internal, format!("{}: {e}", ctx())))?;
+            filled += n;
+        }
+        match version {
+            Some(v) if filled == dst.len() => Ok(v),
+            _ => Err(Error::new(ErrorKind::Internal, format!("{}: stream ended after {filled} of {} elements", ctx(), dst.len()))),
+        }
+    }
+
+    /// Pushes one gradient per variable (registration order) for `step`. Each part is
+    /// streamed in chunks to its shard; all parts are in flight at once.
+    pub async fn push(&self, step: u64, grads: &[&[f32]]) -> Result<PushSummary> {
+        let model = self.model()?;
+        check_sizes(model, grads.iter().map(|g| g.len()))?;
+        let bases = model.versions.lock().expect("versions lock").clone();
+        let mut calls = Vec::new();
+        for (vi, (g, parts)) in grads.iter().zip(&model.placement.parts).enumerate() {
+            for (pi, part) in parts.iter().enumerate() {
+                let data = &g[part.elements.clone()];
+                let base = bases[vi][pi];
+                calls.push(self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient));
+            }
+        }
+        let mut summary = PushSummary::default();
+        for r in try_join_all(calls).await? {
+            if r.accepted {
+                summary.accepted += 1;
+                summary.staleness.push(r.staleness);
+            }
+            if r.dropped_stale {
+                summary.dropped_stale += 1;
+            }
+        }
+        Ok(summary)
+    }
+
+    async fn send_part(
+        &self,
+        part: &Part,
+        step: u64,
+        base_version: u64,
+        data: &[f32],
+        wire: DType,
+        kind: ps::PushKind,
+    ) -> Result<ps::PushResponse> {
+        let shard = &self.shards[part.shard];
+        let ctx = || format!("push {:?} for step {step} to shard {} ({})", part.name, part.shard, shard.addr);
+        let header = ps::PushHeader {
+            variable: part.name.clone(),
+            worker_id: self.opts.worker_id,
+            step,
+            base_version,
+            wire_dtype: dtype_to_proto(wire),
+            num_elements: data.len() as u64,
+            kind: kind as i32,
+        };
+        let per_chunk = (self.opts.chunk_bytes / wire.size()).max(1);
+        // A small bounded queue: chunks are encoded just ahead of the network, never all at once.
+        let (tx, rx) = tokio::sync::mpsc::channel::<ps::PushRequest>(4);
+        let produce = async move {
+            let mut header = Some(header);
+            let mut chunks = data.chunks(per_chunk);
+            loop {
+                let chunk = chunks.next();
+                if chunk.is_none() && header.is_none() {
+                    break;
+                }
+                let mut buf = Vec::with_capacity(chunk.map_or(0, |c| c.len() * wire.size()));
+                if let Some(c) = chunk {
+                    parasync_tensor::encode_f32(c, wire, &mut buf);
+                }
+                let msg = ps::PushRequest { header: header.take(), data: Bytes::from(buf) };
+                if tx.send(msg).await.is_err() {
+                    break; // the call ended early; its status says why
+                }
+            }
+        };
+        let call = async { shard.rpc().push(ReceiverStream::new(rx)).await };
+        let (_, resp) = tokio::join!(produce, call);
+        Ok(resp.map_err(|s| Error::from_status(s, &ctx()))?.into_inner())
+    }
+
+    /// Sets the learning rate of every variable on every shard.
+    pub async fn set_learning_rate(&self, lr: f32) -> Result<()> {
+        try_join_all(self.shards.iter().enumerate().map(|(i, s)| async move {
+            s.rpc()
+                .set_learning_rate(ps::SetLearningRateRequest { variable: String::new(), learning_rate: lr })
+                .await
+                .map_err(|e| Error::from_status(e, &format!("set learning rate on shard {i} ({})", s.addr)))
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Asks every shard for its mode and variables.
+    pub async fn shard_info(&self) -> Result<Vec<ShardInfo>> {
+        try_join_all(self.shards.iter().enumerate().map(|(i, s)| async move {
+            let r = s
+                .rpc()
+                .server_info(ps::ServerInfoRequest {})
+                .await
+                .map_err(|e| Error::from_status(e, &format!("server info of shard {i} ({})", s.addr)))?
+                .into_inner();
+            Ok(ShardInfo {
+                addr: s.addr.clone(),
+                mode: r.mode,
+                shard_index: r.shard_index,
+                num_workers: r.num_workers,
+                dropped_stale: r.dropped_stale,
+                variables: r.variables.into_iter().map(|v| (v.name, v.version)).collect(),
+            })
+        }))
+        .await
+    }
+}
+
+fn check_sizes(model: &Model, sizes: impl ExactSizeIterator<Item = usize>) -> Result<()> {
+    if sizes.len() != model.specs.len() {
+        return Err(Error::usage(format!("{} tensors given for {} registered variables", sizes.len(), model.specs.len())));
+    }
+    for (n, s) in sizes.zip(&model.specs) {
+        if n != s.len() {
+            return Err(Error::usage(format!(
+                "variable {:?} has shape {:?} ({} elements), the tensor given has {n}",
+                s.name,
+                s.shape,
+                s.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result<Shard> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| Error::usage(format!("shard {index}: bad address {addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .initial_stream_window_size(64 << 20)
+        .initial_connection_window_size(256 << 20);
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(opts.connections_per_shard);
+    let mut backoff = Duration::from_millis(20);
+    while conns.len() < opts.connections_per_shard {
+        match endpoint.connect().await {
+            Ok(ch) => conns.push(
+                ParameterServerClient::new(ch)
+                    .max_decoding_message_size(opts.chunk_bytes * 2 + (64 << 10))
+                    .max_encoding_message_size(opts.chunk_bytes * 2 + (64 << 10)),
+            ),
+            Err(e) if started.elapsed() < opts.connect_timeout => {
+                tracing::debug!(shard = index, %addr, error = %e, "shard not reachable yet, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("shard {index} ({addr}) unreachable after {:?}: {e}", started.elapsed()),
+                ))
+            }
+        }
+    }
+    Ok(Shard { addr: addr.to_string(), conns, next: Default::default() })
+}
+
+/// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set.
+pub fn ps_addresses_from_env() -> Result<Option<Vec<String>>> {
+    let Ok(s) = std::env::var("TF_CONFIG") else { return Ok(None) };
+    let v: serde_json::Value =
+        serde_json::from_str(&s).map_err(|e| Error::usage(format!("TF_CONFIG is not valid JSON: {e}")))?;
+    let ps = v.pointer("/cluster/ps").and_then(|p| p.as_array());
+    Ok(ps.map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
+}

@@ -1,0 +1,72 @@
+//! The client's one error type. It names the shard and variable involved and carries a
+//! [`ErrorKind`] instead of transport types, so C and Python bindings can map it.
+
+use std::fmt;
+
+/// What kind of failure, independent of the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A shard could not be reached (within the connect budget) or went away.
+    Unavailable,
+    /// The server rejected the request as malformed (shape, dtype, non-finite values, …).
+    InvalidArgument,
+    /// The variable does not exist on its shard.
+    NotFound,
+    /// A registration conflicts with an existing variable.
+    AlreadyExists,
+    /// The request does not fit the server's state (duplicate gradient, …).
+    FailedPrecondition,
+    /// A step or version outside the accepted range.
+    OutOfRange,
+    /// A wait (pull for a step, call deadline) ran out.
+    Timeout,
+    /// The caller's input is inconsistent (detected before anything was sent).
+    Usage,
+    /// Anything else the server reported.
+    Internal,
+}
+
+/// A failed client call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// Category of the failure.
+    pub kind: ErrorKind,
+    /// What happened, naming the shard and variable.
+    pub message: String,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into() }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Usage, message)
+    }
+
+    pub(crate) fn from_status(status: tonic::Status, context: &str) -> Self {
+        use tonic::Code;
+        let kind = match status.code() {
+            Code::InvalidArgument => ErrorKind::InvalidArgument,
+            Code::NotFound => ErrorKind::NotFound,
+            Code::AlreadyExists => ErrorKind::AlreadyExists,
+            Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+            Code::OutOfRange => ErrorKind::OutOfRange,
+            Code::DeadlineExceeded => ErrorKind::Timeout,
+            Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        };
+        Error::new(kind, format!("{context}: {}", status.message()))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result alias of the client crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,127 @@
+//! The algorithms: sequences of transport exchanges that carry out one collective.
+//!
+//! Two families: *direct* (every rank sends to every rank in one exchange; latency-optimal,
+//! used for small messages) and *ring/chain* (neighbour-to-neighbour, pipelined in chunks;
+//! bandwidth-optimal, used for large ones). Every operation's first exchange involves every
+//! pair of ranks (its data frames, or empty announcements), so a mismatched call is seen by
+//! every rank. Reduction orders are fixed: direct folds ranks `0, 1, …, n-1`; the ring folds
+//! segment `j` in the order `j+1, …, j` (see [`crate::schedule`]).
+
+mod ring;
+mod small;
+
+pub(crate) use ring::{allgather_ring, allreduce_ring, broadcast_chain, reduce_scatter_ring};
+pub(crate) use small::{allgather_direct, allreduce_direct, barrier, broadcast_direct, reduce_scatter_direct};
+
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::frame::OpDesc;
+use crate::transport::{Deadline, RecvOp, SendOp, Transport};
+
+/// What one running operation needs: the transport, its description, its deadline.
+pub(crate) struct Ctx<'a> {
+    /// The communicator's transport.
+    pub t: &'a mut dyn Transport,
+    /// The operation as this rank called it.
+    pub op: OpDesc,
+    /// When it must be over.
+    pub deadline: Deadline,
+    /// Elements per frame of pipelined algorithms.
+    pub chunk_bytes: usize,
+}
+
+impl Ctx<'_> {
+    pub fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    pub fn n(&self) -> usize {
+        self.t.world_size()
+    }
+
+    /// One exchange of this operation.
+    pub fn exchange(&mut self, sends: &[SendOp<'_>], recvs: &mut [RecvOp<'_>]) -> Result<()> {
+        self.t.exchange(&self.op, sends, recvs, self.deadline)
+    }
+
+    /// Chunk length in elements of type `T`.
+    pub fn chunk_elems<T: Element>(&self) -> usize {
+        (self.chunk_bytes / std::mem::size_of::<T>()).max(1)
+    }
+
+    /// An exchange of empty frames with every peer: every rank checks every other's call.
+    pub fn announce(&mut self, pool: &mut OpPool) -> Result<()> {
+        let (me, n) = (self.rank(), self.n());
+        let mut sends = pool.take_sends();
+        let mut recvs = pool.take_recvs();
+        for p in (0..n).filter(|&p| p != me) {
+            sends.push(SendOp { peer: p, payload: &[] });
+            recvs.push(RecvOp { peer: p, buf: &mut [] });
+        }
+        let r = self.exchange(&sends, &mut recvs);
+        pool.put_sends(sends);
+        pool.put_recvs(recvs);
+        r
+    }
+}
+
+/// Reusable buffers of a communicator, so that the hot path allocates nothing once warm.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Receive area / first accumulator (u64 for alignment of any element type).
+    pub a: Vec<u64>,
+    /// Second accumulator.
+    pub b: Vec<u64>,
+    /// Fusion bucket.
+    pub fusion: Vec<u64>,
+    /// Recycled operation lists.
+    pub pool: OpPool,
+}
+
+/// Views the first `len` elements of an aligned buffer as `A`, growing it if needed.
+pub(crate) fn typed<A: Element>(v: &mut Vec<u64>, len: usize) -> &mut [A] {
+    let words = (len * std::mem::size_of::<A>()).div_ceil(8);
+    if v.len() < words {
+        v.resize(words, 0);
+    }
+    // SAFETY: u64 storage is aligned for every `Element` (alignment <= 8), the byte length
+    // covers `len` elements, and every bit pattern is a valid `Element`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<A>(), len) }
+}
+
+/// Lists of exchange operations kept between calls (their lifetimes are erased by clearing).
+#[derive(Default)]
+pub(crate) struct OpPool {
+    sends: Vec<SendOp<'static>>,
+    recvs: Vec<RecvOp<'static>>,
+}
+
+impl OpPool {
+    pub fn take_sends<'a>(&mut self) -> Vec<SendOp<'a>> {
+        recycle(std::mem::take(&mut self.sends))
+    }
+
+    pub fn take_recvs<'a>(&mut self) -> Vec<RecvOp<'a>> {
+        recycle_recvs(std::mem::take(&mut self.recvs))
+    }
+
+    pub fn put_sends(&mut self, v: Vec<SendOp<'_>>) {
+        self.sends = recycle(v);
+    }
+
+    pub fn put_recvs(&mut self, v: Vec<RecvOp<'_>>) {
+        self.recvs = recycle_recvs(v);
+    }
+}
+
+/// Empties `v` and reuses its allocation for another lifetime (in-place collect of an empty
+/// iterator between same-layout types keeps the buffer).
+fn recycle<'a, 'b>(mut v: Vec<SendOp<'a>>) -> Vec<SendOp<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
+fn recycle_recvs<'a, 'b>(mut v: Vec<RecvOp<'a>>) -> Vec<RecvOp<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}

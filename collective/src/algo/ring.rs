@@ -1,0 +1,175 @@
+//! Ring and chain algorithms: neighbour-to-neighbour, pipelined in chunks of
+//! `chunk_bytes`. Reduce-scatter then allgather sends 2(n-1)/n of the buffer per rank.
+
+use super::{typed, Ctx, Scratch};
+use crate::dtype::{as_bytes, as_bytes_mut, finish_into, fold_into, load_into, Element, ReduceOp};
+use crate::error::Result;
+use crate::schedule::{allgather_step, chain_position, chunk_count, left, reduce_scatter_step, right, Partition};
+use crate::transport::{RecvOp, SendOp};
+use std::ops::Range;
+
+/// Piece `k` of `range` cut into chunks of `chunk` elements, or `None` past the last piece.
+fn piece(range: &Range<usize>, k: usize, chunk: usize) -> Option<Range<usize>> {
+    if k >= chunk_count(range.len(), chunk) {
+        return None;
+    }
+    let start = range.start + k * chunk;
+    Some(start..(start + chunk).min(range.end))
+}
+
+/// Borrows two non-overlapping ranges of `buf`, one shared and one mutable.
+fn disjoint<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [T]) {
+    if a.start <= b.start && a.end <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.len()])
+    } else {
+        debug_assert!(b.end <= a.start, "ranges overlap: {a:?} {b:?}");
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.len()], &mut lo[b])
+    }
+}
+
+/// Ring reduce-scatter over `local` cut by `part`: returns the accumulated (not yet
+/// finished) segment `me`, folded in the order `me+1, …, me`.
+fn reduce_scatter_phase<'s, T: Element>(
+    ctx: &mut Ctx,
+    a: &'s mut Vec<u64>,
+    b: &'s mut Vec<u64>,
+    local: &[T],
+    part: Partition,
+    op: ReduceOp,
+) -> Result<&'s [T::Acc]> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    let m = part.max_len();
+    let mut cur = typed::<T::Acc>(a, m);
+    let mut nxt = typed::<T::Acc>(b, m);
+    let (first, _) = reduce_scatter_step(me, n, 0);
+    let first = if n == 1 { part.range(me) } else { part.range(first) };
+    load_into(&mut cur[..first.len()], &local[first]);
+    let (lt, rt) = (left(me, n), right(me, n));
+    let chunk = ctx.chunk_elems::<T::Acc>();
+    for step in 0..n - 1 {
+        let (ss, rs) = reduce_scatter_step(me, n, step);
+        let (sr, rr) = (0..part.range(ss).len(), part.range(rs));
+        let rr_local = 0..rr.len();
+        for k in 0..chunk_count(sr.len(), chunk).max(chunk_count(rr.len(), chunk)) {
+            let sc = piece(&sr, k, chunk);
+            let rc = piece(&rr_local, k, chunk);
+            {
+                let send = sc.map(|c| SendOp { peer: rt, payload: as_bytes(&cur[c]) });
+                let mut recv = rc.clone().map(|c| RecvOp { peer: lt, buf: as_bytes_mut(&mut nxt[c]) });
+                ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
+            }
+            if let Some(c) = rc {
+                // Partial of ranks rs+1..me-1 first, then this rank's own values.
+                fold_into(&mut nxt[c.clone()], &local[rr.start + c.start..rr.start + c.end], op);
+            }
+        }
+        std::mem::swap(&mut cur, &mut nxt);
+    }
+    Ok(&cur[..part.range(me).len()])
+}
+
+/// Ring allgather in place: rank `r` holds segment `r` of `buf` and ends with all of them.
+fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) -> Result<()> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    let (lt, rt) = (left(me, n), right(me, n));
+    let chunk = ctx.chunk_elems::<T>();
+    for step in 0..n - 1 {
+        let (ss, rs) = allgather_step(me, n, step);
+        let (sr, rr) = (part.range(ss), part.range(rs));
+        for k in 0..chunk_count(sr.len(), chunk).max(chunk_count(rr.len(), chunk)) {
+            let sc = piece(&sr, k, chunk);
+            let rc = piece(&rr, k, chunk);
+            let (sbuf, rbuf) = disjoint(buf, sc.clone().unwrap_or(0..0), rc.clone().unwrap_or(sr.end..sr.end));
+            let send = sc.map(|_| SendOp { peer: rt, payload: as_bytes(sbuf) });
+            let mut recv = rc.map(|_| RecvOp { peer: lt, buf: as_bytes_mut(rbuf) });
+            ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// Allreduce as ring reduce-scatter then ring allgather.
+pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    ctx.announce(&mut s.pool)?;
+    let part = Partition::new(buf.len(), n);
+    let acc = reduce_scatter_phase(ctx, &mut s.a, &mut s.b, buf, part, op)?;
+    finish_into(&mut buf[part.range(me)], acc, op, n);
+    allgather_phase(ctx, buf, part)
+}
+
+/// Reduce-scatter: rank `r` receives block `r` of the reduction of every rank's `send`.
+pub(crate) fn reduce_scatter_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    let n = ctx.n();
+    ctx.announce(&mut s.pool)?;
+    let part = Partition::new(send.len(), n);
+    let acc = reduce_scatter_phase(ctx, &mut s.a, &mut s.b, send, part, op)?;
+    finish_into(recv, acc, op, n);
+    Ok(())
+}
+
+/// Allgather in place over the ring (block `me` of `buf` is this rank's contribution).
+pub(crate) fn allgather_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T]) -> Result<()> {
+    let n = ctx.n();
+    ctx.announce(&mut s.pool)?;
+    allgather_phase(ctx, buf, Partition::new(buf.len(), n))
+}
+
+/// Broadcast along the chain `root, root+1, …`, pipelined: a rank forwards chunk `k-1`
+/// while it receives chunk `k`.
+pub(crate) fn broadcast_chain<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], root: usize) -> Result<()> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    ctx.announce(&mut s.pool)?;
+    if n == 1 {
+        return Ok(());
+    }
+    let (lt, rt) = (left(me, n), right(me, n));
+    let pos = chain_position(me, root, n);
+    let chunk = ctx.chunk_elems::<T>();
+    let all = 0..buf.len();
+    let pieces = chunk_count(buf.len(), chunk);
+    if pos == 0 {
+        for k in 0..pieces {
+            let c = piece(&all, k, chunk).expect("k < pieces");
+            ctx.exchange(&[SendOp { peer: rt, payload: as_bytes(&buf[c]) }], &mut [])?;
+        }
+        return Ok(());
+    }
+    for k in 0..=pieces {
+        let sc = if pos + 1 < n && k >= 1 { piece(&all, k - 1, chunk) } else { None };
+        let rc = piece(&all, k, chunk);
+        let (sbuf, rbuf) = disjoint(buf, sc.clone().unwrap_or(0..0), rc.clone().unwrap_or(all.end..all.end));
+        let send = sc.map(|_| SendOp { peer: rt, payload: as_bytes(sbuf) });
+        let mut recv = rc.map(|_| RecvOp { peer: lt, buf: as_bytes_mut(rbuf) });
+        ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disjoint_borrows_either_order() {
+        let mut v = [0, 1, 2, 3, 4, 5];
+        let (a, b) = disjoint(&mut v, 0..2, 4..6);
+        assert_eq!(a, &[0, 1]);
+        b[0] = 9;
+        let (a, b) = disjoint(&mut v, 4..6, 1..3);
+        assert_eq!(a, &[9, 5]);
+        assert_eq!(b, &mut [1, 2]);
+        let (a, b) = disjoint(&mut v, 0..0, 6..6);
+        assert!(a.is_empty() && b.is_empty());
+    }
+
+    #[test]
+    fn pieces_cover_the_range() {
+        assert_eq!(piece(&(3..10), 0, 4), Some(3..7));
+        assert_eq!(piece(&(3..10), 1, 4), Some(7..10));
+        assert_eq!(piece(&(3..10), 2, 4), None);
+        assert_eq!(piece(&(3..3), 0, 4), Some(3..3));
+    }
+}

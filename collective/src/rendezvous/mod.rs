@@ -1,0 +1,230 @@
+//! How ranks meet: rank 0 hosts a small gRPC service at `MASTER_ADDR:MASTER_PORT`, every
+//! other rank joins it with the job token and its data-plane address, and everyone learns
+//! every rank's address (plus an opaque blob from rank 0, such as the NCCL unique id).
+//! Then the ranks connect the TCP data plane among themselves; gRPC is for control only.
+
+pub mod service;
+
+use crate::comm::{CommConfig, Communicator};
+use crate::error::{Error, Result};
+use crate::transport::tcp::{bind_listener, TcpOptions, TcpTransport};
+use parasync_proto::collective::rendezvous_client::RendezvousClient;
+use parasync_proto::collective::rendezvous_server::RendezvousServer;
+use parasync_proto::collective::JoinRequest;
+use service::{RendezvousService, Shared, Table};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Who this process is in the job and where to meet.
+#[derive(Clone, Debug)]
+pub struct JoinSpec {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// `host:port` of rank 0's rendezvous service.
+    pub master: String,
+    /// Shared secret of the job.
+    pub token: String,
+    /// How long to wait for every rank to show up.
+    pub timeout: Duration,
+}
+
+/// What the rendezvous tells every rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meeting {
+    /// Data-plane address of every rank, by rank.
+    pub addrs: Vec<SocketAddr>,
+    /// The blob rank 0 published (empty if none).
+    pub blob: Vec<u8>,
+}
+
+/// Rank 0's bound rendezvous listener, made before the other ranks start (so that a port of
+/// 0 can be resolved and announced to them).
+pub struct RendezvousHost {
+    listener: std::net::TcpListener,
+}
+
+impl RendezvousHost {
+    /// Binds `addr` (`host:port`; port 0 picks a free one).
+    pub fn bind(addr: &str) -> Result<RendezvousHost> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| Error::Rendezvous(format!("rank 0 cannot host the rendezvous at {addr}: {e}")))?;
+        Ok(RendezvousHost { listener })
+    }
+
+    /// The address ranks must join.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn parse_addrs(addrs: &[String]) -> Result<Vec<SocketAddr>> {
+    addrs
+        .iter()
+        .map(|a| a.parse().map_err(|_| Error::Rendezvous(format!("rendezvous returned a bad address {a:?}"))))
+        .collect()
+}
+
+/// Hosts the rendezvous as rank 0 until every rank has joined and been answered.
+pub fn host(host: RendezvousHost, spec: &JoinSpec, my_data_addr: SocketAddr, blob: Vec<u8>) -> Result<Meeting> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let deadline = tokio::time::Instant::now() + spec.timeout;
+        let mut table = Table::new(spec.token.clone(), spec.world_size);
+        table.set_blob(blob.clone());
+        table
+            .join(&spec.token, 0, spec.world_size, my_data_addr.to_string())
+            .map_err(|r| Error::Rendezvous(format!("rank 0 cannot register itself: {r:?}")))?;
+        let shared = Arc::new(Shared {
+            table: Mutex::new(table),
+            joined: watch::channel(1).0,
+            answered: watch::channel(0).0,
+            deadline,
+        });
+        host.listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(host.listener)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let svc = RendezvousServer::new(RendezvousService { shared: shared.clone() });
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        let n = spec.world_size;
+        let mut joined = shared.joined.subscribe();
+        let all = tokio::time::timeout_at(deadline, joined.wait_for(|&c| c == n)).await.is_ok();
+        // Let every waiting rank get its answer (success or the list of missing ranks).
+        let mut answered = shared.answered.subscribe();
+        let waiting = *shared.joined.borrow() - 1;
+        let _ = tokio::time::timeout(Duration::from_secs(5), answered.wait_for(|&c| c >= waiting)).await;
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        let table = shared.table.lock().expect("table lock");
+        match (all, table.complete()) {
+            (true, Some(addrs)) => Ok(Meeting { addrs: parse_addrs(&addrs)?, blob }),
+            _ => Err(Error::Rendezvous(format!(
+                "ranks {:?} did not join within {:?}",
+                table.missing(),
+                spec.timeout
+            ))),
+        }
+    })
+}
+
+/// Joins rank 0's rendezvous as a rank other than 0; retries until the host is up.
+pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let until = Instant::now() + spec.timeout;
+        let uri = format!("http://{}", spec.master);
+        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+            .map_err(|e| Error::Rendezvous(format!("bad master address {:?}: {e}", spec.master)))?
+            .connect_timeout(Duration::from_secs(2));
+        let mut last = String::from("not tried");
+        while Instant::now() < until {
+            let mut client = match endpoint.connect().await {
+                Ok(ch) => RendezvousClient::new(ch),
+                Err(e) => {
+                    last = format!("cannot reach {}: {e}", spec.master);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let mut req = tonic::Request::new(JoinRequest {
+                job_token: spec.token.clone(),
+                rank: spec.rank as u32,
+                world_size: spec.world_size as u32,
+                data_addr: my_data_addr.to_string(),
+            });
+            // The host answers by its own deadline; allow a little beyond it.
+            req.set_timeout(until.saturating_duration_since(Instant::now()) + Duration::from_secs(2));
+            match client.join(req).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    return Ok(Meeting { addrs: parse_addrs(&resp.data_addrs)?, blob: resp.shared_blob.to_vec() });
+                }
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    return Err(Error::TokenRefused(format!("the rendezvous at {} says: {}", spec.master, s.message())))
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    last = format!("{}: {}", spec.master, s.message());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => return Err(Error::Rendezvous(format!("rank {} refused by {}: {}", spec.rank, spec.master, s.message()))),
+            }
+        }
+        Err(Error::Rendezvous(format!("rank {} gave up after {:?}: {last}", spec.rank, spec.timeout)))
+    })
+}
+
+/// Everything needed to form a TCP communicator.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Rank, world size, master address, token, rendezvous timeout.
+    pub spec: JoinSpec,
+    /// Collective tuning (identical on every rank).
+    pub comm: CommConfig,
+    /// Data-plane options.
+    pub tcp: TcpOptions,
+    /// IP to bind the data plane on; by default loopback when the master is loopback,
+    /// otherwise all interfaces (announced as the address the host sees the rank from).
+    pub data_host: Option<IpAddr>,
+}
+
+fn data_host(opts: &ConnectOptions) -> IpAddr {
+    if let Some(ip) = opts.data_host {
+        return ip;
+    }
+    let loopback = opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false);
+    if loopback {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+/// Meets the other ranks and connects the data plane. Rank 0 binds the master address
+/// itself; use [`connect_hosting`] to bind it beforehand (port 0).
+pub fn connect(opts: &ConnectOptions) -> Result<Communicator> {
+    connect_with_blob(opts, None, Vec::new()).map(|(c, _)| c)
+}
+
+/// Like [`connect`] for rank 0 with an already bound rendezvous listener.
+pub fn connect_hosting(opts: &ConnectOptions, host: RendezvousHost) -> Result<Communicator> {
+    connect_with_blob(opts, Some(host), Vec::new()).map(|(c, _)| c)
+}
+
+/// Forms a communicator; rank 0 also publishes `blob`, which every rank gets back.
+pub fn connect_with_blob(opts: &ConnectOptions, host_listener: Option<RendezvousHost>, blob: Vec<u8>) -> Result<(Communicator, Vec<u8>)> {
+    let spec = &opts.spec;
+    if spec.world_size == 0 || spec.rank >= spec.world_size {
+        return Err(Error::InvalidArgument(format!("rank {} of world size {}", spec.rank, spec.world_size)));
+    }
+    let started = Instant::now();
+    let listener = bind_listener(data_host(opts))?;
+    let mut my_addr = listener.local_addr()?;
+    let meeting = if spec.rank == 0 {
+        let h = match host_listener {
+            Some(h) => h,
+            None => RendezvousHost::bind(&spec.master)?,
+        };
+        if my_addr.ip().is_unspecified() {
+            my_addr.set_ip(h.local_addr()?.ip());
+        }
+        host(h, spec, my_addr, blob)?
+    } else {
+        join(spec, my_addr)?
+    };
+    let deadline = started + spec.timeout + Duration::from_secs(5);
+    let transport = TcpTransport::connect_mesh(spec.rank, &meeting.addrs, listener, &spec.token, deadline, opts.tcp)?;
+    Ok((Communicator::new(Box::new(transport), opts.comm.clone()), meeting.blob))
+}

@@ -1,0 +1,228 @@
+//! Command-line flags of the server (each with an environment fallback), and reading the
+//! cluster from `TF_CONFIG`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::consistency::Mode;
+
+/// Consistency mode as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeName {
+    /// Bulk-synchronous steps with k-of-n aggregation.
+    Sync,
+    /// Apply every gradient on arrival.
+    Async,
+    /// Async with a bound on how far workers drift apart.
+    Bounded,
+}
+
+/// Flags of `ps-server` (and `parasync server`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on; defaults to this task's entry in TF_CONFIG (task type `ps`), else 127.0.0.1:7070.
+    #[arg(long, env = "PARASYNC_LISTEN")]
+    pub listen: Option<String>,
+    /// Index of this shard among the parameter servers; defaults to TF_CONFIG's task index, else 0.
+    #[arg(long, env = "PARASYNC_SHARD_INDEX")]
+    pub shard_index: Option<u32>,
+    /// Consistency mode.
+    #[arg(long, env = "PARASYNC_MODE", value_enum, default_value = "sync")]
+    pub mode: ModeName,
+    /// Workers in the job; defaults to TF_CONFIG's chief + worker count, else 1.
+    #[arg(long, env = "PARASYNC_NUM_WORKERS")]
+    pub num_workers: Option<u32>,
+    /// Sync mode: gradients that complete a step (k of n); defaults to all workers.
+    #[arg(long, env = "PARASYNC_REPLICAS_TO_AGGREGATE")]
+    pub replicas_to_aggregate: Option<u32>,
+    /// Bounded mode: how many steps the fastest worker may run ahead of the slowest.
+    #[arg(long, env = "PARASYNC_MAX_STALENESS", default_value_t = 2)]
+    pub max_staleness: u64,
+    /// Async and bounded modes: divide the learning rate by each gradient's staleness.
+    #[arg(long, env = "PARASYNC_LR_STALENESS_SCALING")]
+    pub lr_staleness_scaling: bool,
+    /// How long a pull may wait for its step, in milliseconds, unless the request says.
+    #[arg(long, env = "PARASYNC_PULL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub pull_timeout_ms: u64,
+    /// Accept NaN and infinite gradients instead of rejecting them.
+    #[arg(long, env = "PARASYNC_ALLOW_NON_FINITE")]
+    pub allow_non_finite: bool,
+    /// Address of the Prometheus endpoint (`GET /metrics`); none when unset.
+    #[arg(long, env = "PARASYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Largest data slice of one streamed message, in bytes.
+    #[arg(long, env = "PARASYNC_CHUNK_BYTES", default_value_t = 1 << 20)]
+    pub chunk_bytes: usize,
+    /// On SIGTERM, how long in-flight calls may take to finish before connections are closed (ms).
+    #[arg(long, env = "PARASYNC_DRAIN_TIMEOUT_MS", default_value_t = 5_000)]
+    pub drain_timeout_ms: u64,
+    /// Largest gRPC message accepted, in bytes (a client's chunks must stay below it).
+    #[arg(long, env = "PARASYNC_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+}
+
+/// Everything the server needs, resolved from flags and the environment.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Address to bind.
+    pub listen: String,
+    /// Shard index.
+    pub shard_index: u32,
+    /// Consistency mode with its parameters.
+    pub mode: Mode,
+    /// See [`ServerArgs::pull_timeout_ms`].
+    pub pull_timeout: Duration,
+    /// See [`ServerArgs::allow_non_finite`].
+    pub allow_non_finite: bool,
+    /// See [`ServerArgs::metrics_listen`].
+    pub metrics_listen: Option<String>,
+    /// See [`ServerArgs::chunk_bytes`].
+    pub chunk_bytes: usize,
+    /// See [`ServerArgs::max_message_bytes`].
+    pub max_message_bytes: usize,
+    /// See [`ServerArgs::drain_timeout_ms`].
+    pub drain_timeout: Duration,
+}
+
+/// The parts of `TF_CONFIG` Parasync reads.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct TfConfig {
+    /// Task type → addresses (`chief`, `worker`, `ps`, `evaluator`).
+    pub cluster: BTreeMap<String, Vec<String>>,
+    /// This process's role.
+    pub task: TfTask,
+}
+
+/// This process's entry in `TF_CONFIG`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct TfTask {
+    /// Task type, e.g. `ps` or `worker`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Index within that task type.
+    pub index: u32,
+}
+
+impl TfConfig {
+    /// Parses a `TF_CONFIG` JSON document.
+    pub fn parse(json: &str) -> anyhow::Result<TfConfig> {
+        serde_json::from_str(json).context("TF_CONFIG is not valid JSON of the form {\"cluster\": {...}, \"task\": {\"type\": ..., \"index\": ...}}")
+    }
+
+    /// Reads `TF_CONFIG` from the environment, if set.
+    pub fn from_env() -> anyhow::Result<Option<TfConfig>> {
+        match std::env::var("TF_CONFIG") {
+            Ok(s) if !s.trim().is_empty() => Ok(Some(Self::parse(&s)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Workers that train: chief plus workers.
+    pub fn num_workers(&self) -> u32 {
+        let n = |k: &str| self.cluster.get(k).map_or(0, Vec::len) as u32;
+        n("chief") + n("worker")
+    }
+}
+
+impl ServerArgs {
+    /// Resolves flags against `TF_CONFIG` (passed in, so tests need no environment).
+    pub fn resolve(&self, tf: Option<&TfConfig>) -> anyhow::Result<ServerSettings> {
+        let ps_task = tf.filter(|t| t.task.kind == "ps");
+        if let (Some(t), None) = (tf, ps_task) {
+            if self.listen.is_none() {
+                bail!("TF_CONFIG names this task {:?}, not \"ps\": pass --listen to run a server here", t.task.kind);
+            }
+        }
+        let listen = match (&self.listen, ps_task) {
+            (Some(l), _) => l.clone(),
+            (None, Some(t)) => {
+                let entry = t.cluster.get("ps").and_then(|ps| ps.get(t.task.index as usize)).with_context(|| {
+                    format!("TF_CONFIG has no cluster.ps[{}] for this task", t.task.index)
+                })?;
+                // Bind every interface on the port the cluster spec names for this task.
+                let port = entry.rsplit_once(':').map(|(_, p)| p).context("TF_CONFIG ps entry has no port")?;
+                format!("0.0.0.0:{port}")
+            }
+            (None, None) => "127.0.0.1:7070".into(),
+        };
+        let shard_index = self.shard_index.or(ps_task.map(|t| t.task.index)).unwrap_or(0);
+        let num_workers = self.num_workers.or(tf.map(TfConfig::num_workers).filter(|&n| n > 0)).unwrap_or(1);
+        let mode = match self.mode {
+            ModeName::Sync => Mode::Sync {
+                num_workers,
+                replicas_to_aggregate: self.replicas_to_aggregate.unwrap_or(num_workers),
+            },
+            ModeName::Async => Mode::Async { num_workers, lr_div_staleness: self.lr_staleness_scaling },
+            ModeName::Bounded => Mode::Bounded {
+                num_workers,
+                max_staleness: self.max_staleness,
+                lr_div_staleness: self.lr_staleness_scaling,
+            },
+        };
+        mode.validate().map_err(anyhow::Error::msg)?;
+        if self.chunk_bytes < 1024 || self.chunk_bytes + 4096 > self.max_message_bytes {
+            bail!("--chunk-bytes must be at least 1024 and leave 4 KiB below --max-message-bytes");
+        }
+        Ok(ServerSettings {
+            listen,
+            shard_index,
+            mode,
+            pull_timeout: Duration::from_millis(self.pull_timeout_ms),
+            allow_non_finite: self.allow_non_finite,
+            metrics_listen: self.metrics_listen.clone(),
+            chunk_bytes: self.chunk_bytes,
+            max_message_bytes: self.max_message_bytes,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServerArgs,
+    }
+
+    fn args(v: &[&str]) -> ServerArgs {
+        Cli::parse_from(std::iter::once("ps-server").chain(v.iter().copied())).args
+    }
+
+    const TF: &str = r#"{"cluster": {"chief": ["c:1"], "worker": ["w0:2", "w1:2", "w2:2"], "ps": ["p0:2222", "p1:2223"]},
+                         "task": {"type": "ps", "index": 1}}"#;
+
+    #[test]
+    fn tf_config_supplies_listen_shard_and_workers() {
+        let tf = TfConfig::parse(TF).unwrap();
+        let s = args(&[]).resolve(Some(&tf)).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:2223");
+        assert_eq!(s.shard_index, 1);
+        assert_eq!(s.mode, Mode::Sync { num_workers: 4, replicas_to_aggregate: 4 });
+    }
+
+    #[test]
+    fn flags_override_tf_config() {
+        let tf = TfConfig::parse(TF).unwrap();
+        let s = args(&["--listen", "127.0.0.1:0", "--shard-index", "0", "--num-workers", "2", "--mode", "bounded", "--max-staleness", "3"])
+            .resolve(Some(&tf))
+            .unwrap();
+        assert_eq!((s.listen.as_str(), s.shard_index), ("127.0.0.1:0", 0));
+        assert_eq!(s.mode, Mode::Bounded { num_workers: 2, max_staleness: 3, lr_div_staleness: false });
+    }
+
+    #[test]
+    fn bad_settings_are_explained() {
+        let tf = TfConfig::parse(r#"{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}"#).unwrap();
+        assert!(args(&[]).resolve(Some(&tf)).unwrap_err().to_string().contains("not \"ps\""));
+        let e = args(&["--num-workers", "2", "--replicas-to-aggregate", "3"]).resolve(None).unwrap_err();
+        assert!(e.to_string().contains("replicas_to_aggregate"), "{e}");
+        assert!(TfConfig::parse("{").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! The one error type of the parameter server, and its mapping to gRPC status codes.
+
+use std::time::Duration;
+
+use crate::consistency::PushRefusal;
+
+/// A request the server could not carry out. Every variant names the variable involved;
+/// none of them leaves a variable changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No variable of that name is registered on this shard.
+    #[error("variable {variable:?} is not registered on this shard")]
+    NotFound { variable: String },
+    /// The request itself is malformed: shape, dtype, byte length, non-finite values, …
+    #[error("variable {variable:?}: {reason}")]
+    InvalidArgument { variable: String, reason: String },
+    /// A registration that disagrees with the existing variable of the same name.
+    #[error("variable {variable:?} is already registered with a different definition: {reason}")]
+    Conflict { variable: String, reason: String },
+    /// The consistency mode refused the push (unknown worker, future step, duplicate).
+    #[error("variable {variable:?}: {refusal}")]
+    Refused { variable: String, refusal: PushRefusal },
+    /// A pull waited for its step longer than allowed.
+    #[error(
+        "variable {variable:?}: step {step} not reached after {waited:?} (variable is at version {version}); \
+         waiting for gradients from worker(s) {missing:?}"
+    )]
+    StepTimeout { variable: String, step: u64, version: u64, waited: Duration, missing: Vec<u32> },
+    /// The server is shutting down and takes no new work.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Result alias of the server crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(variable: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { variable: variable.to_string(), reason: reason.into() }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound { .. } => tonic::Status::not_found(msg),
+            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+            Error::Conflict { .. } => tonic::Status::already_exists(msg),
+            Error::Refused { refusal, .. } => match refusal {
+                PushRefusal::UnknownWorker { .. } => tonic::Status::invalid_argument(msg),
+                PushRefusal::FutureStep { .. } | PushRefusal::FutureVersion { .. } => {
+                    tonic::Status::out_of_range(msg)
+                }
+                PushRefusal::Duplicate { .. } => tonic::Status::failed_precondition(msg),
+            },
+            Error::StepTimeout { .. } => tonic::Status::deadline_exceeded(msg),
+            Error::ShuttingDown => tonic::Status::unavailable(msg),
+        }
+    }
+}

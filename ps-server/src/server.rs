@@ -1,0 +1,166 @@
+//! Serving: the gRPC server (with health and reflection) and the metrics endpoint, until
+//! a shutdown signal arrives, then a drain of in-flight calls.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use parasync_proto::ps::parameter_server_server::ParameterServerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ServerSettings;
+use crate::metrics::Metrics;
+use crate::service::{PsService, ServiceConfig};
+use crate::store::{StoreConfig, VariableStore};
+
+/// HTTP/2 flow-control windows: large, so one stream can keep a loopback link busy.
+const STREAM_WINDOW: u32 = 64 << 20;
+const CONNECTION_WINDOW: u32 = 256 << 20;
+
+/// Serves `settings` on `listener` (and the metrics endpoint on `metrics`) until `shutdown`
+/// completes; then stops accepting, releases waiting pulls, and lets in-flight calls finish.
+pub async fn run(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(VariableStore::new(
+        StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite },
+        Arc::clone(&metrics),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let service = PsService::new(
+        store,
+        ServiceConfig {
+            shard_index: settings.shard_index,
+            default_pull_timeout: settings.pull_timeout,
+            chunk_bytes: settings.chunk_bytes,
+        },
+        stop_rx.clone(),
+    );
+    let ps = ParameterServerServer::new(service)
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ParameterServerServer<PsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(parasync_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let metrics_task = metrics_listener.map(|l| {
+        let metrics = Arc::clone(&metrics);
+        let shard = settings.shard_index;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = Arc::clone(&metrics);
+                    async move { m.render(shard) }
+                }),
+            );
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|&s| s).await;
+                })
+                .await;
+        })
+    });
+
+    // On shutdown: mark not serving, wake waiting pulls, then let tonic drain, for at most
+    // `drain_timeout`: a client that never finishes its call must not keep the server up.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = async move {
+        let _ = signalled_rx.await;
+        tracing::info!("shutting down: no new calls, draining in-flight ones");
+        health_reporter.set_not_serving::<ParameterServerServer<PsService>>().await;
+        let _ = stop_tx.send(true);
+    };
+    // `Server::tcp_nodelay` only configures sockets tonic accepts itself; these are ours.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(Some((1 << 24) - 1))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(ps)
+        .serve_with_incoming_shutdown(incoming, drain);
+    let drain_timeout = settings.drain_timeout;
+    let deadline = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        r = serve => r.context("gRPC server failed")?,
+        _ = deadline => tracing::warn!(?drain_timeout, "in-flight calls did not finish in time; closing their connections"),
+    }
+    if let Some(t) = metrics_task {
+        let _ = tokio::time::timeout(drain_timeout, t).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The whole `ps-server` program after flag parsing: resolve settings, bind, announce the
+/// address on stdout (one line, for launchers that bind port 0), and serve until a signal.
+pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
+    let tf = crate::config::TfConfig::from_env()?;
+    let settings = args.resolve(tf.as_ref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        let addr = listener.local_addr()?;
+        let metrics_listener = match &settings.metrics_listen {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding metrics on {a}"))?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        tracing::info!(%addr, shard = settings.shard_index, mode = settings.mode.name(), "listening");
+        // The launcher (demo, tests) reads this line to learn an ephemeral port.
+        match metrics_addr {
+            Some(m) => println!("ps-server listening on {addr} metrics {m}"),
+            None => println!("ps-server listening on {addr}"),
+        }
+        run(listener, metrics_listener, settings, shutdown_signal()).await
+    })
+}
+
+/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,209 @@
+//! The `parasync.ps.v1.ParameterServer` gRPC service: thin adapters from requests to the
+//! [`VariableStore`].
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use parasync_proto::ps::{self, parameter_server_server::ParameterServer};
+use parasync_tensor::DType;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::consistency::Mode;
+use crate::convert;
+use crate::error::Error;
+use crate::store::{GradientBuffer, PushMeta, Variable, VariableStore};
+
+/// Variables at least this large are updated on the blocking pool, off the I/O threads.
+const BLOCKING_APPLY_ELEMENTS: usize = 1 << 18;
+
+/// Settings of the service that are not part of the store.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Index of this shard (for info and metrics).
+    pub shard_index: u32,
+    /// How long a pull may wait for its step when the request does not say.
+    pub default_pull_timeout: Duration,
+    /// Largest data slice per streamed pull message, in bytes.
+    pub chunk_bytes: usize,
+}
+
+/// The service: shared store plus settings and the shutdown signal.
+#[derive(Clone)]
+pub struct PsService {
+    store: Arc<VariableStore>,
+    config: ServiceConfig,
+    /// Turns true when the server begins to shut down, releasing waiting pulls.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl PsService {
+    /// A service over `store`; pulls waiting for a step end when `shutdown` turns true.
+    pub fn new(store: Arc<VariableStore>, config: ServiceConfig, shutdown: watch::Receiver<bool>) -> Self {
+        PsService { store, config, shutdown }
+    }
+
+    fn reject(&self, e: Error) -> Status {
+        self.store.metrics().rejected.fetch_add(1, Relaxed);
+        tracing::debug!(error = %e, "request rejected");
+        e.into()
+    }
+
+    async fn push_inner(&self, mut stream: Streaming<ps::PushRequest>) -> Result<ps::PushResponse, Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty push stream: the first message must carry a header"))?;
+        let header = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("the first message of a push must carry a header"))?;
+        let var = self.store.get(&header.variable).map_err(|e| self.reject(e))?;
+        let wire = convert::dtype(header.wire_dtype, "wire_dtype", &header.variable).map_err(|e| self.reject(e))?;
+        let check_finite = !self.store.config().allow_non_finite
+            && header.kind == ps::PushKind::Gradient as i32;
+        let mut buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
+        let metrics = self.store.metrics();
+        metrics.bytes_in.fetch_add(first.data.len() as u64, Relaxed);
+        buf.append(&first.data).map_err(|e| self.reject(e))?;
+        while let Some(msg) = stream.message().await? {
+            if msg.header.is_some() {
+                return Err(self.reject(Error::invalid(&header.variable, "a push carries its header in the first message only")));
+            }
+            metrics.bytes_in.fetch_add(msg.data.len() as u64, Relaxed);
+            buf.append(&msg.data).map_err(|e| self.reject(e))?;
+        }
+        let values = buf.finish().map_err(|e| self.reject(e))?;
+        let kind = ps::PushKind::try_from(header.kind).map_err(|_| {
+            self.reject(Error::invalid(&header.variable, format!("unknown push kind {}", header.kind)))
+        })?;
+        let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
+        let store = Arc::clone(&self.store);
+        let run = move || match kind {
+            ps::PushKind::Gradient => store.push_gradient(&var, meta, values),
+            ps::PushKind::Assign => store.assign(&var, values).map(|version| crate::store::PushResult {
+                accepted: true,
+                dropped_stale: false,
+                version,
+                staleness: 0,
+            }),
+        };
+        let result = if header.num_elements as usize >= BLOCKING_APPLY_ELEMENTS {
+            tokio::task::spawn_blocking(run).await.map_err(|e| Status::internal(format!("update task failed: {e}")))?
+        } else {
+            run()
+        };
+        let r = result.map_err(|e| self.reject(e))?;
+        Ok(ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness })
+    }
+
+    async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            r = self.store.wait_readable(var, step, timeout) => r,
+            _ = shutdown.wait_for(|&s| s) => Err(Error::ShuttingDown),
+        }
+    }
+}
+
+/// Stream of pull chunks.
+pub type PullStream = Pin<Box<dyn Stream<Item = Result<ps::PullResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ParameterServer for PsService {
+    async fn register(&self, request: Request<ps::RegisterRequest>) -> Result<Response<ps::RegisterResponse>, Status> {
+        let (def, init) = convert::register_request(request.into_inner()).map_err(|e| self.reject(e))?;
+        let name = def.name.clone();
+        let store = Arc::clone(&self.store);
+        let (created, version) = tokio::task::spawn_blocking(move || store.register(def, &init))
+            .await
+            .map_err(|e| Status::internal(format!("registration task failed: {e}")))?
+            .map_err(|e| self.reject(e))?;
+        if created {
+            tracing::info!(variable = %name, "registered");
+        }
+        Ok(Response::new(ps::RegisterResponse { created, version }))
+    }
+
+    async fn push(&self, request: Request<Streaming<ps::PushRequest>>) -> Result<Response<ps::PushResponse>, Status> {
+        self.push_inner(request.into_inner()).await.map(Response::new)
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(&self, request: Request<ps::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        let r = request.into_inner();
+        let var = self.store.get(&r.variable).map_err(|e| self.reject(e))?;
+        let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.variable).map_err(|e| self.reject(e))?;
+        let timeout = match r.timeout_ms {
+            0 => self.config.default_pull_timeout,
+            ms => Duration::from_millis(ms as u64),
+        };
+        self.wait_for_step(&var, r.step, timeout).await.map_err(|e| self.reject(e))?;
+        let metrics = Arc::clone(self.store.metrics());
+        metrics.pulls.fetch_add(1, Relaxed);
+        let chunk = (self.config.chunk_bytes / wire.size()).max(1);
+        let stream = futures::stream::unfold((var, 0usize, true), move |(var, start, first)| {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                if start >= var.len() && !first {
+                    return None;
+                }
+                let end = (start + chunk).min(var.len());
+                let mut buf = Vec::with_capacity((end - start) * wire.size());
+                let version = var.encode_range(start, end, wire, &mut buf);
+                metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
+                let header = first.then(|| pull_header(&var, version, wire));
+                Some((Ok(ps::PullResponse { header, data: Bytes::from(buf) }), (var, end, false)))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn set_learning_rate(
+        &self,
+        request: Request<ps::SetLearningRateRequest>,
+    ) -> Result<Response<ps::SetLearningRateResponse>, Status> {
+        let r = request.into_inner();
+        let name = (!r.variable.is_empty()).then_some(r.variable.as_str());
+        let updated = self.store.set_learning_rate(name, r.learning_rate).map_err(|e| self.reject(e))?;
+        tracing::info!(variable = name.unwrap_or("*"), lr = r.learning_rate, "learning rate changed");
+        Ok(Response::new(ps::SetLearningRateResponse { updated }))
+    }
+
+    async fn server_info(&self, _: Request<ps::ServerInfoRequest>) -> Result<Response<ps::ServerInfoResponse>, Status> {
+        let mode = self.store.config().mode;
+        let (k, s) = match mode {
+            Mode::Sync { replicas_to_aggregate, .. } => (replicas_to_aggregate, 0),
+            Mode::Bounded { max_staleness, .. } => (0, max_staleness),
+            Mode::Async { .. } => (0, 0),
+        };
+        let variables = self
+            .store
+            .list()
+            .iter()
+            .map(|v| ps::VariableInfo {
+                name: v.def().name.clone(),
+                shape: v.def().shape.clone(),
+                storage_dtype: convert::dtype_to_proto(v.def().dtype),
+                version: v.version(),
+            })
+            .collect();
+        Ok(Response::new(ps::ServerInfoResponse {
+            mode: mode.name().into(),
+            shard_index: self.config.shard_index,
+            num_workers: mode.num_workers(),
+            replicas_to_aggregate: k,
+            max_staleness: s,
+            variables,
+            dropped_stale: self.store.metrics().dropped_stale.load(Relaxed),
+        }))
+    }
+}
+
+fn pull_header(var: &Variable, version: u64, wire: DType) -> ps::PullHeader {
+    ps::PullHeader { version, shape: var.def().shape.clone(), wire_dtype: convert::dtype_to_proto(wire) }
+}

@@ -1,0 +1,611 @@
+//! The variable table of one shard: definitions, values, optimizer state and consistency
+//! clock of every variable, each behind its own lock.
+//!
+//! There is no global lock on the hot path: the table is a `DashMap` of `Arc<Variable>`,
+//! looked up once per call; pushes and pulls of different variables never contend.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use parking_lot::RwLock;
+use parasync_tensor::{bf16, DType};
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+
+use crate::consistency::{Mode, PushDecision, ReadGate, VariableClock};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::optimizer::{OptimizerSpec, OptimizerState, Rounding};
+
+/// Largest variable a shard accepts, in elements (4 GiB of f32).
+pub const MAX_ELEMENTS: u64 = 1 << 30;
+
+/// What a variable is: everything a registration must agree on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VariableDef {
+    /// Unique name on this shard (a partitioned variable's parts carry their part in the name).
+    pub name: String,
+    /// Dimensions, row-major; the first is the row dimension that partitioning splits.
+    pub shape: Vec<u64>,
+    /// Storage element type.
+    pub dtype: DType,
+    /// Optimizer applied to pushed gradients.
+    pub optimizer: OptimizerSpec,
+    /// bf16 storage rounds stochastically instead of to nearest even.
+    pub stochastic_rounding: bool,
+}
+
+impl VariableDef {
+    /// Number of elements, after checking the definition is usable.
+    pub fn validate(&self) -> Result<usize> {
+        if self.name.is_empty() || self.name.len() > 1024 {
+            return Err(Error::invalid(&self.name, "a variable name must have 1 to 1024 bytes"));
+        }
+        if self.shape.is_empty() {
+            return Err(Error::invalid(&self.name, "shape must have at least one dimension"));
+        }
+        let mut n: u64 = 1;
+        for &d in &self.shape {
+            if d == 0 {
+                return Err(Error::invalid(&self.name, format!("shape {:?} has a zero dimension", self.shape)));
+            }
+            n = n.checked_mul(d).filter(|&n| n <= MAX_ELEMENTS).ok_or_else(|| {
+                Error::invalid(&self.name, format!("shape {:?} exceeds the {MAX_ELEMENTS}-element limit", self.shape))
+            })?;
+        }
+        self.optimizer.validate().map_err(|e| Error::invalid(&self.name, format!("optimizer: {e}")))?;
+        Ok(n as usize)
+    }
+
+    /// Human-readable differences from `other`, empty if they agree.
+    fn differences(&self, other: &VariableDef) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.shape != other.shape {
+            d.push(format!("shape {:?} vs {:?}", self.shape, other.shape));
+        }
+        if self.dtype != other.dtype {
+            d.push(format!("dtype {} vs {}", self.dtype, other.dtype));
+        }
+        if self.optimizer != other.optimizer {
+            d.push(format!("optimizer {:?} vs {:?}", self.optimizer, other.optimizer));
+        }
+        if self.stochastic_rounding != other.stochastic_rounding {
+            d.push("stochastic rounding differs".into());
+        }
+        d
+    }
+}
+
+/// Initial values of a new variable.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Init {
+    /// All zeros.
+    Zeros,
+    /// Every element the same value.
+    Constant(f32),
+    /// Uniform in `[low, high)` from a seeded generator (same seed → same values).
+    Uniform { low: f32, high: f32, seed: u64 },
+    /// Normal from a seeded generator.
+    Normal { mean: f32, stddev: f32, seed: u64 },
+    /// Explicit values, one per element.
+    Values(Vec<f32>),
+}
+
+impl Init {
+    fn materialize(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        Ok(match self {
+            Init::Zeros => vec![0.0; n],
+            Init::Constant(c) => vec![*c; n],
+            Init::Uniform { low, high, seed } => {
+                if !(low < high) || !low.is_finite() || !high.is_finite() {
+                    return Err(Error::invalid(name, format!("uniform initializer needs finite low < high, got [{low}, {high})")));
+                }
+                let mut rng = rand::rngs::StdRng::seed_from_u64(*seed);
+                (0..n).map(|_| rng.gen_range(*low..*high)).collect()
+            }
+            Init::Normal { mean, stddev, seed } => {
+                if !(*stddev >= 0.0) || !mean.is_finite() || !stddev.is_finite() {
+                    return Err(Error::invalid(name, format!("normal initializer needs a finite mean and stddev >= 0, got {mean}, {stddev}")));
+                }
+                let mut rng = rand::rngs::StdRng::seed_from_u64(*seed);
+                (0..n)
+                    .map(|_| {
+                        // Box-Muller: exact enough for initialisation and free of extra crates.
+                        let u1: f64 = 1.0 - rng.gen::<f64>();
+                        let u2: f64 = rng.gen();
+                        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                        mean + stddev * z as f32
+                    })
+                    .collect()
+            }
+            Init::Values(v) => {
+                if v.len() != n {
+                    return Err(Error::invalid(name, format!("initial values have {} elements, the shape needs {n}", v.len())));
+                }
+                v.clone()
+            }
+        })
+    }
+}
+
+/// Stored values in the variable's storage dtype.
+#[derive(Debug)]
+enum Values {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Values {
+    fn from_f32(dtype: DType, v: Vec<f32>) -> Values {
+        match dtype {
+            DType::F32 => Values::F32(v),
+            DType::Bf16 => Values::Bf16(v.iter().map(|&x| bf16::from_f32_rne(x)).collect()),
+        }
+    }
+}
+
+/// Mutable part of a variable, guarded by its lock.
+struct VariableState {
+    values: Values,
+    optimizer: OptimizerState,
+    clock: VariableClock<Vec<f32>>,
+    /// When the first gradient of the current sync step arrived (step-latency metric).
+    step_started: Option<Instant>,
+}
+
+/// One variable on this shard.
+pub struct Variable {
+    def: VariableDef,
+    len: usize,
+    /// Seed of stochastic rounding, derived from the name so each variable differs.
+    rounding_seed: u64,
+    state: RwLock<VariableState>,
+    /// Bumped on every accepted push, so waiting pulls re-check their gate.
+    changed: watch::Sender<u64>,
+}
+
+impl Variable {
+    /// The registered definition.
+    pub fn def(&self) -> &VariableDef {
+        &self.def
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a variable with no elements (never: shapes have no zero dimension).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Current version (completed sync steps, or applied async updates).
+    pub fn version(&self) -> u64 {
+        self.state.read().clock.version()
+    }
+
+    /// Encodes elements `start..end` as `wire` into `out`; returns the version they belong to.
+    pub fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) -> u64 {
+        let st = self.state.read();
+        match &st.values {
+            Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
+            Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
+        }
+        st.clock.version()
+    }
+
+    /// A copy of all values widened to f32 (tests, checkpoints, small reads).
+    pub fn snapshot(&self) -> (u64, Vec<f32>) {
+        let st = self.state.read();
+        let v = match &st.values {
+            Values::F32(v) => v.clone(),
+            Values::Bf16(v) => v.iter().map(|&w| bf16::to_f32(w)).collect(),
+        };
+        (st.clock.version(), v)
+    }
+}
+
+/// Who pushed, for which step, computed from which version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushMeta {
+    /// Worker id, `0..num_workers`.
+    pub worker: u32,
+    /// The worker's step (sync step, bounded clock).
+    pub step: u64,
+    /// Version the gradient was computed from (async staleness).
+    pub base_version: u64,
+}
+
+/// What a push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushResult {
+    /// Applied now, or buffered for its sync step.
+    pub accepted: bool,
+    /// Dropped as a late gradient for a completed sync step.
+    pub dropped_stale: bool,
+    /// Version after the push.
+    pub version: u64,
+    /// Staleness of an applied async / bounded gradient (0 in sync mode).
+    pub staleness: u64,
+}
+
+/// Settings of a store, fixed at start.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Accept NaN / Inf in gradients (rejected by default).
+    pub allow_non_finite: bool,
+}
+
+/// All variables of one shard.
+pub struct VariableStore {
+    config: StoreConfig,
+    vars: DashMap<String, Arc<Variable>>,
+    metrics: Arc<Metrics>,
+}
+
+impl VariableStore {
+    /// An empty store. `config.mode` must be valid.
+    pub fn new(config: StoreConfig, metrics: Arc<Metrics>) -> Self {
+        VariableStore { config, vars: DashMap::new(), metrics }
+    }
+
+    /// The store's settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The metrics this store updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Creates a variable, or confirms an identical one. Returns (created, version).
+    pub fn register(&self, def: VariableDef, init: &Init) -> Result<(bool, u64)> {
+        let len = def.validate()?;
+        if let Some(existing) = self.vars.get(&def.name) {
+            return Self::confirm(&existing, &def);
+        }
+        // Materialise outside the map's shard lock: initialisation of a large variable is slow.
+        let values = init.materialize(&def.name, len)?;
+        let entry = self.vars.entry(def.name.clone());
+        match entry {
+            dashmap::Entry::Occupied(e) => Self::confirm(e.get(), &def),
+            dashmap::Entry::Vacant(e) => {
+                let state = VariableState {
+                    values: Values::from_f32(def.dtype, values),
+                    optimizer: OptimizerState::new(def.optimizer.clone(), len),
+                    clock: VariableClock::new(self.config.mode),
+                    step_started: None,
+                };
+                let rounding_seed = fnv1a(def.name.as_bytes());
+                let (changed, _) = watch::channel(0);
+                e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed }));
+                self.metrics.variables.fetch_add(1, Relaxed);
+                Ok((true, 0))
+            }
+        }
+    }
+
+    fn confirm(existing: &Variable, def: &VariableDef) -> Result<(bool, u64)> {
+        let diff = existing.def.differences(def);
+        if diff.is_empty() {
+            Ok((false, existing.version()))
+        } else {
+            Err(Error::Conflict { variable: def.name.clone(), reason: diff.join("; ") })
+        }
+    }
+
+    /// Looks a variable up.
+    pub fn get(&self, name: &str) -> Result<Arc<Variable>> {
+        self.vars.get(name).map(|v| Arc::clone(&v)).ok_or_else(|| Error::NotFound { variable: name.to_string() })
+    }
+
+    /// All variables, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Variable>> {
+        let mut v: Vec<_> = self.vars.iter().map(|e| Arc::clone(e.value())).collect();
+        v.sort_by(|a, b| a.def.name.cmp(&b.def.name));
+        v
+    }
+
+    /// Hands a complete, validated gradient to the consistency mode and carries out its
+    /// decision: apply, buffer, apply the step's mean, or drop.
+    pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: Vec<f32>) -> Result<PushResult> {
+        debug_assert_eq!(grad.len(), var.len);
+        let mut st = var.state.write();
+        let decision = st
+            .clock
+            .on_push(meta.worker, meta.step, meta.base_version, grad)
+            .map_err(|refusal| Error::Refused { variable: var.def.name.clone(), refusal })?;
+        let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0 };
+        match decision {
+            PushDecision::Apply { grad, staleness, lr_scale } => {
+                let started = Instant::now();
+                apply(&mut st, var, &grad, lr_scale);
+                self.metrics.staleness.observe(staleness as f64);
+                self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
+                result.staleness = staleness;
+            }
+            PushDecision::Buffered { .. } => {
+                st.step_started.get_or_insert_with(Instant::now);
+            }
+            PushDecision::ApplyMean { grads, .. } => {
+                let mean = mean_in_worker_order(grads);
+                apply(&mut st, var, &mean, 1.0);
+                let started = st.step_started.take().unwrap_or_else(Instant::now);
+                self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
+            }
+            PushDecision::DropStale { .. } => {
+                result.accepted = false;
+                result.dropped_stale = true;
+                self.metrics.dropped_stale.fetch_add(1, Relaxed);
+            }
+        }
+        result.version = st.clock.version();
+        drop(st);
+        if result.accepted {
+            self.metrics.pushes.fetch_add(1, Relaxed);
+            var.changed.send_modify(|c| *c += 1);
+        }
+        Ok(result)
+    }
+
+    /// Overwrites a variable's values (initialisation of large variables, restore). The
+    /// version and optimizer state are kept.
+    pub fn assign(&self, var: &Variable, values: Vec<f32>) -> Result<u64> {
+        if values.len() != var.len {
+            return Err(Error::invalid(&var.def.name, format!("assigned {} elements, the variable has {}", values.len(), var.len)));
+        }
+        let mut st = var.state.write();
+        st.values = Values::from_f32(var.def.dtype, values);
+        let v = st.clock.version();
+        drop(st);
+        var.changed.send_modify(|c| *c += 1);
+        Ok(v)
+    }
+
+    /// Waits until `worker` may read `var` for `step` (sync: the step exists; bounded: the
+    /// slowest worker is close enough), or fails after `timeout` naming the missing workers.
+    pub async fn wait_readable(&self, var: &Variable, step: u64, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = var.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let (gate, version) = {
+                let st = var.state.read();
+                (st.clock.read_gate(step), st.clock.version())
+            };
+            let missing = match gate {
+                ReadGate::Ready => return Ok(()),
+                ReadGate::Wait { missing } => missing,
+            };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Err(_) => {
+                    return Err(Error::StepTimeout {
+                        variable: var.def.name.clone(),
+                        step,
+                        version,
+                        waited: timeout,
+                        missing,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sets the learning rate of one variable (`Some(name)`) or of all; returns how many changed.
+    pub fn set_learning_rate(&self, name: Option<&str>, lr: f32) -> Result<u32> {
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::invalid(name.unwrap_or("*"), format!("learning rate must be finite and >= 0, got {lr}")));
+        }
+        let targets = match name {
+            Some(n) => vec![self.get(n)?],
+            None => self.list(),
+        };
+        for v in &targets {
+            v.state.write().optimizer.set_learning_rate(lr);
+        }
+        Ok(targets.len() as u32)
+    }
+}
+
+/// Sums gradients in the given (worker-id) order and divides by their count, reusing the
+/// first buffer: the result depends only on the set of gradients, never on arrival order.
+pub fn mean_in_worker_order(grads: Vec<(u32, Vec<f32>)>) -> Vec<f32> {
+    let k = grads.len() as f32;
+    let mut it = grads.into_iter();
+    let (_, mut acc) = it.next().expect("a completed step has at least one gradient");
+    for (_, g) in it {
+        for (a, x) in acc.iter_mut().zip(&g) {
+            *a += *x;
+        }
+    }
+    for a in acc.iter_mut() {
+        *a /= k;
+    }
+    acc
+}
+
+fn apply(st: &mut VariableState, var: &Variable, grad: &[f32], lr_scale: f32) {
+    let VariableState { values, optimizer, .. } = st;
+    match values {
+        Values::F32(p) => optimizer.apply_f32(p, grad, lr_scale),
+        Values::Bf16(p) => {
+            let rounding = if var.def.stochastic_rounding { Rounding::Stochastic } else { Rounding::NearestEven };
+            optimizer.apply_bf16(p, grad, lr_scale, rounding, var.rounding_seed);
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Collects one pushed tensor from its chunks, decoding each as it arrives, so the server
+/// holds the gradient in f32 once and never the whole message.
+#[derive(Debug)]
+pub struct GradientBuffer {
+    name: String,
+    wire: DType,
+    check_finite: bool,
+    values: Vec<f32>,
+    filled: usize,
+}
+
+impl GradientBuffer {
+    /// A buffer for a tensor of `var`'s size arriving as `wire` with `num_elements` announced.
+    pub fn new(var: &Variable, wire: DType, num_elements: u64, check_finite: bool) -> Result<Self> {
+        if num_elements != var.len as u64 {
+            return Err(Error::invalid(
+                &var.def.name,
+                format!("push announces {num_elements} elements, but the variable has shape {:?} ({} elements)", var.def.shape, var.len),
+            ));
+        }
+        Ok(GradientBuffer { name: var.def.name.clone(), wire, check_finite, values: vec![0.0; var.len], filled: 0 })
+    }
+
+    /// Decodes one chunk of wire bytes into the next free elements.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        let n = parasync_tensor::element_count(bytes.len(), self.wire)
+            .map_err(|e| Error::invalid(&self.name, format!("chunk at element {}: {e}", self.filled)))?;
+        let end = self.filled + n;
+        if end > self.values.len() {
+            return Err(Error::invalid(
+                &self.name,
+                format!("data overruns the variable: {} elements sent, the variable has {}", end, self.values.len()),
+            ));
+        }
+        let dst = &mut self.values[self.filled..end];
+        parasync_tensor::decode_into(bytes, self.wire, dst).map_err(|e| Error::invalid(&self.name, e.to_string()))?;
+        if self.check_finite {
+            if let Some(i) = dst.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(
+                    &self.name,
+                    format!("gradient element {} is {} (non-finite gradients are rejected)", self.filled + i, dst[i]),
+                ));
+            }
+        }
+        self.filled = end;
+        Ok(())
+    }
+
+    /// The complete tensor, or an error if the stream ended early.
+    pub fn finish(self) -> Result<Vec<f32>> {
+        if self.filled != self.values.len() {
+            return Err(Error::invalid(
+                &self.name,
+                format!("stream ended after {} of {} elements", self.filled, self.values.len()),
+            ));
+        }
+        Ok(self.values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sgd(lr: f32) -> OptimizerSpec {
+        OptimizerSpec::Sgd { lr, momentum: 0.0, nesterov: false }
+    }
+
+    fn def(name: &str, shape: &[u64], dtype: DType) -> VariableDef {
+        VariableDef { name: name.into(), shape: shape.to_vec(), dtype, optimizer: sgd(1.0), stochastic_rounding: false }
+    }
+
+    fn store(mode: Mode) -> VariableStore {
+        VariableStore::new(StoreConfig { mode, allow_non_finite: false }, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn registration_is_idempotent_and_conflicts_are_errors() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        assert_eq!(s.register(def("w", &[2, 3], DType::F32), &Init::Constant(1.0)).unwrap(), (true, 0));
+        assert_eq!(s.register(def("w", &[2, 3], DType::F32), &Init::Zeros).unwrap(), (false, 0));
+        let err = s.register(def("w", &[3, 2], DType::F32), &Init::Zeros).unwrap_err();
+        assert!(err.to_string().contains("shape [3, 2] vs [2, 3]") || err.to_string().contains("shape [2, 3] vs [3, 2]"), "{err}");
+        assert_eq!(s.get("w").unwrap().snapshot().1, vec![1.0; 6], "re-registration must not re-initialise");
+    }
+
+    #[test]
+    fn bad_definitions_are_rejected() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        for d in [def("a", &[], DType::F32), def("b", &[0, 2], DType::F32), def("c", &[1 << 20, 1 << 20], DType::F32), def("", &[1], DType::F32)] {
+            assert!(matches!(s.register(d, &Init::Zeros), Err(Error::InvalidArgument { .. })));
+        }
+        assert!(s.register(def("v", &[3], DType::F32), &Init::Values(vec![1.0])).is_err());
+        assert!(s.list().is_empty());
+    }
+
+    #[test]
+    fn sync_push_applies_mean_once_step_completes() {
+        let s = store(Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 });
+        s.register(def("w", &[2], DType::F32), &Init::Constant(10.0)).unwrap();
+        let v = s.get("w").unwrap();
+        let r = s.push_gradient(&v, PushMeta { worker: 1, step: 0, base_version: 0 }, vec![3.0, 5.0]).unwrap();
+        assert_eq!((r.accepted, r.version), (true, 0));
+        assert_eq!(v.snapshot(), (0, vec![10.0, 10.0]));
+        let r = s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0, 1.0]).unwrap();
+        assert_eq!(r.version, 1);
+        assert_eq!(v.snapshot(), (1, vec![8.0, 7.0]));
+        let r = s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0, 1.0]).unwrap();
+        assert!(r.dropped_stale && !r.accepted);
+        assert_eq!(s.metrics().dropped_stale.load(Relaxed), 1);
+        assert_eq!(v.snapshot(), (1, vec![8.0, 7.0]));
+    }
+
+    #[test]
+    fn gradient_buffer_checks_length_and_finiteness() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        s.register(def("w", &[3], DType::F32), &Init::Zeros).unwrap();
+        let v = s.get("w").unwrap();
+        assert!(GradientBuffer::new(&v, DType::F32, 4, true).is_err());
+        let mut b = GradientBuffer::new(&v, DType::F32, 3, true).unwrap();
+        assert!(b.append(&[0u8; 5]).is_err(), "ragged chunk");
+        let mut bytes = Vec::new();
+        parasync_tensor::encode_f32(&[1.0, f32::NAN], DType::F32, &mut bytes);
+        let err = b.append(&bytes).unwrap_err().to_string();
+        assert!(err.contains("element 1 is NaN"), "{err}");
+        let mut b = GradientBuffer::new(&v, DType::F32, 3, true).unwrap();
+        b.append(&bytes[..4]).unwrap();
+        assert!(b.finish().unwrap_err().to_string().contains("after 1 of 3"));
+        let mut b = GradientBuffer::new(&v, DType::F32, 3, true).unwrap();
+        assert!(b.append(&[0u8; 16]).unwrap_err().to_string().contains("overruns"));
+    }
+
+    #[test]
+    fn bf16_storage_rounds_updates() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        s.register(def("h", &[2], DType::Bf16), &Init::Constant(1.0)).unwrap();
+        let v = s.get("h").unwrap();
+        // 1 - 2^-9 is not representable in bf16 and rounds to nearest even (1.0)
+        s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0 / 512.0, 0.5]).unwrap();
+        assert_eq!(v.snapshot().1, vec![1.0, 0.5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_pull_waits_and_times_out_naming_missing_workers() {
+        let s = Arc::new(store(Mode::Sync { num_workers: 3, replicas_to_aggregate: 3 }));
+        s.register(def("w", &[1], DType::F32), &Init::Zeros).unwrap();
+        let v = s.get("w").unwrap();
+        s.push_gradient(&v, PushMeta { worker: 1, step: 0, base_version: 0 }, vec![1.0]).unwrap();
+        let err = s.wait_readable(&v, 1, Duration::from_secs(5)).await.unwrap_err();
+        match err {
+            Error::StepTimeout { missing, step, .. } => assert_eq!((missing, step), (vec![0, 2], 1)),
+            other => panic!("{other}"),
+        }
+        // and it completes once the rest arrive
+        let (s2, v2) = (Arc::clone(&s), Arc::clone(&v));
+        let waiter = tokio::spawn(async move { s2.wait_readable(&v2, 1, Duration::from_secs(5)).await });
+        tokio::task::yield_now().await;
+        s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0]).unwrap();
+        s.push_gradient(&v, PushMeta { worker: 2, step: 0, base_version: 0 }, vec![1.0]).unwrap();
+        waiter.await.unwrap().unwrap();
+    }
+}

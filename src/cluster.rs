@@ -1,0 +1,190 @@
+//! A local cluster of real `ps-server` processes on 127.0.0.1, for the demo, the
+//! end-to-end tests and the benchmarks. Children are killed when the cluster is dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// One running server process.
+pub struct ServerProcess {
+    /// The child process (taken when it has been waited for).
+    pub child: Option<Child>,
+    /// gRPC address it listens on.
+    pub addr: String,
+    /// Address of its Prometheus endpoint.
+    pub metrics_addr: Option<String>,
+}
+
+/// Servers started by [`LocalCluster::start`].
+pub struct LocalCluster {
+    /// One entry per shard, in shard order.
+    pub servers: Vec<ServerProcess>,
+}
+
+/// How to start the servers of a local cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Number of shards.
+    pub shards: usize,
+    /// Extra flags for every server (mode, workers, …).
+    pub server_args: Vec<String>,
+    /// Pass the servers' logs through to this process's stderr (else discard them).
+    pub show_logs: bool,
+    /// How long a server may take to announce its address.
+    pub ready_timeout: Duration,
+}
+
+impl LocalCluster {
+    /// Starts `opts.shards` servers from `exe` (a binary with a `server` subcommand, i.e.
+    /// `parasync`), each on an ephemeral port of 127.0.0.1, and waits until they listen.
+    pub fn start(exe: &Path, opts: &ClusterOptions) -> anyhow::Result<LocalCluster> {
+        let mut cluster = LocalCluster { servers: Vec::new() };
+        for shard in 0..opts.shards {
+            let mut cmd = Command::new(exe);
+            cmd.arg("server")
+                .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+                .args(["--shard-index", &shard.to_string()])
+                .args(&opts.server_args)
+                .env_remove("TF_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(if opts.show_logs { Stdio::inherit() } else { Stdio::null() });
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn");
+            }
+            let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+            let stdout = child.stdout.take().expect("piped stdout");
+            cluster.servers.push(ServerProcess { child: Some(child), addr: String::new(), metrics_addr: None });
+            let line = read_first_line(stdout, opts.ready_timeout)
+                .with_context(|| format!("shard {shard} did not announce its address"))?;
+            let (addr, metrics) = parse_announcement(&line)
+                .with_context(|| format!("shard {shard} printed an unexpected line: {line:?}"))?;
+            let s = cluster.servers.last_mut().expect("just pushed");
+            s.addr = addr;
+            s.metrics_addr = metrics;
+        }
+        Ok(cluster)
+    }
+
+    /// gRPC addresses in shard order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// Sends SIGTERM to every server and waits (up to `timeout`) for each to exit;
+    /// returns their exit statuses. Servers still running after `timeout` are killed.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Vec<ExitStatus>> {
+        for s in &self.servers {
+            if let Some(c) = &s.child {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut statuses = Vec::new();
+        for (i, s) in self.servers.iter_mut().enumerate() {
+            let Some(mut child) = s.child.take() else { continue };
+            loop {
+                if let Some(st) = child.try_wait()? {
+                    statuses.push(st);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("shard {i} did not exit within {timeout:?} of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(statuses)
+    }
+
+    /// Sum of a counter over all shards' `/metrics` endpoints.
+    pub fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for s in &self.servers {
+            let addr = s.metrics_addr.as_deref().context("server has no metrics endpoint")?;
+            total += scrape(addr)?
+                .lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn read_first_line(stdout: impl Read + Send + 'static, timeout: Duration) -> anyhow::Result<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let res = r.read_line(&mut line).map(|_| line);
+        let _ = tx.send(res);
+        // Keep draining so the child never blocks on a full pipe.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if !line.is_empty() => Ok(line.trim().to_string()),
+        Ok(Ok(_)) => bail!("the process exited before printing its address"),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("no address within {timeout:?}"),
+    }
+}
+
+/// Parses `ps-server listening on ADDR [metrics ADDR]`.
+fn parse_announcement(line: &str) -> Option<(String, Option<String>)> {
+    let rest = line.strip_prefix("ps-server listening on ")?;
+    let mut it = rest.split_whitespace();
+    let addr = it.next()?.to_string();
+    let metrics = match (it.next(), it.next()) {
+        (Some("metrics"), Some(m)) => Some(m.to_string()),
+        _ => None,
+    };
+    Some((addr, metrics))
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+pub fn scrape(addr: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to metrics at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let (head, body) = body.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("metrics endpoint answered {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcement_lines_parse() {
+        assert_eq!(
+            parse_announcement("ps-server listening on 127.0.0.1:5 metrics 127.0.0.1:6"),
+            Some(("127.0.0.1:5".into(), Some("127.0.0.1:6".into())))
+        );
+        assert_eq!(parse_announcement("ps-server listening on 127.0.0.1:5"), Some(("127.0.0.1:5".into(), None)));
+        assert_eq!(parse_announcement("hello"), None);
+    }
+}

@@ -1,0 +1,415 @@
+//! `parasync demo`: a local parameter-server job training a real model.
+//!
+//! The parent starts `--shards` real server processes and `--workers` real worker
+//! processes (all of them this same binary), shows progress, then evaluates the trained
+//! model on held-out data and reports accuracy, steps/s, bytes moved and the staleness
+//! distribution. Workers report to the parent as JSON lines on their stdout.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use parasync_client::{Client, ClientOptions, DType, Init, Optimizer, VariableSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{ClusterOptions, LocalCluster};
+use crate::model::{digits::Dataset, mlp};
+
+/// Consistency mode of the demo job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DemoMode {
+    /// Synchronous steps: every worker's gradient averaged each step.
+    Sync,
+    /// Asynchronous: every gradient applied on arrival.
+    Async,
+    /// Bounded staleness.
+    Bounded,
+}
+
+impl DemoMode {
+    fn name(self) -> &'static str {
+        match self {
+            DemoMode::Sync => "sync",
+            DemoMode::Async => "async",
+            DemoMode::Bounded => "bounded",
+        }
+    }
+}
+
+/// Flags of `parasync demo`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Consistency mode.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub mode: DemoMode,
+    /// Parameter-server shards (processes).
+    #[arg(long, default_value_t = 2)]
+    pub shards: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Passes over the training data (all workers together).
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Mini-batch per worker and step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Learning rate (default: 0.1 × workers in sync mode, 0.1 otherwise).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Bounded mode: steps the fastest worker may run ahead of the slowest.
+    #[arg(long, default_value_t = 2)]
+    pub max_staleness: u64,
+    /// Element type on the wire.
+    #[arg(long, default_value = "f32")]
+    pub wire: DType,
+    /// Seed of the data split, the initial weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The digits data set (gzip CSV).
+    #[arg(long, default_value = default_data_path())]
+    pub data: PathBuf,
+    /// Print one JSON object with the results instead of a report.
+    #[arg(long)]
+    pub json: bool,
+    /// Show the servers' logs.
+    #[arg(long)]
+    pub server_logs: bool,
+}
+
+fn default_data_path() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz")
+}
+
+/// Flags of the hidden `parasync demo-worker` subcommand (one worker of the demo).
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Comma-separated shard addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub ps: Vec<String>,
+    #[arg(long)]
+    pub worker_id: u32,
+    #[arg(long)]
+    pub num_workers: usize,
+    #[arg(long)]
+    pub steps: u64,
+    #[arg(long)]
+    pub batch: usize,
+    #[arg(long)]
+    pub lr: f32,
+    #[arg(long)]
+    pub wire: DType,
+    #[arg(long)]
+    pub seed: u64,
+    #[arg(long)]
+    pub data: PathBuf,
+}
+
+/// A worker's report line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+enum WorkerEvent {
+    Progress { worker: u32, step: u64, loss: f32 },
+    /// `staleness` as (staleness, count) pairs: JSON maps cannot have integer keys.
+    Done { worker: u32, steps: u64, seconds: f64, staleness: Vec<(u64, u64)>, dropped_stale: u64 },
+}
+
+/// What the demo reports (also its `--json` output).
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub mode: DemoMode,
+    pub shards: usize,
+    pub workers: usize,
+    pub steps_per_worker: u64,
+    pub train_rows: usize,
+    pub test_rows: usize,
+    pub test_accuracy: f64,
+    pub wall_seconds: f64,
+    /// Steps per second of one worker (mean over workers).
+    pub steps_per_second: f64,
+    pub bytes_pushed: u64,
+    pub bytes_pulled: u64,
+    /// Staleness of applied gradients → count (async and bounded; all zero in sync).
+    pub staleness: BTreeMap<u64, u64>,
+    pub dropped_stale: u64,
+}
+
+fn model_specs(init_seed: u64, lr: f32) -> Vec<VariableSpec> {
+    let init = mlp::init_params(init_seed);
+    mlp::parameter_specs()
+        .into_iter()
+        .zip(init)
+        .map(|((name, shape), values)| VariableSpec {
+            name,
+            shape,
+            dtype: DType::F32,
+            optimizer: Optimizer::sgd(lr),
+            init: Init::Values(values),
+            stochastic_rounding: false,
+        })
+        .collect()
+}
+
+/// Kills the worker processes if the demo ends early (error or Ctrl-C).
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the demo job and returns its report (printing progress to stderr).
+pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
+    if args.shards == 0 || args.workers == 0 || args.batch == 0 || args.epochs == 0 {
+        bail!("--shards, --workers, --batch and --epochs must be at least 1");
+    }
+    let data = Dataset::load(&args.data)?;
+    let (train, test) = data.split(0.2, args.seed);
+    let min_shard = train.len() / args.workers;
+    if min_shard < args.batch {
+        bail!("{} training rows over {} workers leave fewer than --batch {} rows each", train.len(), args.workers, args.batch);
+    }
+    // Every worker runs the same number of steps: one epoch is one pass of all workers.
+    let steps = (args.epochs * (min_shard / args.batch)) as u64;
+    let lr = args.lr.unwrap_or(match args.mode {
+        DemoMode::Sync => 0.1 * args.workers as f32,
+        _ => 0.1,
+    });
+    let quiet = args.json;
+    let say = |s: String| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    say(format!(
+        "parasync demo: {} mode, {} shard(s), {} worker(s); 64-128-10 MLP on digits ({} train / {} test rows), {} steps per worker",
+        args.mode.name(),
+        args.shards,
+        args.workers,
+        train.len(),
+        test.len(),
+        steps
+    ));
+
+    let mut server_args = vec![
+        "--mode".to_string(),
+        args.mode.name().into(),
+        "--num-workers".into(),
+        args.workers.to_string(),
+        "--max-staleness".into(),
+        args.max_staleness.to_string(),
+    ];
+    server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
+    let mut cluster = LocalCluster::start(
+        exe,
+        &ClusterOptions { shards: args.shards, server_args, show_logs: args.server_logs, ready_timeout: Duration::from_secs(20) },
+    )?;
+    for (i, s) in cluster.servers.iter().enumerate() {
+        say(format!("  shard {i} listening on {}", s.addr));
+    }
+
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel::<anyhow::Result<WorkerEvent>>();
+    let mut workers = Workers(Vec::new());
+    for w in 0..args.workers {
+        let mut child = Command::new(exe)
+            .arg("demo-worker")
+            .args(["--ps", &cluster.addrs().join(",")])
+            .args(["--worker-id", &w.to_string(), "--num-workers", &args.workers.to_string()])
+            .args(["--steps", &steps.to_string(), "--batch", &args.batch.to_string()])
+            .args(["--lr", &lr.to_string(), "--wire", args.wire.name(), "--seed", &args.seed.to_string()])
+            .arg("--data")
+            .arg(&args.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a worker")?;
+        let out = child.stdout.take().expect("piped");
+        workers.0.push(child);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let ev = line.map_err(anyhow::Error::from).and_then(|l| {
+                    serde_json::from_str::<WorkerEvent>(&l).with_context(|| format!("worker {w} printed {l:?}"))
+                });
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let mut done = Vec::new();
+    let mut last_progress = Instant::now();
+    while done.len() < args.workers {
+        let ev = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(ev) => ev?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                for (i, c) in workers.0.iter_mut().enumerate() {
+                    if let Some(st) = c.try_wait()? {
+                        if !st.success() {
+                            bail!("worker {i} failed ({st})");
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("workers exited before reporting completion"),
+        };
+        match ev {
+            WorkerEvent::Progress { worker, step, loss } => {
+                if worker == 0 && last_progress.elapsed() >= Duration::from_millis(500) {
+                    last_progress = Instant::now();
+                    say(format!("  step {step:>5}/{steps}  loss {loss:.4}  ({:.1} s)", started.elapsed().as_secs_f64()));
+                }
+            }
+            done_ev @ WorkerEvent::Done { .. } => done.push(done_ev),
+        }
+    }
+    for (i, c) in workers.0.iter_mut().enumerate() {
+        let st = c.wait()?;
+        if !st.success() {
+            bail!("worker {i} exited with {st}");
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+
+    // Evaluate what the servers hold.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let params = rt.block_on(async {
+        let mut client = Client::connect(&cluster.addrs(), ClientOptions { worker_id: 0, ..Default::default() }).await?;
+        client.register(model_specs(args.seed, lr)).await?;
+        let final_step = if args.mode == DemoMode::Sync { steps } else { 0 };
+        client.pull(final_step).await
+    })?;
+    // Closes the evaluation client's connections before the servers drain.
+    drop(rt);
+    let accuracy = mlp::accuracy(&params, &test);
+    let bytes_pushed = cluster.metric_sum("parasync_bytes_in_total")? as u64;
+    let bytes_pulled = cluster.metric_sum("parasync_bytes_out_total")? as u64;
+    let statuses = cluster.terminate(Duration::from_secs(10))?;
+    if let Some(bad) = statuses.iter().find(|s| !s.success()) {
+        bail!("a server exited with {bad} on SIGTERM");
+    }
+
+    let mut staleness = BTreeMap::new();
+    let mut dropped_stale = 0;
+    let mut rate = 0.0;
+    for ev in &done {
+        if let WorkerEvent::Done { staleness: s, dropped_stale: d, seconds, steps, .. } = ev {
+            for (k, v) in s {
+                *staleness.entry(*k).or_insert(0) += v;
+            }
+            dropped_stale += d;
+            rate += *steps as f64 / seconds.max(1e-9) / done.len() as f64;
+        }
+    }
+    Ok(DemoReport {
+        mode: args.mode,
+        shards: args.shards,
+        workers: args.workers,
+        steps_per_worker: steps,
+        train_rows: train.len(),
+        test_rows: test.len(),
+        test_accuracy: accuracy,
+        wall_seconds: wall,
+        steps_per_second: rate,
+        bytes_pushed,
+        bytes_pulled,
+        staleness,
+        dropped_stale,
+    })
+}
+
+/// Prints a finished report for people.
+pub fn print_report(r: &DemoReport) {
+    let total: u64 = r.staleness.values().sum();
+    println!("done in {:.1} s", r.wall_seconds);
+    println!("  held-out accuracy   {:.4} ({} test rows)", r.test_accuracy, r.test_rows);
+    println!("  steps/s per worker  {:.1} ({} steps each, {} workers)", r.steps_per_second, r.steps_per_worker, r.workers);
+    println!(
+        "  bytes moved         {:.1} MB pushed, {:.1} MB pulled",
+        r.bytes_pushed as f64 / 1e6,
+        r.bytes_pulled as f64 / 1e6
+    );
+    let dist: Vec<String> = r
+        .staleness
+        .iter()
+        .map(|(k, v)| format!("{k}: {:.1}%", 100.0 * *v as f64 / total.max(1) as f64))
+        .collect();
+    println!("  staleness           {}", dist.join(", "));
+    println!("  dropped stale       {}", r.dropped_stale);
+}
+
+/// One demo worker: pull, compute gradients on a mini-batch of its data shard, push.
+pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
+    let data = Dataset::load(&args.data)?;
+    let (train, _) = data.split(0.2, args.seed);
+    let shard = train.shard(args.worker_id as usize, args.num_workers);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let opts = ClientOptions {
+            worker_id: args.worker_id,
+            wire_dtype: args.wire,
+            pull_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let mut client = Client::connect(&args.ps, opts).await?;
+        client.register(model_specs(args.seed, args.lr)).await?;
+        let started = Instant::now();
+        let mut staleness: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut dropped = 0u64;
+        let mut batches = Vec::new().into_iter();
+        let mut epoch = 0u64;
+        let mut params = client.pull(0).await?;
+        for step in 0..args.steps {
+            if step > 0 {
+                client.pull_into(step, &mut params).await?;
+            }
+            let idx = match batches.next() {
+                Some(b) => b,
+                None => {
+                    let seed = args.seed ^ (u64::from(args.worker_id) << 32);
+                    let mut all = mlp::epoch_batches(shard.len(), args.batch, seed, epoch);
+                    all.retain(|b| b.len() == args.batch);
+                    epoch += 1;
+                    batches = all.into_iter();
+                    batches.next().context("the data shard holds no full batch")?
+                }
+            };
+            let (loss, grads) = mlp::loss_and_grads(&params, &shard.rows(&idx));
+            let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+            let summary = client.push(step, &refs).await?;
+            for s in summary.staleness {
+                *staleness.entry(s).or_insert(0) += 1;
+            }
+            dropped += summary.dropped_stale as u64;
+            if step % 10 == 0 || step + 1 == args.steps {
+                emit(&WorkerEvent::Progress { worker: args.worker_id, step: step + 1, loss });
+            }
+        }
+        emit(&WorkerEvent::Done {
+            worker: args.worker_id,
+            steps: args.steps,
+            seconds: started.elapsed().as_secs_f64(),
+            staleness: staleness.into_iter().collect(),
+            dropped_stale: dropped,
+        });
+        anyhow::Ok(())
+    })
+}
+
+fn emit(ev: &WorkerEvent) {
+    println!("{}", serde_json::to_string(ev).expect("events serialise"));
+}
