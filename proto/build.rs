@@ -10,6 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Written here because `compile_fds` skips it; gRPC reflection serves this set.
     std::fs::write(out.join("parasync_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".").codec_path("crate::codec::PsCodec").compile_fds(fds)?;
     Ok(())
 }

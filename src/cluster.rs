@@ -35,6 +35,10 @@ pub struct ClusterOptions {
     pub server_args: Vec<String>,
     /// Pass the servers' logs through to this process's stderr (else discard them).
     pub show_logs: bool,
+    /// Write server `i`'s logs to `log_dir/shard-i.log` instead (takes precedence).
+    pub log_dir: Option<std::path::PathBuf>,
+    /// `RUST_LOG` filter of the servers (default: the caller's `RUST_LOG`, else `warn`).
+    pub log_filter: Option<String>,
     /// How long a server may take to announce its address.
     pub ready_timeout: Duration,
 }
@@ -53,9 +57,21 @@ impl LocalCluster {
                 .env_remove("TF_CONFIG")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(if opts.show_logs { Stdio::inherit() } else { Stdio::null() });
-            if std::env::var_os("RUST_LOG").is_none() {
-                cmd.env("RUST_LOG", "warn");
+                .stderr(match &opts.log_dir {
+                    Some(dir) => Stdio::from(
+                        std::fs::File::create(dir.join(format!("shard-{shard}.log"))).context("creating a server log file")?,
+                    ),
+                    None if opts.show_logs => Stdio::inherit(),
+                    None => Stdio::null(),
+                });
+            match (&opts.log_filter, std::env::var_os("RUST_LOG")) {
+                (Some(f), _) => {
+                    cmd.env("RUST_LOG", f);
+                }
+                (None, None) => {
+                    cmd.env("RUST_LOG", "warn");
+                }
+                (None, Some(_)) => {}
             }
             let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
             let stdout = child.stdout.take().expect("piped stdout");

@@ -211,7 +211,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
     let mut cluster = LocalCluster::start(
         exe,
-        &ClusterOptions { shards: args.shards, server_args, show_logs: args.server_logs, ready_timeout: Duration::from_secs(20) },
+        &ClusterOptions { shards: args.shards, server_args, show_logs: args.server_logs, log_dir: None, log_filter: None, ready_timeout: Duration::from_secs(20) },
     )?;
     for (i, s) in cluster.servers.iter().enumerate() {
         say(format!("  shard {i} listening on {}", s.addr));

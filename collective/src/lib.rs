@@ -10,6 +10,7 @@
 
 mod algo;
 pub mod background;
+pub mod bench;
 pub mod comm;
 pub mod dtype;
 pub mod env;

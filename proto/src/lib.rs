@@ -3,6 +3,8 @@
 //! Only the crates that convert to and from their own domain types use this crate
 //! (`ps-server` and `client`); proto types never appear in their public APIs.
 
+pub mod codec;
+
 /// `parasync.ps.v1`: the parameter-server service.
 pub mod ps {
     #![allow(missing_docs, clippy::all)]

@@ -1,0 +1,83 @@
+//! The codec of every Parasync service: prost encoding, with two differences from the
+//! stock one. A message that does not decode is the caller's mistake, so it gets
+//! `invalid_argument` (not `internal`); and buffers are sized for megabyte chunks.
+
+use std::marker::PhantomData;
+
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
+
+/// Buffer settings for tensor chunks: fewer, larger buffer growths per message.
+fn buffers() -> BufferSettings {
+    BufferSettings::new(256 << 10, 1 << 20)
+}
+
+/// Codec used by the generated clients and servers.
+#[derive(Debug, Clone)]
+pub struct PsCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for PsCodec<T, U> {
+    fn default() -> Self {
+        PsCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for PsCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = PsEncoder<T>;
+    type Decoder = PsDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PsEncoder(ProstCodec::<T, U>::raw_encoder(buffers()))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        PsDecoder(ProstCodec::<T, U>::raw_decoder(buffers()))
+    }
+}
+
+/// Encoder half of [`PsCodec`].
+#[derive(Debug)]
+pub struct PsEncoder<T>(tonic_prost::ProstEncoder<T>);
+
+impl<T: prost::Message> Encoder for PsEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
+}
+
+/// Decoder half of [`PsCodec`].
+#[derive(Debug)]
+pub struct PsDecoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> Decoder for PsDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|s| {
+            if s.code() == Code::Internal {
+                Status::invalid_argument(format!("malformed message: {}", s.message()))
+            } else {
+                s
+            }
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
+}

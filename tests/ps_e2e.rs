@@ -1,0 +1,273 @@
+//! End to end: real `parasync server` processes on 127.0.0.1 driven by real clients.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parasync_client::{DType, Init, Optimizer, VariableSpec};
+use ps_server::optimizer::{OptimizerSpec, OptimizerState};
+use rand::{Rng, SeedableRng};
+
+const WORKERS: u32 = 4;
+const STEPS: u64 = 12;
+
+/// The model of the sync test: one large variable (split over both shards by a small
+/// split threshold), two small ones, and two different optimizers.
+fn specs() -> Vec<VariableSpec> {
+    let mut big = VariableSpec::new("big", &[40, 33]);
+    big.optimizer = Optimizer::Sgd { lr: 0.05, momentum: 0.9, nesterov: true };
+    big.init = Init::Uniform { low: -1.0, high: 1.0, seed: 7 };
+    let mut bias = VariableSpec::new("bias", &[33]);
+    bias.optimizer = Optimizer::adam(0.01);
+    bias.init = Init::Values((0..33).map(|i| i as f32 * 0.1).collect());
+    let mut scale = VariableSpec::new("scale", &[5, 3]);
+    scale.optimizer = Optimizer::AdamW { lr: 0.02, beta1: 0.9, beta2: 0.99, epsilon: 1e-7, weight_decay: 0.01 };
+    scale.init = Init::Constant(0.5);
+    vec![big, bias, scale]
+}
+
+fn server_spec(o: &Optimizer) -> OptimizerSpec {
+    match *o {
+        Optimizer::Sgd { lr, momentum, nesterov } => OptimizerSpec::Sgd { lr, momentum, nesterov },
+        Optimizer::Adam { lr, beta1, beta2, epsilon, weight_decay } => {
+            OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: false }
+        }
+        Optimizer::AdamW { lr, beta1, beta2, epsilon, weight_decay } => {
+            OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: true }
+        }
+        Optimizer::Adagrad { lr, initial_accumulator, epsilon } => OptimizerSpec::Adagrad { lr, initial_accumulator, epsilon },
+    }
+}
+
+/// A worker's gradient: depends on the current values, the worker and the step, so any
+/// wrong value or order on the server changes everything after it.
+fn gradient(worker: u32, step: u64, var: usize, values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v * 1.3 + (worker as f32 + 1.0) * 0.37 - step as f32 * 0.011 + (i + var) as f32 * 1e-3).sin())
+        .collect()
+}
+
+/// Runs the sync job with per-worker random delays from `timing_seed`; returns final values.
+async fn run_sync_job(timing_seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let cluster = common::cluster(2, &["--mode", "sync", "--num-workers", "4"]);
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let mut c = common::client(&cluster, w, 1024).await;
+        tasks.push(tokio::spawn(async move {
+            c.register(specs()).await.unwrap();
+            assert_eq!(c.placement().unwrap().parts[0].len(), 2, "big is split over both shards");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(timing_seed * 100 + w as u64);
+            let initial = c.pull(0).await.unwrap();
+            for step in 0..STEPS {
+                let params = c.pull(step).await.unwrap();
+                tokio::time::sleep(Duration::from_micros(rng.gen_range(0..3000))).await;
+                let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
+                let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                let s = c.push(step, &refs).await.unwrap();
+                assert_eq!(s.dropped_stale, 0);
+            }
+            (initial, c.pull(STEPS).await.unwrap())
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let (initial, last) = results.pop().unwrap();
+    for (_, other) in &results {
+        assert_eq!(bits(other), bits(&last), "every worker sees the same final values");
+    }
+    (initial, last)
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter().map(|x| x.iter().map(|f| f.to_bits()).collect()).collect()
+}
+
+/// What one process computes applying the averaged gradients in worker order.
+fn reference(initial: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let specs = specs();
+    let mut params = initial.to_vec();
+    let mut opts: Vec<OptimizerState> =
+        specs.iter().map(|s| OptimizerState::new(server_spec(&s.optimizer), s.len())).collect();
+    for step in 0..STEPS {
+        for (vi, p) in params.iter_mut().enumerate() {
+            let mut sum = gradient(0, step, vi, p);
+            for w in 1..WORKERS {
+                for (a, g) in sum.iter_mut().zip(gradient(w, step, vi, p)) {
+                    *a += g;
+                }
+            }
+            let mean: Vec<f32> = sum.iter().map(|a| a / WORKERS as f32).collect();
+            opts[vi].apply_f32(p, &mean, 1.0);
+        }
+    }
+    params
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_two_shards_four_workers_is_bitwise_reproducible() {
+    common::bounded(120, async {
+        let (initial, first) = run_sync_job(1).await;
+        let expected = reference(&initial);
+        assert_eq!(bits(&first), bits(&expected), "server result equals the single-process reference bit for bit");
+        let (initial2, second) = run_sync_job(2).await;
+        assert_eq!(bits(&initial2), bits(&initial));
+        assert_eq!(bits(&second), bits(&first), "a run with different arrival timing gives the same bits");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_eight_workers_lose_no_update() {
+    common::bounded(120, async {
+        const N: u32 = 8;
+        const PUSHES: u64 = 40;
+        const LEN: usize = 3000;
+        let cluster = common::cluster(2, &["--mode", "async", "--num-workers", "8"]);
+        let mut v = VariableSpec::new("w", &[1000, 3]);
+        v.optimizer = Optimizer::sgd(1.0);
+        v.init = Init::Constant(100_000.0);
+        let mut small = VariableSpec::new("b", &[7]);
+        small.optimizer = Optimizer::sgd(1.0);
+        let specs = vec![v, small];
+        let grad = |w: u32, s: u64, i: usize| ((w as usize * 7 + s as usize * 3 + i) % 9) as f32 - 4.0;
+        let mut tasks = Vec::new();
+        for w in 0..N {
+            let mut c = common::client(&cluster, w, 4096).await;
+            let specs = specs.clone();
+            tasks.push(tokio::spawn(async move {
+                c.register(specs).await.unwrap();
+                let mut stale = Vec::new();
+                for s in 0..PUSHES {
+                    if s % 5 == 0 {
+                        c.pull(s).await.unwrap();
+                    }
+                    let g: Vec<f32> = (0..LEN).map(|i| grad(w, s, i)).collect();
+                    let b: Vec<f32> = (0..7).map(|i| grad(w, s, i + 1)).collect();
+                    let r = c.push(s, &[&g, &b]).await.unwrap();
+                    stale.extend(r.staleness);
+                }
+                stale
+            }));
+        }
+        let mut staleness = Vec::new();
+        for t in tasks {
+            staleness.extend(t.await.unwrap());
+        }
+        let mut c = common::client(&cluster, 0, 4096).await;
+        c.register(specs).await.unwrap();
+        let got = c.pull(0).await.unwrap();
+        for i in 0..LEN {
+            let sum: f32 = (0..N).flat_map(|w| (0..PUSHES).map(move |s| (w, s))).map(|(w, s)| grad(w, s, i)).sum();
+            assert_eq!(got[0][i], 100_000.0 - sum, "element {i}");
+        }
+        for i in 0..7 {
+            let sum: f32 = (0..N).flat_map(|w| (0..PUSHES).map(move |s| (w, s))).map(|(w, s)| grad(w, s, i + 1)).sum();
+            assert_eq!(got[1][i], -sum);
+        }
+        assert!(staleness.iter().any(|&s| s > 0), "concurrent workers must observe staleness");
+        let info = c.shard_info().await.unwrap();
+        let versions: u64 = info.iter().flat_map(|s| s.variables.iter().map(|v| v.1)).sum();
+        // every push of every part bumps its version: 2 parts of w + b, per push
+        assert_eq!(versions, N as u64 * PUSHES * 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_of_n_sync_keeps_advancing_with_a_worker_stopped() {
+    common::bounded(120, async {
+        let cluster = common::cluster(1, &["--mode", "sync", "--num-workers", "3", "--replicas-to-aggregate", "2"]);
+        let mut v = VariableSpec::new("w", &[16]);
+        v.optimizer = Optimizer::sgd(0.5);
+        let specs = vec![v];
+        let mut tasks = Vec::new();
+        for w in 0..3u32 {
+            let mut c = common::client(&cluster, w, 1 << 20).await;
+            let specs = specs.clone();
+            // worker 2 stops for good after 2 steps
+            let steps = if w == 2 { 2 } else { 20 };
+            tasks.push(tokio::spawn(async move {
+                c.register(specs).await.unwrap();
+                let mut dropped = 0;
+                for s in 0..steps {
+                    c.pull(s).await.unwrap();
+                    let r = c.push(s, &[&[1.0; 16]]).await.unwrap();
+                    dropped += r.dropped_stale;
+                }
+                dropped
+            }));
+        }
+        let mut dropped = 0;
+        for t in tasks {
+            dropped += t.await.unwrap();
+        }
+        let c = {
+            let mut c = common::client(&cluster, 0, 1 << 20).await;
+            c.register(specs).await.unwrap();
+            c
+        };
+        let values = c.pull(20).await.unwrap();
+        let info = c.shard_info().await.unwrap();
+        assert_eq!(info[0].variables, vec![("w".to_string(), 20)], "20 steps completed with worker 2 gone");
+        assert_eq!(values[0], vec![-10.0; 16], "each step applies the mean gradient 1.0 with lr 0.5");
+        // while all three ran, the third gradient of a step arrived late and was dropped
+        assert_eq!(info[0].dropped_stale, dropped as u64);
+    })
+    .await;
+}
+
+#[test]
+fn sigterm_while_clients_push_exits_cleanly() {
+    let dir = std::env::temp_dir().join(format!("parasync-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cluster = parasync::cluster::LocalCluster::start(
+        &common::exe(),
+        &parasync::cluster::ClusterOptions {
+            shards: 1,
+            server_args: vec!["--mode".into(), "async".into(), "--num-workers".into(), "4".into()],
+            show_logs: false,
+            log_dir: Some(dir.clone()),
+            log_filter: Some("info".into()),
+            ready_timeout: Duration::from_secs(20),
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..4u32 {
+        let addrs = cluster.addrs();
+        let stop = Arc::clone(&stop);
+        tasks.push(rt.spawn(async move {
+            let opts = parasync_client::ClientOptions { worker_id: w, chunk_bytes: 64 << 10, ..Default::default() };
+            let mut c = parasync_client::Client::connect(&addrs, opts).await.unwrap();
+            let mut v = VariableSpec::new("w", &[256, 1024]);
+            v.dtype = DType::Bf16;
+            c.register(vec![v]).await.unwrap();
+            let g = vec![0.001f32; 256 * 1024];
+            let mut ok = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.push(0, &[&g]).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => break, // the server went away: expected
+                }
+            }
+            ok
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let statuses = cluster.terminate(Duration::from_secs(15)).expect("server exits after SIGTERM");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pushed: u32 = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).sum();
+    assert!(pushed > 0, "clients were pushing when the signal arrived");
+    assert!(statuses[0].success(), "exit status {:?}", statuses[0]);
+    let log = std::fs::read_to_string(dir.join("shard-0.log")).unwrap();
+    assert!(!log.contains("panicked"), "server log shows a panic:\n{log}");
+    assert!(log.contains("shutting down"), "server log:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
