@@ -337,21 +337,23 @@ impl Client {
             kind: kind as i32,
         };
         let per_chunk = (self.opts.chunk_bytes / wire.size()).max(1);
+        let encode = |c: &[f32]| {
+            let mut buf = Vec::with_capacity(c.len() * wire.size());
+            parasync_tensor::encode_f32(c, wire, &mut buf);
+            Bytes::from(buf)
+        };
+        if data.len() <= per_chunk {
+            // One message: no producer task, no queue (the small-tensor latency path).
+            let msg = ps::PushRequest { header: Some(header), data: encode(data) };
+            let resp = shard.rpc().push(tokio_stream::once(msg)).await;
+            return Ok(resp.map_err(|s| Error::from_status(s, &ctx()))?.into_inner());
+        }
         // A small bounded queue: chunks are encoded just ahead of the network, never all at once.
         let (tx, rx) = tokio::sync::mpsc::channel::<ps::PushRequest>(4);
         let produce = async move {
             let mut header = Some(header);
-            let mut chunks = data.chunks(per_chunk);
-            loop {
-                let chunk = chunks.next();
-                if chunk.is_none() && header.is_none() {
-                    break;
-                }
-                let mut buf = Vec::with_capacity(chunk.map_or(0, |c| c.len() * wire.size()));
-                if let Some(c) = chunk {
-                    parasync_tensor::encode_f32(c, wire, &mut buf);
-                }
-                let msg = ps::PushRequest { header: header.take(), data: Bytes::from(buf) };
+            for c in data.chunks(per_chunk) {
+                let msg = ps::PushRequest { header: header.take(), data: encode(c) };
                 if tx.send(msg).await.is_err() {
                     break; // the call ended early; its status says why
                 }

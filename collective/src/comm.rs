@@ -132,6 +132,14 @@ impl Communicator {
         OpDesc { seq: 0, kind, dtype: T::DTYPE, reduce, count: count as u64, root: root as u32 }
     }
 
+    /// Checks, with one exchange between every pair of ranks, that every rank is making the
+    /// same call (used by backends whose data does not travel through this communicator,
+    /// such as NCCL, so that mismatches are still reported on every rank).
+    pub fn agree(&mut self, kind: OpKind, dtype: crate::dtype::DType, reduce: Option<ReduceOp>, count: usize, root: usize) -> Result<()> {
+        let op = OpDesc { seq: 0, kind, dtype, reduce, count: count as u64, root: root as u32 };
+        self.run(op, |ctx, s| ctx.announce(&mut s.pool))
+    }
+
     /// Reduces `buf` over all ranks in place: afterwards every rank holds the same result.
     pub fn allreduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let direct = self.use_direct(std::mem::size_of_val(buf));

@@ -292,6 +292,15 @@ pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
+/// Views bytes that were cut from an `A` slice (aligned, whole elements) as `A` again.
+/// Panics if `b` is misaligned or not a whole number of elements.
+pub(crate) fn from_bytes_mut<A: Element>(b: &mut [u8]) -> &mut [A] {
+    let size = std::mem::size_of::<A>();
+    assert!(b.len() % size == 0 && (b.as_ptr() as usize) % std::mem::align_of::<A>() == 0, "misaligned element bytes");
+    // SAFETY: alignment and length are checked above; every bit pattern is a valid `A`.
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast::<A>(), b.len() / size) }
+}
+
 /// `acc[i] = load(x[i])`.
 #[inline]
 pub(crate) fn load_into<T: Element>(acc: &mut [T::Acc], x: &[T]) {
@@ -336,6 +345,30 @@ pub(crate) fn finish_into<T: Element>(out: &mut [T], acc: &[T::Acc], op: ReduceO
     } else {
         for (o, a) in out.iter_mut().zip(acc) {
             *o = T::store(*a);
+        }
+    }
+}
+
+/// `own[i] = store(finish(combine(partial[i], load(own[i]))))`: the last fold of a ring
+/// reduction, written straight into the output (same numerics as `fold_into` then `finish_into`).
+#[inline]
+pub(crate) fn fold_finish<T: Element>(own: &mut [T], partial: &[T::Acc], op: ReduceOp, n: usize) {
+    debug_assert_eq!(own.len(), partial.len());
+    match op {
+        ReduceOp::Avg => {
+            for (o, p) in own.iter_mut().zip(partial) {
+                *o = T::store(T::divide(T::combine(*p, o.load(), ReduceOp::Sum), n));
+            }
+        }
+        ReduceOp::Sum => {
+            for (o, p) in own.iter_mut().zip(partial) {
+                *o = T::store(T::combine(*p, o.load(), ReduceOp::Sum));
+            }
+        }
+        _ => {
+            for (o, p) in own.iter_mut().zip(partial) {
+                *o = T::store(T::combine(*p, o.load(), op));
+            }
         }
     }
 }

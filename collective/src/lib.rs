@@ -16,13 +16,16 @@ pub mod dtype;
 pub mod env;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod schedule;
 pub mod transport;
 
 pub use background::{BackgroundCommunicator, Handle};
 pub use comm::{Algorithm, CommConfig, Communicator};
-pub use rendezvous::{connect, connect_hosting, ConnectOptions, JoinSpec, RendezvousHost};
+pub use frame::OpKind;
+pub use rendezvous::{connect, connect_hosting, connect_with_blob, ConnectOptions, JoinSpec, RendezvousHost};
 pub use transport::tcp::TcpOptions;
 pub use dtype::{Bf16, DType, Element, ReduceOp};
 pub use error::{Error, Result};

@@ -22,6 +22,13 @@ fn two_and_four_ranks_run_every_op_and_dtype() {
 }
 
 #[test]
+fn small_frames_stream_through_the_tcp_ring() {
+    // 4 KiB frames: every ring step streams many frames and reduces them as they arrive.
+    let mut job = Job::start(3, "every-op", &["--count", "30000", "--chunk-bytes", "4096"]);
+    all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");
+}
+
+#[test]
 fn spin_mode_gives_the_same_results() {
     let mut job = Job::start(2, "every-op", &["--count", "5000", "--spin"]);
     all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");

@@ -59,6 +59,10 @@ pub struct ServerArgs {
     /// On SIGTERM, how long in-flight calls may take to finish before connections are closed (ms).
     #[arg(long, env = "PARASYNC_DRAIN_TIMEOUT_MS", default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
+    /// Threads serving requests; 0 runs everything on one event-loop thread (lowest latency
+    /// for small calls; large updates still go to the blocking pool).
+    #[arg(long, env = "PARASYNC_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
     /// Largest gRPC message accepted, in bytes (a client's chunks must stay below it).
     #[arg(long, env = "PARASYNC_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
@@ -85,6 +89,8 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     /// See [`ServerArgs::drain_timeout_ms`].
     pub drain_timeout: Duration,
+    /// See [`ServerArgs::worker_threads`].
+    pub worker_threads: usize,
 }
 
 /// The parts of `TF_CONFIG` Parasync reads.
@@ -176,6 +182,7 @@ impl ServerArgs {
             chunk_bytes: self.chunk_bytes,
             max_message_bytes: self.max_message_bytes,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            worker_threads: self.worker_threads,
         })
     }
 }

@@ -137,7 +137,10 @@ pub async fn shutdown_signal() {
 pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
     let tf = crate::config::TfConfig::from_env()?;
     let settings = args.resolve(tf.as_ref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = match settings.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(&settings.listen)
             .await

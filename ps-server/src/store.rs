@@ -164,6 +164,9 @@ pub struct Variable {
     state: RwLock<VariableState>,
     /// Bumped on every accepted push, so waiting pulls re-check their gate.
     changed: watch::Sender<u64>,
+    /// One gradient buffer kept from the last applied push: large buffers are otherwise
+    /// fresh mappings whose page faults cost as much as the copy into them.
+    spare: parking_lot::Mutex<Option<Vec<f32>>>,
 }
 
 impl Variable {
@@ -284,7 +287,8 @@ impl VariableStore {
                 };
                 let rounding_seed = fnv1a(def.name.as_bytes());
                 let (changed, _) = watch::channel(0);
-                e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed }));
+                let spare = parking_lot::Mutex::new(None);
+                e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed, spare }));
                 self.metrics.variables.fetch_add(1, Relaxed);
                 Ok((true, 0))
             }
@@ -326,6 +330,7 @@ impl VariableStore {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let started = Instant::now();
                 apply(&mut st, var, &grad, lr_scale);
+                recycle(var, grad);
                 self.metrics.staleness.observe(staleness as f64);
                 self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
                 result.staleness = staleness;
@@ -336,6 +341,7 @@ impl VariableStore {
             PushDecision::ApplyMean { grads, .. } => {
                 let mean = mean_in_worker_order(grads);
                 apply(&mut st, var, &mean, 1.0);
+                recycle(var, mean);
                 let started = st.step_started.take().unwrap_or_else(Instant::now);
                 self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
             }
@@ -443,6 +449,13 @@ fn apply(st: &mut VariableState, var: &Variable, grad: &[f32], lr_scale: f32) {
     }
 }
 
+fn recycle(var: &Variable, buf: Vec<f32>) {
+    let mut spare = var.spare.lock();
+    if spare.is_none() {
+        *spare = Some(buf);
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
@@ -467,7 +480,10 @@ impl GradientBuffer {
                 format!("push announces {num_elements} elements, but the variable has shape {:?} ({} elements)", var.def.shape, var.len),
             ));
         }
-        Ok(GradientBuffer { name: var.def.name.clone(), wire, check_finite, values: vec![0.0; var.len], filled: 0 })
+        // Every element is overwritten before `finish` succeeds, so a recycled buffer's old
+        // contents never leak into a result.
+        let values = var.spare.lock().take().unwrap_or_else(|| vec![0.0; var.len]);
+        Ok(GradientBuffer { name: var.def.name.clone(), wire, check_finite, values, filled: 0 })
     }
 
     /// Decodes one chunk of wire bytes into the next free elements.

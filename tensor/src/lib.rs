@@ -74,34 +74,41 @@ pub fn element_count(len: usize, dtype: DType) -> Result<usize, EncodingError> {
 /// Appends `values` to `out` encoded as `dtype` (bf16 rounds to nearest even).
 pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
     match dtype {
-        DType::F32 => {
-            out.reserve(values.len() * 4);
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+        DType::F32 => out.extend_from_slice(f32_as_le_bytes(values)),
         DType::Bf16 => {
-            out.reserve(values.len() * 2);
-            for v in values {
-                out.extend_from_slice(&bf16::from_f32_rne(*v).to_le_bytes());
+            let start = out.len();
+            out.resize(start + values.len() * 2, 0);
+            for (dst, v) in out[start..].chunks_exact_mut(2).zip(values) {
+                dst.copy_from_slice(&bf16::from_f32_rne(*v).to_le_bytes());
             }
         }
     }
+}
+
+/// The bytes of `values` as little-endian f32 data, without copying (on little-endian
+/// targets the in-memory layout already is the wire layout).
+#[cfg(target_endian = "little")]
+pub fn f32_as_le_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and no invalid bit patterns; u8 has alignment 1; the
+    // length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 /// Appends bf16 storage words to `out` encoded as `dtype`.
 pub fn encode_bf16(words: &[u16], dtype: DType, out: &mut Vec<u8>) {
     match dtype {
         DType::F32 => {
-            out.reserve(words.len() * 4);
-            for w in words {
-                out.extend_from_slice(&bf16::to_f32(*w).to_le_bytes());
+            let start = out.len();
+            out.resize(start + words.len() * 4, 0);
+            for (dst, w) in out[start..].chunks_exact_mut(4).zip(words) {
+                dst.copy_from_slice(&bf16::to_f32(*w).to_le_bytes());
             }
         }
         DType::Bf16 => {
-            out.reserve(words.len() * 2);
-            for w in words {
-                out.extend_from_slice(&w.to_le_bytes());
+            let start = out.len();
+            out.resize(start + words.len() * 2, 0);
+            for (dst, w) in out[start..].chunks_exact_mut(2).zip(words) {
+                dst.copy_from_slice(&w.to_le_bytes());
             }
         }
     }
@@ -115,6 +122,13 @@ pub fn decode_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<usize,
         return Err(EncodingError::Overflow { got: n, expected: out.len() });
     }
     match dtype {
+        #[cfg(target_endian = "little")]
+        DType::F32 => {
+            // SAFETY: `out[..n]` holds exactly `bytes.len()` bytes of f32 storage, any bit
+            // pattern is a valid f32, and the regions cannot overlap (one is borrowed mutably).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), bytes.len()) }
+        }
+        #[cfg(not(target_endian = "little"))]
         DType::F32 => {
             for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(4)) {
                 *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);

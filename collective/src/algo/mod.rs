@@ -44,6 +44,18 @@ impl Ctx<'_> {
         self.t.exchange(&self.op, sends, recvs, self.deadline)
     }
 
+    /// Streams `send` to one peer while receiving `recv` from another in frames of
+    /// `chunk_bytes` (rounded to whole elements of `T`), calling `on_frame` per received frame.
+    pub fn stream<T: Element>(
+        &mut self,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        on_frame: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let frame = self.chunk_elems::<T>() * std::mem::size_of::<T>();
+        self.t.stream(&self.op, send, recv, frame, self.deadline, on_frame)
+    }
+
     /// Chunk length in elements of type `T`.
     pub fn chunk_elems<T: Element>(&self) -> usize {
         (self.chunk_bytes / std::mem::size_of::<T>()).max(1)

@@ -2,7 +2,7 @@
 //! `chunk_bytes`. Reduce-scatter then allgather sends 2(n-1)/n of the buffer per rank.
 
 use super::{typed, Ctx, Scratch};
-use crate::dtype::{as_bytes, as_bytes_mut, finish_into, fold_into, load_into, Element, ReduceOp};
+use crate::dtype::{as_bytes, as_bytes_mut, finish_into, fold_finish, fold_into, from_bytes_mut, load_into, Element, ReduceOp};
 use crate::error::Result;
 use crate::schedule::{allgather_step, chain_position, chunk_count, left, reduce_scatter_step, right, Partition};
 use crate::transport::{RecvOp, SendOp};
@@ -47,24 +47,19 @@ fn reduce_scatter_phase<'s, T: Element>(
     let first = if n == 1 { part.range(me) } else { part.range(first) };
     load_into(&mut cur[..first.len()], &local[first]);
     let (lt, rt) = (left(me, n), right(me, n));
-    let chunk = ctx.chunk_elems::<T::Acc>();
+    let size = std::mem::size_of::<T::Acc>();
     for step in 0..n - 1 {
         let (ss, rs) = reduce_scatter_step(me, n, step);
-        let (sr, rr) = (0..part.range(ss).len(), part.range(rs));
-        let rr_local = 0..rr.len();
-        for k in 0..chunk_count(sr.len(), chunk).max(chunk_count(rr.len(), chunk)) {
-            let sc = piece(&sr, k, chunk);
-            let rc = piece(&rr_local, k, chunk);
-            {
-                let send = sc.map(|c| SendOp { peer: rt, payload: as_bytes(&cur[c]) });
-                let mut recv = rc.clone().map(|c| RecvOp { peer: lt, buf: as_bytes_mut(&mut nxt[c]) });
-                ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
-            }
-            if let Some(c) = rc {
-                // Partial of ranks rs+1..me-1 first, then this rank's own values.
-                fold_into(&mut nxt[c.clone()], &local[rr.start + c.start..rr.start + c.end], op);
-            }
-        }
+        let (slen, rr) = (part.range(ss).len(), part.range(rs));
+        let mine = &local[rr.clone()];
+        // Partial of ranks rs+1..me-1 arrives; this rank's own values are folded in after it,
+        // frame by frame while later frames are still on the wire.
+        let mut fold = |off: usize, bytes: &mut [u8]| {
+            let acc = from_bytes_mut::<T::Acc>(bytes);
+            let at = off / size;
+            fold_into(acc, &mine[at..at + acc.len()], op);
+        };
+        ctx.stream::<T::Acc>(Some((rt, as_bytes(&cur[..slen]))), Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))), &mut fold)?;
         std::mem::swap(&mut cur, &mut nxt);
     }
     Ok(&cur[..part.range(me).len()])
@@ -74,29 +69,56 @@ fn reduce_scatter_phase<'s, T: Element>(
 fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     let (lt, rt) = (left(me, n), right(me, n));
-    let chunk = ctx.chunk_elems::<T>();
     for step in 0..n - 1 {
         let (ss, rs) = allgather_step(me, n, step);
-        let (sr, rr) = (part.range(ss), part.range(rs));
-        for k in 0..chunk_count(sr.len(), chunk).max(chunk_count(rr.len(), chunk)) {
-            let sc = piece(&sr, k, chunk);
-            let rc = piece(&rr, k, chunk);
-            let (sbuf, rbuf) = disjoint(buf, sc.clone().unwrap_or(0..0), rc.clone().unwrap_or(sr.end..sr.end));
-            let send = sc.map(|_| SendOp { peer: rt, payload: as_bytes(sbuf) });
-            let mut recv = rc.map(|_| RecvOp { peer: lt, buf: as_bytes_mut(rbuf) });
-            ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
-        }
+        let (sbuf, rbuf) = disjoint(buf, part.range(ss), part.range(rs));
+        ctx.stream::<T>(Some((rt, as_bytes(sbuf))), Some((lt, as_bytes_mut(rbuf))), &mut |_, _| {})?;
     }
     Ok(())
 }
 
-/// Allreduce as ring reduce-scatter then ring allgather.
+/// Allreduce as ring reduce-scatter then ring allgather, in place: the first step sends
+/// straight from `buf` (when the wire type is the element type) and the last step folds the
+/// arriving partials straight into `buf`, frame by frame.
 pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], op: ReduceOp) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     ctx.announce(&mut s.pool)?;
     let part = Partition::new(buf.len(), n);
-    let acc = reduce_scatter_phase(ctx, &mut s.a, &mut s.b, buf, part, op)?;
-    finish_into(&mut buf[part.range(me)], acc, op, n);
+    if n == 1 {
+        let acc = typed::<T::Acc>(&mut s.a, buf.len());
+        load_into(acc, buf);
+        finish_into(buf, acc, op, 1);
+        return Ok(());
+    }
+    let m = part.max_len();
+    let mut cur = typed::<T::Acc>(&mut s.a, m);
+    let mut nxt = typed::<T::Acc>(&mut s.b, m);
+    let same = T::DTYPE == <T::Acc as Element>::DTYPE;
+    let size = std::mem::size_of::<T::Acc>();
+    let (lt, rt) = (left(me, n), right(me, n));
+    for step in 0..n - 1 {
+        let (ss, rs) = reduce_scatter_step(me, n, step);
+        let (sr, rr) = (part.range(ss), part.range(rs));
+        let last = step == n - 2;
+        if step == 0 && !same {
+            load_into(&mut cur[..sr.len()], &buf[sr.clone()]);
+        }
+        let slen = sr.len();
+        let (sseg, rseg) = disjoint(buf, sr, rr.clone());
+        let send = if step == 0 && same { as_bytes(sseg) } else { as_bytes(&cur[..slen]) };
+        let mut fold = |off: usize, bytes: &mut [u8]| {
+            let partial = from_bytes_mut::<T::Acc>(bytes);
+            let at = off / size;
+            let own = &mut rseg[at..at + partial.len()];
+            if last {
+                fold_finish(own, partial, op, n);
+            } else {
+                fold_into(partial, own, op);
+            }
+        };
+        ctx.stream::<T::Acc>(Some((rt, send)), Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))), &mut fold)?;
+        std::mem::swap(&mut cur, &mut nxt);
+    }
     allgather_phase(ctx, buf, part)
 }
 

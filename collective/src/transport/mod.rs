@@ -65,9 +65,54 @@ pub trait Transport: Send {
     /// differs from `op` ([`Error::Mismatch`]), an abort from a peer, a lost peer, or the
     /// deadline ([`Error::Timeout`] naming the peer still awaited).
     fn exchange(&mut self, op: &OpDesc, sends: &[SendOp<'_>], recvs: &mut [RecvOp<'_>], deadline: Deadline) -> Result<()>;
+    /// Streams `send.1` to rank `send.0` while receiving `recv.1` from rank `recv.0`, both cut
+    /// into frames of at most `frame` bytes (at least one frame, possibly empty), and calls
+    /// `on_frame(offset, bytes)` on each received frame as soon as it is complete, in order,
+    /// so that the caller can reduce it while later frames are still in flight. Sender and
+    /// receiver must agree on the lengths (they are validated per frame).
+    fn stream(
+        &mut self,
+        op: &OpDesc,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        frame: usize,
+        deadline: Deadline,
+        on_frame: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let frame = frame.max(1);
+        let ns = send.as_ref().map_or(0, |(_, b)| frame_count(b.len(), frame));
+        let (from, rbuf) = match recv {
+            Some((p, b)) => (p, b),
+            None => (usize::MAX, &mut [][..]),
+        };
+        let nr = if from == usize::MAX { 0 } else { frame_count(rbuf.len(), frame) };
+        for k in 0..ns.max(nr) {
+            let sends: Option<SendOp<'_>> = send.filter(|_| k < ns).map(|(p, b)| SendOp { peer: p, payload: &b[frame_range(b.len(), frame, k)] });
+            let range = frame_range(rbuf.len(), frame, k);
+            {
+                let mut recvs: Option<RecvOp<'_>> = (k < nr).then(|| RecvOp { peer: from, buf: &mut rbuf[range.clone()] });
+                self.exchange(op, sends.as_slice(), recvs.as_mut_slice(), deadline)?;
+            }
+            if k < nr {
+                on_frame(range.start, &mut rbuf[range]);
+            }
+        }
+        Ok(())
+    }
     /// Tells every peer, best effort and briefly, that this rank gives up operation `seq`,
     /// blaming `culprit`; afterwards the transport is not used for data again.
     fn abort(&mut self, seq: u64, culprit: Option<usize>, reason: &str);
+}
+
+/// Number of frames a payload of `len` bytes is cut into (at least one).
+pub fn frame_count(len: usize, frame: usize) -> usize {
+    len.div_ceil(frame.max(1)).max(1)
+}
+
+/// Byte range of frame `k` of a payload of `len` bytes.
+pub fn frame_range(len: usize, frame: usize, k: usize) -> std::ops::Range<usize> {
+    let start = (k * frame).min(len);
+    start..(start + frame).min(len)
 }
 
 /// Converts a received abort frame into the error it stands for.

@@ -5,7 +5,7 @@
 //! accepts every higher one; the connecting side opens with a hello that carries the job
 //! token, so processes of another job (or stray port scanners) are refused.
 
-use super::{abort_error, Deadline, RecvOp, SendOp, Transport, MAX_REASON};
+use super::{abort_error, frame_count, frame_range, Deadline, RecvOp, SendOp, Transport, MAX_REASON};
 use crate::error::{Error, Result};
 use crate::frame::{validate, FrameHeader, FrameKind, OpDesc, HEADER_LEN};
 use std::io::{self, Read, Write};
@@ -230,6 +230,47 @@ impl TcpTransport {
         Ok(())
     }
 
+    /// Acts on a complete received header: an abort becomes its error (after reading its
+    /// message), a data frame is validated against `op` and the expected length.
+    fn on_header(&mut self, peer: usize, raw: &[u8; HEADER_LEN], op: &OpDesc, expect_len: usize) -> Result<()> {
+        let hdr = FrameHeader::decode(raw).map_err(|detail| Error::Protocol { peer, detail })?;
+        match &hdr.kind {
+            FrameKind::Abort { .. } => {
+                let mut reason = [0u8; MAX_REASON];
+                let len = (hdr.payload_len as usize).min(MAX_REASON);
+                self.read_exact_briefly(peer, &mut reason[..len]);
+                Err(abort_error(peer, &hdr, &reason[..len]))
+            }
+            FrameKind::Data(theirs) => validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer),
+        }
+    }
+
+    /// Sleeps in `poll(2)` (or spins) until one of the given links may progress or a watched
+    /// peer sends something; then looks at the watched peers for aborts.
+    fn wait_links(&mut self, op: &OpDesc, out: Option<usize>, inp: Option<usize>, deadline: Instant) -> Result<()> {
+        self.pollfds.clear();
+        if let Some(p) = out {
+            let fd = self.link(p).fd;
+            self.pollfds.push(libc::pollfd { fd, events: libc::POLLOUT, revents: 0 });
+        }
+        if let Some(p) = inp {
+            let fd = self.link(p).fd;
+            self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        }
+        let watched_from = self.pollfds.len();
+        for p in 0..self.watch.len() {
+            if self.watch[p] {
+                let fd = self.link(p).fd;
+                self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
+        }
+        self.wait(deadline);
+        if self.pollfds[watched_from..].iter().any(|p| p.revents != 0) {
+            self.check_watched(op)?;
+        }
+        Ok(())
+    }
+
     /// Discards `len` bytes already known to be readable.
     fn consume(&mut self, p: usize, len: usize, op: &OpDesc) -> Result<()> {
         let mut sink = [0u8; HEADER_LEN];
@@ -403,19 +444,8 @@ impl Transport for TcpTransport {
                         if pr.hdr < HEADER_LEN {
                             pr.hdr += k;
                             if pr.hdr == HEADER_LEN {
-                                let hdr = FrameHeader::decode(&self.recv_hdr[i])
-                                    .map_err(|detail| Error::Protocol { peer: r.peer, detail })?;
-                                match &hdr.kind {
-                                    FrameKind::Abort { .. } => {
-                                        let mut reason = [0u8; MAX_REASON];
-                                        let len = (hdr.payload_len as usize).min(MAX_REASON);
-                                        self.read_exact_briefly(r.peer, &mut reason[..len]);
-                                        return Err(abort_error(r.peer, &hdr, &reason[..len]));
-                                    }
-                                    FrameKind::Data(theirs) => {
-                                        validate(op, theirs, hdr.payload_len, r.buf.len(), self.rank, r.peer)?
-                                    }
-                                }
+                                let raw = self.recv_hdr[i];
+                                self.on_header(r.peer, &raw, op, r.buf.len())?;
                             }
                         } else {
                             pr.body += k;
@@ -476,6 +506,128 @@ impl Transport for TcpTransport {
             if self.pollfds[watched_from..].iter().any(|p| p.revents != 0) {
                 self.check_watched(op)?;
             }
+        }
+    }
+
+    fn stream(
+        &mut self,
+        op: &OpDesc,
+        send: Option<(usize, &[u8])>,
+        recv: Option<(usize, &mut [u8])>,
+        frame: usize,
+        deadline: Deadline,
+        on_frame: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<()> {
+        let frame = frame.max(1);
+        let (to, sbuf) = send.unwrap_or((usize::MAX, &[]));
+        let (from, rbuf) = match recv {
+            Some((p, b)) => (p, b),
+            None => (usize::MAX, &mut [][..]),
+        };
+        let ns = if to == usize::MAX { 0 } else { frame_count(sbuf.len(), frame) };
+        let nr = if from == usize::MAX { 0 } else { frame_count(rbuf.len(), frame) };
+        for (p, w) in self.watch.iter_mut().enumerate() {
+            *w = p != self.rank && p != from;
+        }
+        // Sending state: frame index, bytes of header and body written.
+        let (mut sk, mut sh, mut sb) = (0usize, 0usize, 0usize);
+        let mut shdr = [0u8; HEADER_LEN];
+        let mut srange = 0..0;
+        if sk < ns {
+            srange = frame_range(sbuf.len(), frame, 0);
+            shdr = FrameHeader { kind: FrameKind::Data(*op), payload_len: srange.len() as u32 }.encode();
+        }
+        // Receiving state.
+        let (mut rk, mut rh, mut rb) = (0usize, 0usize, 0usize);
+        let mut rhdr = [0u8; HEADER_LEN];
+        let mut rrange = frame_range(rbuf.len(), frame, 0);
+        let mut watch_checked = false;
+        loop {
+            let mut progress = false;
+            while sk < ns {
+                let body = &sbuf[srange.clone()];
+                let fd = self.link(to).fd;
+                let res = if sh < HEADER_LEN { send2_nosignal(fd, &shdr[sh..], body) } else { send_nosignal(fd, &body[sb..]) };
+                match res {
+                    Ok(mut k) => {
+                        progress |= k > 0;
+                        let h = k.min(HEADER_LEN - sh);
+                        sh += h;
+                        k -= h;
+                        sb += k;
+                        self.link(to).send_owed = HEADER_LEN - sh + body.len() - sb;
+                        if sh == HEADER_LEN && sb == body.len() {
+                            sk += 1;
+                            (sh, sb) = (0, 0);
+                            if sk < ns {
+                                srange = frame_range(sbuf.len(), frame, sk);
+                                shdr = FrameHeader { kind: FrameKind::Data(*op), payload_len: srange.len() as u32 }.encode();
+                            }
+                        } else if k == 0 && h == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) if would_block(&e) => break,
+                    Err(e) => {
+                        let err = Self::lost(to, op, e);
+                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
+                    }
+                }
+            }
+            while rk < nr {
+                let fd = self.link(from).fd;
+                let res = if rh < HEADER_LEN {
+                    recv_some(fd, &mut rhdr[rh..])
+                } else {
+                    recv_some(fd, &mut rbuf[rrange.start + rb..rrange.end])
+                };
+                match res {
+                    Ok(0) if rh < HEADER_LEN || rb < rrange.len() => {
+                        let err = Self::lost(from, op, "connection closed by the peer");
+                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
+                    }
+                    Ok(k) => {
+                        progress |= k > 0;
+                        if rh < HEADER_LEN {
+                            rh += k;
+                            if rh == HEADER_LEN {
+                                self.on_header(from, &rhdr, op, rrange.len())?;
+                            }
+                        } else {
+                            rb += k;
+                        }
+                        if rh == HEADER_LEN && rb == rrange.len() {
+                            on_frame(rrange.start, &mut rbuf[rrange.clone()]);
+                            rk += 1;
+                            (rh, rb) = (0, 0);
+                            rrange = frame_range(rbuf.len(), frame, rk);
+                        }
+                    }
+                    Err(e) if would_block(&e) => break,
+                    Err(e) => {
+                        let err = Self::lost(from, op, e);
+                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
+                    }
+                }
+            }
+            if sk >= ns && rk >= nr {
+                return Ok(());
+            }
+            if progress {
+                continue;
+            }
+            if !watch_checked {
+                self.check_watched(op)?;
+                watch_checked = true;
+            }
+            if Instant::now() >= deadline.at {
+                let peer = if rk < nr { from } else { to };
+                let err = deadline.timeout_error(peer, op);
+                return Err(self.prefer_abort(op, err, Duration::ZERO));
+            }
+            let out = (sk < ns).then_some(to);
+            let inp = (rk < nr).then_some(from);
+            self.wait_links(op, out, inp, deadline.at)?;
         }
     }
 

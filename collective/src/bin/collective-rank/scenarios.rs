@@ -33,6 +33,9 @@ pub struct ScenarioArgs {
     count: usize,
     #[arg(long)]
     spin: bool,
+    /// Bytes per frame of the pipelined algorithms.
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_bytes: usize,
 }
 
 fn say(line: String) {
@@ -50,7 +53,7 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
             token: a.token.clone(),
             timeout: Duration::from_millis(a.timeout_ms),
         },
-        comm: CommConfig { timeout: Duration::from_millis(a.timeout_ms), ..CommConfig::default() },
+        comm: CommConfig { timeout: Duration::from_millis(a.timeout_ms), chunk_bytes: a.chunk_bytes, ..CommConfig::default() },
         tcp: TcpOptions { spin: a.spin },
         data_host: None,
     };

@@ -1,0 +1,102 @@
+//! Parameter-server throughput and latency through one real `parasync server` process on
+//! 127.0.0.1: push and pull of one 64 MiB f32 variable (f32 and bf16 on the wire), and the
+//! 100-byte push + pull round trip.
+//!
+//! `cargo bench --bench ps_throughput`. Knobs (for tuning runs): `PARASYNC_BENCH_CHUNK`
+//! (bytes per streamed message), `PARASYNC_BENCH_CONNS` (connections per shard),
+//! `PARASYNC_BENCH_SERVER_THREADS` (server runtime threads, 0 = one event loop),
+//! `PARASYNC_BENCH_CLIENT_THREADS` (client runtime threads, 0 = the calling thread).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use parasync::cluster::{ClusterOptions, LocalCluster};
+use parasync_client::{Client, ClientOptions, DType, Optimizer, VariableSpec};
+
+const BIG: usize = 16 << 20; // elements: 64 MiB of f32
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn bench(c: &mut Criterion) {
+    let chunk = env_usize("PARASYNC_BENCH_CHUNK", 1 << 20);
+    let conns = env_usize("PARASYNC_BENCH_CONNS", 1);
+    let server_threads = env_usize("PARASYNC_BENCH_SERVER_THREADS", 2);
+    let client_threads = env_usize("PARASYNC_BENCH_CLIENT_THREADS", 0);
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
+    let cluster = LocalCluster::start(
+        &exe,
+        &ClusterOptions {
+            shards: 1,
+            server_args: [
+                "--mode",
+                "async",
+                "--num-workers",
+                "1",
+                "--chunk-bytes",
+                &chunk.to_string(),
+                "--worker-threads",
+                &server_threads.to_string(),
+            ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            show_logs: false,
+            log_dir: None,
+            log_filter: None,
+            ready_timeout: Duration::from_secs(20),
+        },
+    )
+    .expect("starting the server");
+    let rt = match client_threads {
+        0 => tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build().unwrap(),
+    };
+    let connect = |name: &str, len: usize, wire: DType| {
+        let opts = ClientOptions { chunk_bytes: chunk, connections_per_shard: conns, wire_dtype: wire, ..Default::default() };
+        let mut spec = VariableSpec::new(name, &[len]);
+        // lr 0: every push runs the full update path but leaves values unchanged
+        spec.optimizer = Optimizer::sgd(0.0);
+        rt.block_on(async {
+            let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
+            c.register(vec![spec]).await.unwrap();
+            c
+        })
+    };
+    let big_f32 = connect("big", BIG, DType::F32);
+    let big_bf16 = connect("big", BIG, DType::Bf16);
+    let small = connect("small", 25, DType::F32);
+    let grad = vec![0.001f32; BIG];
+    let mut out = vec![vec![0.0f32; BIG]];
+
+    let setup = format!("chunk{}KiB_conns{conns}_srv{server_threads}_cli{client_threads}", chunk >> 10);
+    let mut g = c.benchmark_group(format!("ps_64MiB_{setup}"));
+    g.sample_size(15).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
+    g.throughput(Throughput::Bytes((BIG * 4) as u64));
+    for (label, client) in [("f32_wire", &big_f32), ("bf16_wire", &big_bf16)] {
+        g.bench_function(format!("push_{label}"), |b| b.iter(|| rt.block_on(client.push(0, &[&grad])).unwrap()));
+        g.bench_function(format!("pull_{label}"), |b| b.iter(|| rt.block_on(client.pull_into(0, &mut out)).unwrap()));
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("ps_small_{setup}"));
+    g.sample_size(30);
+    let small_grad = vec![0.5f32; 25];
+    let mut small_out = vec![vec![0.0f32; 25]];
+    g.bench_function("push_pull_100B", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                small.push(0, &[&small_grad]).await.unwrap();
+                small.pull_into(0, &mut small_out).await.unwrap();
+            })
+        })
+    });
+    g.finish();
+    drop((big_f32, big_bf16, small));
+    drop(rt);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
