@@ -271,3 +271,41 @@ fn sigterm_while_clients_push_exits_cleanly() {
     assert!(log.contains("shutting down"), "server log:\n{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_runtime_learning_rate() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        // gRPC health: the parameter-server service reports SERVING
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.addrs()[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "parasync.ps.v1.ParameterServer".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+        let mut c = common::client(&cluster, 0, 1 << 20).await;
+        let mut v = VariableSpec::new("w", &[8]);
+        v.optimizer = Optimizer::sgd(1.0);
+        v.init = Init::Constant(10.0);
+        c.register(vec![v]).await.unwrap();
+        c.push(0, &[&[1.0; 8]]).await.unwrap();
+        c.set_learning_rate(0.5).await.unwrap();
+        c.push(0, &[&[1.0; 8]]).await.unwrap();
+        assert_eq!(c.pull(0).await.unwrap()[0], vec![8.5; 8], "lr 1.0 then 0.5");
+
+        let pushes = cluster.metric_sum("parasync_pushes_total").unwrap();
+        let bytes_in = cluster.metric_sum("parasync_bytes_in_total").unwrap();
+        assert_eq!((pushes, bytes_in), (2.0, 64.0));
+        let text = parasync::cluster::scrape(cluster.servers[0].metrics_addr.as_deref().unwrap()).unwrap();
+        assert!(text.contains("parasync_staleness_bucket"), "{text}");
+        assert!(text.contains("parasync_step_latency_seconds_count{") || text.contains("parasync_step_latency_seconds_count "), "{text}");
+    })
+    .await;
+}

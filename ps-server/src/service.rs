@@ -102,9 +102,16 @@ impl PsService {
 
     async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
         let mut shutdown = self.shutdown.clone();
+        let shutting_down = async move {
+            if shutdown.wait_for(|&s| s).await.is_err() {
+                // No one can signal shutdown any more: wait only for the step.
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
+            biased;
             r = self.store.wait_readable(var, step, timeout) => r,
-            _ = shutdown.wait_for(|&s| s) => Err(Error::ShuttingDown),
+            _ = shutting_down => Err(Error::ShuttingDown),
         }
     }
 }
@@ -206,4 +213,80 @@ impl ParameterServer for PsService {
 
 fn pull_header(var: &Variable, version: u64, wire: DType) -> ps::PullHeader {
     ps::PullHeader { version, shape: var.def().shape.clone(), wire_dtype: convert::dtype_to_proto(wire) }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service called directly through its trait, without a transport.
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::StoreConfig;
+    use futures::StreamExt;
+
+    fn service(mode: Mode) -> PsService {
+        let store = Arc::new(VariableStore::new(StoreConfig { mode, allow_non_finite: false }, Arc::new(Metrics::default())));
+        let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16 };
+        PsService::new(store, config, watch::channel(false).1)
+    }
+
+    fn register_req(name: &str, shape: &[u64], values: &[f32]) -> ps::RegisterRequest {
+        let mut data = Vec::new();
+        parasync_tensor::encode_f32(values, DType::F32, &mut data);
+        ps::RegisterRequest {
+            name: name.into(),
+            shape: shape.to_vec(),
+            storage_dtype: ps::Dtype::F32 as i32,
+            optimizer: Some(ps::Optimizer { kind: Some(ps::optimizer::Kind::Sgd(ps::Sgd { learning_rate: 0.1, momentum: 0.0, nesterov: false })) }),
+            init: Some(ps::Initializer { kind: Some(ps::initializer::Kind::Values(ps::TensorValues { dtype: ps::Dtype::F32 as i32, data: data.into() })) }),
+            stochastic_rounding: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn register_info_and_chunked_pull() {
+        let svc = service(Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 });
+        let values: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let r = svc.register(Request::new(register_req("v", &[5, 2], &values))).await.unwrap().into_inner();
+        assert!(r.created);
+        let again = svc.register(Request::new(register_req("v", &[5, 2], &values))).await.unwrap().into_inner();
+        assert!(!again.created);
+        let err = svc.register(Request::new(register_req("v", &[2, 5], &values))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+
+        let info = svc.server_info(Request::new(ps::ServerInfoRequest {})).await.unwrap().into_inner();
+        assert_eq!((info.mode.as_str(), info.shard_index, info.num_workers, info.replicas_to_aggregate), ("sync", 3, 2, 2));
+        assert_eq!(info.variables[0].shape, vec![5, 2]);
+
+        // chunk_bytes 16 → 4 f32 per message: 3 messages, header on the first only
+        let req = ps::PullRequest { variable: "v".into(), worker_id: 0, step: 0, wire_dtype: ps::Dtype::F32 as i32, timeout_ms: 0 };
+        let msgs: Vec<ps::PullResponse> = svc.pull(Request::new(req)).await.unwrap().into_inner().map(|m| m.unwrap()).collect().await;
+        assert_eq!(msgs.len(), 3);
+        assert!(msgs[0].header.is_some() && msgs[1..].iter().all(|m| m.header.is_none()));
+        let bytes: Vec<u8> = msgs.iter().flat_map(|m| m.data.to_vec()).collect();
+        assert_eq!(parasync_tensor::decode_vec(&bytes, DType::F32).unwrap(), values);
+
+        // bf16 on the wire halves the bytes
+        let req = ps::PullRequest { variable: "v".into(), worker_id: 0, step: 0, wire_dtype: ps::Dtype::Bf16 as i32, timeout_ms: 0 };
+        let msgs: Vec<ps::PullResponse> = svc.pull(Request::new(req)).await.unwrap().into_inner().map(|m| m.unwrap()).collect().await;
+        assert_eq!(msgs.iter().map(|m| m.data.len()).sum::<usize>(), 20);
+
+        // a pull for a step nobody pushed times out with the server default and names the workers
+        let req = ps::PullRequest { variable: "v".into(), worker_id: 0, step: 1, wire_dtype: ps::Dtype::F32 as i32, timeout_ms: 0 };
+        let err = svc.pull(Request::new(req)).await.err().expect("must time out");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(err.message().contains("[0, 1]"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn learning_rate_changes_are_validated() {
+        let svc = service(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        svc.register(Request::new(register_req("a", &[1], &[0.0]))).await.unwrap();
+        svc.register(Request::new(register_req("b", &[1], &[0.0]))).await.unwrap();
+        let all = ps::SetLearningRateRequest { variable: String::new(), learning_rate: 0.5 };
+        assert_eq!(svc.set_learning_rate(Request::new(all)).await.unwrap().into_inner().updated, 2);
+        let bad = ps::SetLearningRateRequest { variable: "a".into(), learning_rate: f32::NAN };
+        assert_eq!(svc.set_learning_rate(Request::new(bad)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let missing = ps::SetLearningRateRequest { variable: "zz".into(), learning_rate: 0.1 };
+        assert_eq!(svc.set_learning_rate(Request::new(missing)).await.unwrap_err().code(), tonic::Code::NotFound);
+    }
 }

@@ -65,6 +65,37 @@ fn reduce_scatter_phase<'s, T: Element>(
     Ok(&cur[..part.range(me).len()])
 }
 
+/// Pairwise-exchange reduce-scatter for types reduced in a wider accumulator (bf16): at step
+/// `k` (1..n) rank `r` sends its raw segment `r+k` to rank `r+k` and receives segment `r`
+/// from rank `r-k`, folding it in f32 frame by frame as it arrives. The wire carries bf16
+/// (half the bytes of f32, the same (n-1)/n per rank as the ring), the sum is rounded once,
+/// and segment `j` is folded in the fixed order `j, j-1, …, j+1`.
+fn pairwise_reduce_scatter_phase<'s, T: Element>(
+    ctx: &mut Ctx,
+    a: &'s mut Vec<u64>,
+    b: &mut Vec<u64>,
+    local: &[T],
+    part: Partition,
+    op: ReduceOp,
+) -> Result<&'s [T::Acc]> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    let own = part.range(me);
+    let acc = typed::<T::Acc>(a, own.len());
+    load_into(acc, &local[own.clone()]);
+    let incoming = typed::<T>(b, own.len());
+    let size = std::mem::size_of::<T>();
+    for k in 1..n {
+        let (to, from) = ((me + k) % n, (me + n - k) % n);
+        let mut fold = |off: usize, bytes: &mut [u8]| {
+            let theirs = from_bytes_mut::<T>(bytes);
+            let at = off / size;
+            fold_into(&mut acc[at..at + theirs.len()], theirs, op);
+        };
+        ctx.stream::<T>(Some((to, as_bytes(&local[part.range(to)]))), Some((from, as_bytes_mut(incoming))), &mut fold)?;
+    }
+    Ok(acc)
+}
+
 /// Ring allgather in place: rank `r` holds segment `r` of `buf` and ends with all of them.
 fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
@@ -77,9 +108,9 @@ fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) ->
     Ok(())
 }
 
-/// Allreduce as ring reduce-scatter then ring allgather, in place: the first step sends
-/// straight from `buf` (when the wire type is the element type) and the last step folds the
-/// arriving partials straight into `buf`, frame by frame.
+/// Allreduce as reduce-scatter then ring allgather, in place. Types reduced in their own
+/// type use the ring (the first step sends straight from `buf`, the last folds the arriving
+/// partials straight into `buf`, frame by frame); bf16 uses the pairwise exchange.
 pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], op: ReduceOp) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     ctx.announce(&mut s.pool)?;
@@ -90,22 +121,24 @@ pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &m
         finish_into(buf, acc, op, 1);
         return Ok(());
     }
+    if T::DTYPE != <T::Acc as Element>::DTYPE {
+        let acc = pairwise_reduce_scatter_phase(ctx, &mut s.a, &mut s.b, buf, part, op)?;
+        finish_into(&mut buf[part.range(me)], acc, op, n);
+        return allgather_phase(ctx, buf, part);
+    }
     let m = part.max_len();
     let mut cur = typed::<T::Acc>(&mut s.a, m);
     let mut nxt = typed::<T::Acc>(&mut s.b, m);
-    let same = T::DTYPE == <T::Acc as Element>::DTYPE;
     let size = std::mem::size_of::<T::Acc>();
     let (lt, rt) = (left(me, n), right(me, n));
     for step in 0..n - 1 {
         let (ss, rs) = reduce_scatter_step(me, n, step);
         let (sr, rr) = (part.range(ss), part.range(rs));
         let last = step == n - 2;
-        if step == 0 && !same {
-            load_into(&mut cur[..sr.len()], &buf[sr.clone()]);
-        }
         let slen = sr.len();
         let (sseg, rseg) = disjoint(buf, sr, rr.clone());
-        let send = if step == 0 && same { as_bytes(sseg) } else { as_bytes(&cur[..slen]) };
+        // Here the accumulator type is the element type: step 0 sends the raw values.
+        let send = if step == 0 { as_bytes(sseg) } else { as_bytes(&cur[..slen]) };
         let mut fold = |off: usize, bytes: &mut [u8]| {
             let partial = from_bytes_mut::<T::Acc>(bytes);
             let at = off / size;
@@ -127,7 +160,11 @@ pub(crate) fn reduce_scatter_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, se
     let n = ctx.n();
     ctx.announce(&mut s.pool)?;
     let part = Partition::new(send.len(), n);
-    let acc = reduce_scatter_phase(ctx, &mut s.a, &mut s.b, send, part, op)?;
+    let acc = if T::DTYPE != <T::Acc as Element>::DTYPE {
+        pairwise_reduce_scatter_phase(ctx, &mut s.a, &mut s.b, send, part, op)?
+    } else {
+        reduce_scatter_phase(ctx, &mut s.a, &mut s.b, send, part, op)?
+    };
     finish_into(recv, acc, op, n);
     Ok(())
 }
