@@ -3,7 +3,6 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::try_join_all;
 use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
 use parasync_tensor::DType;
@@ -56,6 +55,8 @@ impl Default for ClientOptions {
 /// One shard: its address and open connections.
 struct Shard {
     addr: String,
+    /// Chunk buffers for pushes to this shard.
+    pool: parasync_tensor::BufferPool,
     conns: Vec<Rpc>,
     next: std::sync::atomic::AtomicUsize,
 }
@@ -337,10 +338,11 @@ impl Client {
             kind: kind as i32,
         };
         let per_chunk = (self.opts.chunk_bytes / wire.size()).max(1);
+        let pool = &shard.pool;
         let encode = |c: &[f32]| {
-            let mut buf = Vec::with_capacity(c.len() * wire.size());
+            let mut buf = pool.take(c.len() * wire.size());
             parasync_tensor::encode_f32(c, wire, &mut buf);
-            Bytes::from(buf)
+            pool.freeze(buf)
         };
         if data.len() <= per_chunk {
             // One message: no producer task, no queue (the small-tensor latency path).
@@ -422,7 +424,8 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .initial_stream_window_size(64 << 20)
-        .initial_connection_window_size(256 << 20);
+        .initial_connection_window_size(256 << 20)
+        .max_frame_size((1 << 24) - 1);
     let started = Instant::now();
     let mut conns = Vec::with_capacity(opts.connections_per_shard);
     let mut backoff = Duration::from_millis(20);
@@ -446,7 +449,7 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
             }
         }
     }
-    Ok(Shard { addr: addr.to_string(), conns, next: Default::default() })
+    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default() })
 }
 
 /// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set.

@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn large_variables_split_into_row_blocks_covering_all_rows() {
         let vars: Vec<(&str, &[usize], DType)> = vec![("emb", &[1001, 256], DType::F32), ("b", &[4], DType::Bf16)];
-        let p = place(&vars, 3, 1 << 20);
+        let p = place(&vars, 3, 1 << 19);
         let emb = &p.parts[0];
         assert_eq!(emb.len(), 3);
         assert_eq!(emb[0].name, "emb/part-0-of-3");

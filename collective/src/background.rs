@@ -30,7 +30,9 @@ pub struct Handle<R> {
 impl<R> Handle<R> {
     /// Blocks until the operation is over; gives back the buffer holding the result.
     pub fn wait(self) -> Result<R> {
-        self.rx.recv().unwrap_or_else(|_| Err(Error::Poisoned("background worker stopped".into())))
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(Error::Poisoned("background worker stopped".into())))
     }
 
     /// The result if the operation is over, or the handle back if it is not.
@@ -38,7 +40,9 @@ impl<R> Handle<R> {
         match self.rx.try_recv() {
             Ok(r) => Ok(r),
             Err(mpsc::TryRecvError::Empty) => Err(self),
-            Err(mpsc::TryRecvError::Disconnected) => Ok(Err(Error::Poisoned("background worker stopped".into()))),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Ok(Err(Error::Poisoned("background worker stopped".into())))
+            }
         }
     }
 }
@@ -58,7 +62,12 @@ impl BackgroundCommunicator {
                 comm
             })
             .expect("spawn collective worker thread");
-        BackgroundCommunicator { jobs: Some(tx), worker: Some(worker), rank, world_size }
+        BackgroundCommunicator {
+            jobs: Some(tx),
+            worker: Some(worker),
+            rank,
+            world_size,
+        }
     }
 
     /// This process's rank.
@@ -72,7 +81,10 @@ impl BackgroundCommunicator {
     }
 
     /// Queues `f` on the worker; the handle yields its result.
-    pub fn submit<R: Send + 'static>(&self, f: impl FnOnce(&mut Communicator) -> Result<R> + Send + 'static) -> Handle<R> {
+    pub fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Communicator) -> Result<R> + Send + 'static,
+    ) -> Handle<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |c| {
             let _ = tx.send(f(c));
@@ -90,7 +102,12 @@ impl BackgroundCommunicator {
     }
 
     /// Starts a fused allreduce of many tensors (see [`Communicator::allreduce_fused`]).
-    pub fn allreduce_fused<T: Element>(&self, mut tensors: Vec<Vec<T>>, op: ReduceOp, bucket_bytes: usize) -> Handle<Vec<Vec<T>>> {
+    pub fn allreduce_fused<T: Element>(
+        &self,
+        mut tensors: Vec<Vec<T>>,
+        op: ReduceOp,
+        bucket_bytes: usize,
+    ) -> Handle<Vec<Vec<T>>> {
         self.submit(move |c| {
             let mut views: Vec<&mut [T]> = tensors.iter_mut().map(|t| t.as_mut_slice()).collect();
             c.allreduce_fused(&mut views, op, bucket_bytes)?;
@@ -127,7 +144,11 @@ impl BackgroundCommunicator {
     /// Waits for every queued operation and gives the communicator back.
     pub fn into_inner(mut self) -> Communicator {
         self.jobs.take();
-        self.worker.take().expect("worker present").join().expect("collective worker panicked")
+        self.worker
+            .take()
+            .expect("worker present")
+            .join()
+            .expect("collective worker panicked")
     }
 }
 

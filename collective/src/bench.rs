@@ -37,7 +37,7 @@ pub struct AllreduceBenchArgs {
     /// Algorithm: auto, direct or ring.
     #[arg(long, default_value = "auto")]
     pub algorithm: Algorithm,
-    /// Largest message that uses the direct algorithm under auto (bytes).
+    /// Under auto, direct while (ranks - 1) x message bytes is at most this.
     #[arg(long)]
     pub small_max_bytes: Option<usize>,
     /// Bytes per frame of the pipelined ring.
@@ -72,9 +72,18 @@ pub struct AllreduceBenchArgs {
 /// Parses `4KiB`, `64MiB`, `1GiB`, `100B` or a plain byte count.
 pub fn parse_size(s: &str) -> anyhow::Result<usize> {
     let s = s.trim();
-    for (unit, mult) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)] {
+    for (unit, mult) in [
+        ("GiB", 1usize << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ] {
         if let Some(n) = s.strip_suffix(unit) {
-            return Ok(n.trim().parse::<usize>().with_context(|| format!("bad size {s:?}"))? * mult);
+            return Ok(n
+                .trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad size {s:?}"))?
+                * mult);
         }
     }
     s.parse().with_context(|| format!("bad size {s:?}"))
@@ -92,7 +101,11 @@ pub fn run(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
 
 /// Launches `args.ranks` processes `exe argv… --rank I --master ADDR` on this host and
 /// forwards rank 0's table to stdout. Fails (killing the others) if any rank fails.
-pub fn launch_local(args: &AllreduceBenchArgs, exe: &Path, argv: &[OsString]) -> anyhow::Result<()> {
+pub fn launch_local(
+    args: &AllreduceBenchArgs,
+    exe: &Path,
+    argv: &[OsString],
+) -> anyhow::Result<()> {
     let spawn = |rank: usize, master: &str, stdout: Stdio| -> anyhow::Result<Child> {
         Command::new(exe)
             .args(argv)
@@ -105,7 +118,12 @@ pub fn launch_local(args: &AllreduceBenchArgs, exe: &Path, argv: &[OsString]) ->
     let mut out = BufReader::new(children[0].stdout.take().expect("piped stdout"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let Some(addr) = line.trim().strip_prefix(RENDEZVOUS_LINE).map(str::trim).map(str::to_string) else {
+    let Some(addr) = line
+        .trim()
+        .strip_prefix(RENDEZVOUS_LINE)
+        .map(str::trim)
+        .map(str::to_string)
+    else {
         let _ = children[0].kill();
         bail!("rank 0 did not announce its rendezvous address (got {line:?})");
     };
@@ -167,11 +185,25 @@ fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
         let l = crate::env::from_env()?;
         (l.rank, l.world_size, l.master, l.token)
     } else {
-        let master = args.master.clone().context("--rank needs --master host:port")?;
-        (args.rank.expect("rank mode"), args.ranks, master, args.token.clone())
+        let master = args
+            .master
+            .clone()
+            .context("--rank needs --master host:port")?;
+        (
+            args.rank.expect("rank mode"),
+            args.ranks,
+            master,
+            args.token.clone(),
+        )
     };
     let opts = ConnectOptions {
-        spec: JoinSpec { rank, world_size: world, master: master.clone(), token, timeout: Duration::from_secs(args.timeout_s) },
+        spec: JoinSpec {
+            rank,
+            world_size: world,
+            master: master.clone(),
+            token,
+            timeout: Duration::from_secs(args.timeout_s),
+        },
         comm: comm_config(args),
         tcp: TcpOptions { spin: args.spin },
         data_host: None,
@@ -205,14 +237,30 @@ pub struct Row {
 /// Runs one rank of the benchmark; rank 0 prints the table.
 pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
     let mut comm = connect_rank(args)?;
-    let sizes: Vec<usize> = args.sizes.split(',').map(parse_size).collect::<anyhow::Result<_>>()?;
-    let dtypes: Vec<DType> =
-        args.dtypes.split(',').map(|d| d.parse::<DType>().map_err(anyhow::Error::msg)).collect::<anyhow::Result<_>>()?;
+    let sizes: Vec<usize> = args
+        .sizes
+        .split(',')
+        .map(parse_size)
+        .collect::<anyhow::Result<_>>()?;
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .split(',')
+        .map(|d| d.parse::<DType>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
     let n = comm.world_size();
     if comm.rank() == 0 {
-        println!("# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}", args.algorithm, args.chunk_bytes, args.spin);
-        println!("#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}", "size", "count", "type", "redop", "time", "algbw", "busbw");
-        println!("#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}", "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)");
+        println!(
+            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}",
+            args.algorithm, args.chunk_bytes, args.spin
+        );
+        println!(
+            "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
+            "size", "count", "type", "redop", "time", "algbw", "busbw"
+        );
+        println!(
+            "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
+            "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)"
+        );
     }
     for &dtype in &dtypes {
         for &bytes in &sizes {
@@ -244,7 +292,11 @@ pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
 
 /// Times allreduce(sum) of `bytes` per rank: warm-up, an iteration count agreed through a
 /// broadcast from rank 0, then `reps` timed repetitions (slowest rank, median).
-pub fn measure<T: Element>(comm: &mut Communicator, bytes: usize, args: &AllreduceBenchArgs) -> anyhow::Result<Row> {
+pub fn measure<T: Element>(
+    comm: &mut Communicator,
+    bytes: usize,
+    args: &AllreduceBenchArgs,
+) -> anyhow::Result<Row> {
     let count = bytes / std::mem::size_of::<T>();
     let mut buf = vec![T::default(); count];
     let t0 = Instant::now();
@@ -271,7 +323,14 @@ pub fn measure<T: Element>(comm: &mut Communicator, bytes: usize, args: &Allredu
     let n = comm.world_size() as f64;
     let moved = (count * std::mem::size_of::<T>()) as f64;
     let algbw = moved / seconds / 1e9;
-    Ok(Row { bytes: moved as usize, count, dtype: T::DTYPE, seconds, algbw, busbw: algbw * 2.0 * (n - 1.0) / n })
+    Ok(Row {
+        bytes: moved as usize,
+        count,
+        dtype: T::DTYPE,
+        seconds,
+        algbw,
+        busbw: algbw * 2.0 * (n - 1.0) / n,
+    })
 }
 
 #[cfg(test)]

@@ -39,7 +39,8 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// Bytes per frame of the pipelined algorithms.
     pub chunk_bytes: usize,
-    /// Largest message (bytes per rank) that uses the direct algorithms under `Auto`.
+    /// Under `Auto`, messages of `bytes` per rank use the direct algorithms while
+    /// `(world_size - 1) × bytes` (what a rank sends directly) is at most this.
     pub small_max_bytes: usize,
     /// Algorithm selection.
     pub algorithm: Algorithm,
@@ -47,9 +48,14 @@ pub struct CommConfig {
 
 impl Default for CommConfig {
     fn default() -> Self {
-        // small_max_bytes: crossover measured with `collective-rank allreduce-bench --algorithm
-        // direct|ring` on 2 cores (see BENCH-NOTES.md).
-        CommConfig { timeout: Duration::from_secs(60), chunk_bytes: 1 << 20, small_max_bytes: 64 << 10, algorithm: Algorithm::Auto }
+        // small_max_bytes: the direct/ring crossover measured with `collective-rank
+        // allreduce-bench --algorithm direct|ring` (N=2: ~192 KiB, N=4: ~64 KiB; BENCH-NOTES.md).
+        CommConfig {
+            timeout: Duration::from_secs(60),
+            chunk_bytes: 1 << 20,
+            small_max_bytes: 192 << 10,
+            algorithm: Algorithm::Auto,
+        }
     }
 }
 
@@ -71,7 +77,13 @@ pub struct Communicator {
 impl Communicator {
     /// Wraps a connected transport (TCP from [`crate::connect`], or in-memory in tests).
     pub fn new(transport: Box<dyn Transport>, config: CommConfig) -> Communicator {
-        Communicator { transport, config, seq: 0, scratch: Scratch::default(), failed: None }
+        Communicator {
+            transport,
+            config,
+            seq: 0,
+            scratch: Scratch::default(),
+            failed: None,
+        }
     }
 
     /// This process's rank.
@@ -98,12 +110,18 @@ impl Communicator {
         match self.config.algorithm {
             Algorithm::Direct => true,
             Algorithm::Ring => false,
-            Algorithm::Auto => bytes <= self.config.small_max_bytes,
+            Algorithm::Auto => {
+                bytes.saturating_mul(self.world_size() - 1) <= self.config.small_max_bytes
+            }
         }
     }
 
     /// Runs one operation: numbers it, bounds it, and on failure tells the peers and poisons.
-    fn run<R>(&mut self, mut op: OpDesc, f: impl FnOnce(&mut Ctx, &mut Scratch) -> Result<R>) -> Result<R> {
+    fn run<R>(
+        &mut self,
+        mut op: OpDesc,
+        f: impl FnOnce(&mut Ctx, &mut Scratch) -> Result<R>,
+    ) -> Result<R> {
         if let Some(msg) = &self.failed {
             return Err(Error::Poisoned(msg.clone()));
         }
@@ -128,32 +146,66 @@ impl Communicator {
         result
     }
 
-    fn desc<T: Element>(kind: OpKind, reduce: Option<ReduceOp>, count: usize, root: usize) -> OpDesc {
-        OpDesc { seq: 0, kind, dtype: T::DTYPE, reduce, count: count as u64, root: root as u32 }
+    fn desc<T: Element>(
+        kind: OpKind,
+        reduce: Option<ReduceOp>,
+        count: usize,
+        root: usize,
+    ) -> OpDesc {
+        OpDesc {
+            seq: 0,
+            kind,
+            dtype: T::DTYPE,
+            reduce,
+            count: count as u64,
+            root: root as u32,
+        }
     }
 
     /// Checks, with one exchange between every pair of ranks, that every rank is making the
     /// same call (used by backends whose data does not travel through this communicator,
     /// such as NCCL, so that mismatches are still reported on every rank).
-    pub fn agree(&mut self, kind: OpKind, dtype: crate::dtype::DType, reduce: Option<ReduceOp>, count: usize, root: usize) -> Result<()> {
-        let op = OpDesc { seq: 0, kind, dtype, reduce, count: count as u64, root: root as u32 };
+    pub fn agree(
+        &mut self,
+        kind: OpKind,
+        dtype: crate::dtype::DType,
+        reduce: Option<ReduceOp>,
+        count: usize,
+        root: usize,
+    ) -> Result<()> {
+        let op = OpDesc {
+            seq: 0,
+            kind,
+            dtype,
+            reduce,
+            count: count as u64,
+            root: root as u32,
+        };
         self.run(op, |ctx, s| ctx.announce(&mut s.pool))
     }
 
     /// Reduces `buf` over all ranks in place: afterwards every rank holds the same result.
     pub fn allreduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let direct = self.use_direct(std::mem::size_of_val(buf));
-        self.run(Self::desc::<T>(OpKind::AllReduce, Some(op), buf.len(), 0), |ctx, s| {
-            if direct {
-                algo::allreduce_direct(ctx, s, buf, op)
-            } else {
-                algo::allreduce_ring(ctx, s, buf, op)
-            }
-        })
+        self.run(
+            Self::desc::<T>(OpKind::AllReduce, Some(op), buf.len(), 0),
+            |ctx, s| {
+                if direct {
+                    algo::allreduce_direct(ctx, s, buf, op)
+                } else {
+                    algo::allreduce_ring(ctx, s, buf, op)
+                }
+            },
+        )
     }
 
     /// Out-of-place allreduce: `recv` gets the reduction of every rank's `send`.
-    pub fn allreduce_into<T: Element>(&mut self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn allreduce_into<T: Element>(
+        &mut self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         check_len("allreduce recv", recv.len(), send.len())?;
         recv.copy_from_slice(send);
         self.allreduce(recv, op)
@@ -162,16 +214,22 @@ impl Communicator {
     /// Copies `root`'s `buf` into every rank's `buf`.
     pub fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         if root >= self.world_size() {
-            return Err(Error::InvalidArgument(format!("broadcast root {root} is not a rank of {}", self.world_size())));
+            return Err(Error::InvalidArgument(format!(
+                "broadcast root {root} is not a rank of {}",
+                self.world_size()
+            )));
         }
         let direct = self.use_direct(std::mem::size_of_val(buf));
-        self.run(Self::desc::<T>(OpKind::Broadcast, None, buf.len(), root), |ctx, s| {
-            if direct {
-                algo::broadcast_direct(ctx, s, buf, root)
-            } else {
-                algo::broadcast_chain(ctx, s, buf, root)
-            }
-        })
+        self.run(
+            Self::desc::<T>(OpKind::Broadcast, None, buf.len(), root),
+            |ctx, s| {
+                if direct {
+                    algo::broadcast_direct(ctx, s, buf, root)
+                } else {
+                    algo::broadcast_chain(ctx, s, buf, root)
+                }
+            },
+        )
     }
 
     /// Gathers every rank's `send` into `recv` (`world_size × send.len()`, in rank order).
@@ -186,32 +244,46 @@ impl Communicator {
     /// contribution; afterwards `buf` holds every rank's block.
     pub fn allgather_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
         let n = self.world_size();
-        if buf.len() % n != 0 {
-            return Err(Error::InvalidArgument(format!("allgather buffer of {} elements is not {n} equal blocks", buf.len())));
+        if !buf.len().is_multiple_of(n) {
+            return Err(Error::InvalidArgument(format!(
+                "allgather buffer of {} elements is not {n} equal blocks",
+                buf.len()
+            )));
         }
         let direct = self.use_direct(std::mem::size_of_val(buf) / n);
-        self.run(Self::desc::<T>(OpKind::AllGather, None, buf.len() / n, 0), |ctx, s| {
-            if direct {
-                algo::allgather_direct(ctx, s, buf)
-            } else {
-                algo::allgather_ring(ctx, s, buf)
-            }
-        })
+        self.run(
+            Self::desc::<T>(OpKind::AllGather, None, buf.len() / n, 0),
+            |ctx, s| {
+                if direct {
+                    algo::allgather_direct(ctx, s, buf)
+                } else {
+                    algo::allgather_ring(ctx, s, buf)
+                }
+            },
+        )
     }
 
     /// Reduces every rank's `send` (`world_size × recv.len()` elements) and gives rank `r`
     /// block `r` of the result in `recv`.
-    pub fn reduce_scatter<T: Element>(&mut self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(
+        &mut self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         let n = self.world_size();
         check_len("reduce_scatter send", send.len(), n * recv.len())?;
         let direct = self.use_direct(std::mem::size_of_val(send));
-        self.run(Self::desc::<T>(OpKind::ReduceScatter, Some(op), recv.len(), 0), |ctx, s| {
-            if direct {
-                algo::reduce_scatter_direct(ctx, s, send, recv, op)
-            } else {
-                algo::reduce_scatter_ring(ctx, s, send, recv, op)
-            }
-        })
+        self.run(
+            Self::desc::<T>(OpKind::ReduceScatter, Some(op), recv.len(), 0),
+            |ctx, s| {
+                if direct {
+                    algo::reduce_scatter_direct(ctx, s, send, recv, op)
+                } else {
+                    algo::reduce_scatter_ring(ctx, s, send, recv, op)
+                }
+            },
+        )
     }
 
     /// Returns once every rank has called `barrier`.
@@ -223,7 +295,12 @@ impl Communicator {
     /// DDP do): consecutive tensors are packed into one buffer, reduced with one operation,
     /// and copied back. A tensor larger than a bucket is reduced on its own, in place. Bucket
     /// boundaries depend only on the tensor sizes, so every rank forms the same buckets.
-    pub fn allreduce_fused<T: Element>(&mut self, tensors: &mut [&mut [T]], op: ReduceOp, bucket_bytes: usize) -> Result<()> {
+    pub fn allreduce_fused<T: Element>(
+        &mut self,
+        tensors: &mut [&mut [T]],
+        op: ReduceOp,
+        bucket_bytes: usize,
+    ) -> Result<()> {
         let cap = (bucket_bytes / std::mem::size_of::<T>()).max(1);
         let mut fusion = std::mem::take(&mut self.scratch.fusion);
         let result = (|| {
@@ -264,7 +341,9 @@ impl Communicator {
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(Error::InvalidArgument(format!("{what} has {got} elements, expected {want}")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} has {got} elements, expected {want}"
+        )));
     }
     Ok(())
 }

@@ -7,7 +7,9 @@
 use std::fmt;
 
 #[cfg(target_endian = "big")]
-compile_error!("parasync-collective moves raw little-endian bytes and supports little-endian targets only");
+compile_error!(
+    "parasync-collective moves raw little-endian bytes and supports little-endian targets only"
+);
 
 /// Element type of a tensor taking part in a collective.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,7 +82,9 @@ impl std::str::FromStr for DType {
             "f64" | "float64" | "double" => Ok(DType::F64),
             "i32" | "int32" => Ok(DType::I32),
             "i64" | "int64" => Ok(DType::I64),
-            other => Err(format!("unknown dtype {other:?} (expected f32, bf16, f64, i32 or i64)")),
+            other => Err(format!(
+                "unknown dtype {other:?} (expected f32, bf16, f64, i32 or i64)"
+            )),
         }
     }
 }
@@ -296,7 +300,11 @@ pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
 /// Panics if `b` is misaligned or not a whole number of elements.
 pub(crate) fn from_bytes_mut<A: Element>(b: &mut [u8]) -> &mut [A] {
     let size = std::mem::size_of::<A>();
-    assert!(b.len() % size == 0 && (b.as_ptr() as usize) % std::mem::align_of::<A>() == 0, "misaligned element bytes");
+    assert!(
+        b.len().is_multiple_of(size)
+            && (b.as_ptr() as usize).is_multiple_of(std::mem::align_of::<A>()),
+        "misaligned element bytes"
+    );
     // SAFETY: alignment and length are checked above; every bit pattern is a valid `A`.
     unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast::<A>(), b.len() / size) }
 }
@@ -370,6 +378,46 @@ pub(crate) fn fold_finish<T: Element>(own: &mut [T], partial: &[T::Acc], op: Red
                 *o = T::store(T::combine(*p, o.load(), op));
             }
         }
+    }
+}
+
+/// `acc[i] = combine(load(first[i]), load(second[i]))`: the first fold of the pairwise exchange.
+#[inline]
+pub(crate) fn fold_two<T: Element>(acc: &mut [T::Acc], first: &[T], second: &[T], op: ReduceOp) {
+    for ((a, f), s) in acc.iter_mut().zip(first).zip(second) {
+        *a = T::combine(f.load(), s.load(), op);
+    }
+}
+
+/// `own[i] = store(finish(combine(load(own[i]), load(theirs[i]))))` (two ranks, last fold).
+#[inline]
+pub(crate) fn fold_finish_two<T: Element>(own: &mut [T], theirs: &[T], op: ReduceOp, n: usize) {
+    for (o, t) in own.iter_mut().zip(theirs) {
+        let a = T::combine(o.load(), t.load(), op);
+        *o = T::store(if op == ReduceOp::Avg {
+            T::divide(a, n)
+        } else {
+            a
+        });
+    }
+}
+
+/// `own[i] = store(finish(combine(acc[i], load(theirs[i]))))` (last fold of the pairwise exchange).
+#[inline]
+pub(crate) fn fold_finish_acc<T: Element>(
+    own: &mut [T],
+    acc: &[T::Acc],
+    theirs: &[T],
+    op: ReduceOp,
+    n: usize,
+) {
+    for ((o, a), t) in own.iter_mut().zip(acc).zip(theirs) {
+        let a = T::combine(*a, t.load(), op);
+        *o = T::store(if op == ReduceOp::Avg {
+            T::divide(a, n)
+        } else {
+            a
+        });
     }
 }
 

@@ -35,14 +35,22 @@ pub struct LaunchInfo {
 fn num(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>> {
     match get(name) {
         None => Ok(None),
-        Some(v) => v.trim().parse().map(Some).map_err(|_| Error::Env(format!("{name}={v:?} is not a non-negative integer"))),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Env(format!("{name}={v:?} is not a non-negative integer"))),
     }
 }
 
 fn port(get: &impl Fn(&str) -> Option<String>) -> Result<Option<u16>> {
     match get("MASTER_PORT") {
         None => Ok(None),
-        Some(v) => v.trim().parse().map(Some).map_err(|_| Error::Env(format!("MASTER_PORT={v:?} is not a port"))),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Env(format!("MASTER_PORT={v:?} is not a port"))),
     }
 }
 
@@ -65,7 +73,9 @@ fn token(get: &impl Fn(&str) -> Option<String>) -> String {
 
 fn check(rank: usize, world: usize) -> Result<()> {
     if world == 0 || rank >= world {
-        return Err(Error::Env(format!("rank {rank} does not fit a world of {world}")));
+        return Err(Error::Env(format!(
+            "rank {rank} does not fit a world of {world}"
+        )));
     }
     Ok(())
 }
@@ -75,9 +85,17 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchInfo> {
     let token = token(&get);
     if let (Some(rank), Some(world)) = (num(&get, "RANK")?, num(&get, "WORLD_SIZE")?) {
         check(rank, world)?;
-        let host = get("MASTER_ADDR").ok_or_else(|| Error::Env("RANK and WORLD_SIZE are set but MASTER_ADDR is not".into()))?;
+        let host = get("MASTER_ADDR").ok_or_else(|| {
+            Error::Env("RANK and WORLD_SIZE are set but MASTER_ADDR is not".into())
+        })?;
         let master = join_host_port(&host, port(&get)?.unwrap_or(DEFAULT_PORT));
-        return Ok(LaunchInfo { rank, world_size: world, master, token, source: "torchrun" });
+        return Ok(LaunchInfo {
+            rank,
+            world_size: world,
+            master,
+            token,
+            source: "torchrun",
+        });
     }
     if let Some(tf) = get("TF_CONFIG") {
         return from_tf_config(&tf, port(&get)?, token);
@@ -88,7 +106,13 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchInfo> {
             .or_else(|| get("SLURM_NODELIST").filter(|l| !l.contains([',', '['])))
             .ok_or_else(|| Error::Env("Slurm job: set MASTER_ADDR to the host of rank 0 (SLURM_NODELIST names several)".into()))?;
         let master = join_host_port(&host, port(&get)?.unwrap_or(DEFAULT_PORT));
-        return Ok(LaunchInfo { rank, world_size: world, master, token, source: "slurm" });
+        return Ok(LaunchInfo {
+            rank,
+            world_size: world,
+            master,
+            token,
+            source: "slurm",
+        });
     }
     Err(Error::Env("no launcher variables: set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, TF_CONFIG, or run under Slurm".into()))
 }
@@ -99,30 +123,60 @@ pub fn from_env() -> Result<LaunchInfo> {
 }
 
 fn from_tf_config(tf: &str, master_port: Option<u16>, token: String) -> Result<LaunchInfo> {
-    let v: serde_json::Value = serde_json::from_str(tf).map_err(|e| Error::Env(format!("TF_CONFIG is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(tf).map_err(|e| Error::Env(format!("TF_CONFIG is not JSON: {e}")))?;
     let list = |kind: &str| -> Vec<String> {
-        v["cluster"][kind].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+        v["cluster"][kind]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     let (chiefs, workers) = (list("chief"), list("worker"));
     let members: Vec<&String> = chiefs.iter().chain(&workers).collect();
     if members.is_empty() {
         return Err(Error::Env("TF_CONFIG has no chief or worker tasks".into()));
     }
-    let kind = v["task"]["type"].as_str().ok_or_else(|| Error::Env("TF_CONFIG lacks task.type".into()))?;
-    let index = v["task"]["index"].as_u64().ok_or_else(|| Error::Env("TF_CONFIG lacks task.index".into()))? as usize;
+    let kind = v["task"]["type"]
+        .as_str()
+        .ok_or_else(|| Error::Env("TF_CONFIG lacks task.type".into()))?;
+    let index = v["task"]["index"]
+        .as_u64()
+        .ok_or_else(|| Error::Env("TF_CONFIG lacks task.index".into()))? as usize;
     let rank = match kind {
         "chief" | "master" if index < chiefs.len() => index,
         "worker" if index < workers.len() => chiefs.len() + index,
-        "chief" | "master" | "worker" => return Err(Error::Env(format!("TF_CONFIG task {kind}:{index} is not in the cluster"))),
-        other => return Err(Error::Env(format!("TF_CONFIG task type {other:?} does not take part in collectives"))),
+        "chief" | "master" | "worker" => {
+            return Err(Error::Env(format!(
+                "TF_CONFIG task {kind}:{index} is not in the cluster"
+            )))
+        }
+        other => {
+            return Err(Error::Env(format!(
+                "TF_CONFIG task type {other:?} does not take part in collectives"
+            )))
+        }
     };
     let first = members[0];
     let (host, listed) = first
         .rsplit_once(':')
-        .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.trim_matches(['[', ']']).to_string(), p)))
+        .and_then(|(h, p)| {
+            p.parse::<u16>()
+                .ok()
+                .map(|p| (h.trim_matches(['[', ']']).to_string(), p))
+        })
         .ok_or_else(|| Error::Env(format!("TF_CONFIG address {first:?} is not host:port")))?;
     let master = join_host_port(&host, master_port.unwrap_or(listed));
-    Ok(LaunchInfo { rank, world_size: members.len(), master, token, source: "tf_config" })
+    Ok(LaunchInfo {
+        rank,
+        world_size: members.len(),
+        master,
+        token,
+        source: "tf_config",
+    })
 }
 
 #[cfg(test)]
@@ -131,25 +185,69 @@ mod tests {
     use std::collections::HashMap;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
     #[test]
     fn launcher_table() {
         let tf = r#"{"cluster":{"chief":["c0:2222"],"worker":["w0:2222","w1:2222"],"ps":["p:1"]},"task":{"type":"worker","index":1}}"#;
-        let table: Vec<(Vec<(&str, &str)>, (usize, usize, &str, &str))> = vec![
-            (vec![("RANK", "3"), ("WORLD_SIZE", "8"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")], (3, 8, "10.0.0.1:1234", "torchrun")),
-            (vec![("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h")], (0, 1, "h:29500", "torchrun")),
-            (vec![("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "::1"), ("MASTER_PORT", "5")], (1, 2, "[::1]:5", "torchrun")),
+        type Case<'a> = (Vec<(&'a str, &'a str)>, (usize, usize, &'a str, &'a str));
+        let table: Vec<Case> = vec![
+            (
+                vec![
+                    ("RANK", "3"),
+                    ("WORLD_SIZE", "8"),
+                    ("MASTER_ADDR", "10.0.0.1"),
+                    ("MASTER_PORT", "1234"),
+                ],
+                (3, 8, "10.0.0.1:1234", "torchrun"),
+            ),
+            (
+                vec![("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h")],
+                (0, 1, "h:29500", "torchrun"),
+            ),
+            (
+                vec![
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("MASTER_ADDR", "::1"),
+                    ("MASTER_PORT", "5"),
+                ],
+                (1, 2, "[::1]:5", "torchrun"),
+            ),
             (vec![("TF_CONFIG", tf)], (2, 3, "c0:2222", "tf_config")),
-            (vec![("TF_CONFIG", tf), ("MASTER_PORT", "7000")], (2, 3, "c0:7000", "tf_config")),
-            (vec![("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("MASTER_ADDR", "n1")], (5, 6, "n1:29500", "slurm")),
-            (vec![("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_NODELIST", "node7")], (0, 2, "node7:29500", "slurm")),
+            (
+                vec![("TF_CONFIG", tf), ("MASTER_PORT", "7000")],
+                (2, 3, "c0:7000", "tf_config"),
+            ),
+            (
+                vec![
+                    ("SLURM_PROCID", "5"),
+                    ("SLURM_NTASKS", "6"),
+                    ("MASTER_ADDR", "n1"),
+                ],
+                (5, 6, "n1:29500", "slurm"),
+            ),
+            (
+                vec![
+                    ("SLURM_PROCID", "0"),
+                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_NODELIST", "node7"),
+                ],
+                (0, 2, "node7:29500", "slurm"),
+            ),
         ];
         for (env, (rank, world, master, source)) in table {
             let got = from_vars(vars(&env)).unwrap_or_else(|e| panic!("{env:?}: {e}"));
-            assert_eq!((got.rank, got.world_size, got.master.as_str(), got.source), (rank, world, master, source), "{env:?}");
+            assert_eq!(
+                (got.rank, got.world_size, got.master.as_str(), got.source),
+                (rank, world, master, source),
+                "{env:?}"
+            );
         }
     }
 
@@ -157,12 +255,34 @@ mod tests {
     fn bad_environments_are_explained() {
         let table: Vec<(Vec<(&str, &str)>, &str)> = vec![
             (vec![], "no launcher variables"),
-            (vec![("RANK", "x"), ("WORLD_SIZE", "2")], "not a non-negative integer"),
-            (vec![("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")], "does not fit"),
-            (vec![("RANK", "0"), ("WORLD_SIZE", "2")], "MASTER_ADDR is not"),
+            (
+                vec![("RANK", "x"), ("WORLD_SIZE", "2")],
+                "not a non-negative integer",
+            ),
+            (
+                vec![("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")],
+                "does not fit",
+            ),
+            (
+                vec![("RANK", "0"), ("WORLD_SIZE", "2")],
+                "MASTER_ADDR is not",
+            ),
             (vec![("TF_CONFIG", "{")], "not JSON"),
-            (vec![("TF_CONFIG", r#"{"cluster":{"worker":["a:1"],"ps":["b:2"]},"task":{"type":"ps","index":0}}"#)], "does not take part"),
-            (vec![("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_NODELIST", "n[1-2]")], "set MASTER_ADDR"),
+            (
+                vec![(
+                    "TF_CONFIG",
+                    r#"{"cluster":{"worker":["a:1"],"ps":["b:2"]},"task":{"type":"ps","index":0}}"#,
+                )],
+                "does not take part",
+            ),
+            (
+                vec![
+                    ("SLURM_PROCID", "0"),
+                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_NODELIST", "n[1-2]"),
+                ],
+                "set MASTER_ADDR",
+            ),
         ];
         for (env, want) in table {
             let err = from_vars(vars(&env)).unwrap_err().to_string();

@@ -42,9 +42,15 @@ impl OpKind {
     }
 
     fn from_code(c: u8) -> Option<OpKind> {
-        [OpKind::AllReduce, OpKind::Broadcast, OpKind::AllGather, OpKind::ReduceScatter, OpKind::Barrier]
-            .into_iter()
-            .find(|k| k.code() == c)
+        [
+            OpKind::AllReduce,
+            OpKind::Broadcast,
+            OpKind::AllGather,
+            OpKind::ReduceScatter,
+            OpKind::Barrier,
+        ]
+        .into_iter()
+        .find(|k| k.code() == c)
     }
 
     /// Lower-case name, as in messages.
@@ -79,7 +85,14 @@ pub struct OpDesc {
 impl OpDesc {
     /// A barrier at `seq`.
     pub fn barrier(seq: u64) -> OpDesc {
-        OpDesc { seq, kind: OpKind::Barrier, dtype: DType::F32, reduce: None, count: 0, root: 0 }
+        OpDesc {
+            seq,
+            kind: OpKind::Barrier,
+            dtype: DType::F32,
+            reduce: None,
+            count: 0,
+            root: 0,
+        }
     }
 }
 
@@ -102,6 +115,19 @@ impl fmt::Display for OpDesc {
 pub enum FrameKind {
     /// Part of an operation's data (possibly empty: an announcement).
     Data(OpDesc),
+    /// "Whom are you waiting on in operation `seq`?" — sent by a rank about to time out, to
+    /// find the rank at the end of a chain of waits (a stalled rank does not answer).
+    Query {
+        /// The operation the asker is stuck in.
+        seq: u64,
+    },
+    /// Answer to a [`FrameKind::Query`]: the rank the sender is waiting on (or blames).
+    Reply {
+        /// The operation the answer is about.
+        seq: u64,
+        /// The rank the sender waits on, if any.
+        waits_on: Option<usize>,
+    },
     /// The sender failed operation `seq` and gives up; the payload is its error message.
     Abort {
         /// The failed operation.
@@ -135,6 +161,16 @@ impl FrameHeader {
                 b[16..24].copy_from_slice(&d.count.to_le_bytes());
                 b[24..28].copy_from_slice(&d.root.to_le_bytes());
             }
+            FrameKind::Query { seq } => {
+                b[4] = 3;
+                b[8..16].copy_from_slice(&seq.to_le_bytes());
+            }
+            FrameKind::Reply { seq, waits_on } => {
+                b[4] = 4;
+                b[8..16].copy_from_slice(&seq.to_le_bytes());
+                let w = waits_on.map_or(NO_CULPRIT, |c| c as u32);
+                b[24..28].copy_from_slice(&w.to_le_bytes());
+            }
             FrameKind::Abort { seq, culprit } => {
                 b[4] = 2;
                 b[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -149,24 +185,46 @@ impl FrameHeader {
     /// Decodes a header; the error says what is malformed.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, String> {
         if b[..4] != MAGIC {
-            return Err(format!("bad frame magic {:02x?} (not a parasync peer, or a desynchronized stream)", &b[..4]));
+            return Err(format!(
+                "bad frame magic {:02x?} (not a parasync peer, or a desynchronized stream)",
+                &b[..4]
+            ));
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let payload_len = u32_at(28);
         let kind = match b[4] {
             1 => {
-                let kind = OpKind::from_code(b[5]).ok_or_else(|| format!("unknown operation code {}", b[5]))?;
-                let dtype = DType::from_code(b[6]).ok_or_else(|| format!("unknown dtype code {}", b[6]))?;
+                let kind = OpKind::from_code(b[5])
+                    .ok_or_else(|| format!("unknown operation code {}", b[5]))?;
+                let dtype =
+                    DType::from_code(b[6]).ok_or_else(|| format!("unknown dtype code {}", b[6]))?;
                 let reduce = match b[7] {
                     0 => None,
-                    c => Some(ReduceOp::from_code(c).ok_or_else(|| format!("unknown reduce code {c}"))?),
+                    c => Some(
+                        ReduceOp::from_code(c).ok_or_else(|| format!("unknown reduce code {c}"))?,
+                    ),
                 };
-                FrameKind::Data(OpDesc { seq: u64_at(8), kind, dtype, reduce, count: u64_at(16), root: u32_at(24) })
+                FrameKind::Data(OpDesc {
+                    seq: u64_at(8),
+                    kind,
+                    dtype,
+                    reduce,
+                    count: u64_at(16),
+                    root: u32_at(24),
+                })
             }
             2 => {
                 let c = u32_at(24);
-                FrameKind::Abort { seq: u64_at(8), culprit: (c != NO_CULPRIT).then_some(c as usize) }
+                FrameKind::Abort {
+                    seq: u64_at(8),
+                    culprit: (c != NO_CULPRIT).then_some(c as usize),
+                }
+            }
+            3 => FrameKind::Query { seq: u64_at(8) },
+            4 => {
+                let w = u32_at(24);
+                FrameKind::Reply { seq: u64_at(8), waits_on: (w != NO_CULPRIT).then_some(w as usize) }
             }
             k => return Err(format!("unknown frame kind {k}")),
         };
@@ -176,14 +234,24 @@ impl FrameHeader {
 
 /// Checks that a peer's data frame belongs to the same operation as this rank's call and has
 /// the expected payload length. `me` and `peer` are ranks, for the message.
-pub fn validate(mine: &OpDesc, theirs: &OpDesc, payload_len: u32, expect_len: usize, me: usize, peer: usize) -> Result<(), Error> {
+pub fn validate(
+    mine: &OpDesc,
+    theirs: &OpDesc,
+    payload_len: u32,
+    expect_len: usize,
+    me: usize,
+    peer: usize,
+) -> Result<(), Error> {
     if mine != theirs {
         return Err(mismatch(mine, theirs, me, peer));
     }
     if payload_len as usize != expect_len {
         return Err(Error::Protocol {
             peer,
-            detail: format!("frame of {payload_len} bytes during {mine} #{}, expected {expect_len}", mine.seq),
+            detail: format!(
+                "frame of {payload_len} bytes during {mine} #{}, expected {expect_len}",
+                mine.seq
+            ),
         });
     }
     Ok(())
@@ -193,19 +261,26 @@ pub fn validate(mine: &OpDesc, theirs: &OpDesc, payload_len: u32, expect_len: us
 pub fn mismatch(mine: &OpDesc, theirs: &OpDesc, me: usize, peer: usize) -> Error {
     let mut diffs = Vec::new();
     if mine.seq != theirs.seq {
-        diffs.push(format!("sequence number (#{} here, #{} on rank {peer}: a rank skipped or added a call)", mine.seq, theirs.seq));
+        diffs.push(format!(
+            "sequence number (#{} here, #{} on rank {peer}: a rank skipped or added a call)",
+            mine.seq, theirs.seq
+        ));
     }
     if mine.kind != theirs.kind {
         diffs.push("operation".to_string());
     }
-    if mine.dtype != theirs.dtype && mine.kind != OpKind::Barrier && theirs.kind != OpKind::Barrier {
+    if mine.dtype != theirs.dtype && mine.kind != OpKind::Barrier && theirs.kind != OpKind::Barrier
+    {
         diffs.push(format!("dtype ({} vs {})", mine.dtype, theirs.dtype));
     }
     if mine.reduce != theirs.reduce && mine.kind == theirs.kind {
         diffs.push("reduction operator".to_string());
     }
     if mine.count != theirs.count && mine.kind == theirs.kind {
-        diffs.push(format!("element count ({} vs {})", mine.count, theirs.count));
+        diffs.push(format!(
+            "element count ({} vs {})",
+            mine.count, theirs.count
+        ));
     }
     if mine.root != theirs.root && mine.kind == theirs.kind {
         diffs.push(format!("root ({} vs {})", mine.root, theirs.root));
@@ -225,20 +300,55 @@ mod tests {
     use super::*;
 
     fn ar(seq: u64, dtype: DType, count: u64) -> OpDesc {
-        OpDesc { seq, kind: OpKind::AllReduce, dtype, reduce: Some(ReduceOp::Sum), count, root: 0 }
+        OpDesc {
+            seq,
+            kind: OpKind::AllReduce,
+            dtype,
+            reduce: Some(ReduceOp::Sum),
+            count,
+            root: 0,
+        }
     }
 
     #[test]
     fn headers_round_trip() {
         let cases = [
-            FrameHeader { kind: FrameKind::Data(ar(7, DType::Bf16, 1 << 40)), payload_len: 12 },
-            FrameHeader { kind: FrameKind::Data(OpDesc::barrier(0)), payload_len: 0 },
             FrameHeader {
-                kind: FrameKind::Data(OpDesc { seq: 3, kind: OpKind::Broadcast, dtype: DType::I64, reduce: None, count: 5, root: 3 }),
+                kind: FrameKind::Data(ar(7, DType::Bf16, 1 << 40)),
+                payload_len: 12,
+            },
+            FrameHeader {
+                kind: FrameKind::Data(OpDesc::barrier(0)),
+                payload_len: 0,
+            },
+            FrameHeader {
+                kind: FrameKind::Data(OpDesc {
+                    seq: 3,
+                    kind: OpKind::Broadcast,
+                    dtype: DType::I64,
+                    reduce: None,
+                    count: 5,
+                    root: 3,
+                }),
                 payload_len: u32::MAX,
             },
-            FrameHeader { kind: FrameKind::Abort { seq: 9, culprit: Some(2) }, payload_len: 40 },
-            FrameHeader { kind: FrameKind::Abort { seq: 9, culprit: None }, payload_len: 0 },
+            FrameHeader {
+                kind: FrameKind::Abort {
+                    seq: 9,
+                    culprit: Some(2),
+                },
+                payload_len: 40,
+            },
+            FrameHeader {
+                kind: FrameKind::Abort {
+                    seq: 9,
+                    culprit: None,
+                },
+                payload_len: 0,
+            },
+            FrameHeader { kind: FrameKind::Query { seq: 4 }, payload_len: 0 },
+            FrameHeader { kind: FrameKind::Reply { seq: 4, waits_on: Some(3) }, payload_len: 0 },
+            FrameHeader { kind: FrameKind::Reply { seq: 4, waits_on: None }, payload_len: 0 },
         ];
         for h in cases {
             assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
@@ -247,10 +357,16 @@ mod tests {
 
     #[test]
     fn malformed_headers_are_rejected() {
-        let mut b = FrameHeader { kind: FrameKind::Data(ar(1, DType::F32, 1)), payload_len: 4 }.encode();
+        let mut b = FrameHeader {
+            kind: FrameKind::Data(ar(1, DType::F32, 1)),
+            payload_len: 4,
+        }
+        .encode();
         let mut bad_magic = b;
         bad_magic[0] = b'X';
-        assert!(FrameHeader::decode(&bad_magic).unwrap_err().contains("magic"));
+        assert!(FrameHeader::decode(&bad_magic)
+            .unwrap_err()
+            .contains("magic"));
         b[6] = 99;
         assert!(FrameHeader::decode(&b).unwrap_err().contains("dtype"));
     }
@@ -261,8 +377,21 @@ mod tests {
             (ar(4, DType::F32, 99), "element count (100 vs 99)"),
             (ar(4, DType::Bf16, 100), "dtype (f32 vs bf16)"),
             (ar(5, DType::F32, 100), "sequence number"),
-            (OpDesc { reduce: Some(ReduceOp::Max), ..ar(4, DType::F32, 100) }, "reduction operator"),
-            (OpDesc { kind: OpKind::Broadcast, reduce: None, ..ar(4, DType::F32, 100) }, "operation"),
+            (
+                OpDesc {
+                    reduce: Some(ReduceOp::Max),
+                    ..ar(4, DType::F32, 100)
+                },
+                "reduction operator",
+            ),
+            (
+                OpDesc {
+                    kind: OpKind::Broadcast,
+                    reduce: None,
+                    ..ar(4, DType::F32, 100)
+                },
+                "operation",
+            ),
         ];
         let mine = ar(4, DType::F32, 100);
         for (theirs, want) in table {
@@ -273,6 +402,9 @@ mod tests {
             assert_eq!(err.culprit(), Some(3));
         }
         assert!(validate(&mine, &mine, 8, 8, 0, 1).is_ok());
-        assert!(matches!(validate(&mine, &mine, 8, 4, 0, 1), Err(Error::Protocol { peer: 1, .. })));
+        assert!(matches!(
+            validate(&mine, &mine, 8, 4, 0, 1),
+            Err(Error::Protocol { peer: 1, .. })
+        ));
     }
 }

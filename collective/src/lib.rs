@@ -6,7 +6,10 @@
 //!   validation, the ring schedule — plain functions, table-tested;
 //! - [`transport`]: moving validated frames between ranks (in-memory for tests, TCP);
 //! - [`Communicator`]: numbering, timeouts, algorithm choice, fusion, poisoning on error;
-//! - [`rendezvous`] and [`env`]: how ranks find each other (gRPC, launcher variables).
+//! - [`rendezvous`] and [`env`]: how ranks find each other (gRPC, launcher variables);
+//! - [`bench`]: the `allreduce-bench` table; `nccl` (feature `nccl`): the GPU backend.
+
+#![warn(missing_docs)]
 
 mod algo;
 pub mod background;
@@ -24,8 +27,10 @@ pub mod transport;
 
 pub use background::{BackgroundCommunicator, Handle};
 pub use comm::{Algorithm, CommConfig, Communicator};
-pub use frame::OpKind;
-pub use rendezvous::{connect, connect_hosting, connect_with_blob, ConnectOptions, JoinSpec, RendezvousHost};
-pub use transport::tcp::TcpOptions;
 pub use dtype::{Bf16, DType, Element, ReduceOp};
 pub use error::{Error, Result};
+pub use frame::OpKind;
+pub use rendezvous::{
+    connect, connect_hosting, connect_with_blob, ConnectOptions, JoinSpec, RendezvousHost,
+};
+pub use transport::tcp::TcpOptions;

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 pub use half::bf16 as DeviceBf16;
 
 /// Element types NCCL reduces: `f32`, bf16 ([`DeviceBf16`]), `f64`, `i32`, `i64`.
-pub trait NcclElement: NcclType + DeviceRepr + ValidAsZeroBits + Copy + Default + Send + 'static {
+pub trait NcclElement:
+    NcclType + DeviceRepr + ValidAsZeroBits + Copy + Default + Send + 'static
+{
     /// The matching dtype tag (for the cross-rank call check).
     const DTYPE: DType;
 }
@@ -51,7 +53,9 @@ pub fn unavailable_reason() -> Option<String> {
     }
     // SAFETY: as above.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Some("libnccl.so not found on the loader path (see collective/scripts/gpu-smoke.sh)".into());
+        return Some(
+            "libnccl.so not found on the loader path (see collective/scripts/gpu-smoke.sh)".into(),
+        );
     }
     match CudaContext::device_count() {
         Ok(0) => Some("the CUDA driver sees no device".into()),
@@ -92,12 +96,19 @@ pub struct NcclCommunicator {
 impl NcclCommunicator {
     /// Meets the other ranks (rank 0 hosts the rendezvous, on `host` if given) and forms an
     /// NCCL communicator on GPU `device`.
-    pub fn connect(opts: &ConnectOptions, host: Option<RendezvousHost>, device: usize) -> Result<NcclCommunicator> {
+    pub fn connect(
+        opts: &ConnectOptions,
+        host: Option<RendezvousHost>,
+        device: usize,
+    ) -> Result<NcclCommunicator> {
         if let Some(why) = unavailable_reason() {
             return Err(Error::Nccl(why));
         }
-        let ctx = CudaContext::new(device).map_err(|e| cuda_err(&format!("opening GPU {device}"), e))?;
-        let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let ctx =
+            CudaContext::new(device).map_err(|e| cuda_err(&format!("opening GPU {device}"), e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating a stream", e))?;
         let blob = if opts.spec.rank == 0 {
             let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
             id.internal().iter().map(|&c| c as u8).collect()
@@ -110,10 +121,27 @@ impl NcclCommunicator {
             .map(|&b| b as std::ffi::c_char)
             .collect::<Vec<_>>()
             .try_into()
-            .map_err(|_| Error::Rendezvous(format!("NCCL unique id of {} bytes from rank 0, expected 128", blob.len())))?;
-        let comm = Comm::from_rank(stream.clone(), opts.spec.rank, opts.spec.world_size, Id::uninit(internal))
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-        Ok(NcclCommunicator { comm, stream, ctx, control, timeout: opts.comm.timeout, checked: true })
+            .map_err(|_| {
+                Error::Rendezvous(format!(
+                    "NCCL unique id of {} bytes from rank 0, expected 128",
+                    blob.len()
+                ))
+            })?;
+        let comm = Comm::from_rank(
+            stream.clone(),
+            opts.spec.rank,
+            opts.spec.world_size,
+            Id::uninit(internal),
+        )
+        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        Ok(NcclCommunicator {
+            comm,
+            stream,
+            ctx,
+            control,
+            timeout: opts.comm.timeout,
+            checked: true,
+        })
     }
 
     /// This rank.
@@ -142,7 +170,13 @@ impl NcclCommunicator {
         self.checked = checked;
     }
 
-    fn agree<T: NcclElement>(&mut self, kind: OpKind, reduce: Option<ReduceOp>, count: usize, root: usize) -> Result<()> {
+    fn agree<T: NcclElement>(
+        &mut self,
+        kind: OpKind,
+        reduce: Option<ReduceOp>,
+        count: usize,
+        root: usize,
+    ) -> Result<()> {
         if self.checked {
             self.control.agree(kind, T::DTYPE, reduce, count, root)?;
         }
@@ -151,7 +185,10 @@ impl NcclCommunicator {
 
     /// Waits until the queued work is done, at most the timeout.
     fn finish(&self, what: &str) -> Result<()> {
-        let event = self.stream.record_event(None).map_err(|e| cuda_err("recording an event", e))?;
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| cuda_err("recording an event", e))?;
         let start = Instant::now();
         let until = start + self.timeout;
         loop {
@@ -159,9 +196,14 @@ impl NcclCommunicator {
                 Ok(true) => return Ok(()),
                 // Busy-poll at first (short operations), then sleep between looks.
                 Ok(false) if start.elapsed() < Duration::from_millis(2) => std::hint::spin_loop(),
-                Ok(false) if Instant::now() < until => std::thread::sleep(Duration::from_micros(50)),
+                Ok(false) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_micros(50))
+                }
                 Ok(false) => {
-                    return Err(Error::Nccl(format!("{what} did not complete within {:?} (a rank died or stalled?)", self.timeout)))
+                    return Err(Error::Nccl(format!(
+                        "{what} did not complete within {:?} (a rank died or stalled?)",
+                        self.timeout
+                    )))
                 }
                 Err(e) => return Err(cuda_err(what, e)),
             }
@@ -169,49 +211,92 @@ impl NcclCommunicator {
     }
 
     /// Allreduce in place on the device.
-    pub fn allreduce<T: NcclElement>(&mut self, buf: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
+    pub fn allreduce<T: NcclElement>(
+        &mut self,
+        buf: &mut CudaSlice<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.agree::<T>(OpKind::AllReduce, Some(op), buf.len(), 0)?;
-        self.comm.all_reduce_in_place(buf, &nccl_op(op)).map_err(|e| nccl_err("ncclAllReduce", e))?;
+        self.comm
+            .all_reduce_in_place(buf, &nccl_op(op))
+            .map_err(|e| nccl_err("ncclAllReduce", e))?;
         self.finish("allreduce")
     }
 
     /// Out-of-place allreduce.
-    pub fn allreduce_into<T: NcclElement>(&mut self, send: &CudaSlice<T>, recv: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
+    pub fn allreduce_into<T: NcclElement>(
+        &mut self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
         if send.len() != recv.len() {
-            return Err(Error::InvalidArgument(format!("allreduce of {} into {} elements", send.len(), recv.len())));
+            return Err(Error::InvalidArgument(format!(
+                "allreduce of {} into {} elements",
+                send.len(),
+                recv.len()
+            )));
         }
         self.agree::<T>(OpKind::AllReduce, Some(op), send.len(), 0)?;
-        self.comm.all_reduce(send, recv, &nccl_op(op)).map_err(|e| nccl_err("ncclAllReduce", e))?;
+        self.comm
+            .all_reduce(send, recv, &nccl_op(op))
+            .map_err(|e| nccl_err("ncclAllReduce", e))?;
         self.finish("allreduce")
     }
 
     /// Broadcast of `root`'s buffer, in place.
     pub fn broadcast<T: NcclElement>(&mut self, buf: &mut CudaSlice<T>, root: usize) -> Result<()> {
         if root >= self.world_size() {
-            return Err(Error::InvalidArgument(format!("broadcast root {root} is not a rank of {}", self.world_size())));
+            return Err(Error::InvalidArgument(format!(
+                "broadcast root {root} is not a rank of {}",
+                self.world_size()
+            )));
         }
         self.agree::<T>(OpKind::Broadcast, None, buf.len(), root)?;
-        self.comm.broadcast_in_place(buf, root as i32).map_err(|e| nccl_err("ncclBroadcast", e))?;
+        self.comm
+            .broadcast_in_place(buf, root as i32)
+            .map_err(|e| nccl_err("ncclBroadcast", e))?;
         self.finish("broadcast")
     }
 
     /// Allgather: `recv` (world × send.len()) gets every rank's `send` in rank order.
-    pub fn allgather<T: NcclElement>(&mut self, send: &CudaSlice<T>, recv: &mut CudaSlice<T>) -> Result<()> {
+    pub fn allgather<T: NcclElement>(
+        &mut self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+    ) -> Result<()> {
         if recv.len() != send.len() * self.world_size() {
-            return Err(Error::InvalidArgument(format!("allgather recv has {} elements, expected {}", recv.len(), send.len() * self.world_size())));
+            return Err(Error::InvalidArgument(format!(
+                "allgather recv has {} elements, expected {}",
+                recv.len(),
+                send.len() * self.world_size()
+            )));
         }
         self.agree::<T>(OpKind::AllGather, None, send.len(), 0)?;
-        self.comm.all_gather(send, recv).map_err(|e| nccl_err("ncclAllGather", e))?;
+        self.comm
+            .all_gather(send, recv)
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
         self.finish("allgather")
     }
 
     /// Reduce-scatter: rank `r` gets block `r` of the reduction of every rank's `send`.
-    pub fn reduce_scatter<T: NcclElement>(&mut self, send: &CudaSlice<T>, recv: &mut CudaSlice<T>, op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: NcclElement>(
+        &mut self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
         if send.len() != recv.len() * self.world_size() {
-            return Err(Error::InvalidArgument(format!("reduce_scatter send has {} elements, expected {}", send.len(), recv.len() * self.world_size())));
+            return Err(Error::InvalidArgument(format!(
+                "reduce_scatter send has {} elements, expected {}",
+                send.len(),
+                recv.len() * self.world_size()
+            )));
         }
         self.agree::<T>(OpKind::ReduceScatter, Some(op), recv.len(), 0)?;
-        self.comm.reduce_scatter(send, recv, &nccl_op(op)).map_err(|e| nccl_err("ncclReduceScatter", e))?;
+        self.comm
+            .reduce_scatter(send, recv, &nccl_op(op))
+            .map_err(|e| nccl_err("ncclReduceScatter", e))?;
         self.finish("reduce_scatter")
     }
 

@@ -105,7 +105,7 @@ mod tests {
             (1, 3, &[0..1, 1..1, 1..1]),
             (7, 3, &[0..3, 3..5, 5..7]),
             (6, 3, &[0..2, 2..4, 4..6]),
-            (5, 1, &[0..5]),
+            (5, 1, &[0..5, 5..5][..1]),
         ];
         for (count, parts, want) in table {
             let p = Partition::new(*count, *parts);
@@ -118,7 +118,13 @@ mod tests {
     #[test]
     fn ring_steps_for_four_ranks() {
         // (rank, step) -> (send, recv)
-        let table = [((0, 0), (3, 2)), ((0, 1), (2, 1)), ((0, 2), (1, 0)), ((1, 0), (0, 3)), ((3, 2), (0, 3))];
+        let table = [
+            ((0, 0), (3, 2)),
+            ((0, 1), (2, 1)),
+            ((0, 2), (1, 0)),
+            ((1, 0), (0, 3)),
+            ((3, 2), (0, 3)),
+        ];
         for ((r, s), want) in table {
             assert_eq!(reduce_scatter_step(r, 4, s), want, "rank {r} step {s}");
         }
@@ -133,7 +139,8 @@ mod tests {
     fn ring_schedule_is_consistent_for_every_world_size() {
         for n in 1..=9 {
             // contributions[r][j] = ranks folded into rank r's partial of segment j
-            let mut held: Vec<Vec<Vec<usize>>> = (0..n).map(|r| (0..n).map(|_| vec![r]).collect()).collect();
+            let mut held: Vec<Vec<Vec<usize>>> =
+                (0..n).map(|r| (0..n).map(|_| vec![r]).collect()).collect();
             for s in 0..n.saturating_sub(1) {
                 let sent: Vec<(usize, Vec<usize>)> = (0..n)
                     .map(|r| {
@@ -149,21 +156,32 @@ mod tests {
                     folded.push(r);
                     held[r][recv] = folded;
                     if s + 1 < n - 1 {
-                        assert_eq!(reduce_scatter_step(r, n, s + 1).0, recv, "forwards what it received");
+                        assert_eq!(
+                            reduce_scatter_step(r, n, s + 1).0,
+                            recv,
+                            "forwards what it received"
+                        );
                     }
                 }
             }
-            for r in 0..n {
+            for (r, h) in held.iter().enumerate() {
                 let order: Vec<usize> = ring_fold_order(r, n).collect();
-                assert_eq!(held[r][r], order, "n {n}: rank {r} owns segment {r} folded in ring order");
+                assert_eq!(
+                    h[r], order,
+                    "n {n}: rank {r} owns segment {r} folded in ring order"
+                );
             }
             // allgather: rank r starts with segment r and ends with all.
-            let mut have: Vec<Vec<bool>> = (0..n).map(|r| (0..n).map(|j| j == r).collect()).collect();
+            let mut have: Vec<Vec<bool>> =
+                (0..n).map(|r| (0..n).map(|j| j == r).collect()).collect();
             for s in 0..n.saturating_sub(1) {
                 let snapshot = have.clone();
                 for r in 0..n {
                     let (send, recv) = allgather_step(r, n, s);
-                    assert!(snapshot[r][send], "n {n} step {s}: rank {r} sends a segment it holds");
+                    assert!(
+                        snapshot[r][send],
+                        "n {n} step {s}: rank {r} sends a segment it holds"
+                    );
                     assert_eq!(allgather_step(left(r, n), n, s).0, recv);
                     have[r][recv] = true;
                 }

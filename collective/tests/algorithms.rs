@@ -116,11 +116,18 @@ fn reference<T: TestElem>(vals: &[T], op: ReduceOp) -> (f64, f64) {
 fn assert_close<T: TestElem>(got: T, vals: &[T], op: ReduceOp, what: &str) {
     let (r, abs) = reference(vals, op);
     let tol = T::tolerance(r, abs, vals.len());
-    assert!((got.to_f64() - r).abs() <= tol, "{what}: got {got:?}, reference {r}, tolerance {tol}");
+    assert!(
+        (got.to_f64() - r).abs() <= tol,
+        "{what}: got {got:?}, reference {r}, tolerance {tol}"
+    );
 }
 
 /// Runs `f` on `n` ranks as threads over an in-memory network; returns their results.
-fn on_ranks<R: Send>(n: usize, cfg: &CommConfig, f: impl Fn(&mut Communicator) -> R + Sync) -> Vec<R> {
+fn on_ranks<R: Send>(
+    n: usize,
+    cfg: &CommConfig,
+    f: impl Fn(&mut Communicator) -> R + Sync,
+) -> Vec<R> {
     let transports = mem::network(n);
     std::thread::scope(|s| {
         let handles: Vec<_> = transports
@@ -131,7 +138,10 @@ fn on_ranks<R: Send>(n: usize, cfg: &CommConfig, f: impl Fn(&mut Communicator) -
                 s.spawn(move || f(&mut Communicator::new(Box::new(t), cfg)))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
     })
 }
 
@@ -145,7 +155,12 @@ fn every_op<T: TestElem>(c: &mut Communicator, count: usize, salt: usize) -> Vec
         c.allreduce(&mut buf, op).unwrap();
         for (i, got) in buf.iter().enumerate() {
             let vals: Vec<T> = (0..n).map(|r| input(r, i, salt)).collect();
-            assert_close(*got, &vals, op, &format!("allreduce {op} {} n={n} count={count} i={i}", T::DTYPE));
+            assert_close(
+                *got,
+                &vals,
+                op,
+                &format!("allreduce {op} {} n={n} count={count} i={i}", T::DTYPE),
+            );
         }
         bits.extend(buf.iter().map(|v| v.bits()));
         // reduce_scatter: blocks of `count` elements out of n × count.
@@ -154,19 +169,39 @@ fn every_op<T: TestElem>(c: &mut Communicator, count: usize, salt: usize) -> Vec
         c.reduce_scatter(&send, &mut recv, op).unwrap();
         for (i, got) in recv.iter().enumerate() {
             let vals: Vec<T> = (0..n).map(|r| input(r, me * count + i, salt + 1)).collect();
-            assert_close(*got, &vals, op, &format!("reduce_scatter {op} {} n={n} count={count}", T::DTYPE));
+            assert_close(
+                *got,
+                &vals,
+                op,
+                &format!("reduce_scatter {op} {} n={n} count={count}", T::DTYPE),
+            );
         }
     }
     for root in [0, n - 1] {
-        let mut buf: Vec<T> = (0..count).map(|i| if me == root { input(root, i, salt + 2) } else { T::default() }).collect();
+        let mut buf: Vec<T> = (0..count)
+            .map(|i| {
+                if me == root {
+                    input(root, i, salt + 2)
+                } else {
+                    T::default()
+                }
+            })
+            .collect();
         c.broadcast(&mut buf, root).unwrap();
         let want: Vec<T> = (0..count).map(|i| input(root, i, salt + 2)).collect();
-        assert_eq!(buf, want, "broadcast root {root} {} n={n} count={count}", T::DTYPE);
+        assert_eq!(
+            buf,
+            want,
+            "broadcast root {root} {} n={n} count={count}",
+            T::DTYPE
+        );
     }
     let send: Vec<T> = (0..count).map(|i| input(me, i, salt + 3)).collect();
     let mut recv = vec![T::default(); n * count];
     c.allgather(&send, &mut recv).unwrap();
-    let want: Vec<T> = (0..n).flat_map(|r| (0..count).map(move |i| input::<T>(r, i, salt + 3))).collect();
+    let want: Vec<T> = (0..n)
+        .flat_map(|r| (0..count).map(move |i| input::<T>(r, i, salt + 3)))
+        .collect();
     assert_eq!(recv, want, "allgather {} n={n} count={count}", T::DTYPE);
     c.barrier().unwrap();
     bits
@@ -183,7 +218,12 @@ fn all_dtypes(c: &mut Communicator, count: usize) -> Vec<u64> {
 
 fn config(algorithm: Algorithm) -> CommConfig {
     // Small chunks so that the ring pipelines several frames per segment even in tests.
-    CommConfig { timeout: Duration::from_secs(20), chunk_bytes: 64, algorithm, ..CommConfig::default() }
+    CommConfig {
+        timeout: Duration::from_secs(20),
+        chunk_bytes: 64,
+        algorithm,
+        ..CommConfig::default()
+    }
 }
 
 #[test]
@@ -194,7 +234,10 @@ fn every_op_and_dtype_for_one_to_eight_ranks() {
         for algorithm in [Algorithm::Direct, Algorithm::Ring] {
             for &count in &sizes {
                 let results = on_ranks(n, &config(algorithm), |c| all_dtypes(c, count));
-                assert!(results.windows(2).all(|w| w[0] == w[1]), "n={n} {algorithm:?} count={count}: ranks differ bitwise");
+                assert!(
+                    results.windows(2).all(|w| w[0] == w[1]),
+                    "n={n} {algorithm:?} count={count}: ranks differ bitwise"
+                );
             }
         }
     }
@@ -203,28 +246,41 @@ fn every_op_and_dtype_for_one_to_eight_ranks() {
 #[test]
 fn large_buffers_pipeline_through_the_ring() {
     for n in [2, 3, 5] {
-        let cfg = CommConfig { chunk_bytes: 4096, ..config(Algorithm::Ring) };
+        let cfg = CommConfig {
+            chunk_bytes: 4096,
+            ..config(Algorithm::Ring)
+        };
         let results = on_ranks(n, &cfg, |c| {
             let mut bits = every_op::<f32>(c, 20_011, 7);
             bits.extend(every_op::<Bf16>(c, 20_011, 8));
             bits
         });
-        assert!(results.windows(2).all(|w| w[0] == w[1]), "n={n}: ranks differ bitwise");
+        assert!(
+            results.windows(2).all(|w| w[0] == w[1]),
+            "n={n}: ranks differ bitwise"
+        );
     }
 }
 
 #[test]
 fn auto_switches_algorithm_by_size_and_both_agree_with_reference() {
-    let cfg = CommConfig { small_max_bytes: 1024, chunk_bytes: 512, ..config(Algorithm::Auto) };
+    let cfg = CommConfig {
+        small_max_bytes: 2048,
+        chunk_bytes: 512,
+        ..config(Algorithm::Auto)
+    };
     on_ranks(4, &cfg, |c| {
-        every_op::<f32>(c, 100, 9); // 400 B: direct
-        every_op::<f32>(c, 1000, 9); // 4000 B: ring
+        every_op::<f32>(c, 100, 9); // 3 × 400 B <= 2048: direct
+        every_op::<f32>(c, 1000, 9); // 3 × 4000 B: ring
     });
 }
 
 #[test]
 fn results_are_bitwise_identical_from_run_to_run() {
-    let cfg = CommConfig { chunk_bytes: 256, ..config(Algorithm::Ring) };
+    let cfg = CommConfig {
+        chunk_bytes: 256,
+        ..config(Algorithm::Ring)
+    };
     let run = || on_ranks(5, &cfg, |c| every_op::<f32>(c, 3001, 11));
     let first = run();
     for _ in 0..3 {
@@ -237,11 +293,22 @@ fn fused_buckets_equal_unfused_results() {
     // Integer-valued f32 and i64 sums are exact in any order, so fused and unfused must
     // agree bitwise; the bucket boundaries change the algorithm's segmenting, not the values.
     let sizes = [1usize, 5, 300, 2, 4000, 17, 0, 64];
-    let cfg = CommConfig { small_max_bytes: 2048, chunk_bytes: 256, ..config(Algorithm::Auto) };
+    let cfg = CommConfig {
+        small_max_bytes: 2048,
+        chunk_bytes: 256,
+        ..config(Algorithm::Auto)
+    };
     let results = on_ranks(3, &cfg, |c| {
         let me = c.rank();
         let make = |salt: usize| -> Vec<Vec<f32>> {
-            sizes.iter().map(|&s| (0..s).map(|i| ((me * 13 + i * 7 + salt) % 50) as f32).collect()).collect()
+            sizes
+                .iter()
+                .map(|&s| {
+                    (0..s)
+                        .map(|i| ((me * 13 + i * 7 + salt) % 50) as f32)
+                        .collect()
+                })
+                .collect()
         };
         let mut unfused = make(1);
         for t in unfused.iter_mut() {
@@ -251,7 +318,10 @@ fn fused_buckets_equal_unfused_results() {
         let mut views: Vec<&mut [f32]> = fused.iter_mut().map(|t| t.as_mut_slice()).collect();
         c.allreduce_fused(&mut views, ReduceOp::Sum, 1024).unwrap();
         assert_eq!(fused, unfused);
-        let mut ints: Vec<Vec<i64>> = sizes.iter().map(|&s| (0..s as i64).map(|i| i * (me as i64 + 1)).collect()).collect();
+        let mut ints: Vec<Vec<i64>> = sizes
+            .iter()
+            .map(|&s| (0..s as i64).map(|i| i * (me as i64 + 1)).collect())
+            .collect();
         let mut views: Vec<&mut [i64]> = ints.iter_mut().map(|t| t.as_mut_slice()).collect();
         c.allreduce_fused(&mut views, ReduceOp::Max, 100).unwrap();
         for (t, &s) in ints.iter().zip(&sizes) {
@@ -269,7 +339,12 @@ fn fused_equals_unfused_bitwise_with_the_direct_algorithm() {
     let sizes = [3usize, 50, 1, 200];
     on_ranks(4, &config(Algorithm::Direct), |c| {
         let me = c.rank();
-        let make = || -> Vec<Vec<f32>> { sizes.iter().map(|&s| (0..s).map(|i| input::<f32>(me, i, s)).collect()).collect() };
+        let make = || -> Vec<Vec<f32>> {
+            sizes
+                .iter()
+                .map(|&s| (0..s).map(|i| input::<f32>(me, i, s)).collect())
+                .collect()
+        };
         let mut unfused = make();
         for t in unfused.iter_mut() {
             c.allreduce(t, ReduceOp::Avg).unwrap();
@@ -292,7 +367,11 @@ fn mismatched_counts_or_dtypes_fail_on_every_rank_saying_what_differed() {
         });
         for (r, e) in errors.iter().enumerate() {
             let msg = e.to_string();
-            assert!(msg.contains("element count (100 vs 99)") || msg.contains("element count (99 vs 100)"), "rank {r}: {msg}");
+            assert!(
+                msg.contains("element count (100 vs 99)")
+                    || msg.contains("element count (99 vs 100)"),
+                "rank {r}: {msg}"
+            );
         }
         let errors = on_ranks(3, &config(algorithm), |c| {
             if c.rank() == 1 {
@@ -322,7 +401,10 @@ fn a_failed_communicator_is_poisoned() {
 
 #[test]
 fn a_vanished_rank_is_named_by_every_other_rank() {
-    let cfg = CommConfig { timeout: Duration::from_secs(5), ..config(Algorithm::Ring) };
+    let cfg = CommConfig {
+        timeout: Duration::from_secs(5),
+        ..config(Algorithm::Ring)
+    };
     let results = on_ranks(4, &cfg, |c| {
         let mut buf = vec![1.0f32; 1000];
         c.allreduce(&mut buf, ReduceOp::Sum).unwrap();
@@ -361,7 +443,10 @@ fn a_vanished_rank_is_named_by_every_other_rank() {
 fn background_handles_overlap_and_return_results_in_order() {
     on_ranks(3, &config(Algorithm::Auto), |c| {
         let me = c.rank();
-        let comm = std::mem::replace(c, Communicator::new(Box::new(mem::network(1).remove(0)), CommConfig::default()));
+        let comm = std::mem::replace(
+            c,
+            Communicator::new(Box::new(mem::network(1).remove(0)), CommConfig::default()),
+        );
         let bg = parasync_collective::BackgroundCommunicator::new(comm);
         let h1 = bg.allreduce(vec![me as f32; 1000], ReduceOp::Sum);
         let h2 = bg.allgather(vec![me as i64; 2]);

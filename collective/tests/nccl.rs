@@ -3,14 +3,25 @@
 #![cfg(feature = "nccl")]
 
 use parasync_collective::nccl::{unavailable_reason, DeviceBf16, NcclCommunicator};
-use parasync_collective::{CommConfig, ConnectOptions, Error, JoinSpec, ReduceOp, RendezvousHost, TcpOptions};
+use parasync_collective::{
+    CommConfig, ConnectOptions, Error, JoinSpec, ReduceOp, RendezvousHost, TcpOptions,
+};
 use std::time::Duration;
 
 fn opts(rank: usize, world: usize, master: &str) -> ConnectOptions {
     let t = Duration::from_secs(60);
     ConnectOptions {
-        spec: JoinSpec { rank, world_size: world, master: master.into(), token: "nccl-test".into(), timeout: t },
-        comm: CommConfig { timeout: t, ..CommConfig::default() },
+        spec: JoinSpec {
+            rank,
+            world_size: world,
+            master: master.into(),
+            token: "nccl-test".into(),
+            timeout: t,
+        },
+        comm: CommConfig {
+            timeout: t,
+            ..CommConfig::default()
+        },
         tcp: TcpOptions::default(),
         data_host: None,
     }
@@ -52,17 +63,34 @@ fn allreduce_broadcast_allgather_on_every_visible_gpu() {
                     let st = c.stream().clone();
                     let mut f = st.clone_htod(&vec![(r + 1) as f32; 1025]).unwrap();
                     c.allreduce(&mut f, ReduceOp::Sum).unwrap();
-                    assert!(st.clone_dtoh(&f).unwrap().iter().all(|&x| x == (n * (n + 1) / 2) as f32));
-                    let mut b = st.clone_htod(&vec![DeviceBf16::from_f32((r + 1) as f32); 1025]).unwrap();
+                    assert!(st
+                        .clone_dtoh(&f)
+                        .unwrap()
+                        .iter()
+                        .all(|&x| x == (n * (n + 1) / 2) as f32));
+                    let mut b = st
+                        .clone_htod(&vec![DeviceBf16::from_f32((r + 1) as f32); 1025])
+                        .unwrap();
                     c.allreduce(&mut b, ReduceOp::Max).unwrap();
-                    assert!(st.clone_dtoh(&b).unwrap().iter().all(|&x| x.to_f32() == n as f32));
+                    assert!(st
+                        .clone_dtoh(&b)
+                        .unwrap()
+                        .iter()
+                        .all(|&x| x.to_f32() == n as f32));
                     let mut v = st.clone_htod(&vec![r as f32; 33]).unwrap();
                     c.broadcast(&mut v, n - 1).unwrap();
-                    assert!(st.clone_dtoh(&v).unwrap().iter().all(|&x| x == (n - 1) as f32));
+                    assert!(st
+                        .clone_dtoh(&v)
+                        .unwrap()
+                        .iter()
+                        .all(|&x| x == (n - 1) as f32));
                     let send = st.clone_htod(&vec![r as i32; 3]).unwrap();
                     let mut all = st.alloc_zeros::<i32>(3 * n).unwrap();
                     c.allgather(&send, &mut all).unwrap();
-                    assert_eq!(st.clone_dtoh(&all).unwrap(), (0..3 * n).map(|j| (j / 3) as i32).collect::<Vec<_>>());
+                    assert_eq!(
+                        st.clone_dtoh(&all).unwrap(),
+                        (0..3 * n).map(|j| (j / 3) as i32).collect::<Vec<_>>()
+                    );
                 })
             })
             .collect();

@@ -8,15 +8,19 @@ use std::time::{Duration, Instant};
 fn all_ok(results: &[(Option<i32>, Vec<String>)], want: &str) {
     for (r, (code, lines)) in results.iter().enumerate() {
         assert_eq!(*code, Some(0), "rank {r} failed: {lines:?}");
-        assert!(lines.iter().any(|l| l.contains(want)), "rank {r}: {lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains(want)),
+            "rank {r}: {lines:?}"
+        );
     }
 }
 
 #[test]
 fn two_and_four_ranks_run_every_op_and_dtype() {
     for n in [2, 4] {
-        // 60_000 elements: above the direct threshold for every dtype, so both families run.
-        let mut job = Job::start(n, "every-op", &["--count", "60000"]);
+        // 100_000 elements (200 KB as bf16) exceed the direct threshold for every dtype; the
+        // scenario's small sizes (0, 1, n+1, 1000) take the direct path: both families run.
+        let mut job = Job::start(n, "every-op", &["--count", "100000"]);
         all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");
     }
 }
@@ -24,7 +28,11 @@ fn two_and_four_ranks_run_every_op_and_dtype() {
 #[test]
 fn small_frames_stream_through_the_tcp_ring() {
     // 4 KiB frames: every ring step streams many frames and reduces them as they arrive.
-    let mut job = Job::start(3, "every-op", &["--count", "30000", "--chunk-bytes", "4096"]);
+    let mut job = Job::start(
+        3,
+        "every-op",
+        &["--count", "30000", "--chunk-bytes", "4096"],
+    );
     all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");
 }
 
@@ -48,10 +56,20 @@ fn two_runs_give_bitwise_equal_results() {
         let mut job = Job::start(4, "digest", &["--count", "300001"]);
         let res = job.finish(Duration::from_secs(60));
         all_ok(&res, "RESULT digest");
-        res.iter().map(|(_, l)| l.iter().find(|l| l.starts_with("RESULT digest")).unwrap().clone()).collect::<Vec<_>>()
+        res.iter()
+            .map(|(_, l)| {
+                l.iter()
+                    .find(|l| l.starts_with("RESULT digest"))
+                    .unwrap()
+                    .clone()
+            })
+            .collect::<Vec<_>>()
     };
     let first = digests();
-    assert!(first.windows(2).all(|w| w[0] == w[1]), "ranks disagree: {first:?}");
+    assert!(
+        first.windows(2).all(|w| w[0] == w[1]),
+        "ranks disagree: {first:?}"
+    );
     assert_eq!(digests(), first, "second run differs");
 }
 
@@ -62,31 +80,56 @@ fn a_killed_rank_is_named_by_every_other_rank_within_the_timeout() {
     // 4 MiB per allreduce: the kill lands mid-operation.
     let mut job = Job::start(4, "loop", &["--count", "1000000", "--timeout-ms", &t]);
     for r in 0..4 {
-        job.wait_line(r, |l| l.starts_with("RESULT looping"), Duration::from_secs(30)).expect("every rank loops");
+        job.wait_line(
+            r,
+            |l| l.starts_with("RESULT looping"),
+            Duration::from_secs(30),
+        )
+        .expect("every rank loops");
     }
     let killed = Instant::now();
     job.kill(2);
     let res = job.finish(Duration::from_millis(timeout_ms + 5000));
     let took = killed.elapsed();
-    assert!(took < Duration::from_millis(timeout_ms), "ranks took {took:?} to give up");
+    assert!(
+        took < Duration::from_millis(timeout_ms),
+        "ranks took {took:?} to give up"
+    );
     for (r, (code, lines)) in res.iter().enumerate().filter(|(r, _)| *r != 2) {
-        let err = lines.iter().find(|l| l.starts_with("ERROR")).unwrap_or_else(|| panic!("rank {r} printed no error: {lines:?}"));
+        let err = lines
+            .iter()
+            .find(|l| l.starts_with("ERROR"))
+            .unwrap_or_else(|| panic!("rank {r} printed no error: {lines:?}"));
         assert_eq!(*code, Some(3), "rank {r}");
-        assert!(err.contains("culprit=2 "), "rank {r} blames the wrong rank: {err}");
+        assert!(
+            err.contains("culprit=2 "),
+            "rank {r} blames the wrong rank: {err}"
+        );
         assert!(!err.contains("seq=-"), "rank {r} names no operation: {err}");
     }
 }
 
 #[test]
 fn mismatched_sizes_or_dtypes_error_on_every_rank() {
-    for (scenario, want) in [("mismatch-count", "element count (1000 vs 999)"), ("mismatch-dtype", "dtype (f32 vs f64)")] {
+    for (scenario, want) in [
+        ("mismatch-count", "element count (1000 vs 999)"),
+        ("mismatch-dtype", "dtype (f32 vs f64)"),
+    ] {
         let mut job = Job::start(3, scenario, &["--timeout-ms", "5000"]);
         let res = job.finish(Duration::from_secs(20));
         for (r, (code, lines)) in res.iter().enumerate() {
             assert_eq!(*code, Some(3), "rank {r}: {lines:?}");
-            let err = lines.iter().find(|l| l.starts_with("ERROR")).expect("an error line");
-            let flipped = want.replace("1000 vs 999", "999 vs 1000").replace("f32 vs f64", "f64 vs f32");
-            assert!(err.contains(want) || err.contains(&flipped), "rank {r}: {err}");
+            let err = lines
+                .iter()
+                .find(|l| l.starts_with("ERROR"))
+                .expect("an error line");
+            let flipped = want
+                .replace("1000 vs 999", "999 vs 1000")
+                .replace("f32 vs f64", "f64 vs f32");
+            assert!(
+                err.contains(want) || err.contains(&flipped),
+                "rank {r}: {err}"
+            );
         }
     }
 }
@@ -94,8 +137,19 @@ fn mismatched_sizes_or_dtypes_error_on_every_rank() {
 #[test]
 fn a_wrong_job_token_is_refused_and_the_job_goes_on() {
     let mut job = Job::start_host(2, "barrier", &["--timeout-ms", "10000"]);
-    let intruder = job.add(1, 2, "barrier", &["--token", "another-job", "--timeout-ms", "10000"]);
-    let refused = job.wait_line(intruder, |l| l.starts_with("ERROR"), Duration::from_secs(15)).expect("the intruder is refused");
+    let intruder = job.add(
+        1,
+        2,
+        "barrier",
+        &["--token", "another-job", "--timeout-ms", "10000"],
+    );
+    let refused = job
+        .wait_line(
+            intruder,
+            |l| l.starts_with("ERROR"),
+            Duration::from_secs(15),
+        )
+        .expect("the intruder is refused");
     assert!(refused.contains("job token refused"), "{refused}");
     job.add(1, 2, "barrier", &["--timeout-ms", "10000"]);
     let res = job.finish(Duration::from_secs(20));

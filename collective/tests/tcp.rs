@@ -1,21 +1,36 @@
 //! Tier 2/3: the rendezvous and the TCP data plane in one process (ranks as threads).
 
 use parasync_collective::{
-    connect, connect_hosting, CommConfig, Communicator, ConnectOptions, Error, JoinSpec, ReduceOp, RendezvousHost, TcpOptions,
+    connect, connect_hosting, CommConfig, Communicator, ConnectOptions, Error, JoinSpec, ReduceOp,
+    RendezvousHost, TcpOptions,
 };
 use std::time::{Duration, Instant};
 
 fn opts(rank: usize, world: usize, master: &str, timeout: Duration) -> ConnectOptions {
     ConnectOptions {
-        spec: JoinSpec { rank, world_size: world, master: master.into(), token: "tcp-test".into(), timeout },
-        comm: CommConfig { timeout, ..CommConfig::default() },
+        spec: JoinSpec {
+            rank,
+            world_size: world,
+            master: master.into(),
+            token: "tcp-test".into(),
+            timeout,
+        },
+        comm: CommConfig {
+            timeout,
+            ..CommConfig::default()
+        },
         tcp: TcpOptions::default(),
         data_host: None,
     }
 }
 
 /// Runs `f(rank, communicator)` for `ranks` (a subset of a world of `world`) as threads.
-fn job<R: Send>(world: usize, ranks: &[usize], timeout: Duration, f: impl Fn(usize, Result<Communicator, Error>) -> R + Sync) -> Vec<R> {
+fn job<R: Send>(
+    world: usize,
+    ranks: &[usize],
+    timeout: Duration,
+    f: impl Fn(usize, Result<Communicator, Error>) -> R + Sync,
+) -> Vec<R> {
     let host = RendezvousHost::bind("127.0.0.1:0").unwrap();
     let master = host.local_addr().unwrap().to_string();
     let mut host = Some(host);
@@ -69,7 +84,9 @@ fn a_new_communicator_forms_after_a_rank_is_lost() {
 #[test]
 fn the_rendezvous_names_ranks_that_do_not_show_up() {
     let started = Instant::now();
-    let errors = job(3, &[0, 1], Duration::from_millis(800), |_, c| c.err().expect("cannot meet without rank 2").to_string());
+    let errors = job(3, &[0, 1], Duration::from_millis(800), |_, c| {
+        c.err().expect("cannot meet without rank 2").to_string()
+    });
     assert!(started.elapsed() < Duration::from_secs(10));
     for e in errors {
         assert!(e.contains("[2]"), "{e}");

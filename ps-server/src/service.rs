@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::Stream;
 use parasync_proto::ps::{self, parameter_server_server::ParameterServer};
 use parasync_tensor::DType;
@@ -39,12 +38,14 @@ pub struct PsService {
     config: ServiceConfig,
     /// Turns true when the server begins to shut down, releasing waiting pulls.
     shutdown: watch::Receiver<bool>,
+    /// Chunk buffers of pull streams.
+    pool: parasync_tensor::BufferPool,
 }
 
 impl PsService {
     /// A service over `store`; pulls waiting for a step end when `shutdown` turns true.
     pub fn new(store: Arc<VariableStore>, config: ServiceConfig, shutdown: watch::Receiver<bool>) -> Self {
-        PsService { store, config, shutdown }
+        PsService { store, config, shutdown, pool: Default::default() }
     }
 
     fn reject(&self, e: Error) -> Status {
@@ -153,18 +154,20 @@ impl ParameterServer for PsService {
         let metrics = Arc::clone(self.store.metrics());
         metrics.pulls.fetch_add(1, Relaxed);
         let chunk = (self.config.chunk_bytes / wire.size()).max(1);
+        let pool = self.pool.clone();
         let stream = futures::stream::unfold((var, 0usize, true), move |(var, start, first)| {
             let metrics = Arc::clone(&metrics);
+            let pool = pool.clone();
             async move {
                 if start >= var.len() && !first {
                     return None;
                 }
                 let end = (start + chunk).min(var.len());
-                let mut buf = Vec::with_capacity((end - start) * wire.size());
+                let mut buf = pool.take((end - start) * wire.size());
                 let version = var.encode_range(start, end, wire, &mut buf);
                 metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
                 let header = first.then(|| pull_header(&var, version, wire));
-                Some((Ok(ps::PullResponse { header, data: Bytes::from(buf) }), (var, end, false)))
+                Some((Ok(ps::PullResponse { header, data: pool.freeze(buf) }), (var, end, false)))
             }
         });
         Ok(Response::new(Box::pin(stream)))

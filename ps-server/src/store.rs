@@ -498,14 +498,17 @@ impl GradientBuffer {
             ));
         }
         let dst = &mut self.values[self.filled..end];
-        parasync_tensor::decode_into(bytes, self.wire, dst).map_err(|e| Error::invalid(&self.name, e.to_string()))?;
         if self.check_finite {
-            if let Some(i) = dst.iter().position(|x| !x.is_finite()) {
+            let (_, bad) = parasync_tensor::decode_into_checked(bytes, self.wire, dst)
+                .map_err(|e| Error::invalid(&self.name, e.to_string()))?;
+            if let Some(i) = bad {
                 return Err(Error::invalid(
                     &self.name,
                     format!("gradient element {} is {} (non-finite gradients are rejected)", self.filled + i, dst[i]),
                 ));
             }
+        } else {
+            parasync_tensor::decode_into(bytes, self.wire, dst).map_err(|e| Error::invalid(&self.name, e.to_string()))?;
         }
         self.filled = end;
         Ok(())

@@ -5,6 +5,9 @@
 //! conversions between `f32` values and wire bytes.
 
 pub mod bf16;
+mod pool;
+
+pub use pool::BufferPool;
 
 use std::fmt;
 
@@ -143,6 +146,24 @@ pub fn decode_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<usize,
     Ok(n)
 }
 
+/// Like [`decode_into`], and also reports the index (within `out`) of the first element
+/// that is NaN or infinite (checked block by block right after each block is written).
+pub fn decode_into_checked(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<(usize, Option<usize>), EncodingError> {
+    let n = element_count(bytes.len(), dtype)?;
+    if n > out.len() {
+        return Err(EncodingError::Overflow { got: n, expected: out.len() });
+    }
+    decode_into(bytes, dtype, &mut out[..n])?;
+    // A branch-free fold per block vectorises; the exact position is searched only when
+    // a block has a non-finite value (the rejected, rare case).
+    const EXP: u32 = 0x7f80_0000;
+    let any_bad = out[..n]
+        .chunks(256)
+        .any(|block| block.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & EXP) == EXP) as u32) != 0);
+    let first_bad = if any_bad { out[..n].iter().position(|x| !x.is_finite()) } else { None };
+    Ok((n, first_bad))
+}
+
 /// Decodes a whole byte buffer of `dtype` into a new vector.
 pub fn decode_vec(bytes: &[u8], dtype: DType) -> Result<Vec<f32>, EncodingError> {
     let n = element_count(bytes.len(), dtype)?;
@@ -171,6 +192,30 @@ mod tests {
         encode_f32(&v, DType::Bf16, &mut b);
         assert_eq!(b.len(), 8);
         assert_eq!(decode_vec(&b, DType::Bf16).unwrap(), v);
+    }
+
+    #[test]
+    fn checked_decode_finds_the_first_non_finite_element() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let mut v = vec![1.5f32; 300];
+            let mut b = Vec::new();
+            encode_f32(&v, dtype, &mut b);
+            let mut out = vec![0.0; 300];
+            assert_eq!(decode_into_checked(&b, dtype, &mut out).unwrap(), (300, None));
+            assert_eq!(out, v);
+            for (i, bad) in [(0, f32::NAN), (77, f32::INFINITY), (299, f32::NEG_INFINITY)] {
+                v[i] = bad;
+                b.clear();
+                encode_f32(&v, dtype, &mut b);
+                assert_eq!(decode_into_checked(&b, dtype, &mut out).unwrap(), (300, Some(i)), "{dtype} {i}");
+                v[i] = 1.5;
+            }
+            v[150] = f32::INFINITY;
+            v[200] = f32::NAN;
+            b.clear();
+            encode_f32(&v, dtype, &mut b);
+            assert_eq!(decode_into_checked(&b, dtype, &mut out).unwrap().1, Some(150), "{dtype}");
+        }
     }
 
     #[test]

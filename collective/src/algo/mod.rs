@@ -11,7 +11,9 @@ mod ring;
 mod small;
 
 pub(crate) use ring::{allgather_ring, allreduce_ring, broadcast_chain, reduce_scatter_ring};
-pub(crate) use small::{allgather_direct, allreduce_direct, barrier, broadcast_direct, reduce_scatter_direct};
+pub(crate) use small::{
+    allgather_direct, allreduce_direct, barrier, broadcast_direct, reduce_scatter_direct,
+};
 
 use crate::dtype::Element;
 use crate::error::Result;
@@ -53,7 +55,8 @@ impl Ctx<'_> {
         on_frame: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
         let frame = self.chunk_elems::<T>() * std::mem::size_of::<T>();
-        self.t.stream(&self.op, send, recv, frame, self.deadline, on_frame)
+        self.t
+            .stream(&self.op, send, recv, frame, self.deadline, on_frame)
     }
 
     /// Chunk length in elements of type `T`.
@@ -67,8 +70,14 @@ impl Ctx<'_> {
         let mut sends = pool.take_sends();
         let mut recvs = pool.take_recvs();
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp { peer: p, payload: &[] });
-            recvs.push(RecvOp { peer: p, buf: &mut [] });
+            sends.push(SendOp {
+                peer: p,
+                payload: &[],
+            });
+            recvs.push(RecvOp {
+                peer: p,
+                buf: &mut [],
+            });
         }
         let r = self.exchange(&sends, &mut recvs);
         pool.put_sends(sends);

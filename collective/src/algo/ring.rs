@@ -2,9 +2,14 @@
 //! `chunk_bytes`. Reduce-scatter then allgather sends 2(n-1)/n of the buffer per rank.
 
 use super::{typed, Ctx, Scratch};
-use crate::dtype::{as_bytes, as_bytes_mut, finish_into, fold_finish, fold_into, from_bytes_mut, load_into, Element, ReduceOp};
+use crate::dtype::{
+    as_bytes, as_bytes_mut, finish_into, fold_finish, fold_finish_acc, fold_finish_two, fold_into,
+    fold_two, from_bytes_mut, load_into, Element, ReduceOp,
+};
 use crate::error::Result;
-use crate::schedule::{allgather_step, chain_position, chunk_count, left, reduce_scatter_step, right, Partition};
+use crate::schedule::{
+    allgather_step, chain_position, chunk_count, left, reduce_scatter_step, right, Partition,
+};
 use crate::transport::{RecvOp, SendOp};
 use std::ops::Range;
 
@@ -44,7 +49,11 @@ fn reduce_scatter_phase<'s, T: Element>(
     let mut cur = typed::<T::Acc>(a, m);
     let mut nxt = typed::<T::Acc>(b, m);
     let (first, _) = reduce_scatter_step(me, n, 0);
-    let first = if n == 1 { part.range(me) } else { part.range(first) };
+    let first = if n == 1 {
+        part.range(me)
+    } else {
+        part.range(first)
+    };
     load_into(&mut cur[..first.len()], &local[first]);
     let (lt, rt) = (left(me, n), right(me, n));
     let size = std::mem::size_of::<T::Acc>();
@@ -59,7 +68,11 @@ fn reduce_scatter_phase<'s, T: Element>(
             let at = off / size;
             fold_into(acc, &mine[at..at + acc.len()], op);
         };
-        ctx.stream::<T::Acc>(Some((rt, as_bytes(&cur[..slen]))), Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))), &mut fold)?;
+        ctx.stream::<T::Acc>(
+            Some((rt, as_bytes(&cur[..slen]))),
+            Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))),
+            &mut fold,
+        )?;
         std::mem::swap(&mut cur, &mut nxt);
     }
     Ok(&cur[..part.range(me).len()])
@@ -91,9 +104,52 @@ fn pairwise_reduce_scatter_phase<'s, T: Element>(
             let at = off / size;
             fold_into(&mut acc[at..at + theirs.len()], theirs, op);
         };
-        ctx.stream::<T>(Some((to, as_bytes(&local[part.range(to)]))), Some((from, as_bytes_mut(incoming))), &mut fold)?;
+        ctx.stream::<T>(
+            Some((to, as_bytes(&local[part.range(to)]))),
+            Some((from, as_bytes_mut(incoming))),
+            &mut fold,
+        )?;
     }
     Ok(acc)
+}
+
+/// The pairwise exchange of [`pairwise_reduce_scatter_phase`] for in-place allreduce, with
+/// the folds fused into as few passes as possible: the first step folds this rank's values
+/// and the arriving ones together, the last one writes the rounded result straight into
+/// `buf` (same fold order, same numerics).
+fn pairwise_in_place<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+    part: Partition,
+    op: ReduceOp,
+) -> Result<()> {
+    let (me, n) = (ctx.rank(), ctx.n());
+    let own = part.range(me);
+    let acc = typed::<T::Acc>(&mut s.a, own.len());
+    let incoming = typed::<T>(&mut s.b, own.len());
+    let size = std::mem::size_of::<T>();
+    for k in 1..n {
+        let (to, from) = ((me + k) % n, (me + n - k) % n);
+        let (send, mine) = disjoint(buf, part.range(to), own.clone());
+        let (first, last) = (k == 1, k == n - 1);
+        let mut fold = |off: usize, bytes: &mut [u8]| {
+            let theirs = from_bytes_mut::<T>(bytes);
+            let r = off / size..off / size + theirs.len();
+            match (first, last) {
+                (true, true) => fold_finish_two(&mut mine[r], theirs, op, n),
+                (true, false) => fold_two(&mut acc[r.clone()], &mine[r], theirs, op),
+                (false, true) => fold_finish_acc(&mut mine[r.clone()], &acc[r], theirs, op, n),
+                (false, false) => fold_into(&mut acc[r], theirs, op),
+            }
+        };
+        ctx.stream::<T>(
+            Some((to, as_bytes(send))),
+            Some((from, as_bytes_mut(incoming))),
+            &mut fold,
+        )?;
+    }
+    Ok(())
 }
 
 /// Ring allgather in place: rank `r` holds segment `r` of `buf` and ends with all of them.
@@ -103,7 +159,11 @@ fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) ->
     for step in 0..n - 1 {
         let (ss, rs) = allgather_step(me, n, step);
         let (sbuf, rbuf) = disjoint(buf, part.range(ss), part.range(rs));
-        ctx.stream::<T>(Some((rt, as_bytes(sbuf))), Some((lt, as_bytes_mut(rbuf))), &mut |_, _| {})?;
+        ctx.stream::<T>(
+            Some((rt, as_bytes(sbuf))),
+            Some((lt, as_bytes_mut(rbuf))),
+            &mut |_, _| {},
+        )?;
     }
     Ok(())
 }
@@ -111,7 +171,12 @@ fn allgather_phase<T: Element>(ctx: &mut Ctx, buf: &mut [T], part: Partition) ->
 /// Allreduce as reduce-scatter then ring allgather, in place. Types reduced in their own
 /// type use the ring (the first step sends straight from `buf`, the last folds the arriving
 /// partials straight into `buf`, frame by frame); bf16 uses the pairwise exchange.
-pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], op: ReduceOp) -> Result<()> {
+pub(crate) fn allreduce_ring<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     ctx.announce(&mut s.pool)?;
     let part = Partition::new(buf.len(), n);
@@ -122,8 +187,7 @@ pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &m
         return Ok(());
     }
     if T::DTYPE != <T::Acc as Element>::DTYPE {
-        let acc = pairwise_reduce_scatter_phase(ctx, &mut s.a, &mut s.b, buf, part, op)?;
-        finish_into(&mut buf[part.range(me)], acc, op, n);
+        pairwise_in_place(ctx, s, buf, part, op)?;
         return allgather_phase(ctx, buf, part);
     }
     let m = part.max_len();
@@ -138,7 +202,11 @@ pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &m
         let slen = sr.len();
         let (sseg, rseg) = disjoint(buf, sr, rr.clone());
         // Here the accumulator type is the element type: step 0 sends the raw values.
-        let send = if step == 0 { as_bytes(sseg) } else { as_bytes(&cur[..slen]) };
+        let send = if step == 0 {
+            as_bytes(sseg)
+        } else {
+            as_bytes(&cur[..slen])
+        };
         let mut fold = |off: usize, bytes: &mut [u8]| {
             let partial = from_bytes_mut::<T::Acc>(bytes);
             let at = off / size;
@@ -149,14 +217,24 @@ pub(crate) fn allreduce_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &m
                 fold_into(partial, own, op);
             }
         };
-        ctx.stream::<T::Acc>(Some((rt, send)), Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))), &mut fold)?;
+        ctx.stream::<T::Acc>(
+            Some((rt, send)),
+            Some((lt, as_bytes_mut(&mut nxt[..rr.len()]))),
+            &mut fold,
+        )?;
         std::mem::swap(&mut cur, &mut nxt);
     }
     allgather_phase(ctx, buf, part)
 }
 
 /// Reduce-scatter: rank `r` receives block `r` of the reduction of every rank's `send`.
-pub(crate) fn reduce_scatter_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+pub(crate) fn reduce_scatter_ring<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    send: &[T],
+    recv: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
     let n = ctx.n();
     ctx.announce(&mut s.pool)?;
     let part = Partition::new(send.len(), n);
@@ -170,7 +248,11 @@ pub(crate) fn reduce_scatter_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, se
 }
 
 /// Allgather in place over the ring (block `me` of `buf` is this rank's contribution).
-pub(crate) fn allgather_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T]) -> Result<()> {
+pub(crate) fn allgather_ring<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+) -> Result<()> {
     let n = ctx.n();
     ctx.announce(&mut s.pool)?;
     allgather_phase(ctx, buf, Partition::new(buf.len(), n))
@@ -178,7 +260,12 @@ pub(crate) fn allgather_ring<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &m
 
 /// Broadcast along the chain `root, root+1, …`, pipelined: a rank forwards chunk `k-1`
 /// while it receives chunk `k`.
-pub(crate) fn broadcast_chain<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], root: usize) -> Result<()> {
+pub(crate) fn broadcast_chain<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+    root: usize,
+) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     ctx.announce(&mut s.pool)?;
     if n == 1 {
@@ -192,16 +279,36 @@ pub(crate) fn broadcast_chain<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &
     if pos == 0 {
         for k in 0..pieces {
             let c = piece(&all, k, chunk).expect("k < pieces");
-            ctx.exchange(&[SendOp { peer: rt, payload: as_bytes(&buf[c]) }], &mut [])?;
+            ctx.exchange(
+                &[SendOp {
+                    peer: rt,
+                    payload: as_bytes(&buf[c]),
+                }],
+                &mut [],
+            )?;
         }
         return Ok(());
     }
     for k in 0..=pieces {
-        let sc = if pos + 1 < n && k >= 1 { piece(&all, k - 1, chunk) } else { None };
+        let sc = if pos + 1 < n && k >= 1 {
+            piece(&all, k - 1, chunk)
+        } else {
+            None
+        };
         let rc = piece(&all, k, chunk);
-        let (sbuf, rbuf) = disjoint(buf, sc.clone().unwrap_or(0..0), rc.clone().unwrap_or(all.end..all.end));
-        let send = sc.map(|_| SendOp { peer: rt, payload: as_bytes(sbuf) });
-        let mut recv = rc.map(|_| RecvOp { peer: lt, buf: as_bytes_mut(rbuf) });
+        let (sbuf, rbuf) = disjoint(
+            buf,
+            sc.clone().unwrap_or(0..0),
+            rc.clone().unwrap_or(all.end..all.end),
+        );
+        let send = sc.map(|_| SendOp {
+            peer: rt,
+            payload: as_bytes(sbuf),
+        });
+        let mut recv = rc.map(|_| RecvOp {
+            peer: lt,
+            buf: as_bytes_mut(rbuf),
+        });
         ctx.exchange(send.as_slice(), recv.as_mut_slice())?;
     }
     Ok(())

@@ -17,7 +17,15 @@ fn slot(p: usize, me: usize) -> usize {
 
 /// Folds `n` contributions in rank order into `out`: rank `me`'s is `own`, peer `p`'s is the
 /// `slot(p)`-th block of `others`.
-fn fold_rank_order<T: Element>(out: &mut [T], own: &[T], others: &[T], me: usize, n: usize, op: ReduceOp, acc_buf: &mut Vec<u64>) {
+fn fold_rank_order<T: Element>(
+    out: &mut [T],
+    own: &[T],
+    others: &[T],
+    me: usize,
+    n: usize,
+    op: ReduceOp,
+    acc_buf: &mut Vec<u64>,
+) {
     let count = own.len();
     let contribution = |r: usize| -> &[T] {
         if r == me {
@@ -36,7 +44,12 @@ fn fold_rank_order<T: Element>(out: &mut [T], own: &[T], others: &[T], me: usize
 }
 
 /// Allreduce: send the whole buffer to every peer, receive theirs, fold in rank order.
-pub(crate) fn allreduce_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], op: ReduceOp) -> Result<()> {
+pub(crate) fn allreduce_direct<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
     let (me, n, count) = (ctx.rank(), ctx.n(), buf.len());
     let others = typed::<T>(&mut s.a, (n - 1) * count);
     {
@@ -44,9 +57,19 @@ pub(crate) fn allreduce_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: 
         let mut recvs = s.pool.take_recvs();
         let mut blocks = others.chunks_mut(count.max(1));
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp { peer: p, payload: as_bytes(buf) });
-            let block: &mut [T] = if count == 0 { &mut [] } else { blocks.next().expect("one block per peer") };
-            recvs.push(RecvOp { peer: p, buf: as_bytes_mut(block) });
+            sends.push(SendOp {
+                peer: p,
+                payload: as_bytes(buf),
+            });
+            let block: &mut [T] = if count == 0 {
+                &mut []
+            } else {
+                blocks.next().expect("one block per peer")
+            };
+            recvs.push(RecvOp {
+                peer: p,
+                buf: as_bytes_mut(block),
+            });
         }
         ctx.exchange(&sends, &mut recvs)?;
         s.pool.put_sends(sends);
@@ -74,7 +97,13 @@ pub(crate) fn allreduce_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: 
 }
 
 /// Reduce-scatter: send block `p` to rank `p`, receive every rank's block `me`, fold in rank order.
-pub(crate) fn reduce_scatter_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+pub(crate) fn reduce_scatter_direct<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    send: &[T],
+    recv: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
     let (me, n, count) = (ctx.rank(), ctx.n(), recv.len());
     let others = typed::<T>(&mut s.a, (n - 1) * count);
     {
@@ -82,35 +111,71 @@ pub(crate) fn reduce_scatter_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, 
         let mut recvs = s.pool.take_recvs();
         let mut blocks = others.chunks_mut(count.max(1));
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp { peer: p, payload: as_bytes(&send[p * count..(p + 1) * count]) });
-            let block: &mut [T] = if count == 0 { &mut [] } else { blocks.next().expect("one block per peer") };
-            recvs.push(RecvOp { peer: p, buf: as_bytes_mut(block) });
+            sends.push(SendOp {
+                peer: p,
+                payload: as_bytes(&send[p * count..(p + 1) * count]),
+            });
+            let block: &mut [T] = if count == 0 {
+                &mut []
+            } else {
+                blocks.next().expect("one block per peer")
+            };
+            recvs.push(RecvOp {
+                peer: p,
+                buf: as_bytes_mut(block),
+            });
         }
         ctx.exchange(&sends, &mut recvs)?;
         s.pool.put_sends(sends);
         s.pool.put_recvs(recvs);
     }
     let others = typed::<T>(&mut s.a, (n - 1) * count);
-    fold_rank_order(recv, &send[me * count..(me + 1) * count], others, me, n, op, &mut s.b);
+    fold_rank_order(
+        recv,
+        &send[me * count..(me + 1) * count],
+        others,
+        me,
+        n,
+        op,
+        &mut s.b,
+    );
     Ok(())
 }
 
 /// Broadcast: the root sends to every rank; the others send empty announcements.
-pub(crate) fn broadcast_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T], root: usize) -> Result<()> {
+pub(crate) fn broadcast_direct<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+    root: usize,
+) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     let mut sends = s.pool.take_sends();
     let mut recvs = s.pool.take_recvs();
     if me == root {
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp { peer: p, payload: as_bytes(buf) });
-            recvs.push(RecvOp { peer: p, buf: &mut [] });
+            sends.push(SendOp {
+                peer: p,
+                payload: as_bytes(buf),
+            });
+            recvs.push(RecvOp {
+                peer: p,
+                buf: &mut [],
+            });
         }
         ctx.exchange(&sends, &mut recvs)?;
     } else {
         let mut target = Some(as_bytes_mut(buf));
         for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp { peer: p, payload: &[] });
-            let b: &mut [u8] = if p == root { target.take().expect("one root") } else { &mut [] };
+            sends.push(SendOp {
+                peer: p,
+                payload: &[],
+            });
+            let b: &mut [u8] = if p == root {
+                target.take().expect("one root")
+            } else {
+                &mut []
+            };
             recvs.push(RecvOp { peer: p, buf: b });
         }
         ctx.exchange(&sends, &mut recvs)?;
@@ -121,7 +186,11 @@ pub(crate) fn broadcast_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: 
 }
 
 /// Allgather in place: block `me` of `buf` goes to every peer; block `p` comes from rank `p`.
-pub(crate) fn allgather_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: &mut [T]) -> Result<()> {
+pub(crate) fn allgather_direct<T: Element>(
+    ctx: &mut Ctx,
+    s: &mut Scratch,
+    buf: &mut [T],
+) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     let count = buf.len() / n;
     let mut sends = s.pool.take_sends();
@@ -129,11 +198,23 @@ pub(crate) fn allgather_direct<T: Element>(ctx: &mut Ctx, s: &mut Scratch, buf: 
     let (before, rest) = buf.split_at_mut(me * count);
     let (mine, after) = rest.split_at_mut(count);
     let mine: &[T] = mine;
-    let mut blocks = before.chunks_mut(count.max(1)).chain(after.chunks_mut(count.max(1)));
+    let mut blocks = before
+        .chunks_mut(count.max(1))
+        .chain(after.chunks_mut(count.max(1)));
     for p in (0..n).filter(|&p| p != me) {
-        sends.push(SendOp { peer: p, payload: as_bytes(mine) });
-        let block: &mut [T] = if count == 0 { &mut [] } else { blocks.next().expect("one block per peer") };
-        recvs.push(RecvOp { peer: p, buf: as_bytes_mut(block) });
+        sends.push(SendOp {
+            peer: p,
+            payload: as_bytes(mine),
+        });
+        let block: &mut [T] = if count == 0 {
+            &mut []
+        } else {
+            blocks.next().expect("one block per peer")
+        };
+        recvs.push(RecvOp {
+            peer: p,
+            buf: as_bytes_mut(block),
+        });
     }
     ctx.exchange(&sends, &mut recvs)?;
     s.pool.put_sends(sends);

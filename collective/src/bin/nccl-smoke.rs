@@ -7,7 +7,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use parasync_collective::bench::{parse_size, RENDEZVOUS_LINE};
 use parasync_collective::nccl::{unavailable_reason, DeviceBf16, NcclCommunicator, NcclElement};
-use parasync_collective::{CommConfig, ConnectOptions, JoinSpec, ReduceOp, RendezvousHost, TcpOptions};
+use parasync_collective::{
+    CommConfig, ConnectOptions, JoinSpec, ReduceOp, RendezvousHost, TcpOptions,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,13 +52,27 @@ fn launch(args: &Args) -> anyhow::Result<()> {
     }
     println!("# nccl-smoke: {n} rank(s), one per GPU ({gpus} visible)");
     if n == 1 {
-        println!("# one rank: busbw = algbw x 2(n-1)/n is 0 by definition; algbw shows the local cost");
+        println!(
+            "# one rank: busbw = algbw x 2(n-1)/n is 0 by definition; algbw shows the local cost"
+        );
     }
     let exe = std::env::current_exe()?;
     let spawn = |rank: usize, master: &str, out: Stdio| {
         Command::new(&exe)
-            .args(["--sizes", &args.sizes, "--timeout-s", &args.timeout_s.to_string()])
-            .args(["--rank", &rank.to_string(), "--world", &n.to_string(), "--master", master])
+            .args([
+                "--sizes",
+                &args.sizes,
+                "--timeout-s",
+                &args.timeout_s.to_string(),
+            ])
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--world",
+                &n.to_string(),
+                "--master",
+                master,
+            ])
             .stdout(out)
             .spawn()
     };
@@ -64,7 +80,11 @@ fn launch(args: &Args) -> anyhow::Result<()> {
     let mut out = BufReader::new(children[0].stdout.take().expect("piped"));
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let addr = line.trim().strip_prefix(RENDEZVOUS_LINE).map(|s| s.trim().to_string()).context("rank 0 did not start")?;
+    let addr = line
+        .trim()
+        .strip_prefix(RENDEZVOUS_LINE)
+        .map(|s| s.trim().to_string())
+        .context("rank 0 did not start")?;
     for r in 1..n {
         children.push(spawn(r, &addr, Stdio::inherit())?);
     }
@@ -91,8 +111,17 @@ fn run_rank(args: &Args, rank: usize) -> anyhow::Result<()> {
     let master = args.master.clone().context("--master")?;
     let timeout = Duration::from_secs(args.timeout_s);
     let opts = ConnectOptions {
-        spec: JoinSpec { rank, world_size: world, master: master.clone(), token: "nccl-smoke".into(), timeout },
-        comm: CommConfig { timeout, ..CommConfig::default() },
+        spec: JoinSpec {
+            rank,
+            world_size: world,
+            master: master.clone(),
+            token: "nccl-smoke".into(),
+            timeout,
+        },
+        comm: CommConfig {
+            timeout,
+            ..CommConfig::default()
+        },
         tcp: TcpOptions::default(),
         data_host: None,
     };
@@ -106,11 +135,17 @@ fn run_rank(args: &Args, rank: usize) -> anyhow::Result<()> {
     };
     let mut c = NcclCommunicator::connect(&opts, host, rank)?;
     checks::<f32>(&mut c, "f32", |v| v as f32, |x| x as f64)?;
-    checks::<DeviceBf16>(&mut c, "bf16", |v| DeviceBf16::from_f64(v), |x| x.to_f64())?;
+    checks::<DeviceBf16>(&mut c, "bf16", DeviceBf16::from_f64, |x| x.to_f64())?;
     c.set_checked(false);
     if rank == 0 {
-        println!("#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}", "size", "count", "type", "redop", "time", "algbw", "busbw");
-        println!("#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}", "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)");
+        println!(
+            "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
+            "size", "count", "type", "redop", "time", "algbw", "busbw"
+        );
+        println!(
+            "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
+            "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)"
+        );
     }
     for size in args.sizes.split(',') {
         let bytes = parse_size(size)?;
@@ -130,24 +165,41 @@ fn say(rank: usize, line: String) {
 }
 
 /// Exact checks: values are small integers, exact in bf16 and f32 for up to 8 ranks.
-fn checks<T: NcclElement>(c: &mut NcclCommunicator, name: &str, from: impl Fn(f64) -> T, to: impl Fn(T) -> f64) -> anyhow::Result<()> {
+fn checks<T: NcclElement>(
+    c: &mut NcclCommunicator,
+    name: &str,
+    from: impl Fn(f64) -> T,
+    to: impl Fn(T) -> f64,
+) -> anyhow::Result<()> {
     let (me, n) = (c.rank(), c.world_size());
     let count = (1 << 20) + 3;
     let pattern = |i: usize| ((i % 7) + 1) as f64;
     let s = c.stream().clone();
-    let host: Vec<T> = (0..count).map(|i| from((me + 1) as f64 * pattern(i))).collect();
+    let host: Vec<T> = (0..count)
+        .map(|i| from((me + 1) as f64 * pattern(i)))
+        .collect();
     let mut dev = s.clone_htod(&host)?;
     c.allreduce(&mut dev, ReduceOp::Sum)?;
     let got = s.clone_dtoh(&dev)?;
     let tri = (n * (n + 1) / 2) as f64;
-    let bad = (0..count).filter(|&i| to(got[i]) != tri * pattern(i)).count();
+    let bad = (0..count)
+        .filter(|&i| to(got[i]) != tri * pattern(i))
+        .count();
     if bad > 0 {
-        bail!("allreduce {name}: {bad} of {count} elements wrong (first: {})", to(got[0]));
+        bail!(
+            "allreduce {name}: {bad} of {count} elements wrong (first: {})",
+            to(got[0])
+        );
     }
-    say(me, format!("CHECK allreduce sum {name} ({count} elements, {n} ranks) OK"));
+    say(
+        me,
+        format!("CHECK allreduce sum {name} ({count} elements, {n} ranks) OK"),
+    );
 
     let root = n - 1;
-    let host: Vec<T> = (0..count).map(|i| from(if me == root { (i % 100) as f64 } else { -1.0 })).collect();
+    let host: Vec<T> = (0..count)
+        .map(|i| from(if me == root { (i % 100) as f64 } else { -1.0 }))
+        .collect();
     let mut dev = s.clone_htod(&host)?;
     c.broadcast(&mut dev, root)?;
     let got = s.clone_dtoh(&dev)?;
@@ -167,7 +219,9 @@ fn checks<T: NcclElement>(c: &mut NcclCommunicator, name: &str, from: impl Fn(f6
     }
     say(me, format!("CHECK allgather {name} OK"));
 
-    let host: Vec<T> = (0..per * n).map(|i| from(pattern(i) * (me + 1) as f64)).collect();
+    let host: Vec<T> = (0..per * n)
+        .map(|i| from(pattern(i) * (me + 1) as f64))
+        .collect();
     let send = s.clone_htod(&host)?;
     let mut recv = s.alloc_zeros::<T>(per)?;
     c.reduce_scatter(&send, &mut recv, ReduceOp::Sum)?;
@@ -179,7 +233,11 @@ fn checks<T: NcclElement>(c: &mut NcclCommunicator, name: &str, from: impl Fn(f6
     Ok(())
 }
 
-fn table_row<T: NcclElement>(c: &mut NcclCommunicator, bytes: usize, name: &str) -> anyhow::Result<()> {
+fn table_row<T: NcclElement>(
+    c: &mut NcclCommunicator,
+    bytes: usize,
+    name: &str,
+) -> anyhow::Result<()> {
     let count = bytes / std::mem::size_of::<T>();
     let s = c.stream().clone();
     let mut dev = s.alloc_zeros::<T>(count)?;
@@ -196,6 +254,18 @@ fn table_row<T: NcclElement>(c: &mut NcclCommunicator, bytes: usize, name: &str)
     let n = c.world_size() as f64;
     let algbw = bytes as f64 / secs / 1e9;
     let busbw = algbw * 2.0 * (n - 1.0) / n;
-    say(c.rank(), format!(" {:>12} {:>12} {:>6} {:>6} {:>10.1} {:>8.2} {:>8.2}", bytes, count, name, "sum", secs * 1e6, algbw, busbw));
+    say(
+        c.rank(),
+        format!(
+            " {:>12} {:>12} {:>6} {:>6} {:>10.1} {:>8.2} {:>8.2}",
+            bytes,
+            count,
+            name,
+            "sum",
+            secs * 1e6,
+            algbw,
+            busbw
+        ),
+    );
     Ok(())
 }

@@ -50,8 +50,9 @@ pub struct RendezvousHost {
 impl RendezvousHost {
     /// Binds `addr` (`host:port`; port 0 picks a free one).
     pub fn bind(addr: &str) -> Result<RendezvousHost> {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| Error::Rendezvous(format!("rank 0 cannot host the rendezvous at {addr}: {e}")))?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            Error::Rendezvous(format!("rank 0 cannot host the rendezvous at {addr}: {e}"))
+        })?;
         Ok(RendezvousHost { listener })
     }
 
@@ -62,18 +63,28 @@ impl RendezvousHost {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn parse_addrs(addrs: &[String]) -> Result<Vec<SocketAddr>> {
     addrs
         .iter()
-        .map(|a| a.parse().map_err(|_| Error::Rendezvous(format!("rendezvous returned a bad address {a:?}"))))
+        .map(|a| {
+            a.parse()
+                .map_err(|_| Error::Rendezvous(format!("rendezvous returned a bad address {a:?}")))
+        })
         .collect()
 }
 
 /// Hosts the rendezvous as rank 0 until every rank has joined and been answered.
-pub fn host(host: RendezvousHost, spec: &JoinSpec, my_data_addr: SocketAddr, blob: Vec<u8>) -> Result<Meeting> {
+pub fn host(
+    host: RendezvousHost,
+    spec: &JoinSpec,
+    my_data_addr: SocketAddr,
+    blob: Vec<u8>,
+) -> Result<Meeting> {
     let rt = runtime()?;
     rt.block_on(async move {
         let deadline = tokio::time::Instant::now() + spec.timeout;
@@ -91,26 +102,37 @@ pub fn host(host: RendezvousHost, spec: &JoinSpec, my_data_addr: SocketAddr, blo
         host.listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(host.listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = RendezvousServer::new(RendezvousService { shared: shared.clone() });
+        let svc = RendezvousServer::new(RendezvousService {
+            shared: shared.clone(),
+        });
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = stop_rx.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
         );
         let n = spec.world_size;
         let mut joined = shared.joined.subscribe();
-        let all = tokio::time::timeout_at(deadline, joined.wait_for(|&c| c == n)).await.is_ok();
+        let all = tokio::time::timeout_at(deadline, joined.wait_for(|&c| c == n))
+            .await
+            .is_ok();
         // Let every waiting rank get its answer (success or the list of missing ranks).
         let mut answered = shared.answered.subscribe();
         let waiting = *shared.joined.borrow() - 1;
-        let _ = tokio::time::timeout(Duration::from_secs(5), answered.wait_for(|&c| c >= waiting)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), answered.wait_for(|&c| c >= waiting))
+            .await;
         let _ = stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
         let table = shared.table.lock().expect("table lock");
         match (all, table.complete()) {
-            (true, Some(addrs)) => Ok(Meeting { addrs: parse_addrs(&addrs)?, blob }),
+            (true, Some(addrs)) => Ok(Meeting {
+                addrs: parse_addrs(&addrs)?,
+                blob,
+            }),
             _ => Err(Error::Rendezvous(format!(
                 "ranks {:?} did not join within {:?}",
                 table.missing(),
@@ -146,23 +168,42 @@ pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
                 data_addr: my_data_addr.to_string(),
             });
             // The host answers by its own deadline; allow a little beyond it.
-            req.set_timeout(until.saturating_duration_since(Instant::now()) + Duration::from_secs(2));
+            req.set_timeout(
+                until.saturating_duration_since(Instant::now()) + Duration::from_secs(2),
+            );
             match client.join(req).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
-                    return Ok(Meeting { addrs: parse_addrs(&resp.data_addrs)?, blob: resp.shared_blob.to_vec() });
+                    return Ok(Meeting {
+                        addrs: parse_addrs(&resp.data_addrs)?,
+                        blob: resp.shared_blob.to_vec(),
+                    });
                 }
                 Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                    return Err(Error::TokenRefused(format!("the rendezvous at {} says: {}", spec.master, s.message())))
+                    return Err(Error::TokenRefused(format!(
+                        "the rendezvous at {} says: {}",
+                        spec.master,
+                        s.message()
+                    )))
                 }
                 Err(s) if s.code() == tonic::Code::Unavailable => {
                     last = format!("{}: {}", spec.master, s.message());
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(s) => return Err(Error::Rendezvous(format!("rank {} refused by {}: {}", spec.rank, spec.master, s.message()))),
+                Err(s) => {
+                    return Err(Error::Rendezvous(format!(
+                        "rank {} refused by {}: {}",
+                        spec.rank,
+                        spec.master,
+                        s.message()
+                    )))
+                }
             }
         }
-        Err(Error::Rendezvous(format!("rank {} gave up after {:?}: {last}", spec.rank, spec.timeout)))
+        Err(Error::Rendezvous(format!(
+            "rank {} gave up after {:?}: {last}",
+            spec.rank, spec.timeout
+        )))
     })
 }
 
@@ -180,11 +221,39 @@ pub struct ConnectOptions {
     pub data_host: Option<IpAddr>,
 }
 
+impl ConnectOptions {
+    /// Options for the job the launcher's environment describes (see [`crate::env`]), with
+    /// default tuning and `timeout` for the rendezvous and for every operation.
+    pub fn from_env(timeout: Duration) -> Result<ConnectOptions> {
+        let l = crate::env::from_env()?;
+        Ok(ConnectOptions {
+            spec: JoinSpec {
+                rank: l.rank,
+                world_size: l.world_size,
+                master: l.master,
+                token: l.token,
+                timeout,
+            },
+            comm: CommConfig {
+                timeout,
+                ..CommConfig::default()
+            },
+            tcp: TcpOptions::default(),
+            data_host: None,
+        })
+    }
+}
+
 fn data_host(opts: &ConnectOptions) -> IpAddr {
     if let Some(ip) = opts.data_host {
         return ip;
     }
-    let loopback = opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false);
+    let loopback = opts
+        .spec
+        .master
+        .to_socket_addrs()
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
     if loopback {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -204,10 +273,17 @@ pub fn connect_hosting(opts: &ConnectOptions, host: RendezvousHost) -> Result<Co
 }
 
 /// Forms a communicator; rank 0 also publishes `blob`, which every rank gets back.
-pub fn connect_with_blob(opts: &ConnectOptions, host_listener: Option<RendezvousHost>, blob: Vec<u8>) -> Result<(Communicator, Vec<u8>)> {
+pub fn connect_with_blob(
+    opts: &ConnectOptions,
+    host_listener: Option<RendezvousHost>,
+    blob: Vec<u8>,
+) -> Result<(Communicator, Vec<u8>)> {
     let spec = &opts.spec;
     if spec.world_size == 0 || spec.rank >= spec.world_size {
-        return Err(Error::InvalidArgument(format!("rank {} of world size {}", spec.rank, spec.world_size)));
+        return Err(Error::InvalidArgument(format!(
+            "rank {} of world size {}",
+            spec.rank, spec.world_size
+        )));
     }
     let started = Instant::now();
     let listener = bind_listener(data_host(opts))?;
@@ -225,6 +301,16 @@ pub fn connect_with_blob(opts: &ConnectOptions, host_listener: Option<Rendezvous
         join(spec, my_addr)?
     };
     let deadline = started + spec.timeout + Duration::from_secs(5);
-    let transport = TcpTransport::connect_mesh(spec.rank, &meeting.addrs, listener, &spec.token, deadline, opts.tcp)?;
-    Ok((Communicator::new(Box::new(transport), opts.comm.clone()), meeting.blob))
+    let transport = TcpTransport::connect_mesh(
+        spec.rank,
+        &meeting.addrs,
+        listener,
+        &spec.token,
+        deadline,
+        opts.tcp,
+    )?;
+    Ok((
+        Communicator::new(Box::new(transport), opts.comm.clone()),
+        meeting.blob,
+    ))
 }

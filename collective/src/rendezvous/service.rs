@@ -32,19 +32,34 @@ pub enum Refusal {
 impl Table {
     /// An empty table for a job of `world` ranks.
     pub fn new(token: String, world: usize) -> Table {
-        Table { token, addrs: vec![None; world], blob: Vec::new() }
+        Table {
+            token,
+            addrs: vec![None; world],
+            blob: Vec::new(),
+        }
     }
 
     /// Records rank `rank` at `addr`.
-    pub fn join(&mut self, token: &str, rank: usize, world: usize, addr: String) -> Result<(), Refusal> {
+    pub fn join(
+        &mut self,
+        token: &str,
+        rank: usize,
+        world: usize,
+        addr: String,
+    ) -> Result<(), Refusal> {
         if token != self.token {
             return Err(Refusal::Token);
         }
         if world != self.addrs.len() {
-            return Err(Refusal::Invalid(format!("world size {world} differs from the job's {}", self.addrs.len())));
+            return Err(Refusal::Invalid(format!(
+                "world size {world} differs from the job's {}",
+                self.addrs.len()
+            )));
         }
         if rank >= world {
-            return Err(Refusal::Invalid(format!("rank {rank} is not below the world size {world}")));
+            return Err(Refusal::Invalid(format!(
+                "rank {rank} is not below the world size {world}"
+            )));
         }
         if self.addrs[rank].is_some() {
             return Err(Refusal::Taken(rank));
@@ -55,7 +70,12 @@ impl Table {
 
     /// Ranks that have not joined yet.
     pub fn missing(&self) -> Vec<usize> {
-        self.addrs.iter().enumerate().filter(|(_, a)| a.is_none()).map(|(r, _)| r).collect()
+        self.addrs
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_none())
+            .map(|(r, _)| r)
+            .collect()
     }
 
     /// Every address, once all ranks joined.
@@ -87,8 +107,9 @@ pub(crate) struct RendezvousService {
 
 /// Replaces an unspecified host (0.0.0.0 / [::]) by the address the call came from.
 fn resolve_addr(announced: &str, seen_from: Option<SocketAddr>) -> Result<String, Status> {
-    let addr: SocketAddr =
-        announced.parse().map_err(|_| Status::invalid_argument(format!("data address {announced:?} is not ip:port")))?;
+    let addr: SocketAddr = announced.parse().map_err(|_| {
+        Status::invalid_argument(format!("data address {announced:?} is not ip:port"))
+    })?;
     match (addr.ip().is_unspecified(), seen_from) {
         (true, Some(from)) => Ok(SocketAddr::new(from.ip(), addr.port()).to_string()),
         _ => Ok(addr.to_string()),
@@ -104,19 +125,31 @@ impl Rendezvous for RendezvousService {
         let (rank, world) = (req.rank as usize, req.world_size as usize);
         {
             let mut table = self.shared.table.lock().expect("table lock");
-            table.join(&req.job_token, rank, world, addr).map_err(|r| match r {
-                Refusal::Token => Status::permission_denied("job token does not match this job's; refused"),
-                Refusal::Invalid(m) => Status::invalid_argument(m),
-                Refusal::Taken(r) => Status::already_exists(format!("rank {r} has already joined")),
-            })?;
+            table
+                .join(&req.job_token, rank, world, addr)
+                .map_err(|r| match r {
+                    Refusal::Token => {
+                        Status::permission_denied("job token does not match this job's; refused")
+                    }
+                    Refusal::Invalid(m) => Status::invalid_argument(m),
+                    Refusal::Taken(r) => {
+                        Status::already_exists(format!("rank {r} has already joined"))
+                    }
+                })?;
         }
         self.shared.joined.send_modify(|c| *c += 1);
         let mut rx = self.shared.joined.subscribe();
         let all = tokio::time::timeout_at(self.shared.deadline, rx.wait_for(|&c| c == world)).await;
         let table = self.shared.table.lock().expect("table lock");
         let reply = match (all, table.complete()) {
-            (Ok(Ok(_)), Some(addrs)) => Ok(Response::new(JoinResponse { data_addrs: addrs, shared_blob: table.blob.clone().into() })),
-            _ => Err(Status::deadline_exceeded(format!("ranks {:?} did not join in time", table.missing()))),
+            (Ok(Ok(_)), Some(addrs)) => Ok(Response::new(JoinResponse {
+                data_addrs: addrs,
+                shared_blob: table.blob.clone().into(),
+            })),
+            _ => Err(Status::deadline_exceeded(format!(
+                "ranks {:?} did not join in time",
+                table.missing()
+            ))),
         };
         drop(table);
         self.shared.answered.send_modify(|c| *c += 1);
@@ -139,15 +172,26 @@ mod tests {
     }
 
     fn req(token: &str, rank: u32, world: u32) -> Request<JoinRequest> {
-        Request::new(JoinRequest { job_token: token.into(), rank, world_size: world, data_addr: "127.0.0.1:9".into() })
+        Request::new(JoinRequest {
+            job_token: token.into(),
+            rank,
+            world_size: world,
+            data_addr: "127.0.0.1:9".into(),
+        })
     }
 
     #[test]
     fn table_refusals() {
         let mut t = Table::new("tok".into(), 2);
         assert_eq!(t.join("bad", 0, 2, "a".into()), Err(Refusal::Token));
-        assert!(matches!(t.join("tok", 0, 3, "a".into()), Err(Refusal::Invalid(_))));
-        assert!(matches!(t.join("tok", 2, 2, "a".into()), Err(Refusal::Invalid(_))));
+        assert!(matches!(
+            t.join("tok", 0, 3, "a".into()),
+            Err(Refusal::Invalid(_))
+        ));
+        assert!(matches!(
+            t.join("tok", 2, 2, "a".into()),
+            Err(Refusal::Invalid(_))
+        ));
         assert_eq!(t.join("tok", 1, 2, "a".into()), Ok(()));
         assert_eq!(t.join("tok", 1, 2, "b".into()), Err(Refusal::Taken(1)));
         assert_eq!(t.missing(), vec![0]);
@@ -159,22 +203,39 @@ mod tests {
     #[test]
     fn unspecified_hosts_take_the_callers_address() {
         let from: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        assert_eq!(resolve_addr("0.0.0.0:7000", Some(from)).unwrap(), "10.1.2.3:7000");
-        assert_eq!(resolve_addr("127.0.0.1:7000", Some(from)).unwrap(), "127.0.0.1:7000");
-        assert_eq!(resolve_addr("nonsense", None).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            resolve_addr("0.0.0.0:7000", Some(from)).unwrap(),
+            "10.1.2.3:7000"
+        );
+        assert_eq!(
+            resolve_addr("127.0.0.1:7000", Some(from)).unwrap(),
+            "127.0.0.1:7000"
+        );
+        assert_eq!(
+            resolve_addr("nonsense", None).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[tokio::test]
     async fn wrong_token_is_permission_denied() {
-        let svc = RendezvousService { shared: shared(2, Duration::from_secs(1)) };
+        let svc = RendezvousService {
+            shared: shared(2, Duration::from_secs(1)),
+        };
         let err = svc.join(req("intruder", 1, 2)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
-        assert_eq!(svc.shared.table.lock().unwrap().missing(), vec![0, 1], "the intruder took no slot");
+        assert_eq!(
+            svc.shared.table.lock().unwrap().missing(),
+            vec![0, 1],
+            "the intruder took no slot"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn missing_ranks_are_named_when_the_deadline_passes() {
-        let svc = RendezvousService { shared: shared(3, Duration::from_secs(30)) };
+        let svc = RendezvousService {
+            shared: shared(3, Duration::from_secs(30)),
+        };
         let err = svc.join(req("secret", 1, 3)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert!(err.message().contains("[0, 2]"), "{}", err.message());

@@ -33,7 +33,9 @@ pub struct MemTransport {
 
 /// Creates `n` connected transports, one per rank, to be moved into `n` threads.
 pub fn network(n: usize) -> Vec<MemTransport> {
-    let pipes: Vec<Vec<Arc<Pipe>>> = (0..n).map(|_| (0..n).map(|_| Arc::default()).collect()).collect();
+    let pipes: Vec<Vec<Arc<Pipe>>> = (0..n)
+        .map(|_| (0..n).map(|_| Arc::default()).collect())
+        .collect();
     (0..n)
         .map(|r| MemTransport {
             rank: r,
@@ -58,13 +60,22 @@ impl MemTransport {
         let mut st = pipe.state.lock().expect("pipe lock");
         while st.bytes.len() < buf.len() {
             if st.closed {
-                return Err(Error::PeerLost { peer, seq: op.seq, op: op.to_string(), detail: "connection closed".into() });
+                return Err(Error::PeerLost {
+                    peer,
+                    seq: op.seq,
+                    op: op.to_string(),
+                    detail: "connection closed".into(),
+                });
             }
             let now = Instant::now();
             if now >= deadline.at {
                 return Err(deadline.timeout_error(peer, op));
             }
-            st = pipe.ready.wait_timeout(st, deadline.at - now).expect("pipe lock").0;
+            st = pipe
+                .ready
+                .wait_timeout(st, deadline.at - now)
+                .expect("pipe lock")
+                .0;
         }
         let len = buf.len();
         for (dst, src) in buf.iter_mut().zip(st.bytes.drain(..len)) {
@@ -83,22 +94,42 @@ impl Transport for MemTransport {
         self.outgoing.len()
     }
 
-    fn exchange(&mut self, op: &OpDesc, sends: &[SendOp<'_>], recvs: &mut [RecvOp<'_>], deadline: Deadline) -> Result<()> {
+    fn exchange(
+        &mut self,
+        op: &OpDesc,
+        sends: &[SendOp<'_>],
+        recvs: &mut [RecvOp<'_>],
+        deadline: Deadline,
+    ) -> Result<()> {
         for s in sends {
-            let hdr = FrameHeader { kind: FrameKind::Data(*op), payload_len: s.payload.len() as u32 };
+            let hdr = FrameHeader {
+                kind: FrameKind::Data(*op),
+                payload_len: s.payload.len() as u32,
+            };
             self.push(s.peer, &hdr, s.payload);
         }
         for r in recvs.iter_mut() {
             let mut raw = [0u8; HEADER_LEN];
             self.pull(r.peer, &mut raw, op, deadline)?;
-            let hdr = FrameHeader::decode(&raw).map_err(|detail| Error::Protocol { peer: r.peer, detail })?;
+            let hdr = FrameHeader::decode(&raw).map_err(|detail| Error::Protocol {
+                peer: r.peer,
+                detail,
+            })?;
             match &hdr.kind {
                 FrameKind::Abort { .. } => {
                     let mut reason = vec![0u8; (hdr.payload_len as usize).min(MAX_REASON)];
                     self.pull(r.peer, &mut reason, op, deadline)?;
                     return Err(abort_error(r.peer, &hdr, &reason));
                 }
-                FrameKind::Data(theirs) => validate(op, theirs, hdr.payload_len, r.buf.len(), self.rank, r.peer)?,
+                FrameKind::Data(theirs) => {
+                    validate(op, theirs, hdr.payload_len, r.buf.len(), self.rank, r.peer)?
+                }
+                FrameKind::Query { .. } | FrameKind::Reply { .. } => {
+                    return Err(Error::Protocol {
+                        peer: r.peer,
+                        detail: "wait query on the in-memory transport".into(),
+                    })
+                }
             }
             self.pull(r.peer, r.buf, op, deadline)?;
         }
@@ -107,7 +138,10 @@ impl Transport for MemTransport {
 
     fn abort(&mut self, seq: u64, culprit: Option<usize>, reason: &str) {
         let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
-        let hdr = FrameHeader { kind: FrameKind::Abort { seq, culprit }, payload_len: reason.len() as u32 };
+        let hdr = FrameHeader {
+            kind: FrameKind::Abort { seq, culprit },
+            payload_len: reason.len() as u32,
+        };
         for p in (0..self.outgoing.len()).filter(|&p| p != self.rank) {
             self.push(p, &hdr, reason);
         }

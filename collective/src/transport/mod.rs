@@ -42,12 +42,20 @@ pub struct Deadline {
 impl Deadline {
     /// A deadline `timeout` from now.
     pub fn after(timeout: Duration) -> Deadline {
-        Deadline { at: Instant::now() + timeout, timeout }
+        Deadline {
+            at: Instant::now() + timeout,
+            timeout,
+        }
     }
 
     /// The error for having waited on `peer` past this deadline.
     pub fn timeout_error(&self, peer: usize, op: &OpDesc) -> Error {
-        Error::Timeout { peer, seq: op.seq, op: op.to_string(), timeout_ms: self.timeout.as_millis() as u64 }
+        Error::Timeout {
+            peer,
+            seq: op.seq,
+            op: op.to_string(),
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
     }
 }
 
@@ -64,7 +72,13 @@ pub trait Transport: Send {
     /// operation `op`, concurrently; returns when all are complete. Errors: a header that
     /// differs from `op` ([`Error::Mismatch`]), an abort from a peer, a lost peer, or the
     /// deadline ([`Error::Timeout`] naming the peer still awaited).
-    fn exchange(&mut self, op: &OpDesc, sends: &[SendOp<'_>], recvs: &mut [RecvOp<'_>], deadline: Deadline) -> Result<()>;
+    fn exchange(
+        &mut self,
+        op: &OpDesc,
+        sends: &[SendOp<'_>],
+        recvs: &mut [RecvOp<'_>],
+        deadline: Deadline,
+    ) -> Result<()>;
     /// Streams `send.1` to rank `send.0` while receiving `recv.1` from rank `recv.0`, both cut
     /// into frames of at most `frame` bytes (at least one frame, possibly empty), and calls
     /// `on_frame(offset, bytes)` on each received frame as soon as it is complete, in order,
@@ -80,17 +94,29 @@ pub trait Transport: Send {
         on_frame: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
         let frame = frame.max(1);
-        let ns = send.as_ref().map_or(0, |(_, b)| frame_count(b.len(), frame));
+        let ns = send
+            .as_ref()
+            .map_or(0, |(_, b)| frame_count(b.len(), frame));
         let (from, rbuf) = match recv {
             Some((p, b)) => (p, b),
             None => (usize::MAX, &mut [][..]),
         };
-        let nr = if from == usize::MAX { 0 } else { frame_count(rbuf.len(), frame) };
+        let nr = if from == usize::MAX {
+            0
+        } else {
+            frame_count(rbuf.len(), frame)
+        };
         for k in 0..ns.max(nr) {
-            let sends: Option<SendOp<'_>> = send.filter(|_| k < ns).map(|(p, b)| SendOp { peer: p, payload: &b[frame_range(b.len(), frame, k)] });
+            let sends: Option<SendOp<'_>> = send.filter(|_| k < ns).map(|(p, b)| SendOp {
+                peer: p,
+                payload: &b[frame_range(b.len(), frame, k)],
+            });
             let range = frame_range(rbuf.len(), frame, k);
             {
-                let mut recvs: Option<RecvOp<'_>> = (k < nr).then(|| RecvOp { peer: from, buf: &mut rbuf[range.clone()] });
+                let mut recvs: Option<RecvOp<'_>> = (k < nr).then(|| RecvOp {
+                    peer: from,
+                    buf: &mut rbuf[range.clone()],
+                });
                 self.exchange(op, sends.as_slice(), recvs.as_mut_slice(), deadline)?;
             }
             if k < nr {
@@ -120,8 +146,14 @@ pub(crate) fn abort_error(from: usize, hdr: &FrameHeader, reason: &[u8]) -> Erro
     let (seq, culprit) = match hdr.kind {
         FrameKind::Abort { seq, culprit } => (seq, culprit),
         FrameKind::Data(d) => (d.seq, None),
+        FrameKind::Query { seq } | FrameKind::Reply { seq, .. } => (seq, None),
     };
-    Error::PeerAborted { from, culprit, seq, reason: String::from_utf8_lossy(reason).into_owned() }
+    Error::PeerAborted {
+        from,
+        culprit,
+        seq,
+        reason: String::from_utf8_lossy(reason).into_owned(),
+    }
 }
 
 /// Longest abort message sent; longer ones are cut.

@@ -5,7 +5,9 @@
 //! accepts every higher one; the connecting side opens with a hello that carries the job
 //! token, so processes of another job (or stray port scanners) are refused.
 
-use super::{abort_error, frame_count, frame_range, Deadline, RecvOp, SendOp, Transport, MAX_REASON};
+use super::{
+    abort_error, frame_count, frame_range, Deadline, RecvOp, SendOp, Transport, MAX_REASON,
+};
 use crate::error::{Error, Result};
 use crate::frame::{validate, FrameHeader, FrameKind, OpDesc, HEADER_LEN};
 use std::io::{self, Read, Write};
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 const HELLO_MAGIC: [u8; 4] = *b"PSCH";
 /// Longest job token accepted in a hello.
 const MAX_TOKEN: usize = 1024;
+/// How long a wait busy-polls in spin mode before it sleeps in `poll(2)`.
+const SPIN_BUDGET: Duration = Duration::from_micros(500);
 
 /// Options of the TCP transport.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,6 +52,8 @@ pub struct TcpTransport {
     links: Vec<Option<Link>>,
     opts: TcpOptions,
     aborted: bool,
+    /// Start of the current stretch without progress (spin mode's budget).
+    idle_since: Option<Instant>,
     // Reused per exchange.
     send_hdr: Vec<[u8; HEADER_LEN]>,
     send_prog: Vec<Progress>,
@@ -70,9 +76,15 @@ fn hello_bytes(token: &str, rank: usize, n: usize) -> Vec<u8> {
 }
 
 /// Reads and checks a hello: returns the peer's rank, or why it is refused.
-fn read_hello(s: &mut TcpStream, token: &str, me: usize, n: usize) -> std::result::Result<usize, String> {
+fn read_hello(
+    s: &mut TcpStream,
+    token: &str,
+    me: usize,
+    n: usize,
+) -> std::result::Result<usize, String> {
     let mut fixed = [0u8; 16];
-    s.read_exact(&mut fixed).map_err(|e| format!("no hello: {e}"))?;
+    s.read_exact(&mut fixed)
+        .map_err(|e| format!("no hello: {e}"))?;
     if fixed[..4] != HELLO_MAGIC {
         return Err("not a parasync collective peer".into());
     }
@@ -82,12 +94,17 @@ fn read_hello(s: &mut TcpStream, token: &str, me: usize, n: usize) -> std::resul
         return Err("job token too long".into());
     }
     let mut t = vec![0u8; tlen];
-    s.read_exact(&mut t).map_err(|e| format!("truncated hello: {e}"))?;
+    s.read_exact(&mut t)
+        .map_err(|e| format!("truncated hello: {e}"))?;
     if t != token.as_bytes() {
-        return Err(format!("wrong job token from a process claiming rank {rank}"));
+        return Err(format!(
+            "wrong job token from a process claiming rank {rank}"
+        ));
     }
     if world != n || rank >= n || rank <= me {
-        return Err(format!("hello from rank {rank} of {world} does not fit rank {me} of {n}"));
+        return Err(format!(
+            "hello from rank {rank} of {world} does not fit rank {me} of {n}"
+        ));
     }
     Ok(rank)
 }
@@ -118,7 +135,9 @@ impl TcpTransport {
                 match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() >= deadline => {
-                        return Err(Error::Rendezvous(format!("rank {rank} could not connect to rank {p} at {addr}: {e}")))
+                        return Err(Error::Rendezvous(format!(
+                            "rank {rank} could not connect to rank {p} at {addr}: {e}"
+                        )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -126,14 +145,26 @@ impl TcpTransport {
             configure(&s)?;
             s.write_all(&hello)?;
             let mut ack = [0u8; 1];
-            s.read_exact(&mut ack).map_err(|e| Error::Rendezvous(format!("rank {p} at {addr} refused rank {rank}: {e}")))?;
+            s.read_exact(&mut ack).map_err(|e| {
+                Error::Rendezvous(format!("rank {p} at {addr} refused rank {rank}: {e}"))
+            })?;
             if ack[0] != 1 {
-                return Err(Error::TokenRefused(format!("rank {p} at {addr} refused the connection")));
+                return Err(Error::TokenRefused(format!(
+                    "rank {p} at {addr} refused the connection"
+                )));
             }
-            links[p] = Some(Link { fd: s.as_raw_fd(), stream: s, send_owed: 0 });
+            links[p] = Some(Link {
+                fd: s.as_raw_fd(),
+                stream: s,
+                send_owed: 0,
+            });
         }
         listener.set_nonblocking(true)?;
-        while links.iter().enumerate().any(|(p, l)| p > rank && l.is_none()) {
+        while links
+            .iter()
+            .enumerate()
+            .any(|(p, l)| p > rank && l.is_none())
+        {
             match listener.accept() {
                 Ok((mut s, from)) => {
                     s.set_nonblocking(false)?;
@@ -141,19 +172,30 @@ impl TcpTransport {
                     match read_hello(&mut s, token, rank, n) {
                         Ok(p) if links[p].is_none() => {
                             s.write_all(&[1])?;
-                            links[p] = Some(Link { fd: s.as_raw_fd(), stream: s, send_owed: 0 });
+                            links[p] = Some(Link {
+                                fd: s.as_raw_fd(),
+                                stream: s,
+                                send_owed: 0,
+                            });
                         }
-                        Ok(p) => tracing::warn!("rank {rank}: duplicate connection from rank {p} ({from}) refused"),
+                        Ok(p) => tracing::warn!(
+                            "rank {rank}: duplicate connection from rank {p} ({from}) refused"
+                        ),
                         Err(why) => {
-                            tracing::warn!("rank {rank}: refused data connection from {from}: {why}");
+                            tracing::warn!(
+                                "rank {rank}: refused data connection from {from}: {why}"
+                            );
                             let _ = s.write_all(&[0]);
                         }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let missing: Vec<usize> = (rank + 1..n).filter(|&p| links[p].is_none()).collect();
-                        return Err(Error::Rendezvous(format!("rank {rank}: ranks {missing:?} did not connect in time")));
+                        let missing: Vec<usize> =
+                            (rank + 1..n).filter(|&p| links[p].is_none()).collect();
+                        return Err(Error::Rendezvous(format!(
+                            "rank {rank}: ranks {missing:?} did not connect in time"
+                        )));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -168,6 +210,7 @@ impl TcpTransport {
             links,
             opts,
             aborted: false,
+            idle_since: None,
             send_hdr: Vec::new(),
             send_prog: Vec::new(),
             recv_hdr: Vec::new(),
@@ -178,25 +221,41 @@ impl TcpTransport {
     }
 
     fn link(&mut self, peer: usize) -> &mut Link {
-        self.links[peer].as_mut().expect("a link to every other rank")
+        self.links[peer]
+            .as_mut()
+            .expect("a link to every other rank")
     }
 
     fn lost(peer: usize, op: &OpDesc, detail: impl std::fmt::Display) -> Error {
-        Error::PeerLost { peer, seq: op.seq, op: op.to_string(), detail: detail.to_string() }
+        Error::PeerLost {
+            peer,
+            seq: op.seq,
+            op: op.to_string(),
+            detail: detail.to_string(),
+        }
     }
 
-    /// Waits for readiness (or spins), at most until `deadline`.
+    /// Waits for readiness, at most until `deadline`. In spin mode it busy-polls (yielding the
+    /// core between looks) for the first [`SPIN_BUDGET`] of a wait, then sleeps like the
+    /// normal mode, so that more ranks than cores still make progress.
     fn wait(&mut self, deadline: Instant) {
-        let timeout_ms = if self.opts.spin {
+        let spinning = self.opts.spin && self.idle_since.is_some_and(|t| t.elapsed() < SPIN_BUDGET);
+        let timeout_ms = if spinning {
             0
         } else {
             let left = deadline.saturating_duration_since(Instant::now());
             left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
         };
         // SAFETY: `pollfds` is a valid, initialized array of `len` pollfd structs.
-        let rc = unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, timeout_ms) };
-        if rc < 0 || self.opts.spin {
-            std::hint::spin_loop();
+        let rc = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
+        if spinning && rc == 0 {
+            std::thread::yield_now();
         }
     }
 
@@ -210,10 +269,22 @@ impl TcpTransport {
             let fd = self.link(p).fd;
             let mut raw = [0u8; HEADER_LEN];
             // SAFETY: `raw` is a writable buffer of HEADER_LEN bytes.
-            let got = unsafe { libc::recv(fd, raw.as_mut_ptr().cast(), HEADER_LEN, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            let got = unsafe {
+                libc::recv(
+                    fd,
+                    raw.as_mut_ptr().cast(),
+                    HEADER_LEN,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
             if got == HEADER_LEN as isize {
                 match FrameHeader::decode(&raw) {
-                    Ok(h @ FrameHeader { kind: FrameKind::Abort { .. }, .. }) => {
+                    Ok(
+                        h @ FrameHeader {
+                            kind: FrameKind::Abort { .. },
+                            ..
+                        },
+                    ) => {
                         self.consume(p, HEADER_LEN, op)?;
                         let mut reason = [0u8; MAX_REASON];
                         let len = (h.payload_len as usize).min(MAX_REASON);
@@ -232,7 +303,13 @@ impl TcpTransport {
 
     /// Acts on a complete received header: an abort becomes its error (after reading its
     /// message), a data frame is validated against `op` and the expected length.
-    fn on_header(&mut self, peer: usize, raw: &[u8; HEADER_LEN], op: &OpDesc, expect_len: usize) -> Result<()> {
+    fn on_header(
+        &mut self,
+        peer: usize,
+        raw: &[u8; HEADER_LEN],
+        op: &OpDesc,
+        expect_len: usize,
+    ) -> Result<()> {
         let hdr = FrameHeader::decode(raw).map_err(|detail| Error::Protocol { peer, detail })?;
         match &hdr.kind {
             FrameKind::Abort { .. } => {
@@ -241,27 +318,47 @@ impl TcpTransport {
                 self.read_exact_briefly(peer, &mut reason[..len]);
                 Err(abort_error(peer, &hdr, &reason[..len]))
             }
-            FrameKind::Data(theirs) => validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer),
+            FrameKind::Data(theirs) => {
+                validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer)
+            }
         }
     }
 
     /// Sleeps in `poll(2)` (or spins) until one of the given links may progress or a watched
     /// peer sends something; then looks at the watched peers for aborts.
-    fn wait_links(&mut self, op: &OpDesc, out: Option<usize>, inp: Option<usize>, deadline: Instant) -> Result<()> {
+    fn wait_links(
+        &mut self,
+        op: &OpDesc,
+        out: Option<usize>,
+        inp: Option<usize>,
+        deadline: Instant,
+    ) -> Result<()> {
         self.pollfds.clear();
         if let Some(p) = out {
             let fd = self.link(p).fd;
-            self.pollfds.push(libc::pollfd { fd, events: libc::POLLOUT, revents: 0 });
+            self.pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            });
         }
         if let Some(p) = inp {
             let fd = self.link(p).fd;
-            self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            self.pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         let watched_from = self.pollfds.len();
         for p in 0..self.watch.len() {
             if self.watch[p] {
                 let fd = self.link(p).fd;
-                self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                self.pollfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             }
         }
         self.wait(deadline);
@@ -274,7 +371,10 @@ impl TcpTransport {
     /// Discards `len` bytes already known to be readable.
     fn consume(&mut self, p: usize, len: usize, op: &OpDesc) -> Result<()> {
         let mut sink = [0u8; HEADER_LEN];
-        self.link(p).stream.read_exact(&mut sink[..len]).map_err(|e| Self::lost(p, op, e))
+        self.link(p)
+            .stream
+            .read_exact(&mut sink[..len])
+            .map_err(|e| Self::lost(p, op, e))
     }
 
     /// Best-effort read of an abort message (up to one second).
@@ -309,7 +409,10 @@ impl TcpTransport {
         while !data.is_empty() {
             match send_nosignal(self.link(p).fd, data) {
                 Ok(k) => data = &data[k..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
                     if Instant::now() >= until {
                         return false;
                     }
@@ -320,6 +423,14 @@ impl TcpTransport {
         }
         true
     }
+}
+
+/// When a rank whose data a peer does not drain gives up and blames that peer: before the
+/// deadline, so that its abort (naming the peer that stopped reading, the strongest evidence
+/// of a stalled rank) reaches the ranks that are only waiting to receive before they time out
+/// and blame their own, innocent, neighbour.
+fn send_blame_at(deadline: &Deadline) -> Instant {
+    deadline.at - deadline.timeout / 5
 }
 
 /// `send(2)` without SIGPIPE (the library may live in a process that does not ignore it).
@@ -336,8 +447,14 @@ fn send_nosignal(fd: i32, data: &[u8]) -> io::Result<usize> {
 /// Header and payload in one `sendmsg(2)` (one syscall for small frames), without SIGPIPE.
 fn send2_nosignal(fd: i32, a: &[u8], b: &[u8]) -> io::Result<usize> {
     let mut iov = [
-        libc::iovec { iov_base: a.as_ptr() as *mut _, iov_len: a.len() },
-        libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() },
+        libc::iovec {
+            iov_base: a.as_ptr() as *mut _,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_ptr() as *mut _,
+            iov_len: b.len(),
+        },
     ];
     // SAFETY: msghdr is plain data; zeroed is a valid empty message, then iov is filled in.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -363,7 +480,10 @@ fn recv_some(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 impl Transport for TcpTransport {
@@ -375,11 +495,23 @@ impl Transport for TcpTransport {
         self.links.len()
     }
 
-    fn exchange(&mut self, op: &OpDesc, sends: &[SendOp<'_>], recvs: &mut [RecvOp<'_>], deadline: Deadline) -> Result<()> {
+    fn exchange(
+        &mut self,
+        op: &OpDesc,
+        sends: &[SendOp<'_>],
+        recvs: &mut [RecvOp<'_>],
+        deadline: Deadline,
+    ) -> Result<()> {
         self.send_hdr.clear();
         self.send_prog.clear();
         for s in sends {
-            self.send_hdr.push(FrameHeader { kind: FrameKind::Data(*op), payload_len: s.payload.len() as u32 }.encode());
+            self.send_hdr.push(
+                FrameHeader {
+                    kind: FrameKind::Data(*op),
+                    payload_len: s.payload.len() as u32,
+                }
+                .encode(),
+            );
             self.send_prog.push(Progress::default());
         }
         self.recv_hdr.clear();
@@ -464,20 +596,35 @@ impl Transport for TcpTransport {
                 return Ok(());
             }
             if progress {
+                self.idle_since = None;
                 continue;
             }
+            self.idle_since.get_or_insert_with(Instant::now);
             // Nothing moved: look for aborts once, then sleep until something can move.
             if !watch_checked {
                 self.check_watched(op)?;
                 watch_checked = true;
             }
-            if Instant::now() >= deadline.at {
+            let blocked_send = sends
+                .iter()
+                .zip(&self.send_prog)
+                .find(|(_, p)| !p.done)
+                .map(|(s, _)| s.peer);
+            let now = Instant::now();
+            if let (Some(peer), true) = (blocked_send, now >= send_blame_at(&deadline)) {
+                return Err(self.prefer_abort(
+                    op,
+                    deadline.timeout_error(peer, op),
+                    Duration::ZERO,
+                ));
+            }
+            if now >= deadline.at {
                 let peer = recvs
                     .iter()
                     .zip(&self.recv_prog)
                     .find(|(_, p)| !p.done)
                     .map(|(r, _)| r.peer)
-                    .or_else(|| sends.iter().zip(&self.send_prog).find(|(_, p)| !p.done).map(|(s, _)| s.peer))
+                    .or(blocked_send)
                     .expect("something is pending");
                 let err = deadline.timeout_error(peer, op);
                 return Err(self.prefer_abort(op, err, Duration::ZERO));
@@ -486,23 +633,40 @@ impl Transport for TcpTransport {
             for (s, p) in sends.iter().zip(&self.send_prog) {
                 if !p.done {
                     let fd = self.links[s.peer].as_ref().expect("link").fd;
-                    self.pollfds.push(libc::pollfd { fd, events: libc::POLLOUT, revents: 0 });
+                    self.pollfds.push(libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    });
                 }
             }
             for (r, p) in recvs.iter().zip(&self.recv_prog) {
                 if !p.done {
                     let fd = self.links[r.peer].as_ref().expect("link").fd;
-                    self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                    self.pollfds.push(libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
                 }
             }
             let watched_from = self.pollfds.len();
             for (p, &w) in self.watch.iter().enumerate() {
                 if w {
                     let fd = self.links[p].as_ref().expect("link").fd;
-                    self.pollfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                    self.pollfds.push(libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
                 }
             }
-            self.wait(deadline.at);
+            let wake = if blocked_send.is_some() {
+                send_blame_at(&deadline)
+            } else {
+                deadline.at
+            };
+            self.wait(wake);
             if self.pollfds[watched_from..].iter().any(|p| p.revents != 0) {
                 self.check_watched(op)?;
             }
@@ -524,8 +688,16 @@ impl Transport for TcpTransport {
             Some((p, b)) => (p, b),
             None => (usize::MAX, &mut [][..]),
         };
-        let ns = if to == usize::MAX { 0 } else { frame_count(sbuf.len(), frame) };
-        let nr = if from == usize::MAX { 0 } else { frame_count(rbuf.len(), frame) };
+        let ns = if to == usize::MAX {
+            0
+        } else {
+            frame_count(sbuf.len(), frame)
+        };
+        let nr = if from == usize::MAX {
+            0
+        } else {
+            frame_count(rbuf.len(), frame)
+        };
         for (p, w) in self.watch.iter_mut().enumerate() {
             *w = p != self.rank && p != from;
         }
@@ -535,7 +707,11 @@ impl Transport for TcpTransport {
         let mut srange = 0..0;
         if sk < ns {
             srange = frame_range(sbuf.len(), frame, 0);
-            shdr = FrameHeader { kind: FrameKind::Data(*op), payload_len: srange.len() as u32 }.encode();
+            shdr = FrameHeader {
+                kind: FrameKind::Data(*op),
+                payload_len: srange.len() as u32,
+            }
+            .encode();
         }
         // Receiving state.
         let (mut rk, mut rh, mut rb) = (0usize, 0usize, 0usize);
@@ -547,7 +723,11 @@ impl Transport for TcpTransport {
             while sk < ns {
                 let body = &sbuf[srange.clone()];
                 let fd = self.link(to).fd;
-                let res = if sh < HEADER_LEN { send2_nosignal(fd, &shdr[sh..], body) } else { send_nosignal(fd, &body[sb..]) };
+                let res = if sh < HEADER_LEN {
+                    send2_nosignal(fd, &shdr[sh..], body)
+                } else {
+                    send_nosignal(fd, &body[sb..])
+                };
                 match res {
                     Ok(mut k) => {
                         progress |= k > 0;
@@ -561,7 +741,11 @@ impl Transport for TcpTransport {
                             (sh, sb) = (0, 0);
                             if sk < ns {
                                 srange = frame_range(sbuf.len(), frame, sk);
-                                shdr = FrameHeader { kind: FrameKind::Data(*op), payload_len: srange.len() as u32 }.encode();
+                                shdr = FrameHeader {
+                                    kind: FrameKind::Data(*op),
+                                    payload_len: srange.len() as u32,
+                                }
+                                .encode();
                             }
                         } else if k == 0 && h == 0 {
                             break;
@@ -614,20 +798,31 @@ impl Transport for TcpTransport {
                 return Ok(());
             }
             if progress {
+                self.idle_since = None;
                 continue;
             }
+            self.idle_since.get_or_insert_with(Instant::now);
             if !watch_checked {
                 self.check_watched(op)?;
                 watch_checked = true;
             }
-            if Instant::now() >= deadline.at {
+            let now = Instant::now();
+            if sk < ns && now >= send_blame_at(&deadline) {
+                return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
+            }
+            if now >= deadline.at {
                 let peer = if rk < nr { from } else { to };
                 let err = deadline.timeout_error(peer, op);
                 return Err(self.prefer_abort(op, err, Duration::ZERO));
             }
             let out = (sk < ns).then_some(to);
             let inp = (rk < nr).then_some(from);
-            self.wait_links(op, out, inp, deadline.at)?;
+            let wake = if sk < ns {
+                send_blame_at(&deadline)
+            } else {
+                deadline.at
+            };
+            self.wait_links(op, out, inp, wake)?;
         }
     }
 
@@ -637,7 +832,11 @@ impl Transport for TcpTransport {
         }
         self.aborted = true;
         let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
-        let hdr = FrameHeader { kind: FrameKind::Abort { seq, culprit }, payload_len: reason.len() as u32 }.encode();
+        let hdr = FrameHeader {
+            kind: FrameKind::Abort { seq, culprit },
+            payload_len: reason.len() as u32,
+        }
+        .encode();
         let until = Instant::now() + Duration::from_millis(500);
         let zeros = [0u8; 4096];
         for p in 0..self.links.len() {

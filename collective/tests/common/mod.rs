@@ -34,10 +34,20 @@ fn spawn(args: &[String]) -> (Child, Arc<Mutex<Vec<String>>>) {
 }
 
 fn args(scenario: &str, rank: usize, world: usize, master: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["scenario", "--name", scenario, "--rank", &rank.to_string(), "--world", &world.to_string(), "--master", master]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> = [
+        "scenario",
+        "--name",
+        scenario,
+        "--rank",
+        &rank.to_string(),
+        "--world",
+        &world.to_string(),
+        "--master",
+        master,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
@@ -55,9 +65,23 @@ impl Job {
     /// Starts only rank 0 and waits for its rendezvous address.
     pub fn start_host(n: usize, scenario: &str, extra: &[&str]) -> Job {
         let (c0, l0) = spawn(&args(scenario, 0, n, "127.0.0.1:0", extra));
-        let mut job = Job { children: vec![Some(c0)], lines: vec![l0], master: String::new() };
-        let first = job.wait_line(0, |l| l.starts_with("PARASYNC_RENDEZVOUS"), Duration::from_secs(20)).expect("rank 0 announces");
-        job.master = first.split_whitespace().nth(1).expect("address").to_string();
+        let mut job = Job {
+            children: vec![Some(c0)],
+            lines: vec![l0],
+            master: String::new(),
+        };
+        let first = job
+            .wait_line(
+                0,
+                |l| l.starts_with("PARASYNC_RENDEZVOUS"),
+                Duration::from_secs(20),
+            )
+            .expect("rank 0 announces");
+        job.master = first
+            .split_whitespace()
+            .nth(1)
+            .expect("address")
+            .to_string();
         job
     }
 
@@ -70,7 +94,12 @@ impl Job {
     }
 
     /// Waits until process `i` printed a line matching `pred`.
-    pub fn wait_line(&self, i: usize, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+    pub fn wait_line(
+        &self,
+        i: usize,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
             if let Some(l) = self.lines[i].lock().unwrap().iter().find(|l| pred(l)) {
@@ -118,7 +147,10 @@ impl Job {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(50)); // let reader threads drain
-        codes.into_iter().zip(self.lines.iter().map(|l| l.lock().unwrap().clone())).collect()
+        codes
+            .into_iter()
+            .zip(self.lines.iter().map(|l| l.lock().unwrap().clone()))
+            .collect()
     }
 }
 

@@ -4,8 +4,8 @@
 
 use parasync_collective::bench::RENDEZVOUS_LINE;
 use parasync_collective::{
-    connect, connect_hosting, Bf16, CommConfig, Communicator, ConnectOptions, Error, JoinSpec, ReduceOp, RendezvousHost,
-    TcpOptions,
+    connect, connect_hosting, Bf16, CommConfig, Communicator, ConnectOptions, Error, JoinSpec,
+    ReduceOp, RendezvousHost, TcpOptions,
 };
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -53,7 +53,11 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
             token: a.token.clone(),
             timeout: Duration::from_millis(a.timeout_ms),
         },
-        comm: CommConfig { timeout: Duration::from_millis(a.timeout_ms), chunk_bytes: a.chunk_bytes, ..CommConfig::default() },
+        comm: CommConfig {
+            timeout: Duration::from_millis(a.timeout_ms),
+            chunk_bytes: a.chunk_bytes,
+            ..CommConfig::default()
+        },
         tcp: TcpOptions { spin: a.spin },
         data_host: None,
     };
@@ -131,18 +135,29 @@ fn every_op(c: &mut Communicator, count: usize) -> Result<(), Error> {
             let mut f: Vec<f32> = (0..count).map(|i| value(me, i) as f32).collect();
             c.allreduce(&mut f, op)?;
             for (i, v) in f.iter().enumerate() {
-                check((*v as f64 - expect(i)).abs() <= 1e-5 * expect(i).abs().max(1.0), format!("f32 {op} [{i}] {v}"))?;
+                check(
+                    (*v as f64 - expect(i)).abs() <= 1e-5 * expect(i).abs().max(1.0),
+                    format!("f32 {op} [{i}] {v}"),
+                )?;
             }
-            let mut b: Vec<Bf16> = (0..count).map(|i| Bf16::from_f32(value(me, i) as f32)).collect();
+            let mut b: Vec<Bf16> = (0..count)
+                .map(|i| Bf16::from_f32(value(me, i) as f32))
+                .collect();
             c.allreduce(&mut b, op)?;
             for (i, v) in b.iter().enumerate() {
                 let want = Bf16::from_f32(expect(i) as f32).to_f32();
-                check(v.to_f32() == want, format!("bf16 {op} [{i}] {} vs {want}", v.to_f32()))?;
+                check(
+                    v.to_f32() == want,
+                    format!("bf16 {op} [{i}] {} vs {want}", v.to_f32()),
+                )?;
             }
             let mut d: Vec<f64> = (0..count).map(|i| value(me, i)).collect();
             c.allreduce(&mut d, op)?;
             for (i, v) in d.iter().enumerate() {
-                check((v - expect(i)).abs() <= 1e-12 * expect(i).abs().max(1.0), format!("f64 {op} [{i}]"))?;
+                check(
+                    (v - expect(i)).abs() <= 1e-12 * expect(i).abs().max(1.0),
+                    format!("f64 {op} [{i}]"),
+                )?;
             }
             let mut i4: Vec<i32> = (0..count).map(|i| (value(me, i) * 4.0) as i32).collect();
             c.allreduce(&mut i4, op)?;
@@ -150,28 +165,54 @@ fn every_op(c: &mut Communicator, count: usize) -> Result<(), Error> {
             c.allreduce(&mut i8, op)?;
             for i in 0..count {
                 let want = match op {
-                    ReduceOp::Avg => ((0..n).map(|r| (value(r, i) * 4.0) as i64).sum::<i64>()) / n as i64,
+                    ReduceOp::Avg => {
+                        ((0..n).map(|r| (value(r, i) * 4.0) as i64).sum::<i64>()) / n as i64
+                    }
                     _ => (expect(i) * 4.0) as i64,
                 };
-                check(i4[i] as i64 == want && i8[i] == want, format!("int {op} [{i}]"))?;
+                check(
+                    i4[i] as i64 == want && i8[i] == want,
+                    format!("int {op} [{i}]"),
+                )?;
             }
             let send: Vec<f64> = (0..n * count).map(|i| value(me, i)).collect();
             let mut recv = vec![0f64; count];
             c.reduce_scatter(&send, &mut recv, op)?;
             for (i, v) in recv.iter().enumerate() {
-                check((v - expect(me * count + i)).abs() <= 1e-12 * v.abs().max(1.0), format!("reduce_scatter {op} [{i}]"))?;
+                check(
+                    (v - expect(me * count + i)).abs() <= 1e-12 * v.abs().max(1.0),
+                    format!("reduce_scatter {op} [{i}]"),
+                )?;
             }
         }
         let root = n - 1;
-        let mut b: Vec<f32> = (0..count).map(|i| if me == root { value(root, i) as f32 } else { -1.0 }).collect();
+        let mut b: Vec<f32> = (0..count)
+            .map(|i| {
+                if me == root {
+                    value(root, i) as f32
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
         c.broadcast(&mut b, root)?;
-        check(b.iter().enumerate().all(|(i, v)| *v == value(root, i) as f32), "broadcast".into())?;
-        let send: Vec<Bf16> = (0..count).map(|i| Bf16::from_f32(value(me, i) as f32)).collect();
+        check(
+            b.iter()
+                .enumerate()
+                .all(|(i, v)| *v == value(root, i) as f32),
+            "broadcast".into(),
+        )?;
+        let send: Vec<Bf16> = (0..count)
+            .map(|i| Bf16::from_f32(value(me, i) as f32))
+            .collect();
         let mut all = vec![Bf16::default(); n * count];
         c.allgather(&send, &mut all)?;
         for r in 0..n {
             for i in 0..count {
-                check(all[r * count + i] == Bf16::from_f32(value(r, i) as f32), format!("allgather [{r}][{i}]"))?;
+                check(
+                    all[r * count + i] == Bf16::from_f32(value(r, i) as f32),
+                    format!("allgather [{r}][{i}]"),
+                )?;
             }
         }
         c.barrier()?;
@@ -184,7 +225,12 @@ fn every_op(c: &mut Communicator, count: usize) -> Result<(), Error> {
 fn fused(c: &mut Communicator) -> Result<(), Error> {
     let me = c.rank();
     let sizes = [1usize, 1000, 7, 300_000, 64, 5000, 0, 3];
-    let make = || -> Vec<Vec<f32>> { sizes.iter().map(|&s| (0..s).map(|i| ((i * 31 + me * 17) % 101) as f32).collect()).collect() };
+    let make = || -> Vec<Vec<f32>> {
+        sizes
+            .iter()
+            .map(|&s| (0..s).map(|i| ((i * 31 + me * 17) % 101) as f32).collect())
+            .collect()
+    };
     let mut unfused = make();
     for t in unfused.iter_mut() {
         c.allreduce(t, ReduceOp::Sum)?;
@@ -202,7 +248,9 @@ fn digest(c: &mut Communicator, count: usize) -> Result<(), Error> {
     let me = c.rank();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (salt, len) in [(1usize, 100usize), (2, count), (3, count + 3)] {
-        let mut v: Vec<f32> = (0..len).map(|i| ((me * 131 + i * 7 + salt) as f32).sin() * 1e3 / (1.0 + i as f32)).collect();
+        let mut v: Vec<f32> = (0..len)
+            .map(|i| ((me * 131 + i * 7 + salt) as f32).sin() * 1e3 / (1.0 + i as f32))
+            .collect();
         c.allreduce(&mut v, ReduceOp::Sum)?;
         let mut b: Vec<Bf16> = v.iter().map(|x| Bf16::from_f32(x * 0.37)).collect();
         c.allreduce(&mut b, ReduceOp::Avg)?;
