@@ -167,6 +167,46 @@ impl Drop for Workers {
     }
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once the demo received Ctrl-C or SIGTERM (its children are being stopped and the
+/// process exits with status 130 shortly; errors seen meanwhile are consequences of that).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Process ids of the demo's children, so an interrupt (Ctrl-C, SIGTERM) can stop them
+/// before the demo exits: nothing is left running whichever way the demo ends.
+#[derive(Clone, Default)]
+struct ChildRegistry(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+
+impl ChildRegistry {
+    fn add(&self, pid: u32) {
+        if pid != 0 {
+            self.0.lock().expect("child registry").push(pid);
+        }
+    }
+
+    /// On SIGINT or SIGTERM: SIGTERM every child (servers drain, workers stop), then exit 130.
+    fn kill_on_interrupt(&self) {
+        let pids = self.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(ps_server::server::shutdown_signal());
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            eprintln!("interrupted: stopping the cluster");
+            for &pid in pids.0.lock().expect("child registry").iter() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            for &pid in pids.0.lock().expect("child registry").iter() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::process::exit(130);
+        });
+    }
+}
+
 /// Runs the demo job and returns its report (printing progress to stderr).
 pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     if args.shards == 0 || args.workers == 0 || args.batch == 0 || args.epochs == 0 {
@@ -216,6 +256,11 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     for (i, s) in cluster.servers.iter().enumerate() {
         say(format!("  shard {i} listening on {}", s.addr));
     }
+    let children = ChildRegistry::default();
+    for s in &cluster.servers {
+        children.add(s.child.as_ref().map_or(0, |c| c.id()));
+    }
+    children.kill_on_interrupt();
 
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<anyhow::Result<WorkerEvent>>();
@@ -235,6 +280,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             .spawn()
             .context("starting a worker")?;
         let out = child.stdout.take().expect("piped");
+        children.add(child.id());
         workers.0.push(child);
         let tx = tx.clone();
         std::thread::spawn(move || {

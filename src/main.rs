@@ -30,7 +30,14 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Demo(args) => {
             let exe = std::env::current_exe()?;
-            let report = parasync::demo::run(&args, &exe)?;
+            let report = match parasync::demo::run(&args, &exe) {
+                Ok(r) => r,
+                // The interrupt handler is stopping the children and exits with 130.
+                Err(_) if parasync::demo::interrupted() => loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                },
+                Err(e) => return Err(e),
+            };
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

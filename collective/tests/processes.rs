@@ -110,6 +110,47 @@ fn a_killed_rank_is_named_by_every_other_rank_within_the_timeout() {
 }
 
 #[test]
+fn a_stalled_rank_is_named_by_every_other_rank_within_the_timeout() {
+    // 4 MB allreduces run on the ring: only the stalled rank's neighbours wait on it
+    // directly; the others find it by asking along the chain of waits. 4 KB ones run on
+    // the direct algorithm, where everyone waits on it directly.
+    for count in ["1000000", "1000"] {
+        let timeout_ms = 3000u64;
+        let t = timeout_ms.to_string();
+        let mut job = Job::start(4, "loop", &["--count", count, "--timeout-ms", &t]);
+        for r in 0..4 {
+            job.wait_line(
+                r,
+                |l| l.starts_with("RESULT looping"),
+                Duration::from_secs(30),
+            )
+            .expect("every rank loops");
+        }
+        let stopped = Instant::now();
+        job.stop(2);
+        for r in [0, 1, 3] {
+            let err = job
+                .wait_line(
+                    r,
+                    |l| l.starts_with("ERROR"),
+                    Duration::from_millis(timeout_ms + 3000),
+                )
+                .unwrap_or_else(|| panic!("count {count}: rank {r} did not give up"));
+            assert!(
+                err.contains("culprit=2 "),
+                "count {count}: rank {r} blames the wrong rank: {err}"
+            );
+        }
+        let took = stopped.elapsed();
+        assert!(
+            took < Duration::from_millis(timeout_ms + 1000),
+            "count {count}: took {took:?}"
+        );
+        job.kill(2);
+    }
+}
+
+#[test]
 fn mismatched_sizes_or_dtypes_error_on_every_rank() {
     for (scenario, want) in [
         ("mismatch-count", "element count (1000 vs 999)"),

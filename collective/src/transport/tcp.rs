@@ -62,6 +62,14 @@ pub struct TcpTransport {
     pollfds: Vec<libc::pollfd>,
     /// Per peer: watched for abort frames during this exchange.
     watch: Vec<bool>,
+    /// The rank this one is waiting on right now (answer to a peer's wait query).
+    waiting_on: Option<usize>,
+    /// Operation the wait chase below is about.
+    chase_seq: Option<u64>,
+    /// The rank suspected of holding everyone up in `chase_seq` (end of the chain of waits).
+    suspect: Option<usize>,
+    /// Per peer: already asked whom it waits on in `chase_seq`.
+    asked: Vec<bool>,
 }
 
 fn hello_bytes(token: &str, rank: usize, n: usize) -> Vec<u8> {
@@ -217,6 +225,10 @@ impl TcpTransport {
             recv_prog: Vec::new(),
             pollfds: Vec::new(),
             watch: vec![false; n],
+            waiting_on: None,
+            chase_seq: None,
+            suspect: None,
+            asked: vec![false; n],
         })
     }
 
@@ -262,8 +274,10 @@ impl TcpTransport {
     /// Looks at every watched peer (no frame of it in progress) for a pending abort frame.
     /// Returns its error if one is there; unwatches peers whose next frame is data.
     fn check_watched(&mut self, op: &OpDesc) -> Result<()> {
-        for p in 0..self.links.len() {
+        let mut p = 0;
+        'peers: while p < self.links.len() {
             if !self.watch[p] {
+                p += 1;
                 continue;
             }
             let fd = self.link(p).fd;
@@ -291,25 +305,35 @@ impl TcpTransport {
                         self.read_exact_briefly(p, &mut reason[..len]);
                         return Err(abort_error(p, &h, &reason[..len]));
                     }
+                    Ok(FrameHeader {
+                        kind: kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }),
+                        ..
+                    }) => {
+                        self.consume(p, HEADER_LEN, op)?;
+                        self.on_wait_frame(p, &kind, op);
+                        continue 'peers;
+                    }
                     // Data of a later operation: an abort could only come after it.
                     _ => self.watch[p] = false,
                 }
             } else if got == 0 {
                 self.watch[p] = false; // the peer closed after finishing; not our business yet
             }
+            p += 1;
         }
         Ok(())
     }
 
     /// Acts on a complete received header: an abort becomes its error (after reading its
-    /// message), a data frame is validated against `op` and the expected length.
+    /// message), a data frame is validated against `op` and the expected length (`true`: its
+    /// payload follows), a wait query or reply is handled (`false`: the frame is over).
     fn on_header(
         &mut self,
         peer: usize,
         raw: &[u8; HEADER_LEN],
         op: &OpDesc,
         expect_len: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let hdr = FrameHeader::decode(raw).map_err(|detail| Error::Protocol { peer, detail })?;
         match &hdr.kind {
             FrameKind::Abort { .. } => {
@@ -319,8 +343,73 @@ impl TcpTransport {
                 Err(abort_error(peer, &hdr, &reason[..len]))
             }
             FrameKind::Data(theirs) => {
-                validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer)
+                validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer).map(|()| true)
             }
+            kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
+                self.on_wait_frame(peer, kind, op);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Starts (or keeps) the bookkeeping of the wait chase for operation `seq`.
+    fn begin_op(&mut self, seq: u64) {
+        if self.chase_seq != Some(seq) {
+            self.chase_seq = Some(seq);
+            self.suspect = None;
+            self.asked.iter_mut().for_each(|a| *a = false);
+        }
+    }
+
+    /// Sends a header-only control frame if the link is between frames (best effort).
+    fn send_control(&mut self, p: usize, kind: FrameKind) {
+        if self.link(p).send_owed == 0 {
+            let hdr = FrameHeader {
+                kind,
+                payload_len: 0,
+            }
+            .encode();
+            self.write_all_briefly(p, &hdr, Instant::now() + Duration::from_millis(50));
+        }
+    }
+
+    /// Suspects `p` until it answers whom it waits on.
+    fn ask(&mut self, p: usize, seq: u64) {
+        if p != self.rank && !self.asked[p] {
+            self.asked[p] = true;
+            self.suspect = Some(p);
+            self.send_control(p, FrameKind::Query { seq });
+        }
+    }
+
+    /// The wait chase. A rank that has waited for most of its timeout asks the rank it waits
+    /// on whom *that* rank waits on, and follows the answers: the rank that never answers (it
+    /// stalled) or answers that it waits on nobody in this operation (it never called it) is
+    /// the one every rank ends up blaming, instead of each blaming its innocent neighbour.
+    fn on_wait_frame(&mut self, from: usize, kind: &FrameKind, op: &OpDesc) {
+        match *kind {
+            FrameKind::Query { seq } => {
+                let answer = if seq == op.seq {
+                    self.suspect.or(self.waiting_on)
+                } else {
+                    None
+                };
+                self.send_control(
+                    from,
+                    FrameKind::Reply {
+                        seq,
+                        waits_on: answer,
+                    },
+                );
+            }
+            FrameKind::Reply { seq, waits_on } if seq == op.seq && self.asked[from] => {
+                match waits_on {
+                    None => self.suspect = Some(from),
+                    Some(y) if y == self.rank => {}
+                    Some(y) => self.ask(y, seq),
+                }
+            }
+            _ => {}
         }
     }
 
@@ -433,6 +522,11 @@ fn send_blame_at(deadline: &Deadline) -> Instant {
     deadline.at - deadline.timeout / 5
 }
 
+/// When a rank that only waits to receive starts asking whom its peer waits on.
+fn suspect_at(deadline: &Deadline) -> Instant {
+    deadline.at - deadline.timeout / 4
+}
+
 /// `send(2)` without SIGPIPE (the library may live in a process that does not ignore it).
 fn send_nosignal(fd: i32, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `data` is a valid readable buffer of `data.len()` bytes.
@@ -502,6 +596,7 @@ impl Transport for TcpTransport {
         recvs: &mut [RecvOp<'_>],
         deadline: Deadline,
     ) -> Result<()> {
+        self.begin_op(op.seq);
         self.send_hdr.clear();
         self.send_prog.clear();
         for s in sends {
@@ -577,7 +672,9 @@ impl Transport for TcpTransport {
                             pr.hdr += k;
                             if pr.hdr == HEADER_LEN {
                                 let raw = self.recv_hdr[i];
-                                self.on_header(r.peer, &raw, op, r.buf.len())?;
+                                if !self.on_header(r.peer, &raw, op, r.buf.len())? {
+                                    self.recv_prog[i].hdr = 0; // a wait frame: read the next header
+                                }
                             }
                         } else {
                             pr.body += k;
@@ -618,12 +715,21 @@ impl Transport for TcpTransport {
                     Duration::ZERO,
                 ));
             }
+            let pending_recv = recvs
+                .iter()
+                .zip(&self.recv_prog)
+                .find(|(_, p)| !p.done)
+                .map(|(r, _)| r.peer);
+            self.waiting_on = blocked_send.or(pending_recv);
+            if let (Some(p), None, true) =
+                (pending_recv, blocked_send, now >= suspect_at(&deadline))
+            {
+                self.ask(p, op.seq);
+            }
             if now >= deadline.at {
-                let peer = recvs
-                    .iter()
-                    .zip(&self.recv_prog)
-                    .find(|(_, p)| !p.done)
-                    .map(|(r, _)| r.peer)
+                let peer = self
+                    .suspect
+                    .or(pending_recv)
                     .or(blocked_send)
                     .expect("something is pending");
                 let err = deadline.timeout_error(peer, op);
@@ -663,6 +769,8 @@ impl Transport for TcpTransport {
             }
             let wake = if blocked_send.is_some() {
                 send_blame_at(&deadline)
+            } else if self.suspect.is_none() {
+                suspect_at(&deadline)
             } else {
                 deadline.at
             };
@@ -682,6 +790,7 @@ impl Transport for TcpTransport {
         deadline: Deadline,
         on_frame: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
+        self.begin_op(op.seq);
         let frame = frame.max(1);
         let (to, sbuf) = send.unwrap_or((usize::MAX, &[]));
         let (from, rbuf) = match recv {
@@ -774,8 +883,8 @@ impl Transport for TcpTransport {
                         progress |= k > 0;
                         if rh < HEADER_LEN {
                             rh += k;
-                            if rh == HEADER_LEN {
-                                self.on_header(from, &rhdr, op, rrange.len())?;
+                            if rh == HEADER_LEN && !self.on_header(from, &rhdr, op, rrange.len())? {
+                                rh = 0; // a wait frame: read the next header
                             }
                         } else {
                             rb += k;
@@ -810,8 +919,12 @@ impl Transport for TcpTransport {
             if sk < ns && now >= send_blame_at(&deadline) {
                 return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
             }
+            self.waiting_on = if sk < ns { Some(to) } else { Some(from) };
+            if rk < nr && sk >= ns && now >= suspect_at(&deadline) {
+                self.ask(from, op.seq);
+            }
             if now >= deadline.at {
-                let peer = if rk < nr { from } else { to };
+                let peer = self.suspect.unwrap_or(if rk < nr { from } else { to });
                 let err = deadline.timeout_error(peer, op);
                 return Err(self.prefer_abort(op, err, Duration::ZERO));
             }
@@ -819,6 +932,8 @@ impl Transport for TcpTransport {
             let inp = (rk < nr).then_some(from);
             let wake = if sk < ns {
                 send_blame_at(&deadline)
+            } else if self.suspect.is_none() {
+                suspect_at(&deadline)
             } else {
                 deadline.at
             };

@@ -110,6 +110,13 @@ impl Job {
         None
     }
 
+    /// Freezes process `i` (SIGSTOP): alive, connections open, but silent.
+    pub fn stop(&self, i: usize) {
+        let pid = self.children[i].as_ref().expect("running").id() as i32;
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
