@@ -114,7 +114,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
             name: "w".into(),
             shape: vec![4, 3],
             storage_dtype: F32,
-            optimizer: Some(sgd.clone()),
+            optimizer: Some(sgd),
             init: Some(init),
             stochastic_rounding: false,
         };

@@ -99,14 +99,14 @@ impl Init {
             Init::Zeros => vec![0.0; n],
             Init::Constant(c) => vec![*c; n],
             Init::Uniform { low, high, seed } => {
-                if !(low < high) || !low.is_finite() || !high.is_finite() {
+                if !low.is_finite() || !high.is_finite() || low >= high {
                     return Err(Error::invalid(name, format!("uniform initializer needs finite low < high, got [{low}, {high})")));
                 }
                 let mut rng = rand::rngs::StdRng::seed_from_u64(*seed);
                 (0..n).map(|_| rng.gen_range(*low..*high)).collect()
             }
             Init::Normal { mean, stddev, seed } => {
-                if !(*stddev >= 0.0) || !mean.is_finite() || !stddev.is_finite() {
+                if !mean.is_finite() || !stddev.is_finite() || *stddev < 0.0 {
                     return Err(Error::invalid(name, format!("normal initializer needs a finite mean and stddev >= 0, got {mean}, {stddev}")));
                 }
                 let mut rng = rand::rngs::StdRng::seed_from_u64(*seed);

@@ -68,7 +68,7 @@ pub enum EncodingError {
 
 /// Number of elements that `len` bytes of `dtype` hold, or an error if they do not divide.
 pub fn element_count(len: usize, dtype: DType) -> Result<usize, EncodingError> {
-    if len % dtype.size() != 0 {
+    if !len.is_multiple_of(dtype.size()) {
         return Err(EncodingError::Ragged { len, dtype, size: dtype.size() });
     }
     Ok(len / dtype.size())

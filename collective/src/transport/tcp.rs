@@ -66,8 +66,8 @@ pub struct TcpTransport {
     waiting_on: Option<usize>,
     /// Operation the wait chase below is about.
     chase_seq: Option<u64>,
-    /// The rank suspected of holding everyone up in `chase_seq` (end of the chain of waits).
-    suspect: Option<usize>,
+    /// Per peer: its answer in `chase_seq` — `Some(waits_on)` once it replied.
+    replies: Vec<Option<Option<usize>>>,
     /// Per peer: already asked whom it waits on in `chase_seq`.
     asked: Vec<bool>,
 }
@@ -227,7 +227,7 @@ impl TcpTransport {
             watch: vec![false; n],
             waiting_on: None,
             chase_seq: None,
-            suspect: None,
+            replies: vec![None; n],
             asked: vec![false; n],
         })
     }
@@ -310,7 +310,7 @@ impl TcpTransport {
                         ..
                     }) => {
                         self.consume(p, HEADER_LEN, op)?;
-                        self.on_wait_frame(p, &kind, op);
+                        self.on_wait_frame(p, &kind);
                         continue 'peers;
                     }
                     // Data of a later operation: an abort could only come after it.
@@ -346,7 +346,7 @@ impl TcpTransport {
                 validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer).map(|()| true)
             }
             kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
-                self.on_wait_frame(peer, kind, op);
+                self.on_wait_frame(peer, kind);
                 Ok(false)
             }
         }
@@ -356,7 +356,7 @@ impl TcpTransport {
     fn begin_op(&mut self, seq: u64) {
         if self.chase_seq != Some(seq) {
             self.chase_seq = Some(seq);
-            self.suspect = None;
+            self.replies.iter_mut().for_each(|r| *r = None);
             self.asked.iter_mut().for_each(|a| *a = false);
         }
     }
@@ -373,27 +373,45 @@ impl TcpTransport {
         }
     }
 
-    /// Suspects `p` until it answers whom it waits on.
+    /// Asks `p` whom it waits on (once per operation).
     fn ask(&mut self, p: usize, seq: u64) {
         if p != self.rank && !self.asked[p] {
             self.asked[p] = true;
-            self.suspect = Some(p);
             self.send_control(p, FrameKind::Query { seq });
         }
+    }
+
+    /// The rank to blame, following the answers from each of `waited` (the ranks this one
+    /// waits on): the first chain that ends in a rank that was asked and never answered (it
+    /// stalled), or that answered it waits on nobody (it is not in an operation: it is what
+    /// everyone waits for). Without such evidence, the first rank waited on.
+    fn culprit(&self, waited: impl Iterator<Item = usize>) -> Option<usize> {
+        let mut first = None;
+        for start in waited {
+            first.get_or_insert(start);
+            let mut c = start;
+            for _ in 0..self.links.len() {
+                match self.replies[c] {
+                    None if self.asked[c] => return Some(c),
+                    Some(None) => return Some(c),
+                    Some(Some(y)) if y != self.rank && y != c => c = y,
+                    _ => break,
+                }
+            }
+        }
+        first
     }
 
     /// The wait chase. A rank that has waited for most of its timeout asks the rank it waits
     /// on whom *that* rank waits on, and follows the answers: the rank that never answers (it
     /// stalled) or answers that it waits on nobody in this operation (it never called it) is
     /// the one every rank ends up blaming, instead of each blaming its innocent neighbour.
-    fn on_wait_frame(&mut self, from: usize, kind: &FrameKind, op: &OpDesc) {
+    fn on_wait_frame(&mut self, from: usize, kind: &FrameKind) {
         match *kind {
             FrameKind::Query { seq } => {
-                let answer = if seq == op.seq {
-                    self.suspect.or(self.waiting_on)
-                } else {
-                    None
-                };
+                // Answered whatever operation this rank is in: a rank that is behind answers
+                // whom it waits on, which is where the asker's chain continues.
+                let answer = self.culprit(self.waiting_on.into_iter());
                 self.send_control(
                     from,
                     FrameKind::Reply {
@@ -402,11 +420,12 @@ impl TcpTransport {
                     },
                 );
             }
-            FrameKind::Reply { seq, waits_on } if seq == op.seq && self.asked[from] => {
-                match waits_on {
-                    None => self.suspect = Some(from),
-                    Some(y) if y == self.rank => {}
-                    Some(y) => self.ask(y, seq),
+            FrameKind::Reply { seq, waits_on }
+                if Some(seq) == self.chase_seq && self.asked[from] =>
+            {
+                self.replies[from] = Some(waits_on);
+                if let Some(y) = waits_on.filter(|&y| y != self.rank) {
+                    self.ask(y, seq);
                 }
             }
             _ => {}
@@ -721,15 +740,22 @@ impl Transport for TcpTransport {
                 .find(|(_, p)| !p.done)
                 .map(|(r, _)| r.peer);
             self.waiting_on = blocked_send.or(pending_recv);
-            if let (Some(p), None, true) =
-                (pending_recv, blocked_send, now >= suspect_at(&deadline))
-            {
-                self.ask(p, op.seq);
+            let chasing = blocked_send.is_none() && now >= suspect_at(&deadline);
+            if chasing && !self.asked.iter().any(|&a| a) {
+                for i in 0..recvs.len() {
+                    if !self.recv_prog[i].done {
+                        self.ask(recvs[i].peer, op.seq);
+                    }
+                }
             }
             if now >= deadline.at {
+                let waited = recvs
+                    .iter()
+                    .zip(&self.recv_prog)
+                    .filter(|(_, p)| !p.done)
+                    .map(|(r, _)| r.peer);
                 let peer = self
-                    .suspect
-                    .or(pending_recv)
+                    .culprit(waited)
                     .or(blocked_send)
                     .expect("something is pending");
                 let err = deadline.timeout_error(peer, op);
@@ -769,7 +795,7 @@ impl Transport for TcpTransport {
             }
             let wake = if blocked_send.is_some() {
                 send_blame_at(&deadline)
-            } else if self.suspect.is_none() {
+            } else if !self.asked.iter().any(|&a| a) {
                 suspect_at(&deadline)
             } else {
                 deadline.at
@@ -924,7 +950,12 @@ impl Transport for TcpTransport {
                 self.ask(from, op.seq);
             }
             if now >= deadline.at {
-                let peer = self.suspect.unwrap_or(if rk < nr { from } else { to });
+                let peer = if rk < nr {
+                    self.culprit(std::iter::once(from))
+                } else {
+                    None
+                };
+                let peer = peer.unwrap_or(to);
                 let err = deadline.timeout_error(peer, op);
                 return Err(self.prefer_abort(op, err, Duration::ZERO));
             }
@@ -932,7 +963,7 @@ impl Transport for TcpTransport {
             let inp = (rk < nr).then_some(from);
             let wake = if sk < ns {
                 send_blame_at(&deadline)
-            } else if self.suspect.is_none() {
+            } else if !self.asked[from] {
                 suspect_at(&deadline)
             } else {
                 deadline.at
