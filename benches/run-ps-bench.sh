@@ -30,7 +30,7 @@ for cfg in "${PS_BENCH_CONFIGS:-1048576:1:2:0}"; do
   IFS=: read -r chunk conns srv cli <<<"$cfg"
   PARASYNC_BENCH_CHUNK=$chunk PARASYNC_BENCH_CONNS=$conns PARASYNC_BENCH_SERVER_THREADS=$srv \
   PARASYNC_BENCH_CLIENT_THREADS=$cli cargo bench -q --bench ps_throughput -- --noplot 2>&1 \
-    | grep -E "^ps_|time:|thrpt:" | grep -v "change:" 
+    | grep -E "^ps_|time:|thrpt:" | grep -v "%"
 done
 
 echo "## peak memory"
@@ -38,6 +38,10 @@ cargo bench -q --bench ps_memory 2>&1 | grep -vE "^(warning|Running)"
 
 echo "## demo sync step rate (release, 2 shards, 4 workers; 3 runs)"
 for i in 1 2 3; do
-  ./target/release/parasync demo --json | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"run {'$i'}: steps/s per worker {r["steps_per_second"]:.1f}, step time {1000/r["steps_per_second"]:.2f} ms, accuracy {r["test_accuracy"]:.4f}")'
+  ./target/release/parasync demo --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+rate = r["steps_per_second"]
+print("run %s: steps/s per worker %.1f, step time %.2f ms, accuracy %.4f" % (sys.argv[1], rate, 1000 / rate, r["test_accuracy"]))' "$i"
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -309,3 +309,38 @@ async fn health_metrics_and_runtime_learning_rate() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_retries_while_a_shard_starts() {
+    common::bounded(60, async {
+        // Reserve a port, release it, and start the server there only after the client began.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let opts = parasync_client::ClientOptions { connect_timeout: Duration::from_secs(20), ..Default::default() };
+        let connecting = tokio::spawn({
+            let addr = addr.clone();
+            async move { parasync_client::Client::connect(&[addr], opts).await }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!connecting.is_finished(), "nothing listens yet: the client must still be retrying");
+        let mut server = std::process::Command::new(common::exe())
+            .args(["server", "--listen", &addr, "--mode", "async"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = connecting.await.unwrap();
+        let _ = server.kill();
+        let _ = server.wait();
+        let client = client.expect("connects once the shard is up");
+        assert_eq!(client.num_shards(), 1);
+
+        // and a shard that never comes up is reported with its address
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let opts = parasync_client::ClientOptions { connect_timeout: Duration::from_millis(300), ..Default::default() };
+        let err = parasync_client::Client::connect(&[format!("127.0.0.1:{port}")], opts).await.err().unwrap();
+        assert_eq!(err.kind, parasync_client::ErrorKind::Unavailable);
+        assert!(err.message.contains(&port.to_string()), "{err}");
+    })
+    .await;
+}

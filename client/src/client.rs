@@ -32,6 +32,9 @@ pub struct ClientOptions {
     pub chunk_bytes: usize,
     /// Variables of at least this many bytes are split into row blocks over all shards.
     pub split_bytes: usize,
+    /// Split variables are cut into blocks of at most this many bytes (rows permitting), so
+    /// one large tensor moves as several concurrent streams.
+    pub max_part_bytes: usize,
     /// How long the server may hold a pull waiting for its step (`None`: server default).
     pub pull_timeout: Option<Duration>,
     /// HTTP/2 connections opened to each shard; calls are spread over them.
@@ -46,6 +49,7 @@ impl Default for ClientOptions {
             wire_dtype: DType::F32,
             chunk_bytes: 1 << 20,
             split_bytes: 4 << 20,
+            max_part_bytes: 16 << 20,
             pull_timeout: None,
             connections_per_shard: 1,
         }
@@ -163,7 +167,7 @@ impl Client {
         }
         let keys: Vec<(&str, &[usize], DType)> =
             specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice(), s.dtype)).collect();
-        let placement = place(&keys, self.shards.len(), self.opts.split_bytes);
+        let placement = place(&keys, self.shards.len(), self.opts.split_bytes, self.opts.max_part_bytes);
         let mut calls = Vec::new();
         for (spec, parts) in specs.iter().zip(&placement.parts) {
             for (pi, part) in parts.iter().enumerate() {

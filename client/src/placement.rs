@@ -3,7 +3,9 @@
 //! Every worker computes the same placement from the same variable list and shard count,
 //! so no coordination is needed: small variables go whole to the least-loaded shard
 //! (largest first, balanced by bytes); large ones are split into row blocks over all
-//! shards, like TensorFlow's `MinSizePartitioner`.
+//! shards, like TensorFlow's `MinSizePartitioner`, and into blocks of at most
+//! `max_part_bytes` (like `MaxSizePartitioner`), so that even on one shard a large
+//! tensor moves as several streams in parallel.
 
 use parasync_tensor::DType;
 
@@ -30,8 +32,11 @@ pub struct Placement {
 }
 
 /// Computes the placement of variables `(name, shape, dtype)` on `num_shards` shards.
-/// Variables of at least `split_bytes` bytes with at least `num_shards` rows are split.
-pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: usize) -> Placement {
+/// Variables of at least `split_bytes` bytes with at least `num_shards` rows are split
+/// into at least `num_shards` row blocks, and into as many as needed to keep each block
+/// within `max_part_bytes` (as far as rows allow); block `i` goes to shard
+/// `(first + i) % num_shards`, where `first` is the least-loaded shard.
+pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: usize, max_part_bytes: usize) -> Placement {
     assert!(num_shards > 0, "placement needs at least one shard");
     let mut parts: Vec<Vec<Part>> = vec![Vec::new(); vars.len()];
     let mut load = vec![0usize; num_shards];
@@ -41,16 +46,20 @@ pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: u
         let n = size(shape);
         let bytes = n * dtype.size();
         let rows = shape.first().copied().unwrap_or(1);
-        if num_shards > 1 && bytes >= split_bytes && rows >= num_shards {
+        let by_size = bytes.div_ceil(max_part_bytes.max(1));
+        let nparts = num_shards.max(by_size).min(rows);
+        if nparts > 1 && bytes >= split_bytes && rows >= num_shards {
             let row_elems = n / rows.max(1);
-            for s in 0..num_shards {
-                let (r0, r1) = (s * rows / num_shards, (s + 1) * rows / num_shards);
+            let first = (0..num_shards).min_by_key(|&s| (load[s], s)).expect("at least one shard");
+            for p in 0..nparts {
+                let (r0, r1) = (p * rows / nparts, (p + 1) * rows / nparts);
+                let shard = (first + p) % num_shards;
                 let mut pshape = shape.to_vec();
                 pshape[0] = r1 - r0;
-                load[s] += (r1 - r0) * row_elems * dtype.size();
+                load[shard] += (r1 - r0) * row_elems * dtype.size();
                 parts[i].push(Part {
-                    shard: s,
-                    name: format!("{name}/part-{s}-of-{num_shards}"),
+                    shard,
+                    name: format!("{name}/part-{p}-of-{nparts}"),
                     shape: pshape,
                     elements: r0 * row_elems..r1 * row_elems,
                 });
@@ -82,7 +91,7 @@ mod tests {
             ("w2", &[128, 10], DType::F32),
             ("b2", &[10], DType::F32),
         ];
-        let p = place(&vars, 2, 1 << 20);
+        let p = place(&vars, 2, 1 << 20, 16 << 20);
         let shards: Vec<usize> = p.parts.iter().map(|v| v[0].shard).collect();
         assert_eq!(shards, vec![0, 1, 1, 1]);
         assert_eq!(p.shard_bytes, vec![64 * 128 * 4, (128 + 1280 + 10) * 4]);
@@ -92,7 +101,7 @@ mod tests {
     #[test]
     fn large_variables_split_into_row_blocks_covering_all_rows() {
         let vars: Vec<(&str, &[usize], DType)> = vec![("emb", &[1001, 256], DType::F32), ("b", &[4], DType::Bf16)];
-        let p = place(&vars, 3, 1 << 19);
+        let p = place(&vars, 3, 1 << 19, 16 << 20);
         let emb = &p.parts[0];
         assert_eq!(emb.len(), 3);
         assert_eq!(emb[0].name, "emb/part-0-of-3");
@@ -109,8 +118,22 @@ mod tests {
     #[test]
     fn placement_is_deterministic_and_one_shard_keeps_everything_whole() {
         let vars: Vec<(&str, &[usize], DType)> = vec![("a", &[4096, 1024], DType::F32), ("b", &[7], DType::F32)];
-        assert_eq!(place(&vars, 4, 1024), place(&vars, 4, 1024));
-        let p = place(&vars, 1, 1024);
+        assert_eq!(place(&vars, 4, 1024, 16 << 20), place(&vars, 4, 1024, 16 << 20));
+        let p = place(&vars, 1, 1024, 64 << 20);
         assert!(p.parts.iter().all(|v| v.len() == 1 && v[0].shard == 0));
+    }
+
+    #[test]
+    fn large_variables_split_by_size_even_on_one_shard() {
+        let vars: Vec<(&str, &[usize], DType)> = vec![("big", &[4096, 4096], DType::F32)]; // 64 MiB
+        let p = place(&vars, 1, 1 << 20, 16 << 20);
+        assert_eq!(p.parts[0].len(), 4);
+        assert!(p.parts[0].iter().all(|q| q.shard == 0 && q.shape == vec![1024, 4096]));
+        let p = place(&vars, 3, 1 << 20, 16 << 20);
+        let shards: Vec<usize> = p.parts[0].iter().map(|q| q.shard).collect();
+        assert_eq!(shards, vec![0, 1, 2, 0]);
+        // a tensor with fewer rows than the size rule asks for is cut into at most its rows
+        let thin: Vec<(&str, &[usize], DType)> = vec![("t", &[2, 1 << 24], DType::F32)];
+        assert_eq!(place(&thin, 1, 1 << 20, 16 << 20).parts[0].len(), 2);
     }
 }

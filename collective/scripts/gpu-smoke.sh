@@ -80,4 +80,10 @@ left=$(( 290 - ($(date +%s) - started) ))
 [ "$left" -gt 30 ] || left=30
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 log "running $bin $* (limit ${left}s)"
-exec timeout -k 5 "$left" "$bin" "$@"
+set +e
+timeout -k 5 "$left" "$bin" "$@"
+rc=$?
+set -e
+[ "$rc" -eq 124 ] && log "timed out after ${left}s"
+log "exit status $rc"
+exit "$rc"

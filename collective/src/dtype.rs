@@ -311,7 +311,7 @@ pub(crate) fn from_bytes_mut<A: Element>(b: &mut [u8]) -> &mut [A] {
 
 /// `acc[i] = load(x[i])`.
 #[inline]
-pub(crate) fn load_into<T: Element>(acc: &mut [T::Acc], x: &[T]) {
+fn load_into_portable<T: Element>(acc: &mut [T::Acc], x: &[T]) {
     debug_assert_eq!(acc.len(), x.len());
     for (a, v) in acc.iter_mut().zip(x) {
         *a = v.load();
@@ -320,7 +320,7 @@ pub(crate) fn load_into<T: Element>(acc: &mut [T::Acc], x: &[T]) {
 
 /// `acc[i] = combine(acc[i], load(x[i]))`: `x` is folded in after what `acc` holds.
 #[inline]
-pub(crate) fn fold_into<T: Element>(acc: &mut [T::Acc], x: &[T], op: ReduceOp) {
+fn fold_into_portable<T: Element>(acc: &mut [T::Acc], x: &[T], op: ReduceOp) {
     debug_assert_eq!(acc.len(), x.len());
     match op {
         // A branch-free loop per operator lets the compiler vectorize the common sum.
@@ -344,7 +344,7 @@ pub(crate) fn fold_into<T: Element>(acc: &mut [T::Acc], x: &[T], op: ReduceOp) {
 
 /// `out[i] = store(finish(acc[i]))`: divides for `Avg`, then narrows (bf16 rounds once here).
 #[inline]
-pub(crate) fn finish_into<T: Element>(out: &mut [T], acc: &[T::Acc], op: ReduceOp, n: usize) {
+fn finish_into_portable<T: Element>(out: &mut [T], acc: &[T::Acc], op: ReduceOp, n: usize) {
     debug_assert_eq!(acc.len(), out.len());
     if op == ReduceOp::Avg {
         for (o, a) in out.iter_mut().zip(acc) {
@@ -360,7 +360,7 @@ pub(crate) fn finish_into<T: Element>(out: &mut [T], acc: &[T::Acc], op: ReduceO
 /// `own[i] = store(finish(combine(partial[i], load(own[i]))))`: the last fold of a ring
 /// reduction, written straight into the output (same numerics as `fold_into` then `finish_into`).
 #[inline]
-pub(crate) fn fold_finish<T: Element>(own: &mut [T], partial: &[T::Acc], op: ReduceOp, n: usize) {
+fn fold_finish_portable<T: Element>(own: &mut [T], partial: &[T::Acc], op: ReduceOp, n: usize) {
     debug_assert_eq!(own.len(), partial.len());
     match op {
         ReduceOp::Avg => {
@@ -383,7 +383,7 @@ pub(crate) fn fold_finish<T: Element>(own: &mut [T], partial: &[T::Acc], op: Red
 
 /// `acc[i] = combine(load(first[i]), load(second[i]))`: the first fold of the pairwise exchange.
 #[inline]
-pub(crate) fn fold_two<T: Element>(acc: &mut [T::Acc], first: &[T], second: &[T], op: ReduceOp) {
+fn fold_two_portable<T: Element>(acc: &mut [T::Acc], first: &[T], second: &[T], op: ReduceOp) {
     for ((a, f), s) in acc.iter_mut().zip(first).zip(second) {
         *a = T::combine(f.load(), s.load(), op);
     }
@@ -391,7 +391,7 @@ pub(crate) fn fold_two<T: Element>(acc: &mut [T::Acc], first: &[T], second: &[T]
 
 /// `own[i] = store(finish(combine(load(own[i]), load(theirs[i]))))` (two ranks, last fold).
 #[inline]
-pub(crate) fn fold_finish_two<T: Element>(own: &mut [T], theirs: &[T], op: ReduceOp, n: usize) {
+fn fold_finish_two_portable<T: Element>(own: &mut [T], theirs: &[T], op: ReduceOp, n: usize) {
     for (o, t) in own.iter_mut().zip(theirs) {
         let a = T::combine(o.load(), t.load(), op);
         *o = T::store(if op == ReduceOp::Avg {
@@ -404,7 +404,7 @@ pub(crate) fn fold_finish_two<T: Element>(own: &mut [T], theirs: &[T], op: Reduc
 
 /// `own[i] = store(finish(combine(acc[i], load(theirs[i]))))` (last fold of the pairwise exchange).
 #[inline]
-pub(crate) fn fold_finish_acc<T: Element>(
+fn fold_finish_acc_portable<T: Element>(
     own: &mut [T],
     acc: &[T::Acc],
     theirs: &[T],
@@ -420,6 +420,37 @@ pub(crate) fn fold_finish_acc<T: Element>(
         });
     }
 }
+
+/// Defines `$name`, which runs `$portable` compiled for AVX2 when the CPU has it (the same
+/// element-wise IEEE operations, only wider: results are bitwise identical either way).
+macro_rules! dispatch {
+    ($name:ident, $portable:ident, $avx2:ident, ($($arg:ident: $ty:ty),*), ($($call:ident),*)) => {
+        #[doc = concat!("Runs `", stringify!($portable), "`, vectorized with AVX2 where available.")]
+        #[inline]
+        pub(crate) fn $name<T: Element>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $avx2::<T>($($call),*) };
+            }
+            $portable::<T>($($call),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2<T: Element>($($arg: $ty),*) {
+            $portable::<T>($($call),*)
+        }
+    };
+}
+
+dispatch!(load_into, load_into_portable, load_into_avx2, (acc: &mut [T::Acc], x: &[T]), (acc, x));
+dispatch!(fold_into, fold_into_portable, fold_into_avx2, (acc: &mut [T::Acc], x: &[T], op: ReduceOp), (acc, x, op));
+dispatch!(finish_into, finish_into_portable, finish_into_avx2, (out: &mut [T], acc: &[T::Acc], op: ReduceOp, n: usize), (out, acc, op, n));
+dispatch!(fold_finish, fold_finish_portable, fold_finish_avx2, (own: &mut [T], partial: &[T::Acc], op: ReduceOp, n: usize), (own, partial, op, n));
+dispatch!(fold_two, fold_two_portable, fold_two_avx2, (acc: &mut [T::Acc], first: &[T], second: &[T], op: ReduceOp), (acc, first, second, op));
+dispatch!(fold_finish_two, fold_finish_two_portable, fold_finish_two_avx2, (own: &mut [T], theirs: &[T], op: ReduceOp, n: usize), (own, theirs, op, n));
+dispatch!(fold_finish_acc, fold_finish_acc_portable, fold_finish_acc_avx2, (own: &mut [T], acc: &[T::Acc], theirs: &[T], op: ReduceOp, n: usize), (own, acc, theirs, op, n));
 
 #[cfg(test)]
 mod tests {

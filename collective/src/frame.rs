@@ -224,7 +224,10 @@ impl FrameHeader {
             3 => FrameKind::Query { seq: u64_at(8) },
             4 => {
                 let w = u32_at(24);
-                FrameKind::Reply { seq: u64_at(8), waits_on: (w != NO_CULPRIT).then_some(w as usize) }
+                FrameKind::Reply {
+                    seq: u64_at(8),
+                    waits_on: (w != NO_CULPRIT).then_some(w as usize),
+                }
             }
             k => return Err(format!("unknown frame kind {k}")),
         };
@@ -346,9 +349,24 @@ mod tests {
                 },
                 payload_len: 0,
             },
-            FrameHeader { kind: FrameKind::Query { seq: 4 }, payload_len: 0 },
-            FrameHeader { kind: FrameKind::Reply { seq: 4, waits_on: Some(3) }, payload_len: 0 },
-            FrameHeader { kind: FrameKind::Reply { seq: 4, waits_on: None }, payload_len: 0 },
+            FrameHeader {
+                kind: FrameKind::Query { seq: 4 },
+                payload_len: 0,
+            },
+            FrameHeader {
+                kind: FrameKind::Reply {
+                    seq: 4,
+                    waits_on: Some(3),
+                },
+                payload_len: 0,
+            },
+            FrameHeader {
+                kind: FrameKind::Reply {
+                    seq: 4,
+                    waits_on: None,
+                },
+                payload_len: 0,
+            },
         ];
         for h in cases {
             assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);

@@ -91,6 +91,8 @@ pub struct NcclCommunicator {
     timeout: Duration,
     /// Whether each call is checked against the other ranks' calls first.
     checked: bool,
+    /// Set when a call failed: NCCL's state is then unknown and the communicator unusable.
+    failed: Option<String>,
 }
 
 impl NcclCommunicator {
@@ -141,6 +143,7 @@ impl NcclCommunicator {
             control,
             timeout: opts.comm.timeout,
             checked: true,
+            failed: None,
         })
     }
 
@@ -177,14 +180,28 @@ impl NcclCommunicator {
         count: usize,
         root: usize,
     ) -> Result<()> {
+        if let Some(msg) = &self.failed {
+            return Err(Error::Poisoned(msg.clone()));
+        }
         if self.checked {
-            self.control.agree(kind, T::DTYPE, reduce, count, root)?;
+            if let Err(e) = self.control.agree(kind, T::DTYPE, reduce, count, root) {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Waits until the queued work is done, at most the timeout.
-    fn finish(&self, what: &str) -> Result<()> {
+    /// Waits until the queued work is done, at most the timeout; a failure poisons.
+    fn finish(&mut self, what: &str) -> Result<()> {
+        let r = self.wait_done(what);
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    fn wait_done(&self, what: &str) -> Result<()> {
         let event = self
             .stream
             .record_event(None)

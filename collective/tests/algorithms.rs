@@ -461,3 +461,35 @@ fn background_handles_overlap_and_return_results_in_order() {
         assert_eq!(c.next_seq(), 5);
     });
 }
+
+#[test]
+fn out_of_place_calls_equal_in_place_ones() {
+    for algorithm in [Algorithm::Direct, Algorithm::Ring] {
+        on_ranks(3, &config(algorithm), |c| {
+            let me = c.rank();
+            let send: Vec<f32> = (0..101).map(|i| input(me, i, 5)).collect();
+            let mut recv = vec![0f32; 101];
+            c.allreduce_into(&send, &mut recv, ReduceOp::Sum).unwrap();
+            let mut inplace = send.clone();
+            c.allreduce(&mut inplace, ReduceOp::Sum).unwrap();
+            assert_eq!(recv, inplace);
+            assert_eq!(
+                send,
+                (0..101).map(|i| input::<f32>(me, i, 5)).collect::<Vec<_>>(),
+                "send untouched"
+            );
+            let mut gathered = vec![0i32; 3 * 4];
+            gathered[me * 4..me * 4 + 4].copy_from_slice(&[me as i32; 4]);
+            c.allgather_in_place(&mut gathered).unwrap();
+            assert_eq!(gathered, (0..12).map(|j| j / 4).collect::<Vec<i32>>());
+            assert!(matches!(
+                c.allreduce_into(&send, &mut recv[..5], ReduceOp::Sum),
+                Err(Error::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                c.broadcast(&mut recv, 3),
+                Err(Error::InvalidArgument(_))
+            ));
+        });
+    }
+}

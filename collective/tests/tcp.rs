@@ -105,3 +105,20 @@ fn a_world_size_disagreement_is_refused() {
         assert!(h0.join().unwrap().is_some());
     });
 }
+
+#[test]
+fn a_world_of_one_runs_every_operation() {
+    let out = job(1, &[0], Duration::from_secs(5), |_, c| {
+        let mut c = c.unwrap();
+        let mut v = vec![1.5f32, -2.0, 7.0];
+        c.allreduce(&mut v, ReduceOp::Avg).unwrap();
+        c.broadcast(&mut v, 0).unwrap();
+        let mut all = vec![0f32; 3];
+        c.allgather(&v, &mut all).unwrap();
+        let mut mine = vec![0f32; 3];
+        c.reduce_scatter(&all, &mut mine, ReduceOp::Max).unwrap();
+        c.barrier().unwrap();
+        mine
+    });
+    assert_eq!(out, vec![vec![1.5, -2.0, 7.0]]);
+}

@@ -1,0 +1,289 @@
+//! The TCP data plane: one connection per pair of ranks, nonblocking sockets progressed by
+//! `poll(2)` (or busy-polled in spin mode), no allocation per exchange once warm.
+//!
+//! Connections are set up after the rendezvous: rank `r` connects to every lower rank and
+//! accepts every higher one; the connecting side opens with a hello that carries the job
+//! token, so processes of another job (or stray port scanners) are refused.
+
+mod progress;
+mod sys;
+mod waiting;
+
+use crate::error::{Error, Result};
+use crate::frame::{OpDesc, HEADER_LEN};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+use sys::{recv_some, would_block};
+
+const HELLO_MAGIC: [u8; 4] = *b"PSCH";
+/// Longest job token accepted in a hello.
+const MAX_TOKEN: usize = 1024;
+/// How long a wait busy-polls in spin mode before it sleeps in `poll(2)`.
+const SPIN_BUDGET: Duration = Duration::from_micros(500);
+
+/// Options of the TCP transport.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpOptions {
+    /// Busy-poll instead of sleeping in `poll(2)`: lowest latency, one core per rank.
+    pub spin: bool,
+}
+
+/// A connected peer.
+struct Link {
+    stream: TcpStream,
+    fd: i32,
+    /// Bytes of the frame being sent that are not written yet (an abort must first finish it).
+    send_owed: usize,
+}
+
+/// Progress of one send or receive within an exchange.
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    /// Header bytes done.
+    hdr: usize,
+    /// Payload bytes done.
+    body: usize,
+    done: bool,
+}
+
+/// A rank's connections to every other rank of one communicator.
+pub struct TcpTransport {
+    rank: usize,
+    links: Vec<Option<Link>>,
+    opts: TcpOptions,
+    aborted: bool,
+    /// Start of the current stretch without progress (spin mode's budget).
+    idle_since: Option<Instant>,
+    // Reused per exchange.
+    send_hdr: Vec<[u8; HEADER_LEN]>,
+    send_prog: Vec<Progress>,
+    recv_hdr: Vec<[u8; HEADER_LEN]>,
+    recv_prog: Vec<Progress>,
+    pollfds: Vec<libc::pollfd>,
+    /// Per peer: watched for abort frames during this exchange.
+    watch: Vec<bool>,
+    /// The rank this one is waiting on right now (answer to a peer's wait query).
+    waiting_on: Option<usize>,
+    /// Operation the wait chase below is about.
+    chase_seq: Option<u64>,
+    /// Per peer: its answer in `chase_seq` — `Some(waits_on)` once it replied.
+    replies: Vec<Option<Option<usize>>>,
+    /// Per peer: already asked whom it waits on in `chase_seq`.
+    asked: Vec<bool>,
+}
+
+fn hello_bytes(token: &str, rank: usize, n: usize) -> Vec<u8> {
+    let t = token.as_bytes();
+    let mut b = Vec::with_capacity(16 + t.len());
+    b.extend_from_slice(&HELLO_MAGIC);
+    b.extend_from_slice(&(rank as u32).to_le_bytes());
+    b.extend_from_slice(&(n as u32).to_le_bytes());
+    b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    b.extend_from_slice(t);
+    b
+}
+
+/// Reads and checks a hello: returns the peer's rank, or why it is refused.
+fn read_hello(
+    s: &mut TcpStream,
+    token: &str,
+    me: usize,
+    n: usize,
+) -> std::result::Result<usize, String> {
+    let mut fixed = [0u8; 16];
+    s.read_exact(&mut fixed)
+        .map_err(|e| format!("no hello: {e}"))?;
+    if fixed[..4] != HELLO_MAGIC {
+        return Err("not a parasync collective peer".into());
+    }
+    let word = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes")) as usize;
+    let (rank, world, tlen) = (word(4), word(8), word(12));
+    if tlen > MAX_TOKEN {
+        return Err("job token too long".into());
+    }
+    let mut t = vec![0u8; tlen];
+    s.read_exact(&mut t)
+        .map_err(|e| format!("truncated hello: {e}"))?;
+    if t != token.as_bytes() {
+        return Err(format!(
+            "wrong job token from a process claiming rank {rank}"
+        ));
+    }
+    if world != n || rank >= n || rank <= me {
+        return Err(format!(
+            "hello from rank {rank} of {world} does not fit rank {me} of {n}"
+        ));
+    }
+    Ok(rank)
+}
+
+fn configure(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+}
+
+impl TcpTransport {
+    /// Connects rank `rank` to every other rank: `addrs[p]` is rank `p`'s data-plane address
+    /// and `listener` this rank's own (already bound and announced) listener. Fails if a
+    /// peer is not connected by `deadline`, naming the missing ranks.
+    pub fn connect_mesh(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        token: &str,
+        deadline: Instant,
+        opts: TcpOptions,
+    ) -> Result<TcpTransport> {
+        let n = addrs.len();
+        let mut links: Vec<Option<Link>> = (0..n).map(|_| None).collect();
+        let hello = hello_bytes(token, rank, n);
+        for (p, addr) in addrs.iter().enumerate().take(rank) {
+            let mut s = loop {
+                match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(Error::Rendezvous(format!(
+                            "rank {rank} could not connect to rank {p} at {addr}: {e}"
+                        )))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            configure(&s)?;
+            s.write_all(&hello)?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack).map_err(|e| {
+                Error::Rendezvous(format!("rank {p} at {addr} refused rank {rank}: {e}"))
+            })?;
+            if ack[0] != 1 {
+                return Err(Error::TokenRefused(format!(
+                    "rank {p} at {addr} refused the connection"
+                )));
+            }
+            links[p] = Some(Link {
+                fd: s.as_raw_fd(),
+                stream: s,
+                send_owed: 0,
+            });
+        }
+        listener.set_nonblocking(true)?;
+        while links
+            .iter()
+            .enumerate()
+            .any(|(p, l)| p > rank && l.is_none())
+        {
+            match listener.accept() {
+                Ok((mut s, from)) => {
+                    s.set_nonblocking(false)?;
+                    configure(&s)?;
+                    match read_hello(&mut s, token, rank, n) {
+                        Ok(p) if links[p].is_none() => {
+                            s.write_all(&[1])?;
+                            links[p] = Some(Link {
+                                fd: s.as_raw_fd(),
+                                stream: s,
+                                send_owed: 0,
+                            });
+                        }
+                        Ok(p) => tracing::warn!(
+                            "rank {rank}: duplicate connection from rank {p} ({from}) refused"
+                        ),
+                        Err(why) => {
+                            tracing::warn!(
+                                "rank {rank}: refused data connection from {from}: {why}"
+                            );
+                            let _ = s.write_all(&[0]);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<usize> =
+                            (rank + 1..n).filter(|&p| links[p].is_none()).collect();
+                        return Err(Error::Rendezvous(format!(
+                            "rank {rank}: ranks {missing:?} did not connect in time"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for l in links.iter().flatten() {
+            l.stream.set_nonblocking(true)?;
+        }
+        Ok(TcpTransport {
+            rank,
+            links,
+            opts,
+            aborted: false,
+            idle_since: None,
+            send_hdr: Vec::new(),
+            send_prog: Vec::new(),
+            recv_hdr: Vec::new(),
+            recv_prog: Vec::new(),
+            pollfds: Vec::new(),
+            watch: vec![false; n],
+            waiting_on: None,
+            chase_seq: None,
+            replies: vec![None; n],
+            asked: vec![false; n],
+        })
+    }
+
+    fn link(&mut self, peer: usize) -> &mut Link {
+        self.links[peer]
+            .as_mut()
+            .expect("a link to every other rank")
+    }
+
+    fn lost(peer: usize, op: &OpDesc, detail: impl std::fmt::Display) -> Error {
+        Error::PeerLost {
+            peer,
+            seq: op.seq,
+            op: op.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        if !self.aborted {
+            return;
+        }
+        // Half-close, then drain what peers still send for a moment: closing a socket with
+        // unread data sends a reset, which could destroy our abort frame before it is read.
+        for l in self.links.iter().flatten() {
+            let _ = l.stream.shutdown(std::net::Shutdown::Write);
+        }
+        let until = Instant::now() + Duration::from_millis(500);
+        let mut open: Vec<bool> = self.links.iter().map(|l| l.is_some()).collect();
+        let mut sink = vec![0u8; 64 << 10];
+        while open.iter().any(|&o| o) && Instant::now() < until {
+            let mut idle = true;
+            for (p, o) in open.iter_mut().enumerate() {
+                if !*o {
+                    continue;
+                }
+                match recv_some(self.links[p].as_ref().expect("link").fd, &mut sink) {
+                    Ok(0) => *o = false,
+                    Ok(_) => idle = false,
+                    Err(e) if would_block(&e) => {}
+                    Err(_) => *o = false,
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Binds the data-plane listener of this rank on `host` (port chosen by the OS).
+pub fn bind_listener(host: std::net::IpAddr) -> Result<TcpListener> {
+    Ok(TcpListener::bind(SocketAddr::new(host, 0))?)
+}

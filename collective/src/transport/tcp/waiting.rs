@@ -1,0 +1,310 @@
+//! Waiting, watching and blaming: sleeping until sockets can move, spotting abort frames
+//! from peers not otherwise read, and the wait chase that finds a stalled rank.
+
+use super::sys::send_nosignal;
+use super::{TcpTransport, SPIN_BUDGET};
+use crate::error::{Error, Result};
+use crate::frame::{validate, FrameHeader, FrameKind, OpDesc, HEADER_LEN};
+use crate::transport::{abort_error, Deadline, MAX_REASON};
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+impl TcpTransport {
+    /// Waits for readiness, at most until `deadline`. In spin mode it busy-polls (yielding the
+    /// core between looks) for the first [`SPIN_BUDGET`] of a wait, then sleeps like the
+    /// normal mode, so that more ranks than cores still make progress.
+    pub(super) fn wait(&mut self, deadline: Instant) {
+        let spinning = self.opts.spin && self.idle_since.is_some_and(|t| t.elapsed() < SPIN_BUDGET);
+        let timeout_ms = if spinning {
+            0
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        };
+        // SAFETY: `pollfds` is a valid, initialized array of `len` pollfd structs.
+        let rc = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
+        if spinning && rc == 0 {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Looks at every watched peer (no frame of it in progress) for a pending abort frame.
+    /// Returns its error if one is there; unwatches peers whose next frame is data.
+    pub(super) fn check_watched(&mut self, op: &OpDesc) -> Result<()> {
+        let mut p = 0;
+        'peers: while p < self.links.len() {
+            if !self.watch[p] {
+                p += 1;
+                continue;
+            }
+            let fd = self.link(p).fd;
+            let mut raw = [0u8; HEADER_LEN];
+            // SAFETY: `raw` is a writable buffer of HEADER_LEN bytes.
+            let got = unsafe {
+                libc::recv(
+                    fd,
+                    raw.as_mut_ptr().cast(),
+                    HEADER_LEN,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if got == HEADER_LEN as isize {
+                match FrameHeader::decode(&raw) {
+                    Ok(
+                        h @ FrameHeader {
+                            kind: FrameKind::Abort { .. },
+                            ..
+                        },
+                    ) => {
+                        self.consume(p, HEADER_LEN, op)?;
+                        let mut reason = [0u8; MAX_REASON];
+                        let len = (h.payload_len as usize).min(MAX_REASON);
+                        self.read_exact_briefly(p, &mut reason[..len]);
+                        return Err(abort_error(p, &h, &reason[..len]));
+                    }
+                    Ok(FrameHeader {
+                        kind: kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }),
+                        ..
+                    }) => {
+                        self.consume(p, HEADER_LEN, op)?;
+                        self.on_wait_frame(p, &kind);
+                        continue 'peers;
+                    }
+                    // Data of a later operation: an abort could only come after it.
+                    _ => self.watch[p] = false,
+                }
+            } else if got == 0 {
+                self.watch[p] = false; // the peer closed after finishing; not our business yet
+            }
+            p += 1;
+        }
+        Ok(())
+    }
+
+    /// Acts on a complete received header: an abort becomes its error (after reading its
+    /// message), a data frame is validated against `op` and the expected length (`true`: its
+    /// payload follows), a wait query or reply is handled (`false`: the frame is over).
+    pub(super) fn on_header(
+        &mut self,
+        peer: usize,
+        raw: &[u8; HEADER_LEN],
+        op: &OpDesc,
+        expect_len: usize,
+    ) -> Result<bool> {
+        let hdr = FrameHeader::decode(raw).map_err(|detail| Error::Protocol { peer, detail })?;
+        match &hdr.kind {
+            FrameKind::Abort { .. } => {
+                let mut reason = [0u8; MAX_REASON];
+                let len = (hdr.payload_len as usize).min(MAX_REASON);
+                self.read_exact_briefly(peer, &mut reason[..len]);
+                Err(abort_error(peer, &hdr, &reason[..len]))
+            }
+            FrameKind::Data(theirs) => {
+                validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer).map(|()| true)
+            }
+            kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
+                self.on_wait_frame(peer, kind);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Starts (or keeps) the bookkeeping of the wait chase for operation `seq`.
+    pub(super) fn begin_op(&mut self, seq: u64) {
+        if self.chase_seq != Some(seq) {
+            self.chase_seq = Some(seq);
+            self.replies.iter_mut().for_each(|r| *r = None);
+            self.asked.iter_mut().for_each(|a| *a = false);
+        }
+    }
+
+    /// Sends a header-only control frame if the link is between frames (best effort).
+    pub(super) fn send_control(&mut self, p: usize, kind: FrameKind) {
+        if self.link(p).send_owed == 0 {
+            let hdr = FrameHeader {
+                kind,
+                payload_len: 0,
+            }
+            .encode();
+            self.write_all_briefly(p, &hdr, Instant::now() + Duration::from_millis(50));
+        }
+    }
+
+    /// Asks `p` whom it waits on (once per operation).
+    pub(super) fn ask(&mut self, p: usize, seq: u64) {
+        if p != self.rank && !self.asked[p] {
+            self.asked[p] = true;
+            self.send_control(p, FrameKind::Query { seq });
+        }
+    }
+
+    /// The rank to blame, following the answers from each of `waited` (the ranks this one
+    /// waits on): the first chain that ends in a rank that was asked and never answered (it
+    /// stalled), or that answered it waits on nobody (it is not in an operation: it is what
+    /// everyone waits for). Without such evidence, the first rank waited on.
+    pub(super) fn culprit(&self, waited: impl Iterator<Item = usize>) -> Option<usize> {
+        let mut first = None;
+        for start in waited {
+            first.get_or_insert(start);
+            let mut c = start;
+            for _ in 0..self.links.len() {
+                match self.replies[c] {
+                    None if self.asked[c] => return Some(c),
+                    Some(None) => return Some(c),
+                    Some(Some(y)) if y != self.rank && y != c => c = y,
+                    _ => break,
+                }
+            }
+        }
+        first
+    }
+
+    /// The wait chase. A rank that has waited for most of its timeout asks the rank it waits
+    /// on whom *that* rank waits on, and follows the answers: the rank that never answers (it
+    /// stalled) or answers that it waits on nobody in this operation (it never called it) is
+    /// the one every rank ends up blaming, instead of each blaming its innocent neighbour.
+    pub(super) fn on_wait_frame(&mut self, from: usize, kind: &FrameKind) {
+        match *kind {
+            FrameKind::Query { seq } => {
+                // Answered whatever operation this rank is in: a rank that is behind answers
+                // whom it waits on, which is where the asker's chain continues.
+                let answer = self.culprit(self.waiting_on.into_iter());
+                self.send_control(
+                    from,
+                    FrameKind::Reply {
+                        seq,
+                        waits_on: answer,
+                    },
+                );
+            }
+            FrameKind::Reply { seq, waits_on }
+                if Some(seq) == self.chase_seq && self.asked[from] =>
+            {
+                self.replies[from] = Some(waits_on);
+                if let Some(y) = waits_on.filter(|&y| y != self.rank) {
+                    self.ask(y, seq);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sleeps in `poll(2)` (or spins) until one of the given links may progress or a watched
+    /// peer sends something; then looks at the watched peers for aborts.
+    pub(super) fn wait_links(
+        &mut self,
+        op: &OpDesc,
+        out: Option<usize>,
+        inp: Option<usize>,
+        deadline: Instant,
+    ) -> Result<()> {
+        self.pollfds.clear();
+        if let Some(p) = out {
+            let fd = self.link(p).fd;
+            self.pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+        }
+        if let Some(p) = inp {
+            let fd = self.link(p).fd;
+            self.pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let watched_from = self.pollfds.len();
+        for p in 0..self.watch.len() {
+            if self.watch[p] {
+                let fd = self.link(p).fd;
+                self.pollfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        self.wait(deadline);
+        if self.pollfds[watched_from..].iter().any(|p| p.revents != 0) {
+            self.check_watched(op)?;
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes already known to be readable.
+    pub(super) fn consume(&mut self, p: usize, len: usize, op: &OpDesc) -> Result<()> {
+        let mut sink = [0u8; HEADER_LEN];
+        self.link(p)
+            .stream
+            .read_exact(&mut sink[..len])
+            .map_err(|e| Self::lost(p, op, e))
+    }
+
+    /// Best-effort read of an abort message (up to one second).
+    pub(super) fn read_exact_briefly(&mut self, p: usize, buf: &mut [u8]) {
+        let until = Instant::now() + Duration::from_secs(1);
+        let mut at = 0;
+        while at < buf.len() && Instant::now() < until {
+            match self.link(p).stream.read(&mut buf[at..]) {
+                Ok(0) => break,
+                Ok(k) => at += k,
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// After a failure of `peer`, gives other ranks a moment to tell whom they blame (a
+    /// closing peer may itself only be reacting to another rank's failure).
+    pub(super) fn prefer_abort(&mut self, op: &OpDesc, err: Error, window: Duration) -> Error {
+        let until = Instant::now() + window;
+        loop {
+            if let Err(abort) = self.check_watched(op) {
+                return abort;
+            }
+            if Instant::now() >= until || !self.watch.iter().any(|&w| w) {
+                return err;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub(super) fn write_all_briefly(&mut self, p: usize, mut data: &[u8], until: Instant) -> bool {
+        while !data.is_empty() {
+            match send_nosignal(self.link(p).fd, data) {
+                Ok(k) => data = &data[k..],
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    if Instant::now() >= until {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// When a rank whose data a peer does not drain gives up and blames that peer: before the
+/// deadline, so that its abort (naming the peer that stopped reading, the strongest evidence
+/// of a stalled rank) reaches the ranks that are only waiting to receive before they time out
+/// and blame their own, innocent, neighbour.
+pub(super) fn send_blame_at(deadline: &Deadline) -> Instant {
+    deadline.at - deadline.timeout / 5
+}
+
+/// When a rank that only waits to receive starts asking whom its peer waits on.
+pub(super) fn suspect_at(deadline: &Deadline) -> Instant {
+    deadline.at - deadline.timeout / 4
+}
