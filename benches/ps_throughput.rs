@@ -85,6 +85,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(30);
     let small_grad = vec![0.5f32; 25];
     let mut small_out = vec![vec![0.0f32; 25]];
+    g.bench_function("push_100B", |b| b.iter(|| rt.block_on(small.push(0, &[&small_grad])).unwrap()));
+    g.bench_function("pull_100B", |b| b.iter(|| rt.block_on(small.pull_into(0, &mut small_out)).unwrap()));
     g.bench_function("push_pull_100B", |b| {
         b.iter(|| {
             rt.block_on(async {
@@ -95,6 +97,68 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
     drop((big_f32, big_bf16, small));
+    drop(cluster);
+
+    // One sync step of the demo model (64-128-10 MLP) with 4 workers on 2 shards: every
+    // worker pulls the step and pushes its gradients; the step completes on both shards.
+    let sync = LocalCluster::start(
+        &exe,
+        &ClusterOptions {
+            shards: 2,
+            server_args: ["--mode", "sync", "--num-workers", "4", "--worker-threads", &server_threads.to_string()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            show_logs: false,
+            log_dir: None,
+            log_filter: None,
+            ready_timeout: Duration::from_secs(20),
+        },
+    )
+    .expect("starting the sync cluster");
+    let shapes: [&[usize]; 4] = [&[64, 128], &[128], &[128, 10], &[10]];
+    let workers: Vec<Client> = (0..4u32)
+        .map(|w| {
+            rt.block_on(async {
+                let opts = ClientOptions { worker_id: w, ..Default::default() };
+                let mut c = Client::connect(&sync.addrs(), opts).await.unwrap();
+                let specs = ["w1", "b1", "w2", "b2"]
+                    .iter()
+                    .zip(shapes)
+                    .map(|(n, s)| {
+                        let mut v = VariableSpec::new(*n, s);
+                        v.optimizer = Optimizer::sgd(0.1);
+                        v
+                    })
+                    .collect();
+                c.register(specs).await.unwrap();
+                c
+            })
+        })
+        .collect();
+    let grads: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.001; s.iter().product()]).collect();
+    let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+    let mut bufs: Vec<Vec<Vec<f32>>> = (0..4).map(|_| grads.clone()).collect();
+    let mut step = 0u64;
+    let mut g = c.benchmark_group(format!("ps_sync_step_{setup}"));
+    g.sample_size(30);
+    g.bench_function("mlp_4workers_2shards", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let calls = workers.iter().zip(bufs.iter_mut()).map(|(w, buf)| {
+                    let refs = &refs;
+                    async move {
+                        w.pull_into(step, buf).await.unwrap();
+                        w.push(step, refs).await.unwrap();
+                    }
+                });
+                futures::future::join_all(calls).await;
+            });
+            step += 1;
+        })
+    });
+    g.finish();
+    drop(workers);
     drop(rt);
 }
 
