@@ -95,6 +95,9 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    g.bench_function("push_pull_one_call_100B", |b| {
+        b.iter(|| rt.block_on(small.push_pull(0, &[&small_grad], &mut small_out)).unwrap())
+    });
     g.finish();
     drop((big_f32, big_bf16, small));
     drop(cluster);

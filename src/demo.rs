@@ -418,11 +418,9 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
         let mut dropped = 0u64;
         let mut batches = Vec::new().into_iter();
         let mut epoch = 0u64;
+        // One round trip per step: each push returns the values for the next step.
         let mut params = client.pull(0).await?;
         for step in 0..args.steps {
-            if step > 0 {
-                client.pull_into(step, &mut params).await?;
-            }
             let idx = match batches.next() {
                 Some(b) => b,
                 None => {
@@ -436,7 +434,7 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
             };
             let (loss, grads) = mlp::loss_and_grads(&params, &shard.rows(&idx));
             let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-            let summary = client.push(step, &refs).await?;
+            let summary = client.push_pull(step, &refs, &mut params).await?;
             for s in summary.staleness {
                 *staleness.entry(s).or_insert(0) += 1;
             }

@@ -61,15 +61,22 @@ async fn run_sync_job(timing_seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
             assert_eq!(c.placement().unwrap().parts[0].len(), 2, "big is split over both shards");
             let mut rng = rand::rngs::StdRng::seed_from_u64(timing_seed * 100 + w as u64);
             let initial = c.pull(0).await.unwrap();
+            let mut params = initial.clone();
             for step in 0..STEPS {
-                let params = c.pull(step).await.unwrap();
                 tokio::time::sleep(Duration::from_micros(rng.gen_range(0..3000))).await;
                 let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
                 let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-                let s = c.push(step, &refs).await.unwrap();
+                // workers 0 and 1 push then pull; 2 and 3 do both in one round trip
+                let s = if w < 2 {
+                    let s = c.push(step, &refs).await.unwrap();
+                    c.pull_into(step + 1, &mut params).await.unwrap();
+                    s
+                } else {
+                    c.push_pull(step, &refs, &mut params).await.unwrap()
+                };
                 assert_eq!(s.dropped_stale, 0);
             }
-            (initial, c.pull(STEPS).await.unwrap())
+            (initial, params)
         }));
     }
     let mut results = Vec::new();
@@ -148,7 +155,12 @@ async fn async_eight_workers_lose_no_update() {
                     }
                     let g: Vec<f32> = (0..LEN).map(|i| grad(w, s, i)).collect();
                     let b: Vec<f32> = (0..7).map(|i| grad(w, s, i + 1)).collect();
-                    let r = c.push(s, &[&g, &b]).await.unwrap();
+                    let r = if w % 2 == 0 {
+                        c.push(s, &[&g, &b]).await.unwrap()
+                    } else {
+                        let mut out = vec![vec![0.0; LEN], vec![0.0; 7]];
+                        c.push_pull(s, &[&g, &b], &mut out).await.unwrap()
+                    };
                     stale.extend(r.staleness);
                 }
                 stale

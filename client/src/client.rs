@@ -91,6 +91,18 @@ pub struct PushSummary {
     pub staleness: Vec<u64>,
 }
 
+impl PushSummary {
+    fn add(&mut self, r: &ps::PushResponse) {
+        if r.accepted {
+            self.accepted += 1;
+            self.staleness.push(r.staleness);
+        }
+        if r.dropped_stale {
+            self.dropped_stale += 1;
+        }
+    }
+}
+
 /// Mode and variables of one shard, as the shard reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardInfo {
@@ -271,27 +283,7 @@ impl Client {
             timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32),
         };
         let mut stream = shard.rpc().pull(req).await.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
-        let mut filled = 0usize;
-        let mut version = None;
-        while let Some(msg) = stream.message().await.map_err(|s| Error::from_status(s, &ctx()))? {
-            if let Some(h) = msg.header {
-                let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
-                if shape != part.shape {
-                    return Err(Error::new(
-                        ErrorKind::FailedPrecondition,
-                        format!("{}: the shard holds shape {shape:?}, this client expects {:?}", ctx(), part.shape),
-                    ));
-                }
-                version = Some(h.version);
-            }
-            let n = parasync_tensor::decode_into(&msg.data, wire, &mut dst[filled..])
-                .map_err(|e| Error::new(ErrorKind::Internal, format!("{}: {e}", ctx())))?;
-            filled += n;
-        }
-        match version {
-            Some(v) if filled == dst.len() => Ok(v),
-            _ => Err(Error::new(ErrorKind::Internal, format!("{}: stream ended after {filled} of {} elements", ctx(), dst.len()))),
-        }
+        Ok(receive_values(&mut stream, part, wire, dst, &ctx()).await?.0)
     }
 
     /// Pushes one gradient per variable (registration order) for `step`. Each part is
@@ -310,13 +302,7 @@ impl Client {
         }
         let mut summary = PushSummary::default();
         for r in try_join_all(calls).await? {
-            if r.accepted {
-                summary.accepted += 1;
-                summary.staleness.push(r.staleness);
-            }
-            if r.dropped_stale {
-                summary.dropped_stale += 1;
-            }
+            summary.add(&r);
         }
         Ok(summary)
     }
@@ -332,42 +318,79 @@ impl Client {
     ) -> Result<ps::PushResponse> {
         let shard = &self.shards[part.shard];
         let ctx = || format!("push {:?} for step {step} to shard {} ({})", part.name, part.shard, shard.addr);
-        let header = ps::PushHeader {
+        let header = self.push_header(part, step, base_version, data.len(), wire, kind);
+        let chunk = self.opts.chunk_bytes;
+        let resp = match single_message(&shard.pool, &header, data, wire, chunk) {
+            Some(msg) => shard.rpc().push(tokio_stream::once(msg)).await,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
+                let mut rpc = shard.rpc();
+                let call = rpc.push(ReceiverStream::new(rx));
+                tokio::join!(feed_chunks(tx, &shard.pool, header, data, wire, chunk), call).1
+            }
+        };
+        Ok(resp.map_err(|s| Error::from_status(s, &ctx()))?.into_inner())
+    }
+
+    /// Pushes one gradient per variable for `step` and receives, in the same round trip,
+    /// the values for `step + 1` into `out` (sync: once step `step` completes on every
+    /// shard; bounded: once the slowest worker allows; async: right after the update).
+    /// Equivalent to `push(step, grads)` then `pull_into(step + 1, out)`, with one call
+    /// per part instead of two.
+    pub async fn push_pull(&self, step: u64, grads: &[&[f32]], out: &mut [Vec<f32>]) -> Result<PushSummary> {
+        let model = self.model()?;
+        check_sizes(model, grads.iter().map(|g| g.len()))?;
+        check_sizes(model, out.iter().map(|v| v.len()))?;
+        let bases = model.versions.lock().expect("versions lock").clone();
+        let wire = self.opts.wire_dtype;
+        let mut calls = Vec::new();
+        for (vi, ((g, buf), parts)) in grads.iter().zip(out.iter_mut()).zip(&model.placement.parts).enumerate() {
+            let mut rest: &mut [f32] = buf.as_mut_slice();
+            for (pi, part) in parts.iter().enumerate() {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
+                rest = tail;
+                let data = &g[part.elements.clone()];
+                let header = self.push_header(part, step, bases[vi][pi], data.len(), wire, ps::PushKind::Gradient);
+                calls.push(async move {
+                    let shard = &self.shards[part.shard];
+                    let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
+                    let chunk = self.opts.chunk_bytes;
+                    let opened = match single_message(&shard.pool, &header, data, wire, chunk) {
+                        Some(msg) => shard.rpc().push_pull(tokio_stream::once(msg)).await,
+                        None => {
+                            let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
+                            let mut rpc = shard.rpc();
+                            let call = rpc.push_pull(ReceiverStream::new(rx));
+                            tokio::join!(feed_chunks(tx, &shard.pool, header, data, wire, chunk), call).1
+                        }
+                    };
+                    let mut stream = opened.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
+                    let (version, push) = receive_values(&mut stream, part, wire, dst, &ctx()).await?;
+                    let push = push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
+                    Ok::<_, Error>((vi, pi, version, push))
+                });
+            }
+        }
+        let results = try_join_all(calls).await?;
+        let mut summary = PushSummary::default();
+        let mut stored = model.versions.lock().expect("versions lock");
+        for (vi, pi, version, r) in results {
+            stored[vi][pi] = version;
+            summary.add(&r);
+        }
+        Ok(summary)
+    }
+
+    fn push_header(&self, part: &Part, step: u64, base_version: u64, len: usize, wire: DType, kind: ps::PushKind) -> ps::PushHeader {
+        ps::PushHeader {
             variable: part.name.clone(),
             worker_id: self.opts.worker_id,
             step,
             base_version,
             wire_dtype: dtype_to_proto(wire),
-            num_elements: data.len() as u64,
+            num_elements: len as u64,
             kind: kind as i32,
-        };
-        let per_chunk = (self.opts.chunk_bytes / wire.size()).max(1);
-        let pool = &shard.pool;
-        let encode = |c: &[f32]| {
-            let mut buf = pool.take(c.len() * wire.size());
-            parasync_tensor::encode_f32(c, wire, &mut buf);
-            pool.freeze(buf)
-        };
-        if data.len() <= per_chunk {
-            // One message: no producer task, no queue (the small-tensor latency path).
-            let msg = ps::PushRequest { header: Some(header), data: encode(data) };
-            let resp = shard.rpc().push(tokio_stream::once(msg)).await;
-            return Ok(resp.map_err(|s| Error::from_status(s, &ctx()))?.into_inner());
         }
-        // A small bounded queue: chunks are encoded just ahead of the network, never all at once.
-        let (tx, rx) = tokio::sync::mpsc::channel::<ps::PushRequest>(4);
-        let produce = async move {
-            let mut header = Some(header);
-            for c in data.chunks(per_chunk) {
-                let msg = ps::PushRequest { header: header.take(), data: encode(c) };
-                if tx.send(msg).await.is_err() {
-                    break; // the call ended early; its status says why
-                }
-            }
-        };
-        let call = async { shard.rpc().push(ReceiverStream::new(rx)).await };
-        let (_, resp) = tokio::join!(produce, call);
-        Ok(resp.map_err(|s| Error::from_status(s, &ctx()))?.into_inner())
     }
 
     /// Sets the learning rate of every variable on every shard.
@@ -401,6 +424,98 @@ impl Client {
             })
         }))
         .await
+    }
+}
+
+/// Chunks queued ahead of the network per push stream.
+const PUSH_QUEUE: usize = 4;
+
+/// The whole push as one message, when `data` fits one chunk (the small-tensor latency
+/// path: no queue, no feeding task); `None` otherwise.
+fn single_message(pool: &parasync_tensor::BufferPool, header: &ps::PushHeader, data: &[f32], wire: DType, chunk_bytes: usize) -> Option<ps::PushRequest> {
+    (data.len() * wire.size() <= chunk_bytes.max(wire.size()))
+        .then(|| ps::PushRequest { header: Some(header.clone()), data: encode_chunk(pool, data, wire) })
+}
+
+/// Feeds a push stream chunk by chunk, each encoded just before it is queued, so the
+/// tensor is never held encoded all at once.
+async fn feed_chunks(
+    tx: tokio::sync::mpsc::Sender<ps::PushRequest>,
+    pool: &parasync_tensor::BufferPool,
+    header: ps::PushHeader,
+    data: &[f32],
+    wire: DType,
+    chunk_bytes: usize,
+) {
+    let per_chunk = (chunk_bytes / wire.size()).max(1);
+    let mut header = Some(header);
+    for c in data.chunks(per_chunk) {
+        let msg = ps::PushRequest { header: header.take(), data: encode_chunk(pool, c, wire) };
+        if tx.send(msg).await.is_err() {
+            break; // the call ended early; its status says why
+        }
+    }
+}
+
+fn encode_chunk(pool: &parasync_tensor::BufferPool, c: &[f32], wire: DType) -> bytes::Bytes {
+    let mut buf = pool.take(c.len() * wire.size());
+    parasync_tensor::encode_f32(c, wire, &mut buf);
+    pool.freeze(buf)
+}
+
+/// A message of a value stream: pull replies and push-pull replies.
+trait ValueChunk {
+    /// (header of the first message, data, push outcome of the first push-pull message).
+    fn into_parts(self) -> (Option<ps::PullHeader>, bytes::Bytes, Option<ps::PushResponse>);
+}
+
+impl ValueChunk for ps::PullResponse {
+    fn into_parts(self) -> (Option<ps::PullHeader>, bytes::Bytes, Option<ps::PushResponse>) {
+        (self.header, self.data, None)
+    }
+}
+
+impl ValueChunk for ps::PushPullResponse {
+    fn into_parts(self) -> (Option<ps::PullHeader>, bytes::Bytes, Option<ps::PushResponse>) {
+        (self.header, self.data, self.push)
+    }
+}
+
+/// Reads a stream of value chunks (header first) into `dst`; returns the version and the
+/// push outcome if the stream carried one. `ctx` names the call in errors.
+async fn receive_values<M: ValueChunk>(
+    stream: &mut tonic::Streaming<M>,
+    part: &Part,
+    wire: DType,
+    dst: &mut [f32],
+    ctx: &str,
+) -> Result<(u64, Option<ps::PushResponse>)> {
+    let ctx = || ctx.to_string();
+    let mut filled = 0usize;
+    let mut version = None;
+    let mut push = None;
+    while let Some(msg) = stream.message().await.map_err(|s| Error::from_status(s, &ctx()))? {
+        let (header, data, pushed) = msg.into_parts();
+        if pushed.is_some() {
+            push = pushed;
+        }
+        if let Some(h) = header {
+            let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
+            if shape != part.shape {
+                return Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("{}: the shard holds shape {shape:?}, this client expects {:?}", ctx(), part.shape),
+                ));
+            }
+            version = Some(h.version);
+        }
+        let n = parasync_tensor::decode_into(&data, wire, &mut dst[filled..])
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("{}: {e}", ctx())))?;
+        filled += n;
+    }
+    match version {
+        Some(v) if filled == dst.len() => Ok((v, push)),
+        _ => Err(Error::new(ErrorKind::Internal, format!("{}: stream ended after {filled} of {} elements", ctx(), dst.len()))),
     }
 }
 
@@ -463,4 +578,14 @@ pub fn ps_addresses_from_env() -> Result<Option<Vec<String>>> {
         serde_json::from_str(&s).map_err(|e| Error::usage(format!("TF_CONFIG is not valid JSON: {e}")))?;
     let ps = v.pointer("/cluster/ps").and_then(|p| p.as_array());
     Ok(ps.map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
+}
+
+/// Compile-time check: every call's future can move between threads (`tokio::spawn`).
+#[allow(dead_code, unreachable_code, clippy::diverging_sub_expression)]
+fn futures_are_send(c: &'static Client, m: &'static mut Client, out: &'static mut [Vec<f32>]) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(c.pull(0));
+    is_send(c.push(0, &[]));
+    is_send(c.push_pull(0, &[], out));
+    is_send(m.register(Vec::new()));
 }

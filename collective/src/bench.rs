@@ -46,6 +46,9 @@ pub struct AllreduceBenchArgs {
     /// Busy-poll the sockets (lowest latency; one busy core per rank).
     #[arg(long)]
     pub spin: bool,
+    /// TCP connections per pair of ranks (large transfers spread their frames over them).
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
     /// Seconds each timed repetition should take (iteration count is set from it).
     #[arg(long, default_value_t = 0.2)]
     pub target_s: f64,
@@ -205,7 +208,10 @@ fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
             timeout: Duration::from_secs(args.timeout_s),
         },
         comm: comm_config(args),
-        tcp: TcpOptions { spin: args.spin },
+        tcp: TcpOptions {
+            spin: args.spin,
+            streams: args.streams,
+        },
         data_host: None,
     };
     if rank == 0 && master.ends_with(":0") {
@@ -250,8 +256,8 @@ pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
     let n = comm.world_size();
     if comm.rank() == 0 {
         println!(
-            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}",
-            args.algorithm, args.chunk_bytes, args.spin
+            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}",
+            args.algorithm, args.chunk_bytes, args.spin, args.streams
         );
         println!(
             "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",

@@ -6,8 +6,8 @@
 //!   validation, the ring schedule — plain functions, table-tested;
 //! - [`transport`]: moving validated frames between ranks (in-memory for tests, TCP);
 //! - [`Communicator`]: numbering, timeouts, algorithm choice, fusion, poisoning on error;
-//! - [`rendezvous`] and [`env`]: how ranks find each other (gRPC, launcher variables);
-//! - [`bench`]: the `allreduce-bench` table; `nccl` (feature `nccl`): the GPU backend.
+//! - [`rendezvous`] and [`env`](mod@env): how ranks find each other (gRPC, launcher variables);
+//! - [`bench`](mod@bench): the `allreduce-bench` table; `nccl` (feature `nccl`): the GPU backend.
 
 #![warn(missing_docs)]
 

@@ -129,6 +129,9 @@ impl NcclCommunicator {
                     blob.len()
                 ))
             })?;
+        // NCCL binds the communicator to the current device: make it this rank's GPU.
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_err("binding the GPU to this thread", e))?;
         let comm = Comm::from_rank(
             stream.clone(),
             opts.spec.rank,

@@ -37,6 +37,23 @@ fn small_frames_stream_through_the_tcp_ring() {
 }
 
 #[test]
+fn several_connections_per_pair_give_the_same_results() {
+    // Three connections per pair and 4 KiB frames: frames of one transfer land out of order.
+    let args = [
+        "--count",
+        "30000",
+        "--chunk-bytes",
+        "4096",
+        "--streams",
+        "3",
+    ];
+    let mut job = Job::start(3, "every-op", &args);
+    all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");
+    let mut job = Job::start(2, "fused", &["--streams", "2"]);
+    all_ok(&job.finish(Duration::from_secs(60)), "RESULT fused-equal");
+}
+
+#[test]
 fn spin_mode_gives_the_same_results() {
     let mut job = Job::start(2, "every-op", &["--count", "5000", "--spin"]);
     all_ok(&job.finish(Duration::from_secs(60)), "RESULT every-op");

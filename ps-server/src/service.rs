@@ -54,7 +54,11 @@ impl PsService {
         e.into()
     }
 
-    async fn push_inner(&self, mut stream: Streaming<ps::PushRequest>) -> Result<ps::PushResponse, Status> {
+    /// Receives and applies one push; returns its reply with the variable, wire dtype and step.
+    async fn push_inner(
+        &self,
+        mut stream: Streaming<ps::PushRequest>,
+    ) -> Result<(ps::PushResponse, Arc<Variable>, DType, u64), Status> {
         let first = stream
             .message()
             .await?
@@ -83,9 +87,10 @@ impl PsService {
         })?;
         let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
         let store = Arc::clone(&self.store);
+        let target = Arc::clone(&var);
         let run = move || match kind {
-            ps::PushKind::Gradient => store.push_gradient(&var, meta, values),
-            ps::PushKind::Assign => store.assign(&var, values).map(|version| crate::store::PushResult {
+            ps::PushKind::Gradient => store.push_gradient(&target, meta, values),
+            ps::PushKind::Assign => store.assign(&target, values).map(|version| crate::store::PushResult {
                 accepted: true,
                 dropped_stale: false,
                 version,
@@ -98,7 +103,36 @@ impl PsService {
             run()
         };
         let r = result.map_err(|e| self.reject(e))?;
-        Ok(ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness })
+        let reply =
+            ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness };
+        Ok((reply, var, wire, header.step))
+    }
+
+    /// The variable's current values as a stream of (header on the first, data) chunks.
+    fn value_chunks(
+        &self,
+        var: Arc<Variable>,
+        wire: DType,
+    ) -> impl Stream<Item = (Option<ps::PullHeader>, bytes::Bytes)> + Send + 'static {
+        let metrics = Arc::clone(self.store.metrics());
+        metrics.pulls.fetch_add(1, Relaxed);
+        let chunk = (self.config.chunk_bytes / wire.size()).max(1);
+        let pool = self.pool.clone();
+        futures::stream::unfold((var, 0usize, true), move |(var, start, first)| {
+            let metrics = Arc::clone(&metrics);
+            let pool = pool.clone();
+            async move {
+                if start >= var.len() && !first {
+                    return None;
+                }
+                let end = (start + chunk).min(var.len());
+                let mut buf = pool.take((end - start) * wire.size());
+                let version = var.encode_range(start, end, wire, &mut buf);
+                metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
+                let header = first.then(|| pull_header(&var, version, wire));
+                Some(((header, pool.freeze(buf)), (var, end, false)))
+            }
+        })
     }
 
     async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
@@ -119,6 +153,8 @@ impl PsService {
 
 /// Stream of pull chunks.
 pub type PullStream = Pin<Box<dyn Stream<Item = Result<ps::PullResponse, Status>> + Send>>;
+/// Stream of push-pull reply chunks.
+pub type PushPullStream = Pin<Box<dyn Stream<Item = Result<ps::PushPullResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ParameterServer for PsService {
@@ -137,7 +173,24 @@ impl ParameterServer for PsService {
     }
 
     async fn push(&self, request: Request<Streaming<ps::PushRequest>>) -> Result<Response<ps::PushResponse>, Status> {
-        self.push_inner(request.into_inner()).await.map(Response::new)
+        self.push_inner(request.into_inner()).await.map(|(reply, ..)| Response::new(reply))
+    }
+
+    type PushPullStream = PushPullStream;
+
+    async fn push_pull(
+        &self,
+        request: Request<Streaming<ps::PushRequest>>,
+    ) -> Result<Response<Self::PushPullStream>, Status> {
+        let (reply, var, wire, step) = self.push_inner(request.into_inner()).await?;
+        // The values for the worker's next step: sync waits for this step to complete.
+        let timeout = self.config.default_pull_timeout;
+        self.wait_for_step(&var, step + 1, timeout).await.map_err(|e| self.reject(e))?;
+        let mut reply = Some(reply);
+        let stream = tokio_stream::StreamExt::map(self.value_chunks(var, wire), move |(header, data)| {
+            Ok(ps::PushPullResponse { push: reply.take(), header, data })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type PullStream = PullStream;
@@ -151,24 +204,8 @@ impl ParameterServer for PsService {
             ms => Duration::from_millis(ms as u64),
         };
         self.wait_for_step(&var, r.step, timeout).await.map_err(|e| self.reject(e))?;
-        let metrics = Arc::clone(self.store.metrics());
-        metrics.pulls.fetch_add(1, Relaxed);
-        let chunk = (self.config.chunk_bytes / wire.size()).max(1);
-        let pool = self.pool.clone();
-        let stream = futures::stream::unfold((var, 0usize, true), move |(var, start, first)| {
-            let metrics = Arc::clone(&metrics);
-            let pool = pool.clone();
-            async move {
-                if start >= var.len() && !first {
-                    return None;
-                }
-                let end = (start + chunk).min(var.len());
-                let mut buf = pool.take((end - start) * wire.size());
-                let version = var.encode_range(start, end, wire, &mut buf);
-                metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
-                let header = first.then(|| pull_header(&var, version, wire));
-                Some((Ok(ps::PullResponse { header, data: pool.freeze(buf) }), (var, end, false)))
-            }
+        let stream = tokio_stream::StreamExt::map(self.value_chunks(var, wire), |(header, data)| {
+            Ok(ps::PullResponse { header, data })
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -33,6 +33,9 @@ pub struct ScenarioArgs {
     count: usize,
     #[arg(long)]
     spin: bool,
+    /// TCP connections per pair of ranks.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Bytes per frame of the pipelined algorithms.
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
@@ -58,7 +61,10 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
             chunk_bytes: a.chunk_bytes,
             ..CommConfig::default()
         },
-        tcp: TcpOptions { spin: a.spin },
+        tcp: TcpOptions {
+            spin: a.spin,
+            streams: a.streams,
+        },
         data_host: None,
     };
     let connected = if a.rank == 0 && a.master.ends_with(":0") {

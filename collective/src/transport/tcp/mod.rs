@@ -1,10 +1,12 @@
-//! The TCP data plane: one connection per pair of ranks, nonblocking sockets progressed by
-//! `poll(2)` (or busy-polled in spin mode), no allocation per exchange once warm.
+//! The TCP data plane: one connection per pair of ranks (or several, see
+//! [`TcpOptions::streams`]), nonblocking sockets progressed by `poll(2)` (or busy-polled in
+//! spin mode), no allocation per exchange once warm.
 //!
 //! Connections are set up after the rendezvous: rank `r` connects to every lower rank and
 //! accepts every higher one; the connecting side opens with a hello that carries the job
 //! token, so processes of another job (or stray port scanners) are refused.
 
+mod multi;
 mod progress;
 mod sys;
 mod waiting;
@@ -23,11 +25,25 @@ const MAX_TOKEN: usize = 1024;
 /// How long a wait busy-polls in spin mode before it sleeps in `poll(2)`.
 const SPIN_BUDGET: Duration = Duration::from_micros(500);
 
-/// Options of the TCP transport.
+/// Most connections per pair of ranks.
+pub const MAX_STREAMS: usize = 8;
+
+/// Options of the TCP transport (every rank must use the same).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpOptions {
     /// Busy-poll instead of sleeping in `poll(2)`: lowest latency, one core per rank.
     pub spin: bool,
+    /// Connections per pair of ranks (0 or 1: one; at most [`MAX_STREAMS`]). Large transfers
+    /// spread their frames over all of them, which helps where one TCP stream cannot fill
+    /// the link (one core's copy rate); on one host with few cores it does not.
+    pub streams: usize,
+}
+
+impl TcpOptions {
+    /// Connections per pair actually used.
+    pub fn stream_count(&self) -> usize {
+        self.streams.clamp(1, MAX_STREAMS)
+    }
 }
 
 /// A connected peer.
@@ -52,6 +68,8 @@ struct Progress {
 pub struct TcpTransport {
     rank: usize,
     links: Vec<Option<Link>>,
+    /// `extra[p]`: connections 1.. to rank `p` (empty with one stream per pair).
+    extra: Vec<Vec<Link>>,
     opts: TcpOptions,
     aborted: bool,
     /// Start of the current stretch without progress (spin mode's budget).
@@ -74,32 +92,34 @@ pub struct TcpTransport {
     asked: Vec<bool>,
 }
 
-fn hello_bytes(token: &str, rank: usize, n: usize) -> Vec<u8> {
+fn hello_bytes(token: &str, rank: usize, n: usize, stream: usize) -> Vec<u8> {
     let t = token.as_bytes();
-    let mut b = Vec::with_capacity(16 + t.len());
+    let mut b = Vec::with_capacity(20 + t.len());
     b.extend_from_slice(&HELLO_MAGIC);
     b.extend_from_slice(&(rank as u32).to_le_bytes());
     b.extend_from_slice(&(n as u32).to_le_bytes());
+    b.extend_from_slice(&(stream as u32).to_le_bytes());
     b.extend_from_slice(&(t.len() as u32).to_le_bytes());
     b.extend_from_slice(t);
     b
 }
 
-/// Reads and checks a hello: returns the peer's rank, or why it is refused.
+/// Reads and checks a hello: returns the peer's rank and connection index, or why it is
+/// refused.
 fn read_hello(
     s: &mut TcpStream,
     token: &str,
     me: usize,
     n: usize,
-) -> std::result::Result<usize, String> {
-    let mut fixed = [0u8; 16];
+) -> std::result::Result<(usize, usize), String> {
+    let mut fixed = [0u8; 20];
     s.read_exact(&mut fixed)
         .map_err(|e| format!("no hello: {e}"))?;
     if fixed[..4] != HELLO_MAGIC {
         return Err("not a parasync collective peer".into());
     }
     let word = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes")) as usize;
-    let (rank, world, tlen) = (word(4), word(8), word(12));
+    let (rank, world, stream, tlen) = (word(4), word(8), word(12), word(16));
     if tlen > MAX_TOKEN {
         return Err("job token too long".into());
     }
@@ -116,7 +136,7 @@ fn read_hello(
             "hello from rank {rank} of {world} does not fit rank {me} of {n}"
         ));
     }
-    Ok(rank)
+    Ok((rank, stream))
 }
 
 fn configure(s: &TcpStream) -> io::Result<()> {
@@ -138,9 +158,12 @@ impl TcpTransport {
         opts: TcpOptions,
     ) -> Result<TcpTransport> {
         let n = addrs.len();
+        let k = opts.stream_count();
         let mut links: Vec<Option<Link>> = (0..n).map(|_| None).collect();
-        let hello = hello_bytes(token, rank, n);
-        for (p, addr) in addrs.iter().enumerate().take(rank) {
+        let mut extra: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
+        for (p, c) in (0..rank).flat_map(|p| (0..k).map(move |c| (p, c))) {
+            let addr = &addrs[p];
+            let hello = hello_bytes(token, rank, n, c);
             let mut s = loop {
                 match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
@@ -163,24 +186,25 @@ impl TcpTransport {
                     "rank {p} at {addr} refused the connection"
                 )));
             }
-            links[p] = Some(Link {
+            let link = Link {
                 fd: s.as_raw_fd(),
                 stream: s,
                 send_owed: 0,
-            });
+            };
+            if c == 0 {
+                links[p] = Some(link);
+            } else {
+                extra[p].push(link);
+            }
         }
         listener.set_nonblocking(true)?;
-        while links
-            .iter()
-            .enumerate()
-            .any(|(p, l)| p > rank && l.is_none())
-        {
+        while (rank + 1..n).any(|p| links[p].is_none() || extra[p].len() + 1 < k) {
             match listener.accept() {
                 Ok((mut s, from)) => {
                     s.set_nonblocking(false)?;
                     configure(&s)?;
                     match read_hello(&mut s, token, rank, n) {
-                        Ok(p) if links[p].is_none() => {
+                        Ok((p, c)) if c == 0 && links[p].is_none() => {
                             s.write_all(&[1])?;
                             links[p] = Some(Link {
                                 fd: s.as_raw_fd(),
@@ -188,7 +212,16 @@ impl TcpTransport {
                                 send_owed: 0,
                             });
                         }
-                        Ok(p) => tracing::warn!(
+                        // Connections of one peer arrive in order (it waits for each ack).
+                        Ok((p, c)) if c < k && c == extra[p].len() + 1 && links[p].is_some() => {
+                            s.write_all(&[1])?;
+                            extra[p].push(Link {
+                                fd: s.as_raw_fd(),
+                                stream: s,
+                                send_owed: 0,
+                            });
+                        }
+                        Ok((p, _)) => tracing::warn!(
                             "rank {rank}: duplicate connection from rank {p} ({from}) refused"
                         ),
                         Err(why) => {
@@ -201,8 +234,9 @@ impl TcpTransport {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let missing: Vec<usize> =
-                            (rank + 1..n).filter(|&p| links[p].is_none()).collect();
+                        let missing: Vec<usize> = (rank + 1..n)
+                            .filter(|&p| links[p].is_none() || extra[p].len() + 1 < k)
+                            .collect();
                         return Err(Error::Rendezvous(format!(
                             "rank {rank}: ranks {missing:?} did not connect in time"
                         )));
@@ -212,12 +246,13 @@ impl TcpTransport {
                 Err(e) => return Err(e.into()),
             }
         }
-        for l in links.iter().flatten() {
+        for l in links.iter().flatten().chain(extra.iter().flatten()) {
             l.stream.set_nonblocking(true)?;
         }
         Ok(TcpTransport {
             rank,
             links,
+            extra,
             opts,
             aborted: false,
             idle_since: None,
@@ -240,6 +275,15 @@ impl TcpTransport {
             .expect("a link to every other rank")
     }
 
+    /// Connection `c` (0: the primary one) to `peer`.
+    fn link_c(&mut self, peer: usize, c: usize) -> &mut Link {
+        if c == 0 {
+            self.link(peer)
+        } else {
+            &mut self.extra[peer][c - 1]
+        }
+    }
+
     fn lost(peer: usize, op: &OpDesc, detail: impl std::fmt::Display) -> Error {
         Error::PeerLost {
             peer,
@@ -257,19 +301,31 @@ impl Drop for TcpTransport {
         }
         // Half-close, then drain what peers still send for a moment: closing a socket with
         // unread data sends a reset, which could destroy our abort frame before it is read.
-        for l in self.links.iter().flatten() {
+        let fds: Vec<i32> = self
+            .links
+            .iter()
+            .flatten()
+            .chain(self.extra.iter().flatten())
+            .map(|l| l.fd)
+            .collect();
+        for l in self
+            .links
+            .iter()
+            .flatten()
+            .chain(self.extra.iter().flatten())
+        {
             let _ = l.stream.shutdown(std::net::Shutdown::Write);
         }
         let until = Instant::now() + Duration::from_millis(500);
-        let mut open: Vec<bool> = self.links.iter().map(|l| l.is_some()).collect();
+        let mut open = vec![true; fds.len()];
         let mut sink = vec![0u8; 64 << 10];
         while open.iter().any(|&o| o) && Instant::now() < until {
             let mut idle = true;
-            for (p, o) in open.iter_mut().enumerate() {
+            for (i, o) in open.iter_mut().enumerate() {
                 if !*o {
                     continue;
                 }
-                match recv_some(self.links[p].as_ref().expect("link").fd, &mut sink) {
+                match recv_some(fds[i], &mut sink) {
                     Ok(0) => *o = false,
                     Ok(_) => idle = false,
                     Err(e) if would_block(&e) => {}

@@ -225,6 +225,9 @@ impl Transport for TcpTransport {
         deadline: Deadline,
         on_frame: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
+        if self.opts.stream_count() > 1 {
+            return self.stream_multi(op, send, recv, frame, deadline, on_frame);
+        }
         self.begin_op(op.seq);
         let frame = frame.max(1);
         let (to, sbuf) = send.unwrap_or((usize::MAX, &[]));
@@ -398,16 +401,19 @@ impl Transport for TcpTransport {
             if self.links[p].is_none() || Some(p) == culprit {
                 continue;
             }
-            // Finish the frame in flight with padding so the peer can parse the abort.
-            let mut owed = self.link(p).send_owed;
-            let mut ok = true;
-            while owed > 0 && ok {
-                let k = owed.min(zeros.len());
-                ok = self.write_all_briefly(p, &zeros[..k], until);
-                owed -= k;
-            }
-            if ok && self.write_all_briefly(p, &hdr, until) {
-                self.write_all_briefly(p, reason, until);
+            // On every connection (a peer may be reading any of them): finish the frame in
+            // flight with padding so the peer can parse the abort, then send it.
+            for c in 0..1 + self.extra[p].len() {
+                let mut owed = self.link_c(p, c).send_owed;
+                let mut ok = true;
+                while owed > 0 && ok {
+                    let k = owed.min(zeros.len());
+                    ok = self.write_all_briefly_on(p, c, &zeros[..k], until);
+                    owed -= k;
+                }
+                if ok && self.write_all_briefly_on(p, c, &hdr, until) {
+                    self.write_all_briefly_on(p, c, reason, until);
+                }
             }
         }
     }

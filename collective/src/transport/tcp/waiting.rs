@@ -276,9 +276,20 @@ impl TcpTransport {
         }
     }
 
-    pub(super) fn write_all_briefly(&mut self, p: usize, mut data: &[u8], until: Instant) -> bool {
+    pub(super) fn write_all_briefly(&mut self, p: usize, data: &[u8], until: Instant) -> bool {
+        self.write_all_briefly_on(p, 0, data, until)
+    }
+
+    /// Like [`Self::write_all_briefly`] on connection `c` to `p`.
+    pub(super) fn write_all_briefly_on(
+        &mut self,
+        p: usize,
+        c: usize,
+        mut data: &[u8],
+        until: Instant,
+    ) -> bool {
         while !data.is_empty() {
-            match send_nosignal(self.link(p).fd, data) {
+            match send_nosignal(self.link_c(p, c).fd, data) {
                 Ok(k) => data = &data[k..],
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
