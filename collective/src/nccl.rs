@@ -195,6 +195,12 @@ impl NcclCommunicator {
         Ok(())
     }
 
+    /// Marks the communicator unusable after `e` and returns it.
+    fn poison(&mut self, e: Error) -> Error {
+        self.failed = Some(e.to_string());
+        e
+    }
+
     /// Waits until the queued work is done, at most the timeout; a failure poisons.
     fn finish(&mut self, what: &str) -> Result<()> {
         let r = self.wait_done(what);
@@ -239,7 +245,7 @@ impl NcclCommunicator {
         self.agree::<T>(OpKind::AllReduce, Some(op), buf.len(), 0)?;
         self.comm
             .all_reduce_in_place(buf, &nccl_op(op))
-            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+            .map_err(|e| self.poison(nccl_err("ncclAllReduce", e)))?;
         self.finish("allreduce")
     }
 
@@ -260,7 +266,7 @@ impl NcclCommunicator {
         self.agree::<T>(OpKind::AllReduce, Some(op), send.len(), 0)?;
         self.comm
             .all_reduce(send, recv, &nccl_op(op))
-            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+            .map_err(|e| self.poison(nccl_err("ncclAllReduce", e)))?;
         self.finish("allreduce")
     }
 
@@ -275,7 +281,7 @@ impl NcclCommunicator {
         self.agree::<T>(OpKind::Broadcast, None, buf.len(), root)?;
         self.comm
             .broadcast_in_place(buf, root as i32)
-            .map_err(|e| nccl_err("ncclBroadcast", e))?;
+            .map_err(|e| self.poison(nccl_err("ncclBroadcast", e)))?;
         self.finish("broadcast")
     }
 
@@ -295,7 +301,7 @@ impl NcclCommunicator {
         self.agree::<T>(OpKind::AllGather, None, send.len(), 0)?;
         self.comm
             .all_gather(send, recv)
-            .map_err(|e| nccl_err("ncclAllGather", e))?;
+            .map_err(|e| self.poison(nccl_err("ncclAllGather", e)))?;
         self.finish("allgather")
     }
 
@@ -316,7 +322,7 @@ impl NcclCommunicator {
         self.agree::<T>(OpKind::ReduceScatter, Some(op), recv.len(), 0)?;
         self.comm
             .reduce_scatter(send, recv, &nccl_op(op))
-            .map_err(|e| nccl_err("ncclReduceScatter", e))?;
+            .map_err(|e| self.poison(nccl_err("ncclReduceScatter", e)))?;
         self.finish("reduce_scatter")
     }
 

@@ -15,13 +15,16 @@ pub fn to_f32(word: u16) -> f32 {
 #[inline]
 pub fn from_f32_rne(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        // Keep the sign and force a quiet-NaN payload so truncation cannot make it Inf.
-        return ((bits >> 16) as u16) | 0x0040;
-    }
     let lsb = (bits >> 16) & 1;
-    let rounded = bits.wrapping_add(0x7FFF + lsb);
-    (rounded >> 16) as u16
+    let rounded = (bits.wrapping_add(0x7FFF + lsb) >> 16) as u16;
+    // Keep the sign and force a quiet-NaN payload so truncation cannot make it Inf. Both
+    // results are computed and one selected, so loops over slices vectorise.
+    let nan = ((bits >> 16) as u16) | 0x0040;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
 }
 
 /// Rounds `x` to one of its two neighbouring bf16 values at random, with probability
