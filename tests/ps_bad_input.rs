@@ -144,6 +144,9 @@ async fn bad_input_is_refused_and_changes_nothing() {
         expect(push(&mut c, push_msgs(h.clone(), vec![ok_data.clone()])).await, Code::InvalidArgument, "wire_dtype", "unspecified wire dtype");
         h.wire_dtype = 99;
         expect(push(&mut c, push_msgs(h, vec![ok_data.clone()])).await, Code::InvalidArgument, "unknown value 99", "unknown wire dtype");
+        let mut h = header("w", 0, 0, 12);
+        h.kind = 7;
+        expect(push(&mut c, push_msgs(h, vec![ok_data.clone()])).await, Code::InvalidArgument, "unknown push kind 7", "unknown kind");
         // byte lengths
         expect(push(&mut c, push_msgs(header("w", 0, 0, 12), vec![Bytes::from_static(&[0; 5])])).await, Code::InvalidArgument, "not a whole number", "ragged bytes");
         expect(push(&mut c, push_msgs(header("w", 0, 0, 12), vec![ok_data.slice(..40)])).await, Code::InvalidArgument, "after 10 of 12", "short");

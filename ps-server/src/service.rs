@@ -68,8 +68,10 @@ impl PsService {
             .ok_or_else(|| Status::invalid_argument("the first message of a push must carry a header"))?;
         let var = self.store.get(&header.variable).map_err(|e| self.reject(e))?;
         let wire = convert::dtype(header.wire_dtype, "wire_dtype", &header.variable).map_err(|e| self.reject(e))?;
-        let check_finite = !self.store.config().allow_non_finite
-            && header.kind == ps::PushKind::Gradient as i32;
+        let kind = ps::PushKind::try_from(header.kind).map_err(|_| {
+            self.reject(Error::invalid(&header.variable, format!("unknown push kind {}", header.kind)))
+        })?;
+        let check_finite = !self.store.config().allow_non_finite && kind == ps::PushKind::Gradient;
         let mut buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
         let metrics = self.store.metrics();
         metrics.bytes_in.fetch_add(first.data.len() as u64, Relaxed);
@@ -82,9 +84,6 @@ impl PsService {
             buf.append(&msg.data).map_err(|e| self.reject(e))?;
         }
         let values = buf.finish().map_err(|e| self.reject(e))?;
-        let kind = ps::PushKind::try_from(header.kind).map_err(|_| {
-            self.reject(Error::invalid(&header.variable, format!("unknown push kind {}", header.kind)))
-        })?;
         let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
         let store = Arc::clone(&self.store);
         let target = Arc::clone(&var);
