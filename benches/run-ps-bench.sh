@@ -26,7 +26,7 @@ echo "## python grpcio baseline"
 python3 ../shared/peers/grpc_bench.py --reps 5 --out bench-results/raw/grpc-peer.jsonl | grep -E "^grpc"
 
 echo "## criterion: parasync push/pull 64 MiB and 100 B round trip"
-for cfg in "${PS_BENCH_CONFIGS:-1048576:1:2:0}"; do
+for cfg in ${PS_BENCH_CONFIGS:-1048576:1:2:0}; do
   IFS=: read -r chunk conns srv cli <<<"$cfg"
   PARASYNC_BENCH_CHUNK=$chunk PARASYNC_BENCH_CONNS=$conns PARASYNC_BENCH_SERVER_THREADS=$srv \
   PARASYNC_BENCH_CLIENT_THREADS=$cli cargo bench -q --bench ps_throughput -- --noplot 2>&1 \

@@ -16,6 +16,9 @@ enum Cmd {
     Server(ps_server::config::ServerArgs),
     /// Train a 64-128-10 MLP on the digits data with a local cluster of real processes.
     Demo(parasync::demo::DemoArgs),
+    /// Allreduce bandwidth / latency table (nccl-tests style) over local ranks, or one rank
+    /// of a multi-host run (`--rank I --master HOST:PORT`, or `--from-env`).
+    AllreduceBench(parasync_collective::bench::AllreduceBenchArgs),
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
     }
 }

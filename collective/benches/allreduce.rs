@@ -1,6 +1,6 @@
 //! `cargo bench -p parasync-collective --bench allreduce [-- extra allreduce-bench flags]`
 //! (sizes from `$ALLREDUCE_SIZES`, default 4KiB,64KiB,1MiB,16MiB,64MiB,256MiB):
-//! the allreduce matrix of BENCH-NOTES.md (N = 2 and 4, f32 and bf16, 4 KiB - 256 MiB, and
+//! the allreduce matrix of bench-results/allreduce.md (N = 2 and 4, f32 and bf16, 4 KiB - 256 MiB, and
 //! the 4 KiB latency with busy-polling), as nccl-tests-style tables. Plain harness (criterion
 //! is not available offline here); each row is already a median of timed repetitions.
 

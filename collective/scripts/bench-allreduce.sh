@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The allreduce benchmark matrix of BENCH-NOTES.md: N = 2 and 4, f32 and bf16, 4 KiB - 256 MiB,
+# The allreduce benchmark matrix of bench-results/allreduce.md: N = 2 and 4, f32 and bf16, 4 KiB - 256 MiB,
 # plus the 4 KiB latency with busy-polling. Output: the nccl-tests-style tables on stdout.
 #   collective/scripts/bench-allreduce.sh [extra allreduce-bench flags]
 set -euo pipefail

@@ -49,7 +49,7 @@ pub struct CommConfig {
 impl Default for CommConfig {
     fn default() -> Self {
         // small_max_bytes: the direct/ring crossover measured with `collective-rank
-        // allreduce-bench --algorithm direct|ring` (N=2: ~192 KiB, N=4: ~64 KiB; BENCH-NOTES.md).
+        // allreduce-bench --algorithm direct|ring` (N=2: ~192 KiB, N=4: ~64 KiB; bench-results/allreduce.md).
         CommConfig {
             timeout: Duration::from_secs(60),
             chunk_bytes: 1 << 20,

@@ -54,7 +54,7 @@ pub fn unavailable_reason() -> Option<String> {
     // SAFETY: as above.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
         return Some(
-            "libnccl.so not found on the loader path (see collective/scripts/gpu-smoke.sh)".into(),
+            "libnccl.so not found on the loader path (see scripts/gpu-smoke.sh)".into(),
         );
     }
     match CudaContext::device_count() {

@@ -150,6 +150,8 @@ impl TcpTransport {
                             if l.hdr == HEADER_LEN && l.body == range.len() {
                                 on_frame(range.start, &mut rbuf[range.clone()]);
                                 received += 1;
+                                // All received: watch it for aborts and wait queries.
+                                self.watch[from] |= received == nr;
                                 *l = Lane {
                                     frame: l.frame + k,
                                     hdr: 0,

@@ -109,6 +109,10 @@ impl Transport for TcpTransport {
                         }
                         let pr = &mut self.recv_prog[i];
                         pr.done = pr.hdr == HEADER_LEN && pr.body == r.buf.len();
+                        if pr.done {
+                            // Between frames again: watch it for aborts and wait queries.
+                            self.watch[r.peer] = true;
+                        }
                     }
                     Err(e) if would_block(&e) => {}
                     Err(e) => {
@@ -330,6 +334,8 @@ impl Transport for TcpTransport {
                         if rh == HEADER_LEN && rb == rrange.len() {
                             on_frame(rrange.start, &mut rbuf[rrange.clone()]);
                             rk += 1;
+                            // All received: watch it for aborts and wait queries.
+                            self.watch[from] |= rk == nr;
                             (rh, rb) = (0, 0);
                             rrange = frame_range(rbuf.len(), frame, rk);
                         }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NCCL backend smoke test on a GPU machine, one command, under 5 minutes:
-#   collective/scripts/gpu-smoke.sh [nccl-smoke options, e.g. --sizes 1MiB,64MiB]
+#   scripts/gpu-smoke.sh [nccl-smoke options, e.g. --sizes 1MiB,64MiB]
 # Runs one rank per visible GPU: allreduce / broadcast / allgather / reduce_scatter
 # correctness for f32 and bf16, then an nccl-tests-style busbw table for 1 MiB - 1 GiB.
 #
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
+root="$(cd "$here/.." && pwd)"
 started=$(date +%s)
 
 log() { echo "[gpu-smoke] $*" >&2; }
