@@ -4,7 +4,7 @@
 //! `cargo bench --bench ps_memory` (Linux only).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parasync::cluster::{ClusterOptions, LocalCluster};
 use parasync_client::{Client, ClientOptions, Init, Optimizer, VariableSpec};
@@ -28,17 +28,7 @@ fn main() {
         return; // `cargo bench -- --list` probes every bench target
     }
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
-    let cluster = LocalCluster::start(
-        &exe,
-        &ClusterOptions {
-            shards: 1,
-            server_args: ["--mode", "async", "--num-workers", "4"].iter().map(|s| s.to_string()).collect(),
-            show_logs: false,
-            log_dir: None,
-            log_filter: None,
-            ready_timeout: Duration::from_secs(20),
-        },
-    )
+    let cluster = LocalCluster::start(&exe, &ClusterOptions::new(1, &["--mode", "async", "--num-workers", "4"]))
     .expect("starting the server");
     let pid = cluster.servers[0].child.as_ref().unwrap().id();
     let specs: Vec<VariableSpec> = (0..VARS)

@@ -26,28 +26,13 @@ fn bench(c: &mut Criterion) {
     let server_threads = env_usize("PARASYNC_BENCH_SERVER_THREADS", 2);
     let client_threads = env_usize("PARASYNC_BENCH_CLIENT_THREADS", 0);
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
+    let (chunk_s, threads_s) = (chunk.to_string(), server_threads.to_string());
     let cluster = LocalCluster::start(
         &exe,
-        &ClusterOptions {
-            shards: 1,
-            server_args: [
-                "--mode",
-                "async",
-                "--num-workers",
-                "1",
-                "--chunk-bytes",
-                &chunk.to_string(),
-                "--worker-threads",
-                &server_threads.to_string(),
-            ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            show_logs: false,
-            log_dir: None,
-            log_filter: None,
-            ready_timeout: Duration::from_secs(20),
-        },
+        &ClusterOptions::new(
+            1,
+            &["--mode", "async", "--num-workers", "1", "--chunk-bytes", &chunk_s, "--worker-threads", &threads_s],
+        ),
     )
     .expect("starting the server");
     let rt = match client_threads {
@@ -106,17 +91,7 @@ fn bench(c: &mut Criterion) {
     // worker pulls the step and pushes its gradients; the step completes on both shards.
     let sync = LocalCluster::start(
         &exe,
-        &ClusterOptions {
-            shards: 2,
-            server_args: ["--mode", "sync", "--num-workers", "4", "--worker-threads", &server_threads.to_string()]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            show_logs: false,
-            log_dir: None,
-            log_filter: None,
-            ready_timeout: Duration::from_secs(20),
-        },
+        &ClusterOptions::new(2, &["--mode", "sync", "--num-workers", "4", "--worker-threads", &threads_s]),
     )
     .expect("starting the sync cluster");
     let shapes: [&[usize]; 4] = [&[64, 128], &[128], &[128, 10], &[10]];

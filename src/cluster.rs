@@ -43,6 +43,20 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
 }
 
+impl ClusterOptions {
+    /// `shards` servers with `server_args`, logs discarded, 20 s to come up.
+    pub fn new(shards: usize, server_args: &[&str]) -> Self {
+        ClusterOptions {
+            shards,
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            show_logs: false,
+            log_dir: None,
+            log_filter: None,
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 impl LocalCluster {
     /// Starts `opts.shards` servers from `exe` (a binary with a `server` subcommand, i.e.
     /// `parasync`), each on an ephemeral port of 127.0.0.1, and waits until they listen.

@@ -249,10 +249,10 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         args.max_staleness.to_string(),
     ];
     server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
-    let mut cluster = LocalCluster::start(
-        exe,
-        &ClusterOptions { shards: args.shards, server_args, show_logs: args.server_logs, log_dir: None, log_filter: None, ready_timeout: Duration::from_secs(20) },
-    )?;
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let mut opts = ClusterOptions::new(args.shards, &server_args);
+    opts.show_logs = args.server_logs;
+    let mut cluster = LocalCluster::start(exe, &opts)?;
     for (i, s) in cluster.servers.iter().enumerate() {
         say(format!("  shard {i} listening on {}", s.addr));
     }

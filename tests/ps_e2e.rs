@@ -237,17 +237,10 @@ async fn k_of_n_sync_keeps_advancing_with_a_worker_stopped() {
 fn sigterm_while_clients_push_exits_cleanly() {
     let dir = std::env::temp_dir().join(format!("parasync-sigterm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cluster = parasync::cluster::LocalCluster::start(
-        &common::exe(),
-        &parasync::cluster::ClusterOptions {
-            shards: 1,
-            server_args: vec!["--mode".into(), "async".into(), "--num-workers".into(), "4".into()],
-            show_logs: false,
-            log_dir: Some(dir.clone()),
-            log_filter: Some("info".into()),
-            ready_timeout: Duration::from_secs(20),
-        },
-    )
+    let mut opts = parasync::cluster::ClusterOptions::new(1, &["--mode", "async", "--num-workers", "4"]);
+    opts.log_dir = Some(dir.clone());
+    opts.log_filter = Some("info".into());
+    let mut cluster = parasync::cluster::LocalCluster::start(&common::exe(), &opts)
     .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

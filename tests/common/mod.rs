@@ -14,17 +14,9 @@ pub fn exe() -> PathBuf {
 
 /// Starts `shards` servers with `args`, logging to a temp dir printed on failure.
 pub fn cluster(shards: usize, args: &[&str]) -> LocalCluster {
-    LocalCluster::start(
-        &exe(),
-        &ClusterOptions {
-            shards,
-            server_args: args.iter().map(|s| s.to_string()).collect(),
-            show_logs: std::env::var_os("PARASYNC_TEST_LOGS").is_some(),
-            log_dir: None,
-            log_filter: None,
-            ready_timeout: Duration::from_secs(20),
-        },
-    )
+    let mut opts = ClusterOptions::new(shards, args);
+    opts.show_logs = std::env::var_os("PARASYNC_TEST_LOGS").is_some();
+    LocalCluster::start(&exe(), &opts)
     .expect("starting the cluster")
 }
 
