@@ -349,3 +349,32 @@ async fn client_retries_while_a_shard_starts() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_explicit_initial_values_are_never_read_half_assigned() {
+    common::bounded(120, async {
+        // 12 MiB: split over two shards into 6 MiB parts, too large to travel inside the
+        // registration, so the creator assigns them afterwards; every pull must see them.
+        const N: usize = 3 << 20;
+        let cluster = common::cluster(2, &["--mode", "sync", "--num-workers", "2"]);
+        let values: Vec<f32> = (0..N).map(|i| (i % 1000) as f32 * 0.5).collect();
+        let mut spec = VariableSpec::new("emb", &[3072, 1024]);
+        spec.init = Init::Values(values.clone());
+        let mut tasks = Vec::new();
+        for w in 0..2u32 {
+            let addrs = cluster.addrs();
+            let spec = spec.clone();
+            tasks.push(tokio::spawn(async move {
+                let opts = parasync_client::ClientOptions { worker_id: w, ..Default::default() };
+                let mut c = parasync_client::Client::connect(&addrs, opts).await.unwrap();
+                c.register(vec![spec]).await.unwrap();
+                c.pull(0).await.unwrap().remove(0)
+            }));
+        }
+        for t in tasks {
+            let got = t.await.unwrap();
+            assert!(got == values, "a pull right after registration saw values other than the initial ones");
+        }
+    })
+    .await;
+}

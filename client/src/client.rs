@@ -212,7 +212,7 @@ impl Client {
                     Some(Kind::Values(ps::TensorValues { dtype: dtype_to_proto(DType::F32), data: data.into() }))
                 } else {
                     assign = Some(slice);
-                    None
+                    Some(Kind::ValuesFollow(true))
                 }
             }
         };
@@ -231,7 +231,9 @@ impl Client {
             .await
             .map_err(|s| Error::from_status(s, &format!("register {:?} on shard {} ({})", part.name, part.shard, shard.addr)))?
             .into_inner();
-        if let (Some(values), true) = (assign, resp.created) {
+        // The creator assigns; so does anyone who finds the values still missing (its creator
+        // may have died before sending them; the values are the same).
+        if let (Some(values), true) = (assign, resp.created || resp.awaiting_values) {
             self.send_part(part, 0, 0, values, DType::F32, ps::PushKind::Assign).await?;
         }
         Ok(())

@@ -53,6 +53,7 @@ fn init(i: Option<ps::Initializer>, variable: &str) -> Result<Init> {
         Some(Kind::Constant(c)) => Init::Constant(c),
         Some(Kind::Uniform(u)) => Init::Uniform { low: u.low, high: u.high, seed: u.seed },
         Some(Kind::Normal(n)) => Init::Normal { mean: n.mean, stddev: n.stddev, seed: n.seed },
+        Some(Kind::ValuesFollow(_)) => Init::AssignedLater,
         Some(Kind::Values(v)) => {
             let d = dtype(v.dtype, "initial values dtype", variable)?;
             let values = parasync_tensor::decode_vec(&v.data, d)

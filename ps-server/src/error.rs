@@ -26,6 +26,12 @@ pub enum Error {
          waiting for gradients from worker(s) {missing:?}"
     )]
     StepTimeout { variable: String, step: u64, version: u64, waited: Duration, missing: Vec<u32> },
+    /// The variable's initial values are still to be assigned by the client that created it.
+    #[error("variable {variable:?} is waiting for its initial values (registered with values to follow)")]
+    AwaitingValues { variable: String },
+    /// A pull waited longer than allowed for the variable's initial values.
+    #[error("variable {variable:?}: its initial values were not assigned within {waited:?}")]
+    ValuesTimeout { variable: String, waited: Duration },
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -55,7 +61,8 @@ impl From<Error> for tonic::Status {
                 }
                 PushRefusal::Duplicate { .. } => tonic::Status::failed_precondition(msg),
             },
-            Error::StepTimeout { .. } => tonic::Status::deadline_exceeded(msg),
+            Error::StepTimeout { .. } | Error::ValuesTimeout { .. } => tonic::Status::deadline_exceeded(msg),
+            Error::AwaitingValues { .. } => tonic::Status::failed_precondition(msg),
             Error::ShuttingDown => tonic::Status::unavailable(msg),
         }
     }

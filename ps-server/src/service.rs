@@ -161,14 +161,14 @@ impl ParameterServer for PsService {
         let (def, init) = convert::register_request(request.into_inner()).map_err(|e| self.reject(e))?;
         let name = def.name.clone();
         let store = Arc::clone(&self.store);
-        let (created, version) = tokio::task::spawn_blocking(move || store.register(def, &init))
+        let r = tokio::task::spawn_blocking(move || store.register_full(def, &init))
             .await
             .map_err(|e| Status::internal(format!("registration task failed: {e}")))?
             .map_err(|e| self.reject(e))?;
-        if created {
+        if r.created {
             tracing::info!(variable = %name, "registered");
         }
-        Ok(Response::new(ps::RegisterResponse { created, version }))
+        Ok(Response::new(ps::RegisterResponse { created: r.created, version: r.version, awaiting_values: r.awaiting_values }))
     }
 
     async fn push(&self, request: Request<Streaming<ps::PushRequest>>) -> Result<Response<ps::PushResponse>, Status> {

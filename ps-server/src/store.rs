@@ -91,12 +91,15 @@ pub enum Init {
     Normal { mean: f32, stddev: f32, seed: u64 },
     /// Explicit values, one per element.
     Values(Vec<f32>),
+    /// Zeros for now; the creator assigns the real values next (too large to travel in the
+    /// registration). Until then pulls wait and gradient pushes are refused.
+    AssignedLater,
 }
 
 impl Init {
     fn materialize(&self, name: &str, n: usize) -> Result<Vec<f32>> {
         Ok(match self {
-            Init::Zeros => vec![0.0; n],
+            Init::Zeros | Init::AssignedLater => vec![0.0; n],
             Init::Constant(c) => vec![*c; n],
             Init::Uniform { low, high, seed } => {
                 if !low.is_finite() || !high.is_finite() || low >= high {
@@ -153,6 +156,8 @@ struct VariableState {
     clock: VariableClock<Vec<f32>>,
     /// When the first gradient of the current sync step arrived (step-latency metric).
     step_started: Option<Instant>,
+    /// Registered with values to follow, and they have not been assigned yet.
+    awaiting_values: bool,
 }
 
 /// One variable on this shard.
@@ -209,6 +214,17 @@ impl Variable {
         };
         (st.clock.version(), v)
     }
+}
+
+/// Outcome of a registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registered {
+    /// This call created the variable.
+    pub created: bool,
+    /// The variable's version.
+    pub version: u64,
+    /// Its values are still to be assigned ([`Init::AssignedLater`]).
+    pub awaiting_values: bool,
 }
 
 /// Who pushed, for which step, computed from which version.
@@ -269,6 +285,11 @@ impl VariableStore {
 
     /// Creates a variable, or confirms an identical one. Returns (created, version).
     pub fn register(&self, def: VariableDef, init: &Init) -> Result<(bool, u64)> {
+        self.register_full(def, init).map(|r| (r.created, r.version))
+    }
+
+    /// [`VariableStore::register`], also saying whether the variable still awaits its values.
+    pub fn register_full(&self, def: VariableDef, init: &Init) -> Result<Registered> {
         let len = def.validate()?;
         if let Some(existing) = self.vars.get(&def.name) {
             return Self::confirm(&existing, &def);
@@ -284,21 +305,24 @@ impl VariableStore {
                     optimizer: OptimizerState::new(def.optimizer.clone(), len),
                     clock: VariableClock::new(self.config.mode),
                     step_started: None,
+                    awaiting_values: matches!(init, Init::AssignedLater),
                 };
                 let rounding_seed = fnv1a(def.name.as_bytes());
                 let (changed, _) = watch::channel(0);
                 let spare = parking_lot::Mutex::new(None);
+                let awaiting_values = state.awaiting_values;
                 e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed, spare }));
                 self.metrics.variables.fetch_add(1, Relaxed);
-                Ok((true, 0))
+                Ok(Registered { created: true, version: 0, awaiting_values })
             }
         }
     }
 
-    fn confirm(existing: &Variable, def: &VariableDef) -> Result<(bool, u64)> {
+    fn confirm(existing: &Variable, def: &VariableDef) -> Result<Registered> {
         let diff = existing.def.differences(def);
         if diff.is_empty() {
-            Ok((false, existing.version()))
+            let st = existing.state.read();
+            Ok(Registered { created: false, version: st.clock.version(), awaiting_values: st.awaiting_values })
         } else {
             Err(Error::Conflict { variable: def.name.clone(), reason: diff.join("; ") })
         }
@@ -321,6 +345,9 @@ impl VariableStore {
     pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: Vec<f32>) -> Result<PushResult> {
         debug_assert_eq!(grad.len(), var.len);
         let mut st = var.state.write();
+        if st.awaiting_values {
+            return Err(Error::AwaitingValues { variable: var.def.name.clone() });
+        }
         let decision = st
             .clock
             .on_push(meta.worker, meta.step, meta.base_version, grad)
@@ -368,6 +395,7 @@ impl VariableStore {
         }
         let mut st = var.state.write();
         st.values = Values::from_f32(var.def.dtype, values);
+        st.awaiting_values = false;
         let v = st.clock.version();
         drop(st);
         var.changed.send_modify(|c| *c += 1);
@@ -381,17 +409,21 @@ impl VariableStore {
         let mut rx = var.changed.subscribe();
         loop {
             rx.borrow_and_update();
-            let (gate, version) = {
+            let (gate, version, awaiting) = {
                 let st = var.state.read();
-                (st.clock.read_gate(step), st.clock.version())
+                (st.clock.read_gate(step), st.clock.version(), st.awaiting_values)
             };
             let missing = match gate {
-                ReadGate::Ready => return Ok(()),
+                ReadGate::Ready if !awaiting => return Ok(()),
+                ReadGate::Ready => Vec::new(),
                 ReadGate::Wait { missing } => missing,
             };
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Err(_) if awaiting => {
+                    return Err(Error::ValuesTimeout { variable: var.def.name.clone(), waited: timeout })
+                }
                 Err(_) => {
                     return Err(Error::StepTimeout {
                         variable: var.def.name.clone(),
@@ -606,6 +638,25 @@ mod tests {
         // 1 - 2^-9 is not representable in bf16 and rounds to nearest even (1.0)
         s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0 / 512.0, 0.5]).unwrap();
         assert_eq!(v.snapshot().1, vec![1.0, 0.5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn values_to_follow_hold_pulls_and_refuse_gradients_until_assigned() {
+        let s = Arc::new(store(Mode::Async { num_workers: 1, lr_div_staleness: false }));
+        s.register(def("w", &[2], DType::F32), &Init::AssignedLater).unwrap();
+        let v = s.get("w").unwrap();
+        let err = s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0, 1.0]).unwrap_err();
+        assert!(matches!(err, Error::AwaitingValues { .. }), "{err}");
+        let err = s.wait_readable(&v, 0, Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(err, Error::ValuesTimeout { .. }), "{err}");
+        let (s2, v2) = (Arc::clone(&s), Arc::clone(&v));
+        let waiter = tokio::spawn(async move { s2.wait_readable(&v2, 0, Duration::from_secs(5)).await });
+        tokio::task::yield_now().await;
+        s.assign(&v, vec![3.0, 4.0]).unwrap();
+        waiter.await.unwrap().unwrap();
+        assert_eq!(v.snapshot().1, vec![3.0, 4.0]);
+        s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0, 1.0]).unwrap();
+        assert_eq!(v.snapshot().1, vec![2.0, 3.0]);
     }
 
     #[tokio::test(start_paused = true)]
