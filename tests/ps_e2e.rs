@@ -378,3 +378,90 @@ async fn large_explicit_initial_values_are_never_read_half_assigned() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_staleness_holds_the_fastest_worker() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "bounded", "--num-workers", "2", "--max-staleness", "1"]);
+        let mut specs = vec![VariableSpec::new("w", &[4])];
+        specs[0].optimizer = Optimizer::sgd(1.0);
+        let mut fast = common::client(&cluster, 0, 1 << 20).await;
+        let mut slow = common::client(&cluster, 1, 1 << 20).await;
+        fast.register(specs.clone()).await.unwrap();
+        slow.register(specs).await.unwrap();
+        // worker 0 runs steps 0 and 1 alone: allowed, it is at most 1 step ahead
+        for step in 0..2 {
+            fast.pull(step).await.unwrap();
+            fast.push(step, &[&[1.0; 4]]).await.unwrap();
+        }
+        // step 2 would put it 2 steps ahead of worker 1, which has pushed nothing
+        let mut held = parasync_client::ClientOptions { worker_id: 0, ..Default::default() };
+        held.pull_timeout = Some(Duration::from_millis(300));
+        let mut probe = parasync_client::Client::connect(&cluster.addrs(), held).await.unwrap();
+        probe.register(vec![{
+            let mut v = VariableSpec::new("w", &[4]);
+            v.optimizer = Optimizer::sgd(1.0);
+            v
+        }])
+        .await
+        .unwrap();
+        let err = probe.pull(2).await.unwrap_err();
+        assert_eq!(err.kind, parasync_client::ErrorKind::Timeout, "{err}");
+        assert!(err.message.contains("[1]"), "names the slow worker: {err}");
+        // once worker 1 pushes its step 0, worker 0 may go on
+        let waiting = tokio::spawn(async move { fast.pull(2).await.map(|v| v[0].clone()) });
+        slow.pull(0).await.unwrap();
+        slow.push(0, &[&[1.0; 4]]).await.unwrap();
+        let values = waiting.await.unwrap().unwrap();
+        assert_eq!(values, vec![-3.0; 4], "three gradients of 1.0 applied with lr 1");
+    })
+    .await;
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn demo_stops_every_child_on_ctrl_c() {
+    use std::time::Instant;
+    let mut demo = std::process::Command::new(common::exe())
+        .args(["demo", "--epochs", "500", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = demo.id();
+    let children = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.split(' ').nth(1).map(str::to_string)))
+                    .flatten()
+                    .is_some_and(|ppid| ppid == pid.to_string())
+            })
+            .collect()
+    };
+    // wait until the servers and workers are up (2 + 4 children)
+    let started = Instant::now();
+    let mut kids = children();
+    while kids.len() < 6 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        kids = children();
+    }
+    assert_eq!(kids.len(), 6, "demo children: {kids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = demo.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    for k in kids {
+        let alive = std::fs::read_to_string(format!("/proc/{k}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "child {k} outlived the demo");
+    }
+}
