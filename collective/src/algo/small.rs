@@ -1,7 +1,7 @@
 //! Direct (one-exchange) algorithms: every rank talks to every rank at once. Latency-optimal
 //! for small messages; they fold contributions in rank order `0..n`.
 
-use super::{typed, Ctx, Scratch};
+use super::{typed, Ctx, OpPool, Scratch};
 use crate::dtype::{as_bytes, as_bytes_mut, finish_into, fold_into, load_into, Element, ReduceOp};
 use crate::error::Result;
 use crate::transport::{RecvOp, SendOp};
@@ -52,29 +52,7 @@ pub(crate) fn allreduce_direct<T: Element>(
 ) -> Result<()> {
     let (me, n, count) = (ctx.rank(), ctx.n(), buf.len());
     let others = typed::<T>(&mut s.a, (n - 1) * count);
-    {
-        let mut sends = s.pool.take_sends();
-        let mut recvs = s.pool.take_recvs();
-        let mut blocks = others.chunks_mut(count.max(1));
-        for p in (0..n).filter(|&p| p != me) {
-            sends.push(SendOp {
-                peer: p,
-                payload: as_bytes(buf),
-            });
-            let block: &mut [T] = if count == 0 {
-                &mut []
-            } else {
-                blocks.next().expect("one block per peer")
-            };
-            recvs.push(RecvOp {
-                peer: p,
-                buf: as_bytes_mut(block),
-            });
-        }
-        ctx.exchange(&sends, &mut recvs)?;
-        s.pool.put_sends(sends);
-        s.pool.put_recvs(recvs);
-    }
+    exchange_with_every_peer(ctx, &mut s.pool, buf, others.chunks_mut(count.max(1)), count)?;
     let others = typed::<T>(&mut s.a, (n - 1) * count);
     // `buf` is both a contribution and the output: fold into the accumulator, then finish.
     let acc = typed::<T::Acc>(&mut s.b, count);
@@ -193,18 +171,31 @@ pub(crate) fn allgather_direct<T: Element>(
 ) -> Result<()> {
     let (me, n) = (ctx.rank(), ctx.n());
     let count = buf.len() / n;
-    let mut sends = s.pool.take_sends();
-    let mut recvs = s.pool.take_recvs();
     let (before, rest) = buf.split_at_mut(me * count);
     let (mine, after) = rest.split_at_mut(count);
-    let mine: &[T] = mine;
-    let mut blocks = before
+    let blocks = before
         .chunks_mut(count.max(1))
         .chain(after.chunks_mut(count.max(1)));
-    for p in (0..n).filter(|&p| p != me) {
+    exchange_with_every_peer(ctx, &mut s.pool, mine, blocks, count)
+}
+
+/// Sends `payload` to every other rank and receives each peer's `count` elements into the
+/// next of `blocks` (peers in rank order, skipping this rank): the one exchange behind the
+/// direct allreduce and allgather.
+fn exchange_with_every_peer<'a, T: Element>(
+    ctx: &mut Ctx,
+    pool: &mut OpPool,
+    payload: &[T],
+    mut blocks: impl Iterator<Item = &'a mut [T]>,
+    count: usize,
+) -> Result<()> {
+    let me = ctx.rank();
+    let mut sends = pool.take_sends();
+    let mut recvs = pool.take_recvs();
+    for p in (0..ctx.n()).filter(|&p| p != me) {
         sends.push(SendOp {
             peer: p,
-            payload: as_bytes(mine),
+            payload: as_bytes(payload),
         });
         let block: &mut [T] = if count == 0 {
             &mut []
@@ -217,8 +208,8 @@ pub(crate) fn allgather_direct<T: Element>(
         });
     }
     ctx.exchange(&sends, &mut recvs)?;
-    s.pool.put_sends(sends);
-    s.pool.put_recvs(recvs);
+    pool.put_sends(sends);
+    pool.put_recvs(recvs);
     Ok(())
 }
 
