@@ -50,12 +50,15 @@ fn gradient(worker: u32, step: u64, var: usize, values: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Runs the sync job with per-worker random delays from `timing_seed`; returns final values.
-async fn run_sync_job(timing_seed: u64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+/// Runs the sync job with per-worker random delays from `timing_seed`, tensors over the
+/// data plane or over gRPC; returns final values.
+async fn run_sync_job(timing_seed: u64, data_plane: bool) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let cluster = common::cluster(2, &["--mode", "sync", "--num-workers", "4"]);
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
-        let mut c = common::client(&cluster, w, 1024).await;
+        let mut c = common::client_with(&cluster, w, 1024, data_plane).await;
+        let info = c.shard_info().await.unwrap();
+        assert!(info.iter().all(|i| i.data_plane.is_some() == data_plane), "{info:?}");
         tasks.push(tokio::spawn(async move {
             c.register(specs()).await.unwrap();
             assert_eq!(c.placement().unwrap().parts[0].len(), 2, "big is split over both shards");
@@ -118,12 +121,12 @@ fn reference(initial: &[Vec<f32>]) -> Vec<Vec<f32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_two_shards_four_workers_is_bitwise_reproducible() {
     common::bounded(120, async {
-        let (initial, first) = run_sync_job(1).await;
+        let (initial, first) = run_sync_job(1, true).await;
         let expected = reference(&initial);
         assert_eq!(bits(&first), bits(&expected), "server result equals the single-process reference bit for bit");
-        let (initial2, second) = run_sync_job(2).await;
+        let (initial2, second) = run_sync_job(2, false).await;
         assert_eq!(bits(&initial2), bits(&initial));
-        assert_eq!(bits(&second), bits(&first), "a run with different arrival timing gives the same bits");
+        assert_eq!(bits(&second), bits(&first), "a run with other arrival timing, over gRPC, gives the same bits");
     })
     .await;
 }

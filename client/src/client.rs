@@ -9,6 +9,7 @@ use parasync_tensor::DType;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::dataplane::DataPlane;
 use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{place, Part, Placement};
 use crate::spec::{dtype_to_proto, Init, VariableSpec};
@@ -39,6 +40,11 @@ pub struct ClientOptions {
     pub pull_timeout: Option<Duration>,
     /// HTTP/2 connections opened to each shard; calls are spread over them.
     pub connections_per_shard: usize,
+    /// Move tensor bytes over the shard's data plane (plain TCP beside gRPC) when the shard
+    /// offers one; gRPC otherwise. Same semantics either way; the data plane copies less.
+    pub data_plane: bool,
+    /// Most requests in flight (hence data-plane connections) to one shard at once.
+    pub data_connections_per_shard: usize,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +58,8 @@ impl Default for ClientOptions {
             max_part_bytes: 16 << 20,
             pull_timeout: None,
             connections_per_shard: 1,
+            data_plane: true,
+            data_connections_per_shard: 8,
         }
     }
 }
@@ -63,6 +71,8 @@ struct Shard {
     pool: parasync_tensor::BufferPool,
     conns: Vec<Rpc>,
     next: std::sync::atomic::AtomicUsize,
+    /// The shard's data plane, when it offers one and the client uses it.
+    data: Option<DataPlane>,
 }
 
 impl Shard {
@@ -118,6 +128,9 @@ pub struct ShardInfo {
     pub dropped_stale: u64,
     /// `(name, version)` of each variable on the shard.
     pub variables: Vec<(String, u64)>,
+    /// Address of the shard's data plane when this client moves tensors over it; `None`
+    /// when they go over gRPC.
+    pub data_plane: Option<String>,
 }
 
 /// A trainer's connection to every shard of a parameter-server job.
@@ -284,6 +297,9 @@ impl Client {
             wire_dtype: dtype_to_proto(wire),
             timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32),
         };
+        if let Some(data) = &shard.data {
+            return Ok(data.pull(req, part, wire, dst, &ctx()).await?.version);
+        }
         let mut stream = shard.rpc().pull(req).await.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
         Ok(receive_values(&mut stream, part, wire, dst, &ctx()).await?.0)
     }
@@ -321,6 +337,9 @@ impl Client {
         let shard = &self.shards[part.shard];
         let ctx = || format!("push {:?} for step {step} to shard {} ({})", part.name, part.shard, shard.addr);
         let header = self.push_header(part, step, base_version, data.len(), wire, kind);
+        if let Some(plane) = &shard.data {
+            return plane.push(header, data, wire, &ctx()).await;
+        }
         let chunk = self.opts.chunk_bytes;
         let resp = match single_message(&shard.pool, &header, data, wire, chunk) {
             Some(msg) => shard.rpc().push(tokio_stream::once(msg)).await,
@@ -356,6 +375,11 @@ impl Client {
                 calls.push(async move {
                     let shard = &self.shards[part.shard];
                     let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
+                    if let Some(plane) = &shard.data {
+                        let got = plane.push_pull(header, data, part, wire, dst, &ctx()).await?;
+                        let push = got.push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
+                        return Ok::<_, Error>((vi, pi, got.version, push));
+                    }
                     let chunk = self.opts.chunk_bytes;
                     let opened = match single_message(&shard.pool, &header, data, wire, chunk) {
                         Some(msg) => shard.rpc().push_pull(tokio_stream::once(msg)).await,
@@ -423,6 +447,7 @@ impl Client {
                 num_workers: r.num_workers,
                 dropped_stale: r.dropped_stale,
                 variables: r.variables.into_iter().map(|v| (v.name, v.version)).collect(),
+                data_plane: s.data.as_ref().map(|d| d.addr().to_string()),
             })
         }))
         .await
@@ -570,7 +595,44 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
             }
         }
     }
-    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default() })
+    let data = match opts.data_plane {
+        true => open_data_plane(index, addr, &conns[0], opts).await?,
+        false => None,
+    };
+    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default(), data })
+}
+
+/// The shard's data plane, if it announces one and it can be reached; gRPC carries the
+/// tensors otherwise (a warning says why).
+async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptions) -> Result<Option<DataPlane>> {
+    let info = rpc
+        .clone()
+        .server_info(ps::ServerInfoRequest {})
+        .await
+        .map_err(|e| Error::from_status(e, &format!("server info of shard {index} ({addr})")))?
+        .into_inner();
+    if info.data_port == 0 {
+        return Ok(None);
+    }
+    // The data plane listens on the host the client reached gRPC on.
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    let target = format!("{host}:{}", info.data_port);
+    let resolved = tokio::net::lookup_host(&target).await.ok().and_then(|mut a| a.next());
+    let Some(sockaddr) = resolved else {
+        tracing::warn!(shard = index, %target, "cannot resolve the shard's data plane; tensors go over gRPC");
+        return Ok(None);
+    };
+    match DataPlane::connect(sockaddr, opts.data_connections_per_shard).await {
+        Ok(plane) => {
+            tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
+            Ok(Some(plane))
+        }
+        Err(e) => {
+            tracing::warn!(shard = index, %target, error = %e, "the shard's data plane is unreachable; tensors go over gRPC");
+            Ok(None)
+        }
+    }
 }
 
 /// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set.

@@ -19,6 +19,7 @@
 //! The API is free of transport types so that a C ABI and a Python binding can sit on it.
 
 mod client;
+mod dataplane;
 mod error;
 pub mod placement;
 mod spec;

@@ -4,6 +4,7 @@
 //! (`ps-server` and `client`); proto types never appear in their public APIs.
 
 pub mod codec;
+pub mod data;
 
 /// `parasync.ps.v1`: the parameter-server service.
 pub mod ps {

@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// Largest gRPC message accepted, in bytes (a client's chunks must stay below it).
     #[arg(long, env = "PARASYNC_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
+    /// Address of the data plane (tensor bytes over plain TCP, announced to clients in
+    /// server info); defaults to the gRPC address's host with a free port; `off` disables it.
+    #[arg(long, env = "PARASYNC_DATA_LISTEN")]
+    pub data_listen: Option<String>,
 }
 
 /// Everything the server needs, resolved from flags and the environment.
@@ -91,6 +95,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// See [`ServerArgs::worker_threads`].
     pub worker_threads: usize,
+    /// Where the data plane listens; `None` when disabled.
+    pub data_listen: Option<String>,
 }
 
 /// The parts of `TF_CONFIG` Parasync reads.
@@ -172,7 +178,16 @@ impl ServerArgs {
         if self.chunk_bytes < 1024 || self.chunk_bytes + 4096 > self.max_message_bytes {
             bail!("--chunk-bytes must be at least 1024 and leave 4 KiB below --max-message-bytes");
         }
+        let data_listen = match self.data_listen.as_deref() {
+            Some("off") => None,
+            Some(a) => Some(a.to_string()),
+            None => {
+                let host = listen.rsplit_once(':').map_or(listen.as_str(), |(h, _)| h);
+                Some(format!("{host}:0"))
+            }
+        };
         Ok(ServerSettings {
+            data_listen,
             listen,
             shard_index,
             mode,
@@ -210,6 +225,7 @@ mod tests {
         let tf = TfConfig::parse(TF).unwrap();
         let s = args(&[]).resolve(Some(&tf)).unwrap();
         assert_eq!(s.listen, "0.0.0.0:2223");
+        assert_eq!(s.data_listen.as_deref(), Some("0.0.0.0:0"), "the data plane follows the gRPC host");
         assert_eq!(s.shard_index, 1);
         assert_eq!(s.mode, Mode::Sync { num_workers: 4, replicas_to_aggregate: 4 });
     }
@@ -221,6 +237,10 @@ mod tests {
             .resolve(Some(&tf))
             .unwrap();
         assert_eq!((s.listen.as_str(), s.shard_index), ("127.0.0.1:0", 0));
+        let off = args(&["--data-listen", "off"]).resolve(None).unwrap();
+        assert_eq!(off.data_listen, None);
+        let fixed = args(&["--data-listen", "[::1]:7071"]).resolve(None).unwrap();
+        assert_eq!(fixed.data_listen.as_deref(), Some("[::1]:7071"));
         assert_eq!(s.mode, Mode::Bounded { num_workers: 2, max_staleness: 3, lr_div_staleness: false });
     }
 

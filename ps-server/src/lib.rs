@@ -4,11 +4,13 @@
 //! gradients that workers push, and serves the current values to workers that pull. How
 //! gradients from several workers combine is decided by one consistency mode per server
 //! (`sync`, `async` or `bounded` staleness); those decisions live in the pure state
-//! machines of [`consistency`], which the gRPC layer only feeds and obeys.
+//! machines of [`consistency`], which the gRPC layer only feeds and obeys. Tensor bytes
+//! may also travel over the plain-TCP [`dataplane`] beside gRPC, with the same semantics.
 
 pub mod config;
 pub mod consistency;
 pub mod convert;
+pub mod dataplane;
 pub mod error;
 pub mod metrics;
 pub mod optimizer;

@@ -23,6 +23,7 @@ const CONNECTION_WINDOW: u32 = 256 << 20;
 pub async fn run(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    data_listener: Option<TcpListener>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -38,9 +39,11 @@ pub async fn run(
             shard_index: settings.shard_index,
             default_pull_timeout: settings.pull_timeout,
             chunk_bytes: settings.chunk_bytes,
+            data_port: data_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port()),
         },
         stop_rx.clone(),
     );
+    let data_task = data_listener.map(|l| tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone())));
     let ps = ParameterServerServer::new(service)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
@@ -107,7 +110,8 @@ pub async fn run(
         r = serve => r.context("gRPC server failed")?,
         _ = deadline => tracing::warn!(?drain_timeout, "in-flight calls did not finish in time; closing their connections"),
     }
-    if let Some(t) = metrics_task {
+    // Both finish once `stop` turned true and their requests in flight are done.
+    for t in [metrics_task, data_task].into_iter().flatten() {
         let _ = tokio::time::timeout(drain_timeout, t).await;
     }
     tracing::info!("stopped");
@@ -151,13 +155,18 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-        tracing::info!(%addr, shard = settings.shard_index, mode = settings.mode.name(), "listening");
+        let data_listener = match &settings.data_listen {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding the data plane on {a}"))?),
+            None => None,
+        };
+        let data_addr = data_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        tracing::info!(%addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(), "listening");
         // The launcher (demo, tests) reads this line to learn an ephemeral port.
         match metrics_addr {
             Some(m) => println!("ps-server listening on {addr} metrics {m}"),
             None => println!("ps-server listening on {addr}"),
         }
-        run(listener, metrics_listener, settings, shutdown_signal()).await
+        run(listener, metrics_listener, data_listener, settings, shutdown_signal()).await
     })
 }
 

@@ -20,6 +20,14 @@ use crate::store::{GradientBuffer, PushMeta, Variable, VariableStore};
 /// Variables at least this large are updated on the blocking pool, off the I/O threads.
 const BLOCKING_APPLY_ELEMENTS: usize = 1 << 18;
 
+/// A push checked against its variable, waiting for its values.
+pub(crate) struct PendingPush {
+    pub(crate) var: Arc<Variable>,
+    pub(crate) wire: DType,
+    kind: ps::PushKind,
+    meta: PushMeta,
+}
+
 /// Settings of the service that are not part of the store.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -29,6 +37,8 @@ pub struct ServiceConfig {
     pub default_pull_timeout: Duration,
     /// Largest data slice per streamed pull message, in bytes.
     pub chunk_bytes: usize,
+    /// Port of the data plane beside this service (0: none), announced in server info.
+    pub data_port: u16,
 }
 
 /// The service: shared store plus settings and the shutdown signal.
@@ -48,7 +58,13 @@ impl PsService {
         PsService { store, config, shutdown, pool: Default::default() }
     }
 
-    fn reject(&self, e: Error) -> Status {
+    /// The store this service serves.
+    pub(crate) fn store(&self) -> &Arc<VariableStore> {
+        &self.store
+    }
+
+    /// Counts and converts a refused request.
+    pub(crate) fn reject(&self, e: Error) -> Status {
         self.store.metrics().rejected.fetch_add(1, Relaxed);
         tracing::debug!(error = %e, "request rejected");
         e.into()
@@ -66,13 +82,7 @@ impl PsService {
         let header = first
             .header
             .ok_or_else(|| Status::invalid_argument("the first message of a push must carry a header"))?;
-        let var = self.store.get(&header.variable).map_err(|e| self.reject(e))?;
-        let wire = convert::dtype(header.wire_dtype, "wire_dtype", &header.variable).map_err(|e| self.reject(e))?;
-        let kind = ps::PushKind::try_from(header.kind).map_err(|_| {
-            self.reject(Error::invalid(&header.variable, format!("unknown push kind {}", header.kind)))
-        })?;
-        let check_finite = !self.store.config().allow_non_finite && kind == ps::PushKind::Gradient;
-        let mut buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
+        let (pending, mut buf) = self.begin_push(&header)?;
         let metrics = self.store.metrics();
         metrics.bytes_in.fetch_add(first.data.len() as u64, Relaxed);
         buf.append(&first.data).map_err(|e| self.reject(e))?;
@@ -83,10 +93,31 @@ impl PsService {
             metrics.bytes_in.fetch_add(msg.data.len() as u64, Relaxed);
             buf.append(&msg.data).map_err(|e| self.reject(e))?;
         }
-        let values = buf.finish().map_err(|e| self.reject(e))?;
+        let reply = self.complete_push(&pending, buf).await?;
+        Ok((reply, pending.var, pending.wire, header.step))
+    }
+
+    /// Checks a push header against its variable: the push it describes and the buffer
+    /// its values go into.
+    pub(crate) fn begin_push(&self, header: &ps::PushHeader) -> Result<(PendingPush, GradientBuffer), Status> {
+        let var = self.store.get(&header.variable).map_err(|e| self.reject(e))?;
+        let wire = convert::dtype(header.wire_dtype, "wire_dtype", &header.variable).map_err(|e| self.reject(e))?;
+        let kind = ps::PushKind::try_from(header.kind).map_err(|_| {
+            self.reject(Error::invalid(&header.variable, format!("unknown push kind {}", header.kind)))
+        })?;
+        let check_finite = !self.store.config().allow_non_finite && kind == ps::PushKind::Gradient;
+        let buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
         let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
+        Ok((PendingPush { var, wire, kind, meta }, buf))
+    }
+
+    /// Applies a push whose values all arrived (large updates on the blocking pool).
+    pub(crate) async fn complete_push(&self, pending: &PendingPush, buf: GradientBuffer) -> Result<ps::PushResponse, Status> {
+        let values = buf.finish().map_err(|e| self.reject(e))?;
+        let n = values.len();
         let store = Arc::clone(&self.store);
-        let target = Arc::clone(&var);
+        let target = Arc::clone(&pending.var);
+        let (kind, meta) = (pending.kind, pending.meta);
         let run = move || match kind {
             ps::PushKind::Gradient => store.push_gradient(&target, meta, values),
             ps::PushKind::Assign => store.assign(&target, values).map(|version| crate::store::PushResult {
@@ -96,15 +127,13 @@ impl PsService {
                 staleness: 0,
             }),
         };
-        let result = if header.num_elements as usize >= BLOCKING_APPLY_ELEMENTS {
+        let result = if n >= BLOCKING_APPLY_ELEMENTS {
             tokio::task::spawn_blocking(run).await.map_err(|e| Status::internal(format!("update task failed: {e}")))?
         } else {
             run()
         };
         let r = result.map_err(|e| self.reject(e))?;
-        let reply =
-            ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness };
-        Ok((reply, var, wire, header.step))
+        Ok(ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness })
     }
 
     /// The variable's current values as a stream of (header on the first, data) chunks.
@@ -134,7 +163,15 @@ impl PsService {
         })
     }
 
-    async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
+    /// How long a pull asking for `timeout_ms` (0: the server default) may wait.
+    pub(crate) fn pull_timeout(&self, timeout_ms: u32) -> Duration {
+        match timeout_ms {
+            0 => self.config.default_pull_timeout,
+            ms => Duration::from_millis(ms as u64),
+        }
+    }
+
+    pub(crate) async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
         let mut shutdown = self.shutdown.clone();
         let shutting_down = async move {
             if shutdown.wait_for(|&s| s).await.is_err() {
@@ -198,11 +235,7 @@ impl ParameterServer for PsService {
         let r = request.into_inner();
         let var = self.store.get(&r.variable).map_err(|e| self.reject(e))?;
         let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.variable).map_err(|e| self.reject(e))?;
-        let timeout = match r.timeout_ms {
-            0 => self.config.default_pull_timeout,
-            ms => Duration::from_millis(ms as u64),
-        };
-        self.wait_for_step(&var, r.step, timeout).await.map_err(|e| self.reject(e))?;
+        self.wait_for_step(&var, r.step, self.pull_timeout(r.timeout_ms)).await.map_err(|e| self.reject(e))?;
         let stream = tokio_stream::StreamExt::map(self.value_chunks(var, wire), |(header, data)| {
             Ok(ps::PullResponse { header, data })
         });
@@ -246,11 +279,12 @@ impl ParameterServer for PsService {
             max_staleness: s,
             variables,
             dropped_stale: self.store.metrics().dropped_stale.load(Relaxed),
+            data_port: self.config.data_port.into(),
         }))
     }
 }
 
-fn pull_header(var: &Variable, version: u64, wire: DType) -> ps::PullHeader {
+pub(crate) fn pull_header(var: &Variable, version: u64, wire: DType) -> ps::PullHeader {
     ps::PullHeader { version, shape: var.def().shape.clone(), wire_dtype: convert::dtype_to_proto(wire) }
 }
 
@@ -264,7 +298,7 @@ mod tests {
 
     fn service(mode: Mode) -> PsService {
         let store = Arc::new(VariableStore::new(StoreConfig { mode, allow_non_finite: false }, Arc::new(Metrics::default())));
-        let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16 };
+        let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16, data_port: 0 };
         PsService::new(store, config, watch::channel(false).1)
     }
 

@@ -546,6 +546,46 @@ impl GradientBuffer {
         Ok(())
     }
 
+    /// Elements still to come.
+    pub fn remaining(&self) -> usize {
+        self.values.len() - self.filled
+    }
+
+    /// The wire dtype the values arrive in.
+    pub fn wire(&self) -> DType {
+        self.wire
+    }
+
+    /// Where the next `n` elements go, as bytes to receive into directly, when the wire
+    /// layout equals the storage layout (f32 on a little-endian machine); `None` otherwise.
+    /// Follow with [`GradientBuffer::commit_direct`].
+    pub fn direct_slot(&mut self, n: usize) -> Option<&mut [u8]> {
+        #[cfg(target_endian = "little")]
+        if self.wire == DType::F32 {
+            let end = (self.filled + n).min(self.values.len());
+            return Some(parasync_tensor::f32_as_le_bytes_mut(&mut self.values[self.filled..end]));
+        }
+        let _ = n;
+        None
+    }
+
+    /// Accepts `n` elements received through [`GradientBuffer::direct_slot`].
+    pub fn commit_direct(&mut self, n: usize) -> Result<()> {
+        let end = self.filled + n;
+        assert!(end <= self.values.len(), "commit beyond the slot handed out");
+        if self.check_finite {
+            if let Some(i) = parasync_tensor::first_non_finite(&self.values[self.filled..end]) {
+                let at = self.filled + i;
+                return Err(Error::invalid(
+                    &self.name,
+                    format!("gradient element {at} is {} (non-finite gradients are rejected)", self.values[at]),
+                ));
+            }
+        }
+        self.filled = end;
+        Ok(())
+    }
+
     /// The complete tensor, or an error if the stream ended early.
     pub fn finish(self) -> Result<Vec<f32>> {
         if self.filled != self.values.len() {

@@ -97,6 +97,29 @@ pub fn f32_as_le_bytes(values: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
+/// The storage of `values` as bytes to receive little-endian f32 data into directly (the
+/// kernel copies socket data straight into the tensor; no decode pass).
+#[cfg(target_endian = "little")]
+pub fn f32_as_le_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `f32_as_le_bytes`; every byte pattern written is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+/// Index of the first NaN or infinite element, if any.
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    // A branch-free fold per block vectorises; the exact position is searched only when
+    // a block has a non-finite value (the rejected, rare case).
+    const EXP: u32 = 0x7f80_0000;
+    let any_bad = values
+        .chunks(256)
+        .any(|block| block.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & EXP) == EXP) as u32) != 0);
+    if any_bad {
+        values.iter().position(|x| !x.is_finite())
+    } else {
+        None
+    }
+}
+
 /// Appends bf16 storage words to `out` encoded as `dtype`.
 pub fn encode_bf16(words: &[u16], dtype: DType, out: &mut Vec<u8>) {
     match dtype {
@@ -154,14 +177,7 @@ pub fn decode_into_checked(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Resul
         return Err(EncodingError::Overflow { got: n, expected: out.len() });
     }
     decode_into(bytes, dtype, &mut out[..n])?;
-    // A branch-free fold per block vectorises; the exact position is searched only when
-    // a block has a non-finite value (the rejected, rare case).
-    const EXP: u32 = 0x7f80_0000;
-    let any_bad = out[..n]
-        .chunks(256)
-        .any(|block| block.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & EXP) == EXP) as u32) != 0);
-    let first_bad = if any_bad { out[..n].iter().position(|x| !x.is_finite()) } else { None };
-    Ok((n, first_bad))
+    Ok((n, first_non_finite(&out[..n])))
 }
 
 /// Decodes a whole byte buffer of `dtype` into a new vector.

@@ -22,7 +22,13 @@ pub fn cluster(shards: usize, args: &[&str]) -> LocalCluster {
 
 /// A client for `worker` with small split threshold so test variables get partitioned.
 pub async fn client(cluster: &LocalCluster, worker: u32, split_bytes: usize) -> Client {
+    client_with(cluster, worker, split_bytes, true).await
+}
+
+/// [`client`], choosing whether tensors go over the shards' data plane or over gRPC.
+pub async fn client_with(cluster: &LocalCluster, worker: u32, split_bytes: usize, data_plane: bool) -> Client {
     let opts = ClientOptions {
+        data_plane,
         worker_id: worker,
         split_bytes,
         chunk_bytes: 4096,

@@ -1,0 +1,253 @@
+//! The client end of a shard's data plane: tensor bytes over plain TCP beside gRPC (the
+//! framing is described at `DataRequest` in `ps.proto`).
+//!
+//! A push's f32 values go from the caller's slice straight into the socket, and a pull's
+//! straight from the socket into the caller's buffer: no HTTP/2 or protobuf copies. Each
+//! shard keeps a small pool of connections, one request in flight on each.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use parasync_proto::data::{frame_len, put_frame, MAGIC};
+use parasync_proto::ps::{self, data_request::Op};
+use parasync_tensor::DType;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::placement::Part;
+
+/// Values of a request up to this size go out in the same write as its header.
+const COALESCE_BYTES: usize = 64 << 10;
+/// bf16 values are encoded and written (or read and decoded) this many bytes at a time.
+const PIECE_BYTES: usize = 1 << 20;
+/// How long opening a data connection may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One open connection and its scratch buffer.
+struct Conn {
+    sock: TcpStream,
+    scratch: Vec<u8>,
+}
+
+/// The data plane of one shard: its address and a pool of idle connections.
+pub(crate) struct DataPlane {
+    addr: SocketAddr,
+    idle: Mutex<Vec<Conn>>,
+    /// At most this many requests (hence connections) in flight to the shard at once.
+    in_flight: Semaphore,
+}
+
+/// What a pull (or push-pull) returned.
+#[derive(Debug)]
+pub(crate) struct Values {
+    /// Version of the values received.
+    pub version: u64,
+    /// Outcome of the push of a push-pull.
+    pub push: Option<ps::PushResponse>,
+}
+
+impl DataPlane {
+    /// Opens a first connection to `addr`, to learn early whether the port is reachable.
+    pub async fn connect(addr: SocketAddr, max_connections: usize) -> std::io::Result<DataPlane> {
+        let conn = dial(addr).await?;
+        Ok(DataPlane { addr, idle: Mutex::new(vec![conn]), in_flight: Semaphore::new(max_connections.max(1)) })
+    }
+
+    /// The address of the shard's data plane.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Pushes `data` (the values of `header`) and returns the server's answer.
+    pub async fn push(&self, header: ps::PushHeader, data: &[f32], wire: DType, ctx: &str) -> Result<ps::PushResponse> {
+        let (_permit, mut c) = self.lease(ctx).await?;
+        let outcome = async {
+            c.send(Op::Push(header), data, wire).await?;
+            c.reply().await
+        }
+        .await;
+        let reply = self.finish(c, outcome, ctx)?;
+        reply.push.ok_or_else(|| protocol(ctx, "the reply carries no push result"))
+    }
+
+    /// Pulls a part's values into `dst`.
+    pub async fn pull(&self, req: ps::PullRequest, part: &Part, wire: DType, dst: &mut [f32], ctx: &str) -> Result<Values> {
+        let (_permit, mut c) = self.lease(ctx).await?;
+        let outcome = async {
+            c.send(Op::Pull(req), &[], wire).await?;
+            c.reply_with_values(part, wire, dst).await
+        }
+        .await;
+        let reply = self.finish(c, outcome, ctx)?;
+        Ok(Values { version: reply.values.map_or(0, |h| h.version), push: reply.push })
+    }
+
+    /// Pushes `data` and receives the values of the next step into `dst`.
+    pub async fn push_pull(
+        &self,
+        header: ps::PushHeader,
+        data: &[f32],
+        part: &Part,
+        wire: DType,
+        dst: &mut [f32],
+        ctx: &str,
+    ) -> Result<Values> {
+        let (_permit, mut c) = self.lease(ctx).await?;
+        let outcome = async {
+            c.send(Op::PushPull(header), data, wire).await?;
+            c.reply_with_values(part, wire, dst).await
+        }
+        .await;
+        let reply = self.finish(c, outcome, ctx)?;
+        let push = reply.push.ok_or_else(|| protocol(ctx, "the reply carries no push result"))?;
+        Ok(Values { version: reply.values.map_or(0, |h| h.version), push: Some(push) })
+    }
+
+    /// A permit to send one request, and a pooled (or new) connection to send it on.
+    async fn lease(&self, ctx: &str) -> Result<(tokio::sync::SemaphorePermit<'_>, Conn)> {
+        let permit = self.in_flight.acquire().await.map_err(|_| protocol(ctx, "data plane closed"))?;
+        let conn = match self.take_idle() {
+            Some(c) => c,
+            None => dial(self.addr)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {}: {e}", self.addr)))?,
+        };
+        Ok((permit, conn))
+    }
+
+    /// Ends a request: the connection goes back to the pool only when the exchange
+    /// completed (a failed one's byte stream may be anywhere, so it is closed; so is one
+    /// whose future was dropped). A status other than OK becomes an error.
+    fn finish(&self, conn: Conn, outcome: std::result::Result<ps::DataReply, Failure>, ctx: &str) -> Result<ps::DataReply> {
+        match outcome {
+            Ok(reply) => {
+                self.idle.lock().expect("pool lock").push(conn);
+                if reply.code != 0 {
+                    let status = tonic::Status::new(tonic::Code::from(reply.code as i32), reply.message);
+                    return Err(Error::from_status(status, ctx));
+                }
+                Ok(reply)
+            }
+            Err(Failure::Io(e)) => {
+                Err(Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {} failed: {e}", self.addr)))
+            }
+            Err(Failure::Protocol(why)) => Err(protocol(ctx, &why)),
+        }
+    }
+
+    /// An idle connection that the server has not closed, if the pool has one.
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some(c) = idle.pop() {
+            // Between requests nothing may arrive: readable means closed (or broken).
+            let mut probe = [0u8; 1];
+            match c.sock.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(c),
+                _ => continue,
+            }
+        }
+        None
+    }
+}
+
+/// Why an exchange failed before a complete reply arrived.
+enum Failure {
+    /// The connection broke.
+    Io(std::io::Error),
+    /// The server sent something this client cannot follow.
+    Protocol(String),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Io(e)
+    }
+}
+
+fn protocol(ctx: &str, why: &str) -> Error {
+    Error::new(ErrorKind::Internal, format!("{ctx}: data plane protocol error: {why}"))
+}
+
+/// Opens a data connection: connect, socket options, greeting.
+async fn dial(addr: SocketAddr) -> std::io::Result<Conn> {
+    let mut sock = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting took over {DIAL_TIMEOUT:?}")))??;
+    sock.set_nodelay(true)?;
+    // Keepalive probes notice a server whose machine died, instead of waiting forever.
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(5));
+    socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive.with_retries(3))?;
+    sock.write_all(MAGIC).await?;
+    Ok(Conn { sock, scratch: Vec::new() })
+}
+
+impl Conn {
+    /// Sends a request and its values (encoded as `wire`).
+    async fn send(&mut self, op: Op, data: &[f32], wire: DType) -> std::result::Result<(), Failure> {
+        let payload = data.len() * wire.size();
+        let req = ps::DataRequest { op: Some(op), payload_bytes: payload as u64 };
+        self.scratch.clear();
+        put_frame(&req, &mut self.scratch);
+        if payload <= COALESCE_BYTES {
+            parasync_tensor::encode_f32(data, wire, &mut self.scratch);
+            self.sock.write_all(&self.scratch).await?;
+            return Ok(());
+        }
+        self.sock.write_all(&self.scratch).await?;
+        #[cfg(target_endian = "little")]
+        if wire == DType::F32 {
+            self.sock.write_all(parasync_tensor::f32_as_le_bytes(data)).await?;
+            return Ok(());
+        }
+        for piece in data.chunks(PIECE_BYTES / wire.size()) {
+            self.scratch.clear();
+            parasync_tensor::encode_f32(piece, wire, &mut self.scratch);
+            self.sock.write_all(&self.scratch).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one reply frame.
+    async fn reply(&mut self) -> std::result::Result<ps::DataReply, Failure> {
+        let mut prefix = [0u8; 4];
+        self.sock.read_exact(&mut prefix).await?;
+        let len = frame_len(prefix).map_err(Failure::Protocol)?;
+        self.scratch.resize(len, 0);
+        self.sock.read_exact(&mut self.scratch[..len]).await?;
+        ps::DataReply::decode(&self.scratch[..len]).map_err(|e| Failure::Protocol(format!("malformed reply: {e}")))
+    }
+
+    /// Reads a reply and, when it is OK, the values that follow it into `dst`, after
+    /// checking they are the part this client expects.
+    async fn reply_with_values(&mut self, part: &Part, wire: DType, dst: &mut [f32]) -> std::result::Result<ps::DataReply, Failure> {
+        let reply = self.reply().await?;
+        if reply.code != 0 {
+            return Ok(reply);
+        }
+        let header = reply.values.as_ref().ok_or_else(|| Failure::Protocol("the reply carries no values header".into()))?;
+        let shape: Vec<usize> = header.shape.iter().map(|&d| d as usize).collect();
+        if shape != part.shape {
+            return Err(Failure::Protocol(format!("the shard holds shape {shape:?}, this client expects {:?}", part.shape)));
+        }
+        let expected = dst.len() * wire.size();
+        if reply.payload_bytes != expected as u64 {
+            return Err(Failure::Protocol(format!("{} value bytes announced, {expected} expected", reply.payload_bytes)));
+        }
+        #[cfg(target_endian = "little")]
+        if wire == DType::F32 {
+            self.sock.read_exact(parasync_tensor::f32_as_le_bytes_mut(dst)).await?;
+            return Ok(reply);
+        }
+        for piece in dst.chunks_mut(PIECE_BYTES / wire.size()) {
+            let n = piece.len() * wire.size();
+            self.scratch.resize(n, 0);
+            self.sock.read_exact(&mut self.scratch[..n]).await?;
+            parasync_tensor::decode_into(&self.scratch[..n], wire, piece).map_err(|e| Failure::Protocol(e.to_string()))?;
+        }
+        Ok(reply)
+    }
+}

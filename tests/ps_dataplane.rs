@@ -1,0 +1,212 @@
+//! The data plane (tensor bytes over plain TCP beside gRPC): the same results as gRPC for
+//! every wire dtype, bad input refused with the gRPC status codes while the connection and
+//! the variables stay intact, and a fallback to gRPC where a shard offers none.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use parasync_client::{Client, ClientOptions, DType, Init, Optimizer, VariableSpec};
+use parasync_proto::data::{put_frame, MAGIC};
+use parasync_proto::ps::{self, data_request::Op};
+use prost::Message;
+use tonic::Code;
+
+fn spec(name: &str, dtype: DType) -> VariableSpec {
+    let mut v = VariableSpec::new(name, &[300, 7]);
+    v.dtype = dtype;
+    v.optimizer = Optimizer::Sgd { lr: 0.1, momentum: 0.5, nesterov: false };
+    v.init = Init::Uniform { low: -1.0, high: 1.0, seed: 3 };
+    v
+}
+
+async fn connect(cluster: &parasync::cluster::LocalCluster, wire: DType, data_plane: bool) -> Client {
+    let opts = ClientOptions {
+        wire_dtype: wire,
+        data_plane,
+        split_bytes: 2048,
+        max_part_bytes: 2048,
+        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    Client::connect(&cluster.addrs(), opts).await.expect("connecting")
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter().map(|x| x.iter().map(|f| f.to_bits()).collect()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_and_grpc_give_identical_results_for_every_dtype() {
+    common::bounded(120, async {
+        let cluster = common::cluster(2, &["--mode", "async", "--num-workers", "1"]);
+        for (storage, wire) in [(DType::F32, DType::F32), (DType::F32, DType::Bf16), (DType::Bf16, DType::Bf16), (DType::Bf16, DType::F32)] {
+            let mut finals = Vec::new();
+            for data_plane in [true, false] {
+                let name = format!("v_{storage}_{wire}_{data_plane}");
+                let mut c = connect(&cluster, wire, data_plane).await;
+                let info = c.shard_info().await.unwrap();
+                assert!(info.iter().all(|i| i.data_plane.is_some() == data_plane), "{info:?}");
+                c.register(vec![spec(&name, storage)]).await.unwrap();
+                assert!(c.placement().unwrap().parts[0].len() > 2, "the variable travels as several parts");
+                let mut params = c.pull(0).await.unwrap();
+                for step in 0..5u64 {
+                    let grad: Vec<f32> = params[0].iter().enumerate().map(|(i, p)| (p * 0.7 + i as f32 * 1e-3 + step as f32).cos()).collect();
+                    if step % 2 == 0 {
+                        c.push(step, &[&grad]).await.unwrap();
+                        c.pull_into(step + 1, &mut params).await.unwrap();
+                    } else {
+                        c.push_pull(step, &[&grad], &mut params).await.unwrap();
+                    }
+                }
+                finals.push(params);
+            }
+            assert_eq!(bits(&finals[0]), bits(&finals[1]), "storage {storage}, wire {wire}: data plane and gRPC agree bit for bit");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_without_data_plane_is_served_over_grpc() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1", "--data-listen", "off"]);
+        let mut c = connect(&cluster, DType::F32, true).await;
+        assert_eq!(c.shard_info().await.unwrap()[0].data_plane, None);
+        c.register(vec![spec("w", DType::F32)]).await.unwrap();
+        let before = c.pull(0).await.unwrap();
+        c.push(0, &[&vec![1.0; 2100]]).await.unwrap();
+        let after = c.pull(0).await.unwrap();
+        assert!((before[0][0] - 0.1 - after[0][0]).abs() < 1e-6);
+    })
+    .await;
+}
+
+/// A raw data-plane connection, for sending what no client would.
+struct Raw(TcpStream);
+
+impl Raw {
+    fn open(addr: &str) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = Raw(s);
+        r.0.write_all(MAGIC).unwrap();
+        r
+    }
+
+    fn send(&mut self, op: Option<Op>, payload: &[u8]) {
+        let mut out = Vec::new();
+        put_frame(&ps::DataRequest { op, payload_bytes: payload.len() as u64 }, &mut out);
+        out.extend_from_slice(payload);
+        self.0.write_all(&out).unwrap();
+    }
+
+    /// The next reply and the values that follow it.
+    fn reply(&mut self) -> (ps::DataReply, Vec<u8>) {
+        let mut prefix = [0u8; 4];
+        self.0.read_exact(&mut prefix).unwrap();
+        let mut msg = vec![0u8; u32::from_le_bytes(prefix) as usize];
+        self.0.read_exact(&mut msg).unwrap();
+        let reply = ps::DataReply::decode(msg.as_slice()).unwrap();
+        let mut values = vec![0u8; reply.payload_bytes as usize];
+        self.0.read_exact(&mut values).unwrap();
+        (reply, values)
+    }
+
+    fn expect(&mut self, code: Code, needle: &str, what: &str) {
+        let (r, _) = self.reply();
+        assert_eq!(r.code, code as u32, "{what}: {}", r.message);
+        assert!(r.message.contains(needle), "{what}: message {:?} should mention {needle:?}", r.message);
+    }
+
+    /// True when the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn push_op(variable: &str, n: u64, wire: ps::Dtype) -> Option<Op> {
+    Some(Op::Push(ps::PushHeader {
+        variable: variable.into(),
+        worker_id: 0,
+        step: 0,
+        base_version: 0,
+        wire_dtype: wire as i32,
+        num_elements: n,
+        kind: ps::PushKind::Gradient as i32,
+    }))
+}
+
+fn pull_op(variable: &str) -> Option<Op> {
+    Some(Op::Pull(ps::PullRequest { variable: variable.into(), worker_id: 0, step: 0, wire_dtype: ps::Dtype::F32 as i32, timeout_ms: 1000 }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_data_plane_is_refused_and_changes_nothing() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        let mut c = connect(&cluster, DType::F32, true).await;
+        let mut w = VariableSpec::new("w", &[4]);
+        w.optimizer = Optimizer::sgd(1.0);
+        w.init = Init::Values(vec![1.0, 2.0, 3.0, 4.0]);
+        c.register(vec![w]).await.unwrap();
+        let addr = c.shard_info().await.unwrap()[0].data_plane.clone().expect("the shard offers a data plane");
+
+        tokio::task::spawn_blocking(move || {
+            let good = f32_bytes(&[1.0; 4]);
+            let mut raw = Raw::open(&addr);
+            raw.send(push_op("nope", 4, ps::Dtype::F32), &good);
+            raw.expect(Code::NotFound, "\"nope\"", "unknown variable");
+            raw.send(push_op("w", 4, ps::Dtype::F32), &good[..12]);
+            raw.expect(Code::InvalidArgument, "payload has 12 bytes", "payload shorter than the shape");
+            raw.send(push_op("w", 5, ps::Dtype::F32), &f32_bytes(&[1.0; 5]));
+            raw.expect(Code::InvalidArgument, "5 elements", "element count not matching the shape");
+            raw.send(push_op("w", 4, ps::Dtype::Unspecified), &good);
+            raw.expect(Code::InvalidArgument, "wire_dtype", "no wire dtype");
+            raw.send(push_op("w", 4, ps::Dtype::F32), &f32_bytes(&[0.5, f32::NAN, 1.0, 1.0]));
+            raw.expect(Code::InvalidArgument, "element 1 is NaN", "non-finite gradient");
+            raw.send(pull_op("w"), &good);
+            raw.expect(Code::InvalidArgument, "carries no payload", "pull with a payload");
+            raw.send(None, &good);
+            raw.expect(Code::InvalidArgument, "no operation", "request without an operation");
+            // every refusal consumed its payload: the same connection still serves, and the
+            // variable is untouched
+            raw.send(pull_op("w"), &[]);
+            let (r, values) = raw.reply();
+            assert_eq!(r.code, 0, "{}", r.message);
+            assert_eq!(values, f32_bytes(&[1.0, 2.0, 3.0, 4.0]));
+            // a push that is fine is applied
+            raw.send(push_op("w", 4, ps::Dtype::Bf16), &[0x80, 0x3f].repeat(4));
+            let (r, _) = raw.reply();
+            assert!(r.code == 0 && r.push.unwrap().accepted, "{}", r.message);
+
+            // framing that cannot be followed gets an error, then the connection closes
+            let mut raw = Raw::open(&addr);
+            raw.0.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+            raw.expect(Code::InvalidArgument, "at most", "oversized header");
+            assert!(raw.closed());
+            let mut raw = Raw::open(&addr);
+            raw.0.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+            raw.expect(Code::InvalidArgument, "malformed data request", "undecodable header");
+            assert!(raw.closed());
+            // a connection that does not greet is closed without a word
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            assert!(Raw(s).closed());
+        })
+        .await
+        .unwrap();
+
+        assert_eq!(c.pull(0).await.unwrap()[0], vec![0.0, 1.0, 2.0, 3.0], "only the valid push changed the values");
+        assert!(cluster.metric_sum("parasync_rejected_requests_total").unwrap() >= 9.0, "every refusal is counted");
+    })
+    .await;
+}
