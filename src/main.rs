@@ -22,6 +22,10 @@ enum Cmd {
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
+    /// One follower rank of the criterion allreduce bench (started by `benches/allreduce.rs`,
+    /// which is rank 0 and orders every batch).
+    #[command(hide = true)]
+    AllreduceFollower(parasync_collective::bench::AllreduceBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
+        Cmd::AllreduceFollower(args) => parasync_collective::bench::led::run_follower(&args),
     }
 }

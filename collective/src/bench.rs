@@ -7,6 +7,11 @@
 //! rank, so ranks on several hosts can be started by any launcher.
 //! `algbw = bytes / time`, `busbw = algbw × 2(n-1)/n`; time is the slowest rank's mean per
 //! operation, median over `--reps` repetitions.
+//!
+//! [`led`] runs the same measurement under a harness that picks iteration counts itself
+//! (the criterion bench `benches/allreduce.rs`): rank 0 orders each batch to follower ranks.
+
+pub mod led;
 
 use crate::comm::{Algorithm, CommConfig, Communicator};
 use crate::dtype::{Bf16, DType, Element, ReduceOp};
@@ -102,6 +107,20 @@ pub fn run(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
     launch_local(args, &exe, &argv)
 }
 
+/// Rank processes started by this one: killed (and reaped) when dropped, so that an error or
+/// a panic on the launching side leaves none behind.
+pub struct RankProcesses(pub Vec<Child>);
+
+impl Drop for RankProcesses {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // Already exited children are only reaped; kill errors mean exactly that.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Launches `args.ranks` processes `exe argv… --rank I --master ADDR` on this host and
 /// forwards rank 0's table to stdout. Fails (killing the others) if any rank fails.
 pub fn launch_local(
@@ -117,8 +136,8 @@ pub fn launch_local(
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", exe.display()))
     };
-    let mut children = vec![spawn(0, "127.0.0.1:0", Stdio::piped())?];
-    let mut out = BufReader::new(children[0].stdout.take().expect("piped stdout"));
+    let mut children = RankProcesses(vec![spawn(0, "127.0.0.1:0", Stdio::piped())?]);
+    let mut out = BufReader::new(children.0[0].stdout.take().expect("piped stdout"));
     let mut line = String::new();
     out.read_line(&mut line)?;
     let Some(addr) = line
@@ -127,11 +146,10 @@ pub fn launch_local(
         .map(str::trim)
         .map(str::to_string)
     else {
-        let _ = children[0].kill();
         bail!("rank 0 did not announce its rendezvous address (got {line:?})");
     };
     for r in 1..args.ranks {
-        children.push(spawn(r, &addr, Stdio::null())?);
+        children.0.push(spawn(r, &addr, Stdio::null())?);
     }
     let forward = std::thread::spawn(move || {
         let stdout = std::io::stdout();
@@ -142,7 +160,7 @@ pub fn launch_local(
     let mut failed = None;
     loop {
         let mut running = false;
-        for (r, c) in children.iter_mut().enumerate() {
+        for (r, c) in children.0.iter_mut().enumerate() {
             match c.try_wait()? {
                 Some(st) if !st.success() => failed = failed.or(Some((r, st))),
                 Some(_) => {}
@@ -157,10 +175,7 @@ pub fn launch_local(
     if let Some((r, st)) = failed {
         // Give the others their timeout to report, then make sure nothing is left behind.
         std::thread::sleep(Duration::from_millis(500));
-        for c in children.iter_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop(children);
         let _ = forward.join();
         bail!("rank {r} failed: {st}");
     }
@@ -181,6 +196,32 @@ fn comm_config(args: &AllreduceBenchArgs) -> CommConfig {
     cfg
 }
 
+/// Options for joining the benchmark's job as `rank` of `world` at `master`, with the tuning
+/// and timeout of `args` (every rank must pass the same tuning flags).
+pub fn connect_options(
+    args: &AllreduceBenchArgs,
+    rank: usize,
+    world: usize,
+    master: String,
+    token: String,
+) -> ConnectOptions {
+    ConnectOptions {
+        spec: JoinSpec {
+            rank,
+            world_size: world,
+            master,
+            token,
+            timeout: Duration::from_secs(args.timeout_s),
+        },
+        comm: comm_config(args),
+        tcp: TcpOptions {
+            spin: args.spin,
+            streams: args.streams,
+        },
+        data_host: None,
+    }
+}
+
 /// Connects this process as one rank of the benchmark (printing the rendezvous address
 /// first when it is rank 0 on an ephemeral port).
 fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
@@ -199,21 +240,7 @@ fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
             args.token.clone(),
         )
     };
-    let opts = ConnectOptions {
-        spec: JoinSpec {
-            rank,
-            world_size: world,
-            master: master.clone(),
-            token,
-            timeout: Duration::from_secs(args.timeout_s),
-        },
-        comm: comm_config(args),
-        tcp: TcpOptions {
-            spin: args.spin,
-            streams: args.streams,
-        },
-        data_host: None,
-    };
+    let opts = connect_options(args, rank, world, master.clone(), token);
     if rank == 0 && master.ends_with(":0") {
         let host = RendezvousHost::bind(&master)?;
         println!("{RENDEZVOUS_LINE} {}", host.local_addr()?);
@@ -315,14 +342,7 @@ pub fn measure<T: Element>(
     let iters = iters[0] as usize;
     let mut times = Vec::with_capacity(args.reps);
     for _ in 0..args.reps.max(1) {
-        comm.barrier()?;
-        let t = Instant::now();
-        for _ in 0..iters {
-            comm.allreduce(&mut buf, ReduceOp::Sum)?;
-        }
-        let mut elapsed = [t.elapsed().as_secs_f64() / iters as f64];
-        comm.allreduce(&mut elapsed, ReduceOp::Max)?;
-        times.push(elapsed[0]);
+        times.push(time_allreduces(comm, &mut buf, iters)? / iters as f64);
     }
     times.sort_by(f64::total_cmp);
     let seconds = times[times.len() / 2];
@@ -337,6 +357,24 @@ pub fn measure<T: Element>(
         algbw,
         busbw: algbw * 2.0 * (n - 1.0) / n,
     })
+}
+
+/// Times `iters` allreduce(sum) of `buf` after a barrier and returns the slowest rank's
+/// seconds for all of them (every rank gets the same value). Every rank must call it with
+/// the same `buf` length and `iters`.
+pub fn time_allreduces<T: Element>(
+    comm: &mut Communicator,
+    buf: &mut [T],
+    iters: usize,
+) -> crate::Result<f64> {
+    comm.barrier()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        comm.allreduce(buf, ReduceOp::Sum)?;
+    }
+    let mut elapsed = [t.elapsed().as_secs_f64()];
+    comm.allreduce(&mut elapsed, ReduceOp::Max)?;
+    Ok(elapsed[0])
 }
 
 #[cfg(test)]
