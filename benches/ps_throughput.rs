@@ -5,7 +5,9 @@
 //! `cargo bench --bench ps_throughput`. Knobs (for tuning runs): `PARASYNC_BENCH_CHUNK`
 //! (bytes per streamed message), `PARASYNC_BENCH_CONNS` (connections per shard),
 //! `PARASYNC_BENCH_SERVER_THREADS` (server runtime threads, 0 = one event loop),
-//! `PARASYNC_BENCH_CLIENT_THREADS` (client runtime threads, 0 = the calling thread).
+//! `PARASYNC_BENCH_CLIENT_THREADS` (client runtime threads, 0 = the calling thread),
+//! `PARASYNC_BENCH_DATA_CONNS` (data-plane requests in flight per shard, 0 = gRPC only),
+//! `PARASYNC_BENCH_PART` (largest part a variable is cut into, bytes).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +27,9 @@ fn bench(c: &mut Criterion) {
     let conns = env_usize("PARASYNC_BENCH_CONNS", 1);
     let server_threads = env_usize("PARASYNC_BENCH_SERVER_THREADS", 2);
     let client_threads = env_usize("PARASYNC_BENCH_CLIENT_THREADS", 0);
+    let defaults = ClientOptions::default();
+    let data_conns = env_usize("PARASYNC_BENCH_DATA_CONNS", defaults.data_connections_per_shard);
+    let part = env_usize("PARASYNC_BENCH_PART", defaults.max_part_bytes);
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
     let (chunk_s, threads_s) = (chunk.to_string(), server_threads.to_string());
     let cluster = LocalCluster::start(
@@ -40,7 +45,15 @@ fn bench(c: &mut Criterion) {
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build().unwrap(),
     };
     let connect = |name: &str, len: usize, wire: DType| {
-        let opts = ClientOptions { chunk_bytes: chunk, connections_per_shard: conns, wire_dtype: wire, ..Default::default() };
+        let opts = ClientOptions {
+            chunk_bytes: chunk,
+            connections_per_shard: conns,
+            wire_dtype: wire,
+            data_plane: data_conns > 0,
+            data_connections_per_shard: data_conns.max(1),
+            max_part_bytes: part,
+            ..Default::default()
+        };
         let mut spec = VariableSpec::new(name, &[len]);
         // lr 0: every push runs the full update path but leaves values unchanged
         spec.optimizer = Optimizer::sgd(0.0);
@@ -56,7 +69,10 @@ fn bench(c: &mut Criterion) {
     let grad = vec![0.001f32; BIG];
     let mut out = vec![vec![0.0f32; BIG]];
 
-    let setup = format!("chunk{}KiB_conns{conns}_srv{server_threads}_cli{client_threads}", chunk >> 10);
+    let setup = match data_conns {
+        0 => format!("grpc_chunk{}KiB_conns{conns}_srv{server_threads}_cli{client_threads}", chunk >> 10),
+        n => format!("data{n}_part{}MiB_srv{server_threads}_cli{client_threads}", part >> 20),
+    };
     let mut g = c.benchmark_group(format!("ps_64MiB_{setup}"));
     g.sample_size(15).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
     g.throughput(Throughput::Bytes((BIG * 4) as u64));

@@ -39,6 +39,10 @@ pub(crate) struct DataPlane {
     idle: Mutex<Vec<Conn>>,
     /// At most this many requests (hence connections) in flight to the shard at once.
     in_flight: Semaphore,
+    /// Large payloads to the shard are written one after another, not interleaved: the
+    /// first part then arrives (and is applied) while the next is on the wire, instead of
+    /// every part arriving at the end together.
+    sending: tokio::sync::Mutex<()>,
 }
 
 /// What a pull (or push-pull) returned.
@@ -54,7 +58,12 @@ impl DataPlane {
     /// Opens a first connection to `addr`, to learn early whether the port is reachable.
     pub async fn connect(addr: SocketAddr, max_connections: usize) -> std::io::Result<DataPlane> {
         let conn = dial(addr).await?;
-        Ok(DataPlane { addr, idle: Mutex::new(vec![conn]), in_flight: Semaphore::new(max_connections.max(1)) })
+        Ok(DataPlane {
+            addr,
+            idle: Mutex::new(vec![conn]),
+            in_flight: Semaphore::new(max_connections.max(1)),
+            sending: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The address of the shard's data plane.
@@ -66,7 +75,7 @@ impl DataPlane {
     pub async fn push(&self, header: ps::PushHeader, data: &[f32], wire: DType, ctx: &str) -> Result<ps::PushResponse> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
-            c.send(Op::Push(header), data, wire).await?;
+            c.send(Op::Push(header), data, wire, &self.sending).await?;
             c.reply().await
         }
         .await;
@@ -78,7 +87,7 @@ impl DataPlane {
     pub async fn pull(&self, req: ps::PullRequest, part: &Part, wire: DType, dst: &mut [f32], ctx: &str) -> Result<Values> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
-            c.send(Op::Pull(req), &[], wire).await?;
+            c.send(Op::Pull(req), &[], wire, &self.sending).await?;
             c.reply_with_values(part, wire, dst).await
         }
         .await;
@@ -98,7 +107,7 @@ impl DataPlane {
     ) -> Result<Values> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
-            c.send(Op::PushPull(header), data, wire).await?;
+            c.send(Op::PushPull(header), data, wire, &self.sending).await?;
             c.reply_with_values(part, wire, dst).await
         }
         .await;
@@ -187,7 +196,7 @@ async fn dial(addr: SocketAddr) -> std::io::Result<Conn> {
 
 impl Conn {
     /// Sends a request and its values (encoded as `wire`).
-    async fn send(&mut self, op: Op, data: &[f32], wire: DType) -> std::result::Result<(), Failure> {
+    async fn send(&mut self, op: Op, data: &[f32], wire: DType, sending: &tokio::sync::Mutex<()>) -> std::result::Result<(), Failure> {
         let payload = data.len() * wire.size();
         let req = ps::DataRequest { op: Some(op), payload_bytes: payload as u64 };
         self.scratch.clear();
@@ -197,6 +206,7 @@ impl Conn {
             self.sock.write_all(&self.scratch).await?;
             return Ok(());
         }
+        let _turn = sending.lock().await;
         self.sock.write_all(&self.scratch).await?;
         #[cfg(target_endian = "little")]
         if wire == DType::F32 {

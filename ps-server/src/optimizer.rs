@@ -251,6 +251,29 @@ impl OptimizerState {
         self.apply(F32Words, params, grad, lr_scale);
     }
 
+    /// [`apply_f32`](Self::apply_f32) with a gradient that may be held as bf16 words, widened
+    /// element by element inside the update loop (no f32 copy of the gradient is made).
+    pub fn apply_f32_grad(&mut self, params: &mut [f32], grad: Grad<'_>, lr_scale: f32) {
+        match grad {
+            Grad::F32(g) => self.apply(F32Words, params, g, lr_scale),
+            Grad::Bf16(g) => self.apply(F32Words, params, Bf16Grad(g), lr_scale),
+        }
+    }
+
+    /// [`apply_bf16`](Self::apply_bf16) with a gradient that may be held as bf16 words.
+    pub fn apply_bf16_grad(&mut self, params: &mut [u16], grad: Grad<'_>, lr_scale: f32, rounding: Rounding, seed: u64) {
+        match grad {
+            Grad::F32(g) => self.apply_bf16(params, g, lr_scale, rounding, seed),
+            Grad::Bf16(g) => match rounding {
+                Rounding::NearestEven => self.apply(Bf16Nearest, params, Bf16Grad(g), lr_scale),
+                Rounding::Stochastic => {
+                    let key = self.stochastic_key(seed);
+                    self.apply(Bf16Stochastic { key }, params, Bf16Grad(g), lr_scale)
+                }
+            },
+        }
+    }
+
     /// The same for bf16 storage (u16 words as in [`parasync_tensor::bf16`]): each parameter is
     /// widened to f32, updated in f32, and rounded back with `rounding` (Stochastic uses a fast
     /// PRNG seeded from `seed` and the element index / update count, so it is reproducible for a
@@ -273,19 +296,23 @@ impl OptimizerState {
         match rounding {
             Rounding::NearestEven => self.apply(Bf16Nearest, params, grad, lr_scale),
             Rounding::Stochastic => {
-                // Keyed by the number this update will have, so successive updates draw fresh bits.
-                let key =
-                    mix64(seed ^ mix64(self.updates.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+                let key = self.stochastic_key(seed);
                 self.apply(Bf16Stochastic { key }, params, grad, lr_scale)
             }
         }
     }
 
-    fn apply<S: Storage>(
+    /// Key of stochastic rounding for the next update: keyed by the number this update will
+    /// have, so successive updates draw fresh bits.
+    fn stochastic_key(&self, seed: u64) -> u64 {
+        mix64(seed ^ mix64(self.updates.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
+    }
+
+    fn apply<S: Storage, G: GradValues>(
         &mut self,
         storage: S,
         params: &mut [S::Word],
-        grad: &[f32],
+        grad: G,
         lr_scale: f32,
     ) {
         assert_eq!(
@@ -309,7 +336,7 @@ impl OptimizerState {
                     ..
                 },
                 [buf],
-            ) => sgd_momentum::<S, false>(storage, params, grad, buf, lr, momentum),
+            ) => sgd_momentum::<S, G, false>(storage, params, grad, buf, lr, momentum),
             (
                 &OptimizerSpec::Sgd {
                     momentum,
@@ -317,7 +344,7 @@ impl OptimizerState {
                     ..
                 },
                 [buf],
-            ) => sgd_momentum::<S, true>(storage, params, grad, buf, lr, momentum),
+            ) => sgd_momentum::<S, G, true>(storage, params, grad, buf, lr, momentum),
             (&OptimizerSpec::Adagrad { epsilon, .. }, [acc]) => {
                 adagrad(storage, params, grad, acc, lr, epsilon)
             }
@@ -353,10 +380,10 @@ impl OptimizerState {
                     },
                 };
                 if !decoupled && weight_decay > 0.0 {
-                    adam::<S, true>(storage, params, grad, m, v, &step)
+                    adam::<S, G, true>(storage, params, grad, m, v, &step)
                 } else {
                     // Not `g + 0 * p`: that would turn an infinite parameter's gradient into NaN.
-                    adam::<S, false>(storage, params, grad, m, v, &step)
+                    adam::<S, G, false>(storage, params, grad, m, v, &step)
                 }
             }
             _ => {
@@ -364,6 +391,54 @@ impl OptimizerState {
             }
         }
     }
+}
+
+/// A gradient as the server holds it: `f32` values, or the bf16 words it arrived as.
+#[derive(Clone, Copy, Debug)]
+pub enum Grad<'a> {
+    /// One `f32` per element.
+    F32(&'a [f32]),
+    /// One bf16 word per element (widening to `f32` is exact).
+    Bf16(&'a [u16]),
+}
+
+/// How a kernel reads gradient values: generic, so each (gradient, storage, method) triple
+/// compiles to its own tight loop.
+trait GradValues: Copy {
+    type Iter: Iterator<Item = f32>;
+    fn values(self) -> Self::Iter;
+    fn len(self) -> usize;
+}
+
+impl<'a> GradValues for &'a [f32] {
+    type Iter = std::iter::Copied<std::slice::Iter<'a, f32>>;
+    #[inline(always)]
+    fn values(self) -> Self::Iter {
+        self.iter().copied()
+    }
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
+}
+
+/// bf16 gradient words, widened as the kernel reads them.
+#[derive(Clone, Copy)]
+struct Bf16Grad<'a>(&'a [u16]);
+
+impl<'a> GradValues for Bf16Grad<'a> {
+    type Iter = std::iter::Map<std::slice::Iter<'a, u16>, fn(&u16) -> f32>;
+    #[inline(always)]
+    fn values(self) -> Self::Iter {
+        self.0.iter().map(widen)
+    }
+    fn len(self) -> usize {
+        self.0.len()
+    }
+}
+
+#[inline(always)]
+fn widen(w: &u16) -> f32 {
+    bf16::to_f32(*w)
 }
 
 /// How a kernel widens a stored parameter to `f32` and narrows the updated value back.
@@ -446,21 +521,21 @@ fn mix64(mut z: u64) -> u64 {
 // The kernels below follow torch.optim's formulas. They avoid `mul_add`: on targets without
 // FMA it is a slow library call, and plain operations keep results identical everywhere.
 
-fn sgd<S: Storage>(s: S, params: &mut [S::Word], grad: &[f32], lr: f32) {
-    for (i, (w, &g)) in params.iter_mut().zip(grad).enumerate() {
+fn sgd<S: Storage, G: GradValues>(s: S, params: &mut [S::Word], grad: G, lr: f32) {
+    for (i, (w, g)) in params.iter_mut().zip(grad.values()).enumerate() {
         *w = s.store(i, S::load(*w) - lr * g);
     }
 }
 
-fn sgd_momentum<S: Storage, const NESTEROV: bool>(
+fn sgd_momentum<S: Storage, G: GradValues, const NESTEROV: bool>(
     s: S,
     params: &mut [S::Word],
-    grad: &[f32],
+    grad: G,
     buf: &mut [f32],
     lr: f32,
     momentum: f32,
 ) {
-    for (i, ((w, &g), b)) in params.iter_mut().zip(grad).zip(buf.iter_mut()).enumerate() {
+    for (i, ((w, g), b)) in params.iter_mut().zip(grad.values()).zip(buf.iter_mut()).enumerate() {
         // The buffer starts at 0, so the first update sets it to g as PyTorch's clone does.
         let nb = momentum * *b + g;
         *b = nb;
@@ -469,15 +544,15 @@ fn sgd_momentum<S: Storage, const NESTEROV: bool>(
     }
 }
 
-fn adagrad<S: Storage>(
+fn adagrad<S: Storage, G: GradValues>(
     s: S,
     params: &mut [S::Word],
-    grad: &[f32],
+    grad: G,
     acc: &mut [f32],
     lr: f32,
     epsilon: f32,
 ) {
-    for (i, ((w, &g), a)) in params.iter_mut().zip(grad).zip(acc.iter_mut()).enumerate() {
+    for (i, ((w, g), a)) in params.iter_mut().zip(grad.values()).zip(acc.iter_mut()).enumerate() {
         let na = *a + g * g;
         *a = na;
         *w = s.store(i, S::load(*w) - lr * g / (na.sqrt() + epsilon));
@@ -501,21 +576,21 @@ struct AdamStep {
     decay: f32,
 }
 
-fn adam<S: Storage, const L2: bool>(
+fn adam<S: Storage, G: GradValues, const L2: bool>(
     s: S,
     params: &mut [S::Word],
-    grad: &[f32],
+    grad: G,
     m: &mut [f32],
     v: &mut [f32],
     k: &AdamStep,
 ) {
     let iter = params
         .iter_mut()
-        .zip(grad)
+        .zip(grad.values())
         .zip(m.iter_mut())
         .zip(v.iter_mut())
         .enumerate();
-    for (i, (((w, &g), m), v)) in iter {
+    for (i, (((w, g), m), v)) in iter {
         let p = S::load(*w);
         let g = if L2 { g + k.l2 * p } else { g };
         let p = p * k.decay;
@@ -898,6 +973,40 @@ mod tests {
                 reference.apply_f32(&mut want, g, 0.75);
                 state.apply_bf16(&mut words, g, 0.75, Rounding::NearestEven, 7);
                 assert_eq!(words, want.map(bf16::from_f32_rne), "{spec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_gradient_words_update_exactly_as_their_f32_values() {
+        // Gradients with more mantissa than bf16 holds, so a wrong widening would show.
+        let grads: Vec<Vec<f32>> = (0..4).map(|k| (0..64).map(|i| ((i * 7 + k) as f32 * 0.37).sin() * 3.3).collect()).collect();
+        let p0: Vec<f32> = (0..64).map(|i| (i as f32 * 0.11).cos()).collect();
+        for spec in all_specs() {
+            for rounding in [None, Some(Rounding::NearestEven), Some(Rounding::Stochastic)] {
+                let mut by_f32 = OptimizerState::new(spec.clone(), 64);
+                let mut by_words = OptimizerState::new(spec.clone(), 64);
+                let (mut pf, mut pw) = (p0.clone(), p0.clone());
+                let (mut bf, mut bw): (Vec<u16>, Vec<u16>) = (p0.iter().map(|&x| bf16::from_f32_rne(x)).collect(), Vec::new());
+                bw.clone_from(&bf);
+                for g in &grads {
+                    let words: Vec<u16> = g.iter().map(|&x| bf16::from_f32_rne(x)).collect();
+                    let widened: Vec<f32> = words.iter().map(|&w| bf16::to_f32(w)).collect();
+                    match rounding {
+                        None => {
+                            by_f32.apply_f32(&mut pf, &widened, 0.5);
+                            by_words.apply_f32_grad(&mut pw, Grad::Bf16(&words), 0.5);
+                        }
+                        Some(r) => {
+                            by_f32.apply_bf16(&mut bf, &widened, 0.5, r, 3);
+                            by_words.apply_bf16_grad(&mut bw, Grad::Bf16(&words), 0.5, r, 3);
+                        }
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&pw), bits(&pf), "{spec:?} f32 storage");
+                assert_eq!(bw, bf, "{spec:?} {rounding:?}");
+                assert_eq!(by_words.slots, by_f32.slots, "{spec:?}: slots agree too");
             }
         }
     }

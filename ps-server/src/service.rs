@@ -120,7 +120,7 @@ impl PsService {
         let (kind, meta) = (pending.kind, pending.meta);
         let run = move || match kind {
             ps::PushKind::Gradient => store.push_gradient(&target, meta, values),
-            ps::PushKind::Assign => store.assign(&target, values).map(|version| crate::store::PushResult {
+            ps::PushKind::Assign => store.assign(&target, values.into_f32()).map(|version| crate::store::PushResult {
                 accepted: true,
                 dropped_stale: false,
                 version,

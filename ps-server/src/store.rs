@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::consistency::{Mode, PushDecision, ReadGate, VariableClock};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::optimizer::{OptimizerSpec, OptimizerState, Rounding};
+use crate::optimizer::{Grad, OptimizerSpec, OptimizerState, Rounding};
 
 /// Largest variable a shard accepts, in elements (4 GiB of f32).
 pub const MAX_ELEMENTS: u64 = 1 << 30;
@@ -149,11 +149,66 @@ impl Values {
     }
 }
 
+/// A pushed gradient, held as it arrived: `f32` values, or bf16 words (half the memory;
+/// widened to `f32` inside the update, so the result is the same as decoding first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Gradient {
+    /// One `f32` per element.
+    F32(Vec<f32>),
+    /// One bf16 word per element.
+    Bf16(Vec<u16>),
+}
+
+impl Gradient {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Gradient::F32(v) => v.len(),
+            Gradient::Bf16(v) => v.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values, for the optimizer.
+    pub fn as_grad(&self) -> Grad<'_> {
+        match self {
+            Gradient::F32(v) => Grad::F32(v),
+            Gradient::Bf16(v) => Grad::Bf16(v),
+        }
+    }
+
+    /// The values as `f32` (exact).
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Gradient::F32(v) => v,
+            Gradient::Bf16(v) => v.iter().map(|&w| bf16::to_f32(w)).collect(),
+        }
+    }
+
+    /// Adds the values to `acc`, element by element.
+    fn add_to(&self, acc: &mut [f32]) {
+        match self {
+            Gradient::F32(g) => acc.iter_mut().zip(g).for_each(|(a, x)| *a += *x),
+            Gradient::Bf16(g) => acc.iter_mut().zip(g).for_each(|(a, &w)| *a += bf16::to_f32(w)),
+        }
+    }
+}
+
+impl From<Vec<f32>> for Gradient {
+    fn from(v: Vec<f32>) -> Self {
+        Gradient::F32(v)
+    }
+}
+
 /// Mutable part of a variable, guarded by its lock.
 struct VariableState {
     values: Values,
     optimizer: OptimizerState,
-    clock: VariableClock<Vec<f32>>,
+    clock: VariableClock<Gradient>,
     /// When the first gradient of the current sync step arrived (step-latency metric).
     step_started: Option<Instant>,
     /// Registered with values to follow, and they have not been assigned yet.
@@ -171,7 +226,7 @@ pub struct Variable {
     changed: watch::Sender<u64>,
     /// One gradient buffer kept from the last applied push: large buffers are otherwise
     /// fresh mappings whose page faults cost as much as the copy into them.
-    spare: parking_lot::Mutex<Option<Vec<f32>>>,
+    spare: parking_lot::Mutex<Option<Gradient>>,
 }
 
 impl Variable {
@@ -342,7 +397,8 @@ impl VariableStore {
 
     /// Hands a complete, validated gradient to the consistency mode and carries out its
     /// decision: apply, buffer, apply the step's mean, or drop.
-    pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: Vec<f32>) -> Result<PushResult> {
+    pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: impl Into<Gradient>) -> Result<PushResult> {
+        let grad = grad.into();
         debug_assert_eq!(grad.len(), var.len);
         let mut st = var.state.write();
         if st.awaiting_values {
@@ -356,7 +412,7 @@ impl VariableStore {
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let started = Instant::now();
-                apply(&mut st, var, &grad, lr_scale);
+                apply(&mut st, var, grad.as_grad(), lr_scale);
                 recycle(var, grad);
                 self.metrics.staleness.observe(staleness as f64);
                 self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
@@ -367,8 +423,8 @@ impl VariableStore {
             }
             PushDecision::ApplyMean { grads, .. } => {
                 let mean = mean_in_worker_order(grads);
-                apply(&mut st, var, &mean, 1.0);
-                recycle(var, mean);
+                apply(&mut st, var, Grad::F32(&mean), 1.0);
+                recycle(var, Gradient::F32(mean));
                 let started = st.step_started.take().unwrap_or_else(Instant::now);
                 self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
             }
@@ -455,14 +511,13 @@ impl VariableStore {
 
 /// Sums gradients in the given (worker-id) order and divides by their count, reusing the
 /// first buffer: the result depends only on the set of gradients, never on arrival order.
-pub fn mean_in_worker_order(grads: Vec<(u32, Vec<f32>)>) -> Vec<f32> {
+pub fn mean_in_worker_order(grads: Vec<(u32, Gradient)>) -> Vec<f32> {
     let k = grads.len() as f32;
     let mut it = grads.into_iter();
-    let (_, mut acc) = it.next().expect("a completed step has at least one gradient");
+    let (_, first) = it.next().expect("a completed step has at least one gradient");
+    let mut acc = first.into_f32();
     for (_, g) in it {
-        for (a, x) in acc.iter_mut().zip(&g) {
-            *a += *x;
-        }
+        g.add_to(&mut acc);
     }
     for a in acc.iter_mut() {
         *a /= k;
@@ -470,18 +525,18 @@ pub fn mean_in_worker_order(grads: Vec<(u32, Vec<f32>)>) -> Vec<f32> {
     acc
 }
 
-fn apply(st: &mut VariableState, var: &Variable, grad: &[f32], lr_scale: f32) {
+fn apply(st: &mut VariableState, var: &Variable, grad: Grad<'_>, lr_scale: f32) {
     let VariableState { values, optimizer, .. } = st;
     match values {
-        Values::F32(p) => optimizer.apply_f32(p, grad, lr_scale),
+        Values::F32(p) => optimizer.apply_f32_grad(p, grad, lr_scale),
         Values::Bf16(p) => {
             let rounding = if var.def.stochastic_rounding { Rounding::Stochastic } else { Rounding::NearestEven };
-            optimizer.apply_bf16(p, grad, lr_scale, rounding, var.rounding_seed);
+            optimizer.apply_bf16_grad(p, grad, lr_scale, rounding, var.rounding_seed);
         }
     }
 }
 
-fn recycle(var: &Variable, buf: Vec<f32>) {
+fn recycle(var: &Variable, buf: Gradient) {
     let mut spare = var.spare.lock();
     if spare.is_none() {
         *spare = Some(buf);
@@ -492,14 +547,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-/// Collects one pushed tensor from its chunks, decoding each as it arrives, so the server
-/// holds the gradient in f32 once and never the whole message.
+/// Collects one pushed tensor from its chunks as they arrive, in the wire's element type
+/// (bf16 stays bf16: half the memory, widened inside the update), so the server holds the
+/// gradient once and never the whole message.
 #[derive(Debug)]
 pub struct GradientBuffer {
     name: String,
     wire: DType,
     check_finite: bool,
-    values: Vec<f32>,
+    values: Gradient,
     filled: usize,
 }
 
@@ -514,7 +570,12 @@ impl GradientBuffer {
         }
         // Every element is overwritten before `finish` succeeds, so a recycled buffer's old
         // contents never leak into a result.
-        let values = var.spare.lock().take().unwrap_or_else(|| vec![0.0; var.len]);
+        let spare = var.spare.lock().take();
+        let values = match (wire, spare) {
+            (DType::F32, Some(g @ Gradient::F32(_))) | (DType::Bf16, Some(g @ Gradient::Bf16(_))) => g,
+            (DType::F32, _) => Gradient::F32(vec![0.0; var.len]),
+            (DType::Bf16, _) => Gradient::Bf16(vec![0; var.len]),
+        };
         Ok(GradientBuffer { name: var.def.name.clone(), wire, check_finite, values, filled: 0 })
     }
 
@@ -522,28 +583,19 @@ impl GradientBuffer {
     pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
         let n = parasync_tensor::element_count(bytes.len(), self.wire)
             .map_err(|e| Error::invalid(&self.name, format!("chunk at element {}: {e}", self.filled)))?;
-        let end = self.filled + n;
-        if end > self.values.len() {
-            return Err(Error::invalid(
-                &self.name,
-                format!("data overruns the variable: {} elements sent, the variable has {}", end, self.values.len()),
-            ));
-        }
-        let dst = &mut self.values[self.filled..end];
-        if self.check_finite {
-            let (_, bad) = parasync_tensor::decode_into_checked(bytes, self.wire, dst)
-                .map_err(|e| Error::invalid(&self.name, e.to_string()))?;
-            if let Some(i) = bad {
-                return Err(Error::invalid(
-                    &self.name,
-                    format!("gradient element {} is {} (non-finite gradients are rejected)", self.filled + i, dst[i]),
-                ));
+        self.check_room(n)?;
+        let range = self.filled..self.filled + n;
+        match &mut self.values {
+            Gradient::F32(v) => {
+                parasync_tensor::decode_into(bytes, DType::F32, &mut v[range]).map_err(|e| Error::invalid(&self.name, e.to_string()))?;
             }
-        } else {
-            parasync_tensor::decode_into(bytes, self.wire, dst).map_err(|e| Error::invalid(&self.name, e.to_string()))?;
+            Gradient::Bf16(v) => {
+                for (dst, src) in v[range].iter_mut().zip(bytes.chunks_exact(2)) {
+                    *dst = u16::from_le_bytes([src[0], src[1]]);
+                }
+            }
         }
-        self.filled = end;
-        Ok(())
+        self.accept(n)
     }
 
     /// Elements still to come.
@@ -556,38 +608,65 @@ impl GradientBuffer {
         self.wire
     }
 
-    /// Where the next `n` elements go, as bytes to receive into directly, when the wire
-    /// layout equals the storage layout (f32 on a little-endian machine); `None` otherwise.
+    /// Where the next `n` elements go, as bytes to receive into directly (on a
+    /// little-endian machine the wire layout is the in-memory layout); `None` on others.
     /// Follow with [`GradientBuffer::commit_direct`].
     pub fn direct_slot(&mut self, n: usize) -> Option<&mut [u8]> {
+        let end = (self.filled + n).min(self.values.len());
         #[cfg(target_endian = "little")]
-        if self.wire == DType::F32 {
-            let end = (self.filled + n).min(self.values.len());
-            return Some(parasync_tensor::f32_as_le_bytes_mut(&mut self.values[self.filled..end]));
+        return Some(match &mut self.values {
+            Gradient::F32(v) => parasync_tensor::f32_as_le_bytes_mut(&mut v[self.filled..end]),
+            Gradient::Bf16(v) => parasync_tensor::u16_as_le_bytes_mut(&mut v[self.filled..end]),
+        });
+        #[cfg(not(target_endian = "little"))]
+        {
+            let _ = end;
+            None
         }
-        let _ = n;
-        None
     }
 
     /// Accepts `n` elements received through [`GradientBuffer::direct_slot`].
     pub fn commit_direct(&mut self, n: usize) -> Result<()> {
-        let end = self.filled + n;
-        assert!(end <= self.values.len(), "commit beyond the slot handed out");
+        self.check_room(n)?;
+        self.accept(n)
+    }
+
+    fn check_room(&self, n: usize) -> Result<()> {
+        if self.filled + n > self.values.len() {
+            return Err(Error::invalid(
+                &self.name,
+                format!("data overruns the variable: {} elements sent, the variable has {}", self.filled + n, self.values.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the `n` elements after the filled ones and counts them as filled.
+    fn accept(&mut self, n: usize) -> Result<()> {
+        let range = self.filled..self.filled + n;
         if self.check_finite {
-            if let Some(i) = parasync_tensor::first_non_finite(&self.values[self.filled..end]) {
+            let bad = match &self.values {
+                Gradient::F32(v) => parasync_tensor::first_non_finite(&v[range]),
+                Gradient::Bf16(v) => parasync_tensor::first_non_finite_bf16(&v[range]),
+            };
+            if let Some(i) = bad {
                 let at = self.filled + i;
+                let value = match &self.values {
+                    Gradient::F32(v) => v[at],
+                    Gradient::Bf16(v) => bf16::to_f32(v[at]),
+                };
                 return Err(Error::invalid(
                     &self.name,
-                    format!("gradient element {at} is {} (non-finite gradients are rejected)", self.values[at]),
+                    format!("gradient element {at} is {value} (non-finite gradients are rejected)"),
                 ));
             }
         }
-        self.filled = end;
+        self.filled += n;
         Ok(())
     }
 
     /// The complete tensor, or an error if the stream ended early.
-    pub fn finish(self) -> Result<Vec<f32>> {
+    pub fn finish(self) -> Result<Gradient> {
         if self.filled != self.values.len() {
             return Err(Error::invalid(
                 &self.name,
@@ -668,6 +747,31 @@ mod tests {
         assert!(b.finish().unwrap_err().to_string().contains("after 1 of 3"));
         let mut b = GradientBuffer::new(&v, DType::F32, 3, true).unwrap();
         assert!(b.append(&[0u8; 16]).unwrap_err().to_string().contains("overruns"));
+    }
+
+    #[test]
+    fn bf16_wire_gradients_stay_words_and_average_like_their_values() {
+        let s = store(Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 });
+        s.register(def("w", &[3], DType::F32), &Init::Constant(1.0)).unwrap();
+        let v = s.get("w").unwrap();
+        let mut wire = Vec::new();
+        parasync_tensor::encode_f32(&[0.5, f32::INFINITY, 1.0], DType::Bf16, &mut wire);
+        let mut b = GradientBuffer::new(&v, DType::Bf16, 3, true).unwrap();
+        let err = b.append(&wire).unwrap_err().to_string();
+        assert!(err.contains("element 1 is inf"), "{err}");
+        let mut b = GradientBuffer::new(&v, DType::Bf16, 3, true).unwrap();
+        let slot = b.direct_slot(3).unwrap();
+        assert_eq!(slot.len(), 6, "bf16 arrives as 2 bytes per element, received in place");
+        let mut bytes = Vec::new();
+        parasync_tensor::encode_f32(&[0.25, 2.0, -1.0], DType::Bf16, &mut bytes);
+        slot.copy_from_slice(&bytes);
+        b.commit_direct(3).unwrap();
+        let g = b.finish().unwrap();
+        assert_eq!(g, Gradient::Bf16(vec![0x3e80, 0x4000, 0xbf80]));
+        // a step mixing an f32 and a bf16 gradient averages their values
+        s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, g).unwrap();
+        s.push_gradient(&v, PushMeta { worker: 1, step: 0, base_version: 0 }, vec![0.75, 0.0, 3.0]).unwrap();
+        assert_eq!(v.snapshot(), (1, vec![0.5, 0.0, 0.0]));
     }
 
     #[test]

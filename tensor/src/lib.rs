@@ -79,11 +79,16 @@ pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
     match dtype {
         DType::F32 => out.extend_from_slice(f32_as_le_bytes(values)),
         DType::Bf16 => {
+            out.reserve(values.len() * 2);
             let start = out.len();
-            out.resize(start + values.len() * 2, 0);
-            for (dst, v) in out[start..].chunks_exact_mut(2).zip(values) {
-                dst.copy_from_slice(&bf16::from_f32_rne(*v).to_le_bytes());
+            let dst = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+            for (i, v) in values.iter().enumerate() {
+                // SAFETY: `reserve` made room for 2 bytes per value after `start`; the
+                // unaligned store needs no alignment of the (possibly odd) offset.
+                unsafe { dst.add(2 * i).cast::<u16>().write_unaligned(bf16::from_f32_rne(*v).to_le()) }
             }
+            // SAFETY: every byte up to the new length was written just above.
+            unsafe { out.set_len(start + values.len() * 2) }
         }
     }
 }
@@ -105,14 +110,33 @@ pub fn f32_as_le_bytes_mut(values: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
+/// The storage of bf16 words as bytes to receive little-endian bf16 data into directly.
+#[cfg(target_endian = "little")]
+pub fn u16_as_le_bytes_mut(words: &mut [u16]) -> &mut [u8] {
+    // SAFETY: u16 has no padding and every bit pattern is valid; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// Index of the first NaN or infinite bf16 word (all exponent bits set), if any.
+pub fn first_non_finite_bf16(words: &[u16]) -> Option<usize> {
+    // |w| >= 0x7f80 exactly when adding 0x0080 to |w| carries into the top bit: an
+    // and, an add and an or per word, folded per block (vectorises); the position is
+    // searched only in the rare rejected case.
+    let any_bad = words.chunks(1024).any(|b| b.iter().fold(0u16, |acc, w| acc | ((w & 0x7fff) + 0x0080)) & 0x8000 != 0);
+    if any_bad {
+        words.iter().position(|w| w & 0x7f80 == 0x7f80)
+    } else {
+        None
+    }
+}
+
 /// Index of the first NaN or infinite element, if any.
 pub fn first_non_finite(values: &[f32]) -> Option<usize> {
-    // A branch-free fold per block vectorises; the exact position is searched only when
-    // a block has a non-finite value (the rejected, rare case).
-    const EXP: u32 = 0x7f80_0000;
+    // As for bf16: |x| >= 0x7f80_0000 (Inf or NaN) exactly when adding 0x0080_0000 carries
+    // into the sign bit.
     let any_bad = values
-        .chunks(256)
-        .any(|block| block.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & EXP) == EXP) as u32) != 0);
+        .chunks(1024)
+        .any(|b| b.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & 0x7fff_ffff) + 0x0080_0000)) & 0x8000_0000 != 0);
     if any_bad {
         values.iter().position(|x| !x.is_finite())
     } else {
@@ -161,8 +185,11 @@ pub fn decode_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<usize,
             }
         }
         DType::Bf16 => {
-            for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(2)) {
-                *dst = bf16::to_f32(u16::from_le_bytes([src[0], src[1]]));
+            let src = bytes.as_ptr();
+            for (i, dst) in out[..n].iter_mut().enumerate() {
+                // SAFETY: `bytes` holds `2 * n` bytes; the load needs no alignment.
+                let word = unsafe { src.add(2 * i).cast::<u16>().read_unaligned() };
+                *dst = bf16::to_f32(u16::from_le(word));
             }
         }
     }
@@ -232,6 +259,22 @@ mod tests {
             encode_f32(&v, dtype, &mut b);
             assert_eq!(decode_into_checked(&b, dtype, &mut out).unwrap().1, Some(150), "{dtype}");
         }
+    }
+
+    #[test]
+    fn non_finite_bf16_words_are_found() {
+        let mut w: Vec<u16> = (0..2000).map(|i| bf16::from_f32_rne(i as f32 - 1000.0)).collect();
+        assert_eq!(first_non_finite_bf16(&w), None);
+        w[1500] = bf16::from_f32_rne(f32::NEG_INFINITY);
+        w[1700] = bf16::from_f32_rne(f32::NAN);
+        assert_eq!(first_non_finite_bf16(&w), Some(1500));
+        // the largest finite values are not flagged
+        assert_eq!(first_non_finite_bf16(&[0x7f7f, 0xff7f]), None);
+        assert_eq!(first_non_finite(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE, -0.0]), None);
+        let mut v = vec![1.0f32; 3000];
+        v[2999] = f32::NEG_INFINITY;
+        v[2500] = f32::from_bits(0x7f80_0001); // a signalling NaN
+        assert_eq!(first_non_finite(&v), Some(2500));
     }
 
     #[test]
