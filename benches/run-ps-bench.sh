@@ -26,12 +26,26 @@ echo "## python grpcio baseline"
 python3 ../shared/peers/grpc_bench.py --reps 5 --out bench-results/raw/grpc-peer.jsonl | grep -E "^grpc"
 
 echo "## criterion: parasync push/pull 64 MiB and 100 B round trip"
-for cfg in ${PS_BENCH_CONFIGS:-1048576:1:2:0}; do
-  IFS=: read -r chunk conns srv cli <<<"$cfg"
+# Each config is chunk:grpc_conns:server_threads:client_threads:data_conns (data_conns 0 =
+# tensors over gRPC; otherwise over the data plane with that many requests per shard).
+rm -rf target/criterion/ps_*  # the medians below then come from this run only
+for cfg in ${PS_BENCH_CONFIGS:-1048576:1:2:0:8 1048576:1:2:0:0}; do
+  IFS=: read -r chunk conns srv cli data <<<"$cfg"
   PARASYNC_BENCH_CHUNK=$chunk PARASYNC_BENCH_CONNS=$conns PARASYNC_BENCH_SERVER_THREADS=$srv \
-  PARASYNC_BENCH_CLIENT_THREADS=$cli cargo bench -q --bench ps_throughput -- --noplot 2>&1 \
-    | grep -E "^ps_|time:|thrpt:" | grep -v "%"
+  PARASYNC_BENCH_CLIENT_THREADS=$cli PARASYNC_BENCH_DATA_CONNS=${data:-8} \
+    cargo bench -q --bench ps_throughput -- --noplot 2>&1 | grep -E "^ps_|time:|thrpt:" | grep -v "%"
 done
+echo "## criterion medians (from target/criterion/*/new/estimates.json)"
+python3 - <<'PY'
+import glob, json, os
+for path in sorted(glob.glob("target/criterion/ps_*/*/new/estimates.json")):
+    group, bench = path.split(os.sep)[2:4]
+    median_ns = json.load(open(path))["median"]["point_estimate"]
+    rate = ""
+    if group.startswith("ps_64MiB"):
+        rate = "  %.2f GB/s" % ((64 << 20) / median_ns)
+    print("%-55s %-28s median %10.1f us%s" % (group, bench, median_ns / 1e3, rate))
+PY
 
 echo "## peak memory"
 cargo bench -q --bench ps_memory 2>&1 | grep -vE "^(warning|Running)"
