@@ -7,7 +7,8 @@
 //! `PARASYNC_BENCH_SERVER_THREADS` (server runtime threads, 0 = one event loop),
 //! `PARASYNC_BENCH_CLIENT_THREADS` (client runtime threads, 0 = the calling thread),
 //! `PARASYNC_BENCH_DATA_CONNS` (data-plane requests in flight per shard, 0 = gRPC only),
-//! `PARASYNC_BENCH_PART` (largest part a variable is cut into, bytes).
+//! `PARASYNC_BENCH_PART` (largest part a variable is cut into, bytes),
+//! `PARASYNC_BENCH_SPIN_US` (client busy-poll for small replies, microseconds).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +31,7 @@ fn bench(c: &mut Criterion) {
     let defaults = ClientOptions::default();
     let data_conns = env_usize("PARASYNC_BENCH_DATA_CONNS", defaults.data_connections_per_shard);
     let part = env_usize("PARASYNC_BENCH_PART", defaults.max_part_bytes);
+    let spin = Duration::from_micros(env_usize("PARASYNC_BENCH_SPIN_US", defaults.reply_spin.as_micros() as usize) as u64);
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
     let (chunk_s, threads_s) = (chunk.to_string(), server_threads.to_string());
     let cluster = LocalCluster::start(
@@ -52,6 +54,7 @@ fn bench(c: &mut Criterion) {
             data_plane: data_conns > 0,
             data_connections_per_shard: data_conns.max(1),
             max_part_bytes: part,
+            reply_spin: spin,
             ..Default::default()
         };
         let mut spec = VariableSpec::new(name, &[len]);
@@ -71,7 +74,7 @@ fn bench(c: &mut Criterion) {
 
     let setup = match data_conns {
         0 => format!("grpc_chunk{}KiB_conns{conns}_srv{server_threads}_cli{client_threads}", chunk >> 10),
-        n => format!("data{n}_part{}MiB_srv{server_threads}_cli{client_threads}", part >> 20),
+        n => format!("data{n}_part{}MiB_spin{}us_srv{server_threads}_cli{client_threads}", part >> 20, spin.as_micros()),
     };
     let mut g = c.benchmark_group(format!("ps_64MiB_{setup}"));
     g.sample_size(15).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));

@@ -176,13 +176,15 @@ async fn async_eight_workers_lose_no_update() {
         let mut c = common::client(&cluster, 0, 4096).await;
         c.register(specs).await.unwrap();
         let got = c.pull(0).await.unwrap();
-        for i in 0..LEN {
+        assert_eq!(got[0].len(), LEN);
+        for (i, &value) in got[0].iter().enumerate() {
             let sum: f32 = (0..N).flat_map(|w| (0..PUSHES).map(move |s| (w, s))).map(|(w, s)| grad(w, s, i)).sum();
-            assert_eq!(got[0][i], 100_000.0 - sum, "element {i}");
+            assert_eq!(value, 100_000.0 - sum, "element {i}");
         }
-        for i in 0..7 {
+        assert_eq!(got[1].len(), 7);
+        for (i, &value) in got[1].iter().enumerate() {
             let sum: f32 = (0..N).flat_map(|w| (0..PUSHES).map(move |s| (w, s))).map(|(w, s)| grad(w, s, i + 1)).sum();
-            assert_eq!(got[1][i], -sum);
+            assert_eq!(value, -sum);
         }
         assert!(staleness.iter().any(|&s| s > 0), "concurrent workers must observe staleness");
         let info = c.shard_info().await.unwrap();

@@ -45,6 +45,10 @@ pub struct ClientOptions {
     pub data_plane: bool,
     /// Most requests in flight (hence data-plane connections) to one shard at once.
     pub data_connections_per_shard: usize,
+    /// How long to busy-poll for the reply of a small data-plane request (at most 64 KiB of
+    /// values) before sleeping: waking a sleeping thread costs tens of microseconds on an
+    /// idle machine, more than the round trip itself. `Duration::ZERO` never polls.
+    pub reply_spin: Duration,
 }
 
 impl Default for ClientOptions {
@@ -60,6 +64,7 @@ impl Default for ClientOptions {
             connections_per_shard: 1,
             data_plane: true,
             data_connections_per_shard: 8,
+            reply_spin: Duration::from_micros(100),
         }
     }
 }
@@ -623,7 +628,7 @@ async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptio
         tracing::warn!(shard = index, %target, "cannot resolve the shard's data plane; tensors go over gRPC");
         return Ok(None);
     };
-    match DataPlane::connect(sockaddr, opts.data_connections_per_shard).await {
+    match DataPlane::connect(sockaddr, opts.data_connections_per_shard, opts.reply_spin).await {
         Ok(plane) => {
             tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
             Ok(Some(plane))
