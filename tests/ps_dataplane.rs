@@ -70,6 +70,38 @@ async fn data_plane_and_grpc_give_identical_results_for_every_dtype() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_parts_move_whole_and_alike_over_both_transports() {
+    common::bounded(120, async {
+        // 3 MiB parts: well above the sizes a reply carries inline, so pulls stream straight
+        // from the variable and pushes land in place.
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        let mut v = VariableSpec::new("large", &[1536, 1024]);
+        v.optimizer = Optimizer::adam(0.01);
+        v.init = Init::Uniform { low: -1.0, high: 1.0, seed: 11 };
+        let opts = |wire, data_plane| ClientOptions { wire_dtype: wire, data_plane, max_part_bytes: 3 << 20, ..Default::default() };
+        let mut writer = Client::connect(&cluster.addrs(), opts(DType::F32, true)).await.unwrap();
+        writer.register(vec![v.clone()]).await.unwrap();
+        assert_eq!(writer.placement().unwrap().parts[0].len(), 2);
+        let grad: Vec<f32> = (0..1536 * 1024).map(|i| ((i % 977) as f32 * 0.01).sin()).collect();
+        writer.push(0, &[&grad]).await.unwrap();
+        let mut bf16_writer = Client::connect(&cluster.addrs(), opts(DType::Bf16, true)).await.unwrap();
+        bf16_writer.register(vec![v.clone()]).await.unwrap();
+        bf16_writer.push(0, &[&grad]).await.unwrap();
+        for wire in [DType::F32, DType::Bf16] {
+            let mut pulled = Vec::new();
+            for data_plane in [true, false] {
+                let mut c = Client::connect(&cluster.addrs(), opts(wire, data_plane)).await.unwrap();
+                c.register(vec![v.clone()]).await.unwrap();
+                pulled.push(c.pull(0).await.unwrap());
+            }
+            assert_eq!(bits(&pulled[0]), bits(&pulled[1]), "wire {wire}: the same values over both transports");
+            assert!(pulled[0][0].iter().all(|x| x.is_finite()) && pulled[0][0][5] != pulled[0][0][6]);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_without_data_plane_is_served_over_grpc() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1", "--data-listen", "off"]);

@@ -264,6 +264,9 @@ impl Conn {
         metrics.pulls.fetch_add(1, Relaxed);
         let total = var.len() * wire.size();
         metrics.bytes_out.fetch_add(total as u64, Relaxed);
+        if wire == DType::F32 && total > COALESCE_BYTES && var.def().dtype == DType::F32 {
+            return self.send_stored_f32(var, push, total).await;
+        }
         let per_piece = (SEND_PIECE_BYTES / wire.size()).max(1);
         let mut end = per_piece.min(var.len());
         self.scratch.clear();
@@ -289,6 +292,46 @@ impl Conn {
             self.scratch.clear();
             var.encode_range(start, end, wire, &mut self.scratch);
             self.sock.write_all(&self.scratch).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends f32 values stored as f32 straight from the variable to the socket: each write
+    /// copies at most [`SEND_PIECE_BYTES`] under the variable's read lock, with no
+    /// intermediate buffer (on a big-endian machine the values go through `encode_range`).
+    async fn send_stored_f32(&mut self, var: &Variable, push: Option<ps::PushResponse>, total: usize) -> io::Result<()> {
+        let reply = ps::DataReply {
+            push,
+            values: Some(pull_header(var, var.version(), DType::F32)),
+            payload_bytes: total as u64,
+            ..Default::default()
+        };
+        self.out.clear();
+        put_frame(&reply, &mut self.out);
+        self.sock.write_all(&self.out).await?;
+        let mut sent = 0;
+        while sent < total {
+            self.sock.writable().await?;
+            let sock = &self.sock;
+            let wrote = var.with_f32_bytes(|bytes| sock.try_write(&bytes[sent..(sent + SEND_PIECE_BYTES).min(total)]));
+            match wrote {
+                Some(Ok(n)) => sent += n,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    // Not f32 in memory on this machine: encode piece by piece.
+                    let per_piece = SEND_PIECE_BYTES / 4;
+                    let mut start = sent / 4;
+                    while start < var.len() {
+                        let end = (start + per_piece).min(var.len());
+                        self.scratch.clear();
+                        var.encode_range(start, end, DType::F32, &mut self.scratch);
+                        self.sock.write_all(&self.scratch).await?;
+                        start = end;
+                    }
+                    return Ok(());
+                }
+            }
         }
         Ok(())
     }

@@ -260,6 +260,21 @@ impl Variable {
         st.clock.version()
     }
 
+    /// Calls `f` with the values as little-endian f32 bytes, under the read lock, when they
+    /// are stored as f32 on a little-endian machine; `None` otherwise. (The data plane
+    /// writes a pull straight from here to its socket, a slice per call.)
+    pub fn with_f32_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        #[cfg(target_endian = "little")]
+        {
+            let st = self.state.read();
+            if let Values::F32(v) = &st.values {
+                return Some(f(parasync_tensor::f32_as_le_bytes(v)));
+            }
+        }
+        let _ = f;
+        None
+    }
+
     /// A copy of all values widened to f32 (tests, checkpoints, small reads).
     pub fn snapshot(&self) -> (u64, Vec<f32>) {
         let st = self.state.read();
