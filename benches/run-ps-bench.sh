@@ -35,6 +35,9 @@ for cfg in ${PS_BENCH_CONFIGS:-1048576:1:2:0:8 1048576:1:2:0:0}; do
   PARASYNC_BENCH_CLIENT_THREADS=$cli PARASYNC_BENCH_DATA_CONNS=${data:-8} \
     cargo bench -q --bench ps_throughput -- --noplot 2>&1 | grep -E "^ps_|time:|thrpt:" | grep -v "%"
 done
+# the small ops again with the client polling 100 µs for replies (ClientOptions::reply_spin)
+PARASYNC_BENCH_SPIN_US=100 cargo bench -q --bench ps_throughput -- --noplot 'ps_small|ps_sync' 2>&1 \
+  | grep -E "^ps_|time:|thrpt:" | grep -v "%"
 echo "## criterion medians (from target/criterion/*/new/estimates.json)"
 python3 - <<'PY'
 import glob, json, os

@@ -79,7 +79,7 @@ impl DataPlane {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::Push(header), data, wire, &self.sending).await?;
-            c.spin_for_reply(self.spin_for(data.len() * wire.size()));
+            c.spin_for_reply(self.spin_for(data.len() * wire.size())).await;
             c.reply().await
         }
         .await;
@@ -92,7 +92,7 @@ impl DataPlane {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::Pull(req), &[], wire, &self.sending).await?;
-            c.spin_for_reply(self.spin_for(dst.len() * wire.size()));
+            c.spin_for_reply(self.spin_for(dst.len() * wire.size())).await;
             c.reply_with_values(part, wire, dst).await
         }
         .await;
@@ -113,7 +113,7 @@ impl DataPlane {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::PushPull(header), data, wire, &self.sending).await?;
-            c.spin_for_reply(self.spin_for((data.len() + dst.len()) * wire.size()));
+            c.spin_for_reply(self.spin_for((data.len() + dst.len()) * wire.size())).await;
             c.reply_with_values(part, wire, dst).await
         }
         .await;
@@ -237,23 +237,27 @@ impl Conn {
         Ok(())
     }
 
-    /// Busy-polls the socket for up to `limit` until the reply starts to arrive. On an idle
-    /// machine a sleeping thread takes tens of microseconds to wake, more than a small
-    /// request's whole round trip; polling keeps this core awake for that long instead.
-    fn spin_for_reply(&self, limit: Duration) {
+    /// Polls the socket for up to `limit` until the reply starts to arrive, yielding to the
+    /// runtime's other tasks between polls (so other requests of this client go on). On an
+    /// idle machine a sleeping thread takes tens of microseconds to wake, more than a small
+    /// request's whole round trip; polling keeps this thread awake for that long instead.
+    async fn spin_for_reply(&self, limit: Duration) {
         if limit.is_zero() {
             return;
         }
         let started = std::time::Instant::now();
-        let sock = socket2::SockRef::from(&self.sock);
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        while started.elapsed() < limit {
+        loop {
             // The socket is non-blocking: WouldBlock means nothing yet. Anything else
             // (data, end of stream, an error) is for the normal read to take.
-            match sock.peek(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            match socket2::SockRef::from(&self.sock).peek(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 _ => return,
             }
+            if started.elapsed() >= limit {
+                return;
+            }
+            tokio::task::yield_now().await;
         }
     }
 
