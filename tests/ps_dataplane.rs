@@ -242,3 +242,52 @@ async fn bad_input_on_the_data_plane_is_refused_and_changes_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_shard_is_found_on_its_new_data_port() {
+    common::bounded(90, async {
+        // A fixed gRPC port (as in a real cluster), the data plane on a free port each start.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let start = || {
+            std::process::Command::new(common::exe())
+                .args(["server", "--listen", &addr, "--mode", "async", "--num-workers", "1"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let first = Kill(start());
+        let opts = ClientOptions { connect_timeout: Duration::from_secs(20), ..Default::default() };
+        let mut c = Client::connect(std::slice::from_ref(&addr), opts).await.unwrap();
+        let mut w = VariableSpec::new("w", &[4]);
+        w.optimizer = Optimizer::sgd(1.0);
+        c.register(vec![w.clone()]).await.unwrap();
+        c.push(0, &[&[1.0; 4]]).await.unwrap();
+        let old = c.shard_info().await.unwrap()[0].data_plane.clone().unwrap();
+
+        drop(first); // the shard dies with its state; a new one starts on the same gRPC port
+        let _second = Kill(start());
+        let mut registered = false;
+        for _ in 0..100 {
+            if c.register(vec![w.clone()]).await.is_ok() {
+                registered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(registered, "the restarted shard accepts the registration");
+        c.push(0, &[&[2.0; 4]]).await.expect("the push finds the new data port");
+        assert_eq!(c.pull(0).await.unwrap()[0], vec![-2.0; 4]);
+        let new = c.shard_info().await.unwrap()[0].data_plane.clone().unwrap();
+        assert_ne!(new, old, "the client follows the shard to its new data port");
+    })
+    .await;
+}

@@ -614,6 +614,9 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
 /// The shard's data plane, if it announces one and it can be reached; gRPC carries the
 /// tensors otherwise (a warning says why).
 async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptions) -> Result<Option<DataPlane>> {
+    // The data plane listens on the host the client reached gRPC on.
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string();
     let info = rpc
         .clone()
         .server_info(ps::ServerInfoRequest {})
@@ -623,25 +626,36 @@ async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptio
     if info.data_port == 0 {
         return Ok(None);
     }
-    // The data plane listens on the host the client reached gRPC on.
-    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    let target = format!("{host}:{}", info.data_port);
-    let resolved = tokio::net::lookup_host(&target).await.ok().and_then(|mut a| a.next());
-    let Some(sockaddr) = resolved else {
-        tracing::warn!(shard = index, %target, "cannot resolve the shard's data plane; tensors go over gRPC");
+    let Some(sockaddr) = resolve_data_port(&host, info.data_port).await else {
+        tracing::warn!(shard = index, %host, port = info.data_port, "cannot resolve the shard's data plane; tensors go over gRPC");
         return Ok(None);
     };
-    match DataPlane::connect(sockaddr, opts.data_connections_per_shard, opts.reply_spin).await {
+    let (rpc, host_again) = (rpc.clone(), host.clone());
+    let resolve: crate::dataplane::Resolve = Box::new(move || {
+        let (mut rpc, host) = (rpc.clone(), host_again.clone());
+        Box::pin(async move {
+            let port = rpc.server_info(ps::ServerInfoRequest {}).await.ok()?.into_inner().data_port;
+            resolve_data_port(&host, port).await
+        })
+    });
+    match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin).await {
         Ok(plane) => {
             tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
             Ok(Some(plane))
         }
         Err(e) => {
-            tracing::warn!(shard = index, %target, error = %e, "the shard's data plane is unreachable; tensors go over gRPC");
+            tracing::warn!(shard = index, %sockaddr, error = %e, "the shard's data plane is unreachable; tensors go over gRPC");
             Ok(None)
         }
     }
+}
+
+/// `host:port` resolved, for a data port the shard announced (0: none).
+async fn resolve_data_port(host: &str, port: u32) -> Option<std::net::SocketAddr> {
+    if port == 0 {
+        return None;
+    }
+    tokio::net::lookup_host(format!("{host}:{port}")).await.ok()?.next()
 }
 
 /// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set.

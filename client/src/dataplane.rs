@@ -33,9 +33,15 @@ struct Conn {
     scratch: Vec<u8>,
 }
 
+/// Asks the shard (over gRPC) where its data plane listens now.
+pub(crate) type Resolve = Box<dyn Fn() -> futures::future::BoxFuture<'static, Option<SocketAddr>> + Send + Sync>;
+
 /// The data plane of one shard: its address and a pool of idle connections.
 pub(crate) struct DataPlane {
-    addr: SocketAddr,
+    addr: Mutex<SocketAddr>,
+    /// Finds the address again when it stops answering: a restarted shard listens on a new
+    /// port unless `--data-listen` fixes one.
+    resolve: Resolve,
     idle: Mutex<Vec<Conn>>,
     /// At most this many requests (hence connections) in flight to the shard at once.
     in_flight: Semaphore,
@@ -58,10 +64,11 @@ pub(crate) struct Values {
 
 impl DataPlane {
     /// Opens a first connection to `addr`, to learn early whether the port is reachable.
-    pub async fn connect(addr: SocketAddr, max_connections: usize, spin: Duration) -> std::io::Result<DataPlane> {
+    pub async fn connect(addr: SocketAddr, resolve: Resolve, max_connections: usize, spin: Duration) -> std::io::Result<DataPlane> {
         let conn = dial(addr).await?;
         Ok(DataPlane {
-            addr,
+            addr: Mutex::new(addr),
+            resolve,
             idle: Mutex::new(vec![conn]),
             in_flight: Semaphore::new(max_connections.max(1)),
             sending: tokio::sync::Mutex::new(()),
@@ -71,7 +78,7 @@ impl DataPlane {
 
     /// The address of the shard's data plane.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        *self.addr.lock().expect("address lock")
     }
 
     /// Pushes `data` (the values of `header`) and returns the server's answer.
@@ -135,13 +142,27 @@ impl DataPlane {
     /// A permit to send one request, and a pooled (or new) connection to send it on.
     async fn lease(&self, ctx: &str) -> Result<(tokio::sync::SemaphorePermit<'_>, Conn)> {
         let permit = self.in_flight.acquire().await.map_err(|_| protocol(ctx, "data plane closed"))?;
-        let conn = match self.take_idle() {
-            Some(c) => c,
-            None => dial(self.addr)
-                .await
-                .map_err(|e| Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {}: {e}", self.addr)))?,
-        };
-        Ok((permit, conn))
+        if let Some(c) = self.take_idle() {
+            return Ok((permit, c));
+        }
+        let addr = self.addr();
+        let unavailable = |a: SocketAddr, e: std::io::Error| Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {a}: {e}"));
+        match dial(addr).await {
+            Ok(c) => Ok((permit, c)),
+            Err(e) => {
+                // Nothing was sent, so trying elsewhere is safe: the shard may have restarted
+                // on another port. Ask it over gRPC (which reconnects on its own).
+                match (self.resolve)().await {
+                    Some(fresh) if fresh != addr => {
+                        tracing::info!(old = %addr, new = %fresh, "the shard's data plane moved");
+                        *self.addr.lock().expect("address lock") = fresh;
+                        let c = dial(fresh).await.map_err(|e| unavailable(fresh, e))?;
+                        Ok((permit, c))
+                    }
+                    _ => Err(unavailable(addr, e)),
+                }
+            }
+        }
     }
 
     /// Ends a request: the connection goes back to the pool only when the exchange
@@ -158,7 +179,7 @@ impl DataPlane {
                 Ok(reply)
             }
             Err(Failure::Io(e)) => {
-                Err(Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {} failed: {e}", self.addr)))
+                Err(Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {} failed: {e}", self.addr())))
             }
             Err(Failure::Protocol(why)) => Err(protocol(ctx, &why)),
         }
