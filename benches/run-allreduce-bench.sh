@@ -17,4 +17,19 @@ for n in 2 4; do
   python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes "$sizes" --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
     --out "bench-results/raw/gloo-N$n.jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
 done
+echo "## criterion (benches/allreduce.rs): N=2,4, f32 and bf16, 4 KiB to 64 MiB"
+rm -rf target/criterion/allreduce_*  # the medians below then come from this run only
+cargo bench -q --bench allreduce -- --noplot 2>&1 | grep -E "^allreduce_|time:|thrpt:" | grep -v "%"
+echo "## criterion medians (from target/criterion/*/new/estimates.json)"
+python3 - <<'PY'
+import glob, json, os
+for path in sorted(glob.glob("target/criterion/allreduce_*/*/*/new/estimates.json")):
+    group, dtype, size = path.split(os.sep)[2:5]
+    n = int(group.split("_N")[1].split("_")[0])
+    bench = json.load(open(os.path.join(os.path.dirname(path), "benchmark.json")))
+    nbytes = list(bench["throughput"].values())[0]
+    median_ns = json.load(open(path))["median"]["point_estimate"]
+    algbw = nbytes / median_ns
+    print("%-14s %-5s %-7s median %11.1f us  algbw %6.3f GB/s  busbw %6.3f GB/s" % (group, dtype, size, median_ns / 1e3, algbw, algbw * 2 * (n - 1) / n))
+PY
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
