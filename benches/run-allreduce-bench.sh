@@ -15,7 +15,7 @@ for n in 2 4; do
   ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32 --sizes 4KiB --spin --reps "${REPS:-5}"
   echo "## gloo N=$n"
   python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes "$sizes" --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
-    --out "bench-results/raw/gloo-N$n.jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
+    --out "bench-results/raw/gloo-N$n-$(date -u +%Y-%m-%d).jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
 done
 echo "## criterion (benches/allreduce.rs): N=2,4, f32 and bf16, 4 KiB to 64 MiB"
 rm -rf target/criterion/allreduce_*  # the medians below then come from this run only
