@@ -291,3 +291,27 @@ async fn a_restarted_shard_is_found_on_its_new_data_port() {
     })
     .await;
 }
+
+#[test]
+fn sigterm_releases_a_pull_waiting_on_the_data_plane() {
+    let mut cluster = common::cluster(1, &["--mode", "sync", "--num-workers", "2", "--pull-timeout-ms", "60000"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let addrs = cluster.addrs();
+    let waiting = rt.spawn(async move {
+        let mut c = Client::connect(&addrs, ClientOptions::default()).await.unwrap();
+        c.register(vec![VariableSpec::new("w", &[64, 1024])]).await.unwrap();
+        assert!(c.shard_info().await.unwrap()[0].data_plane.is_some());
+        // step 1 needs both workers' gradients for step 0: nobody pushes, so this waits
+        let started = std::time::Instant::now();
+        (c.pull(1).await, started)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!waiting.is_finished(), "the pull must be waiting for its step");
+    let statuses = cluster.terminate(Duration::from_secs(15)).expect("server exits after SIGTERM");
+    assert!(statuses[0].success(), "exit status {:?}", statuses[0]);
+    let (result, started) = rt.block_on(waiting).unwrap();
+    let err = result.expect_err("the waiting pull ends with an error, not values");
+    assert_eq!(err.kind, parasync_client::ErrorKind::Unavailable, "{err}");
+    assert!(err.message.contains("shutting down"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "released at shutdown, not at the 60 s pull timeout");
+}
