@@ -315,3 +315,37 @@ fn sigterm_releases_a_pull_waiting_on_the_data_plane() {
     assert!(err.message.contains("shutting down"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "released at shutdown, not at the 60 s pull timeout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_dies_mid_push_changes_nothing() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        let mut c = connect(&cluster, DType::F32, true).await;
+        let mut w = VariableSpec::new("w", &[1 << 20]);
+        w.optimizer = Optimizer::sgd(1.0);
+        w.init = Init::Constant(5.0);
+        let opts = ClientOptions { max_part_bytes: 8 << 20, ..Default::default() };
+        let mut c2 = Client::connect(&cluster.addrs(), opts).await.unwrap();
+        c2.register(vec![w]).await.unwrap();
+        let addr = c.shard_info().await.unwrap()[0].data_plane.clone().unwrap();
+        tokio::task::spawn_blocking(move || {
+            // 4 MiB announced, 1 MiB sent, then the connection drops
+            let mut raw = Raw::open(&addr);
+            let mut out = Vec::new();
+            let op = push_op("w", 1 << 20, ps::Dtype::F32);
+            put_frame(&ps::DataRequest { op, payload_bytes: 4 << 20 }, &mut out);
+            out.extend(f32_bytes(&vec![1.0; 1 << 18]));
+            raw.0.write_all(&out).unwrap();
+            drop(raw);
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let values = c2.pull(0).await.unwrap();
+        assert!(values[0].iter().all(|&v| v == 5.0), "a push whose data never all arrived is not applied");
+        c2.push(0, &[&vec![1.0; 1 << 20]]).await.unwrap();
+        assert!(c2.pull(0).await.unwrap()[0].iter().all(|&v| v == 4.0), "the shard keeps serving");
+        drop(c);
+    })
+    .await;
+}
