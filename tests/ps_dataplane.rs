@@ -320,7 +320,7 @@ fn sigterm_releases_a_pull_waiting_on_the_data_plane() {
 async fn a_client_that_dies_mid_push_changes_nothing() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
-        let mut c = connect(&cluster, DType::F32, true).await;
+        let c = connect(&cluster, DType::F32, true).await;
         let mut w = VariableSpec::new("w", &[1 << 20]);
         w.optimizer = Optimizer::sgd(1.0);
         w.init = Init::Constant(5.0);
