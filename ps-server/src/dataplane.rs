@@ -37,6 +37,9 @@ const RECV_PIECE_BYTES: usize = 256 << 10;
 const SEND_PIECE_BYTES: usize = 1 << 20;
 /// A reply's first piece of values up to this size goes out in the same write as the reply.
 const COALESCE_BYTES: usize = 64 << 10;
+/// A connection idle this long releases buffers above [`IDLE_BUFFER_BYTES`].
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
+const IDLE_BUFFER_BYTES: usize = 64 << 10;
 /// How long a new connection may take to send its greeting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,13 +96,23 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, m
     }
     let mut conn = Conn { sock, service, scratch: Vec::new(), out: Vec::new() };
     loop {
-        let mut prefix = [0u8; 4];
         // Between requests a connection closes at shutdown; a request already under way
-        // runs to its end.
+        // runs to its end. A connection idle for a while gives its buffers back, so many
+        // idle clients do not hold a megabyte each.
+        let holds_memory = conn.scratch.capacity() > IDLE_BUFFER_BYTES || conn.out.capacity() > IDLE_BUFFER_BYTES;
         tokio::select! {
             biased;
             _ = stopped_signal(&mut stop) => return,
-            r = conn.sock.read_exact(&mut prefix) => if r.is_err() { return },
+            r = conn.sock.readable() => if r.is_err() { return },
+            _ = tokio::time::sleep(IDLE_RELEASE), if holds_memory => {
+                conn.scratch = Vec::new();
+                conn.out = Vec::new();
+                continue;
+            }
+        }
+        let mut prefix = [0u8; 4];
+        if conn.sock.read_exact(&mut prefix).await.is_err() {
+            return; // closed by the client
         }
         if let Err(e) = conn.request(prefix).await {
             tracing::debug!(%peer, error = %e, "data plane: connection closed");
