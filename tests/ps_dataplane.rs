@@ -353,3 +353,24 @@ async fn a_client_that_dies_mid_push_changes_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_gave_back_its_buffers_when_idle_still_serves() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        let opts = ClientOptions { wire_dtype: DType::Bf16, data_connections_per_shard: 1, ..Default::default() };
+        let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
+        let mut v = VariableSpec::new("v", &[512, 1024]);
+        v.init = Init::Uniform { low: -1.0, high: 1.0, seed: 5 };
+        c.register(vec![v]).await.unwrap();
+        let first = c.pull(0).await.unwrap();
+        // the server releases the connection's megabyte-sized buffers after 2 s idle
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let grad = vec![0.5f32; 512 * 1024];
+        c.push(0, &[&grad]).await.unwrap();
+        let second = c.pull(0).await.unwrap();
+        assert_ne!(bits(&first), bits(&second));
+        assert_eq!(second[0].len(), 512 * 1024);
+    })
+    .await;
+}
