@@ -315,6 +315,19 @@ impl OptimizerState {
         grad: G,
         lr_scale: f32,
     ) {
+        self.apply_with(storage, params, grad, lr_scale, true)
+    }
+
+    /// [`apply`](Self::apply), with the AVX2 build of the kernels when `simd` is set and the
+    /// CPU has it (tests compare both builds bit for bit).
+    fn apply_with<S: Storage, G: GradValues>(
+        &mut self,
+        storage: S,
+        params: &mut [S::Word],
+        grad: G,
+        lr_scale: f32,
+        simd: bool,
+    ) {
         assert_eq!(
             params.len(),
             self.len,
@@ -327,6 +340,27 @@ impl OptimizerState {
         );
         self.updates += 1;
         let lr = self.lr * lr_scale;
+        #[cfg(target_arch = "x86_64")]
+        if simd && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.kernels_avx2(storage, params, grad, lr) };
+        }
+        let _ = simd;
+        self.kernels(storage, params, grad, lr)
+    }
+
+    /// [`kernels`](Self::kernels) compiled with AVX2: eight lanes per instruction, which
+    /// halves Adam's time here. The element math is the same IEEE operations in the same
+    /// order (no fused multiply-add), so results are bitwise identical to the baseline build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn kernels_avx2<S: Storage, G: GradValues>(&mut self, storage: S, params: &mut [S::Word], grad: G, lr: f32) {
+        self.kernels(storage, params, grad, lr)
+    }
+
+    /// One update of every element with learning rate `lr` (the update count already advanced).
+    #[inline(always)]
+    fn kernels<S: Storage, G: GradValues>(&mut self, storage: S, params: &mut [S::Word], grad: G, lr: f32) {
         match (&self.spec, self.slots.as_mut_slice()) {
             (OptimizerSpec::Sgd { .. }, []) => sgd(storage, params, grad, lr),
             (
@@ -521,12 +555,14 @@ fn mix64(mut z: u64) -> u64 {
 // The kernels below follow torch.optim's formulas. They avoid `mul_add`: on targets without
 // FMA it is a slow library call, and plain operations keep results identical everywhere.
 
+#[inline(always)]
 fn sgd<S: Storage, G: GradValues>(s: S, params: &mut [S::Word], grad: G, lr: f32) {
     for (i, (w, g)) in params.iter_mut().zip(grad.values()).enumerate() {
         *w = s.store(i, S::load(*w) - lr * g);
     }
 }
 
+#[inline(always)]
 fn sgd_momentum<S: Storage, G: GradValues, const NESTEROV: bool>(
     s: S,
     params: &mut [S::Word],
@@ -544,6 +580,7 @@ fn sgd_momentum<S: Storage, G: GradValues, const NESTEROV: bool>(
     }
 }
 
+#[inline(always)]
 fn adagrad<S: Storage, G: GradValues>(
     s: S,
     params: &mut [S::Word],
@@ -576,6 +613,7 @@ struct AdamStep {
     decay: f32,
 }
 
+#[inline(always)]
 fn adam<S: Storage, G: GradValues, const L2: bool>(
     s: S,
     params: &mut [S::Word],
@@ -973,6 +1011,46 @@ mod tests {
                 reference.apply_f32(&mut want, g, 0.75);
                 state.apply_bf16(&mut words, g, 0.75, Rounding::NearestEven, 7);
                 assert_eq!(words, want.map(bf16::from_f32_rne), "{spec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_build_of_the_kernels_gives_the_same_bits_as_the_baseline() {
+        // Odd lengths (vector tails), values across many magnitudes, and a few specials.
+        let n = 1003;
+        let mut x: u32 = 12345;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((x % 40) as i32 - 20)
+        };
+        let p0: Vec<f32> = (0..n).map(|_| next()).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| next()).collect()).collect();
+        let mut specs = all_specs();
+        specs.push(OptimizerSpec::Adam { lr: 0.01, beta1: 0.8, beta2: 0.99, epsilon: 1e-6, weight_decay: 0.1, decoupled: false });
+        for spec in specs {
+            let mut a = OptimizerState::new(spec.clone(), n);
+            let mut b = OptimizerState::new(spec.clone(), n);
+            let (mut pa, mut pb) = (p0.clone(), p0.clone());
+            let mut wa: Vec<u16> = p0.iter().map(|&v| bf16::from_f32_rne(v)).collect();
+            let mut wb = wa.clone();
+            for g in &grads {
+                let words: Vec<u16> = g.iter().map(|&v| bf16::from_f32_rne(v)).collect();
+                a.apply_with(F32Words, &mut pa, g.as_slice(), 0.5, true);
+                b.apply_with(F32Words, &mut pb, g.as_slice(), 0.5, false);
+                a.apply_with(Bf16Nearest, &mut wa, Bf16Grad(&words), 0.5, true);
+                b.apply_with(Bf16Nearest, &mut wb, Bf16Grad(&words), 0.5, false);
+                let key = a.stochastic_key(9);
+                a.apply_with(Bf16Stochastic { key }, &mut wa, g.as_slice(), 1.0, true);
+                b.apply_with(Bf16Stochastic { key }, &mut wb, g.as_slice(), 1.0, false);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&pa), bits(&pb), "{spec:?}: f32 storage");
+            assert_eq!(wa, wb, "{spec:?}: bf16 storage");
+            for (sa, sb) in a.slots.iter().zip(&b.slots) {
+                assert_eq!(bits(sa), bits(sb), "{spec:?}: slots");
             }
         }
     }
