@@ -292,8 +292,9 @@ mod tests {
     #[test]
     fn sync_step_completion_table() {
         use Kind::*;
-        // (n, k, pushes as (worker, step), expected kinds, final version)
-        let table: Vec<(u32, u32, Vec<(u32, u64)>, Vec<Kind>, u64)> = vec![
+        /// (n, k, pushes as (worker, step), expected kinds, final version)
+        type Row = (u32, u32, Vec<(u32, u64)>, Vec<Kind>, u64);
+        let table: Vec<Row> = vec![
             // all of n, arrival order does not matter for the order of the mean
             (3, 3, vec![(2, 0), (0, 0), (1, 0)], vec![Buffered(1), Buffered(2), Mean(vec![0, 1, 2])], 1),
             // k of n: the first k complete the step, the late one is dropped
