@@ -4,12 +4,11 @@
 //! `on_frame` works on each frame's own range, so order does not matter to it.
 
 use super::sys::{recv_some, send2_nosignal, send_nosignal, would_block};
-use super::waiting::{send_blame_at, suspect_at};
 use super::{TcpTransport, MAX_STREAMS};
 use crate::error::Result;
 use crate::frame::{FrameHeader, FrameKind, OpDesc, HEADER_LEN};
 use crate::transport::{frame_count, frame_range, Deadline};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Progress of one direction of one connection: the frame it is on and bytes done.
 #[derive(Clone, Copy, Default)]
@@ -174,29 +173,8 @@ impl TcpTransport {
                 self.idle_since = None;
                 continue;
             }
-            self.idle_since.get_or_insert_with(Instant::now);
-            if !watch_checked {
-                self.check_watched(op)?;
-                watch_checked = true;
-            }
-            let now = Instant::now();
-            let sending = sent < ns;
-            if sending && now >= send_blame_at(&deadline) {
-                return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
-            }
-            self.waiting_on = if sending { Some(to) } else { Some(from) };
-            if received < nr && !sending && now >= suspect_at(&deadline) {
-                self.ask(from, op.seq);
-            }
-            if now >= deadline.at {
-                let peer = if received < nr {
-                    self.culprit(std::iter::once(from))
-                } else {
-                    None
-                };
-                let err = deadline.timeout_error(peer.unwrap_or(to), op);
-                return Err(self.prefer_abort(op, err, Duration::ZERO));
-            }
+            let (sending, receiving) = (sent < ns, received < nr);
+            let wake = self.pair_idle(op, &deadline, to, from, sending, receiving, &mut watch_checked)?;
             self.pollfds.clear();
             for c in 0..k {
                 if out[c].frame < ns {
@@ -227,13 +205,6 @@ impl TcpTransport {
                     });
                 }
             }
-            let wake = if sending {
-                send_blame_at(&deadline)
-            } else if !self.asked[from] {
-                suspect_at(&deadline)
-            } else {
-                deadline.at
-            };
             self.wait(wake);
             if self.pollfds[watched_from..].iter().any(|p| p.revents != 0) {
                 self.check_watched(op)?;

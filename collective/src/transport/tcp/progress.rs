@@ -354,39 +354,9 @@ impl Transport for TcpTransport {
                 self.idle_since = None;
                 continue;
             }
-            self.idle_since.get_or_insert_with(Instant::now);
-            if !watch_checked {
-                self.check_watched(op)?;
-                watch_checked = true;
-            }
-            let now = Instant::now();
-            if sk < ns && now >= send_blame_at(&deadline) {
-                return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
-            }
-            self.waiting_on = if sk < ns { Some(to) } else { Some(from) };
-            if rk < nr && sk >= ns && now >= suspect_at(&deadline) {
-                self.ask(from, op.seq);
-            }
-            if now >= deadline.at {
-                let peer = if rk < nr {
-                    self.culprit(std::iter::once(from))
-                } else {
-                    None
-                };
-                let peer = peer.unwrap_or(to);
-                let err = deadline.timeout_error(peer, op);
-                return Err(self.prefer_abort(op, err, Duration::ZERO));
-            }
-            let out = (sk < ns).then_some(to);
-            let inp = (rk < nr).then_some(from);
-            let wake = if sk < ns {
-                send_blame_at(&deadline)
-            } else if !self.asked[from] {
-                suspect_at(&deadline)
-            } else {
-                deadline.at
-            };
-            self.wait_links(op, out, inp, wake)?;
+            let (sending, receiving) = (sk < ns, rk < nr);
+            let wake = self.pair_idle(op, &deadline, to, from, sending, receiving, &mut watch_checked)?;
+            self.wait_links(op, sending.then_some(to), receiving.then_some(from), wake)?;
         }
     }
 

@@ -240,6 +240,52 @@ impl TcpTransport {
     }
 
     /// Discards `len` bytes already known to be readable.
+    /// The idle step of a stream that sends to `to` (while `sending`) and receives from
+    /// `from` (while `receiving`), when a pass moved nothing: looks for aborts once
+    /// (`watch_checked`), fails past the deadline naming the peer to blame, asks a silent
+    /// sender what it waits for, and returns when to wake up next.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pair_idle(
+        &mut self,
+        op: &OpDesc,
+        deadline: &Deadline,
+        to: usize,
+        from: usize,
+        sending: bool,
+        receiving: bool,
+        watch_checked: &mut bool,
+    ) -> Result<Instant> {
+        self.idle_since.get_or_insert_with(Instant::now);
+        if !*watch_checked {
+            self.check_watched(op)?;
+            *watch_checked = true;
+        }
+        let now = Instant::now();
+        if sending && now >= send_blame_at(deadline) {
+            return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
+        }
+        self.waiting_on = if sending { Some(to) } else { Some(from) };
+        if receiving && !sending && now >= suspect_at(deadline) {
+            self.ask(from, op.seq);
+        }
+        if now >= deadline.at {
+            let peer = if receiving {
+                self.culprit(std::iter::once(from))
+            } else {
+                None
+            };
+            let err = deadline.timeout_error(peer.unwrap_or(to), op);
+            return Err(self.prefer_abort(op, err, Duration::ZERO));
+        }
+        Ok(if sending {
+            send_blame_at(deadline)
+        } else if !self.asked[from] {
+            suspect_at(deadline)
+        } else {
+            deadline.at
+        })
+    }
+
     pub(super) fn consume(&mut self, p: usize, len: usize, op: &OpDesc) -> Result<()> {
         let mut sink = [0u8; HEADER_LEN];
         self.link(p)
