@@ -277,7 +277,8 @@ impl Conn {
         metrics.pulls.fetch_add(1, Relaxed);
         let total = var.len() * wire.size();
         metrics.bytes_out.fetch_add(total as u64, Relaxed);
-        if wire == DType::F32 && total > COALESCE_BYTES && var.def().dtype == DType::F32 {
+        let stored_as_wire = cfg!(target_endian = "little") && var.def().dtype == DType::F32;
+        if wire == DType::F32 && total > COALESCE_BYTES && stored_as_wire {
             return self.send_stored_f32(var, push, total).await;
         }
         let per_piece = (SEND_PIECE_BYTES / wire.size()).max(1);
@@ -311,7 +312,7 @@ impl Conn {
 
     /// Sends f32 values stored as f32 straight from the variable to the socket: each write
     /// copies at most [`SEND_PIECE_BYTES`] under the variable's read lock, with no
-    /// intermediate buffer (on a big-endian machine the values go through `encode_range`).
+    /// intermediate buffer. Only for f32 storage on a little-endian machine.
     async fn send_stored_f32(&mut self, var: &Variable, push: Option<ps::PushResponse>, total: usize) -> io::Result<()> {
         let reply = ps::DataReply {
             push,
@@ -331,19 +332,7 @@ impl Conn {
                 Some(Ok(n)) => sent += n,
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Some(Err(e)) => return Err(e),
-                None => {
-                    // Not f32 in memory on this machine: encode piece by piece.
-                    let per_piece = SEND_PIECE_BYTES / 4;
-                    let mut start = sent / 4;
-                    while start < var.len() {
-                        let end = (start + per_piece).min(var.len());
-                        self.scratch.clear();
-                        var.encode_range(start, end, DType::F32, &mut self.scratch);
-                        self.sock.write_all(&self.scratch).await?;
-                        start = end;
-                    }
-                    return Ok(());
-                }
+                None => return Err(io::Error::other("f32 storage is not readable as little-endian bytes here")),
             }
         }
         Ok(())
