@@ -27,6 +27,20 @@ const PIECE_BYTES: usize = 1 << 20;
 /// How long opening a data connection may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Reads exactly `n` bytes from `sock` into `buf` (replacing its contents) through its spare
+/// capacity, so that a reused buffer is not zeroed before every read.
+async fn fill(sock: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> std::io::Result<()> {
+    buf.clear();
+    buf.reserve(n);
+    while buf.len() < n {
+        let want = (n - buf.len()) as u64;
+        if (&mut *sock).take(want).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 /// One open connection and its scratch buffer.
 struct Conn {
     sock: TcpStream,
@@ -287,8 +301,7 @@ impl Conn {
         let mut prefix = [0u8; 4];
         self.sock.read_exact(&mut prefix).await?;
         let len = frame_len(prefix).map_err(Failure::Protocol)?;
-        self.scratch.resize(len, 0);
-        self.sock.read_exact(&mut self.scratch[..len]).await?;
+        fill(&mut self.sock, &mut self.scratch, len).await?;
         ps::DataReply::decode(&self.scratch[..len]).map_err(|e| Failure::Protocol(format!("malformed reply: {e}")))
     }
 
@@ -315,8 +328,7 @@ impl Conn {
         }
         for piece in dst.chunks_mut(PIECE_BYTES / wire.size()) {
             let n = piece.len() * wire.size();
-            self.scratch.resize(n, 0);
-            self.sock.read_exact(&mut self.scratch[..n]).await?;
+            fill(&mut self.sock, &mut self.scratch, n).await?;
             parasync_tensor::decode_into(&self.scratch[..n], wire, piece).map_err(|e| Failure::Protocol(e.to_string()))?;
         }
         Ok(reply)
