@@ -54,6 +54,10 @@ pub struct AllreduceBenchArgs {
     /// TCP connections per pair of ranks (large transfers spread their frames over them).
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
+    /// Move every payload through the sockets, even between ranks on one host (no
+    /// `process_vm_readv` peer copies).
+    #[arg(long)]
+    pub no_peer_copy: bool,
     /// Seconds each timed repetition should take (iteration count is set from it).
     #[arg(long, default_value_t = 0.2)]
     pub target_s: f64,
@@ -217,6 +221,7 @@ pub fn connect_options(
         tcp: TcpOptions {
             spin: args.spin,
             streams: args.streams,
+            peer_copy: !args.no_peer_copy,
         },
         data_host: None,
     }
@@ -283,8 +288,8 @@ pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
     let n = comm.world_size();
     if comm.rank() == 0 {
         println!(
-            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}",
-            args.algorithm, args.chunk_bytes, args.spin, args.streams
+            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}, peer copies {}",
+            args.algorithm, args.chunk_bytes, args.spin, args.streams, !args.no_peer_copy
         );
         println!(
             "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",

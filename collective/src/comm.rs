@@ -106,6 +106,12 @@ impl Communicator {
         self.seq
     }
 
+    /// Payload bytes this rank has read straight from the memory of peers on its host so far
+    /// (see [`crate::transport::tcp::TcpOptions::peer_copy`]); the rest went through sockets.
+    pub fn peer_copied_bytes(&self) -> u64 {
+        self.transport.peer_copied_bytes()
+    }
+
     fn use_direct(&self, bytes: usize) -> bool {
         match self.config.algorithm {
             Algorithm::Direct => true,

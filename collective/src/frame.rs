@@ -128,6 +128,22 @@ pub enum FrameKind {
         /// The rank the sender waits on, if any.
         waits_on: Option<usize>,
     },
+    /// The operation's data for this receiver is not in the frame but in the sender's memory
+    /// on the same host, to be read in place (see `transport::tcp` peer copies); the payload
+    /// is its address and length (two little-endian u64).
+    Remote(OpDesc),
+    /// The receiver of a [`FrameKind::Remote`] announcement of operation `seq` has copied the
+    /// data: the sender may reuse its buffer once it has answered [`FrameKind::Confirmed`].
+    Copied {
+        /// The operation whose data was copied.
+        seq: u64,
+    },
+    /// The sender of a [`FrameKind::Remote`] announcement of operation `seq` kept its buffer
+    /// unchanged until [`FrameKind::Copied`] arrived: the receiver's copy stands.
+    Confirmed {
+        /// The operation whose data was copied.
+        seq: u64,
+    },
     /// The sender failed operation `seq` and gives up; the payload is its error message.
     Abort {
         /// The failed operation.
@@ -152,8 +168,8 @@ impl FrameHeader {
         let mut b = [0u8; HEADER_LEN];
         b[..4].copy_from_slice(&MAGIC);
         match &self.kind {
-            FrameKind::Data(d) => {
-                b[4] = 1;
+            FrameKind::Data(d) | FrameKind::Remote(d) => {
+                b[4] = if matches!(self.kind, FrameKind::Data(_)) { 1 } else { 5 };
                 b[5] = d.kind.code();
                 b[6] = d.dtype.code();
                 b[7] = d.reduce.map_or(0, |o| o.code());
@@ -163,6 +179,14 @@ impl FrameHeader {
             }
             FrameKind::Query { seq } => {
                 b[4] = 3;
+                b[8..16].copy_from_slice(&seq.to_le_bytes());
+            }
+            FrameKind::Copied { seq } => {
+                b[4] = 6;
+                b[8..16].copy_from_slice(&seq.to_le_bytes());
+            }
+            FrameKind::Confirmed { seq } => {
+                b[4] = 7;
                 b[8..16].copy_from_slice(&seq.to_le_bytes());
             }
             FrameKind::Reply { seq, waits_on } => {
@@ -194,7 +218,7 @@ impl FrameHeader {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let payload_len = u32_at(28);
         let kind = match b[4] {
-            1 => {
+            1 | 5 => {
                 let kind = OpKind::from_code(b[5])
                     .ok_or_else(|| format!("unknown operation code {}", b[5]))?;
                 let dtype =
@@ -205,14 +229,19 @@ impl FrameHeader {
                         ReduceOp::from_code(c).ok_or_else(|| format!("unknown reduce code {c}"))?,
                     ),
                 };
-                FrameKind::Data(OpDesc {
+                let desc = OpDesc {
                     seq: u64_at(8),
                     kind,
                     dtype,
                     reduce,
                     count: u64_at(16),
                     root: u32_at(24),
-                })
+                };
+                if b[4] == 1 {
+                    FrameKind::Data(desc)
+                } else {
+                    FrameKind::Remote(desc)
+                }
             }
             2 => {
                 let c = u32_at(24);
@@ -222,6 +251,8 @@ impl FrameHeader {
                 }
             }
             3 => FrameKind::Query { seq: u64_at(8) },
+            6 => FrameKind::Copied { seq: u64_at(8) },
+            7 => FrameKind::Confirmed { seq: u64_at(8) },
             4 => {
                 let w = u32_at(24);
                 FrameKind::Reply {
@@ -341,6 +372,18 @@ mod tests {
                     culprit: Some(2),
                 },
                 payload_len: 40,
+            },
+            FrameHeader {
+                kind: FrameKind::Remote(ar(8, DType::F64, 1 << 33)),
+                payload_len: 16,
+            },
+            FrameHeader {
+                kind: FrameKind::Copied { seq: 11 },
+                payload_len: 0,
+            },
+            FrameHeader {
+                kind: FrameKind::Confirmed { seq: u64::MAX },
+                payload_len: 0,
             },
             FrameHeader {
                 kind: FrameKind::Abort {

@@ -71,6 +71,8 @@ fn steady_state_operations_do_not_allocate() {
                     };
                     let mut small = vec![1.0f32; 1000];
                     let mut large = vec![1.0f32; 300_000];
+                    // 1.33 MB per ring step: read by peer copy where the machine permits it
+                    let mut huge = vec![1.0f32; 1_000_000];
                     let mut half = vec![Bf16::from_f32(1.0); 300_001];
                     let mut gathered = vec![0i64; 3 * 5000];
                     let mut scattered = vec![0f64; 7000];
@@ -78,6 +80,7 @@ fn steady_state_operations_do_not_allocate() {
                     let mut round = |c: &mut parasync_collective::Communicator| {
                         c.allreduce(&mut small, ReduceOp::Sum).unwrap();
                         c.allreduce(&mut large, ReduceOp::Max).unwrap();
+                        c.allreduce(&mut huge, ReduceOp::Max).unwrap();
                         c.allreduce(&mut half, ReduceOp::Avg).unwrap();
                         c.broadcast(&mut large, 1).unwrap();
                         c.allgather_in_place(&mut gathered).unwrap();

@@ -15,6 +15,115 @@ fn all_ok(results: &[(Option<i32>, Vec<String>)], want: &str) {
     }
 }
 
+/// The number after `key` in the first line of `lines` that has it.
+fn field(lines: &[String], key: &str) -> Option<u64> {
+    lines.iter().find_map(|l| {
+        let rest = &l[l.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Whether this machine lets a process read a sibling's memory (`process_vm_readv`, which
+/// peer copies need): tried on a child process's stack. `Err` says why not.
+fn peer_reads_permitted() -> Result<(), String> {
+    let mut child = std::process::Command::new("sleep")
+        .arg("10")
+        .spawn()
+        .map_err(|e| format!("no child process: {e}"))?;
+    let pid = child.id();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let stack = maps
+        .lines()
+        .find(|l| l.ends_with("[stack]"))
+        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok());
+    let result = match stack {
+        None => Err("the child's stack is not listed".to_string()),
+        Some(addr) => {
+            let mut byte = [0u8; 1];
+            let local = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let remote = libc::iovec {
+                iov_base: addr as usize as *mut libc::c_void,
+                iov_len: 1,
+            };
+            // SAFETY: `local` is one writable byte of this process; the remote side is only read.
+            let rc = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
+            if rc == 1 {
+                Ok(())
+            } else {
+                Err(format!("process_vm_readv: {}", std::io::Error::last_os_error()))
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+#[test]
+fn peer_copies_on_one_host_give_the_same_results_as_sockets() {
+    // 600_000 elements: the ring's f32, f64 and integer steps move 1.2 MB and more per step
+    // at N = 2, over the peer-copy threshold; bf16 steps and the small sizes stay inline.
+    let mut job = Job::start(2, "every-op", &["--count", "600000"]);
+    let res = job.finish(Duration::from_secs(90));
+    all_ok(&res, "RESULT every-op");
+    let copied: Vec<u64> = res.iter().map(|(_, l)| field(l, "peer_copied=").expect("reported")).collect();
+    match peer_reads_permitted() {
+        Ok(()) => assert!(copied.iter().all(|&c| c > 0), "peer copies were not used: {copied:?}"),
+        Err(why) => eprintln!("peer copies are not permitted here ({why}): the sockets carried everything"),
+    }
+    let mut job = Job::start(2, "every-op", &["--count", "600000", "--no-peer-copy"]);
+    let res = job.finish(Duration::from_secs(90));
+    all_ok(&res, "RESULT every-op");
+    for (_, lines) in &res {
+        assert_eq!(field(lines, "peer_copied="), Some(0), "{lines:?}");
+    }
+}
+
+#[test]
+fn pairs_with_and_without_peer_copies_mix_in_one_ring() {
+    // Rank 0 declines peer copies, so its neighbours stream to it over the socket while they
+    // receive from their other neighbour by peer copy (and the reverse): the results are
+    // bitwise those of an all-socket and an all-peer-copy ring. 1_100_001 elements: 1.1 MB
+    // per ring step at N = 4.
+    let count = "1100001";
+    let digest = |no_peer: &[bool]| {
+        let n = no_peer.len();
+        let extra = |r: usize| -> Vec<&str> {
+            let mut a = vec!["--count", count];
+            if no_peer[r] {
+                a.push("--no-peer-copy");
+            }
+            a
+        };
+        let mut job = Job::start_host(n, "digest", &extra(0));
+        for r in 1..n {
+            job.add(r, n, "digest", &extra(r));
+        }
+        let res = job.finish(Duration::from_secs(90));
+        all_ok(&res, "RESULT digest");
+        let line = |l: &Vec<String>| l.iter().find(|l| l.starts_with("RESULT digest")).unwrap().clone();
+        let first = line(&res[0].1);
+        assert!(res.iter().all(|(_, l)| line(l) == first), "ranks disagree: {res:?}");
+        let copied: Vec<u64> = res.iter().map(|(_, l)| field(l, "peer_copied=").expect("reported")).collect();
+        (first, copied)
+    };
+    let (sockets, none) = digest(&[true; 4]);
+    assert!(none.iter().all(|&c| c == 0), "{none:?}");
+    let (peers, _) = digest(&[false; 4]);
+    let (mixed, copied) = digest(&[true, false, false, false]);
+    assert_eq!(peers, sockets, "peer copies change the result");
+    assert_eq!(mixed, sockets, "a mixed ring changes the result");
+    // In the ring rank r receives from rank r-1: rank 1 only from rank 0 (sockets), ranks 2
+    // and 3 from peers that copy.
+    assert_eq!(copied[..2], [0, 0], "ranks 0 and 1 receive only over sockets: {copied:?}");
+    if peer_reads_permitted().is_ok() {
+        assert!(copied[2..].iter().all(|&c| c > 0), "peer copies were not used: {copied:?}");
+    }
+}
+
 #[test]
 fn two_and_four_ranks_run_every_op_and_dtype() {
     for n in [2, 4] {
@@ -92,10 +201,18 @@ fn two_runs_give_bitwise_equal_results() {
 
 #[test]
 fn a_killed_rank_is_named_by_every_other_rank_within_the_timeout() {
+    // 4 MB per allreduce over the sockets; 12 MB (3 MB per ring step) by peer copy where
+    // this machine permits it: the kill lands mid-operation.
+    killed_rank_named(&["--count", "1000000", "--no-peer-copy"]);
+    killed_rank_named(&["--count", "3000000"]);
+}
+
+fn killed_rank_named(args: &[&str]) {
     let timeout_ms = 8000u64;
     let t = timeout_ms.to_string();
-    // 4 MiB per allreduce: the kill lands mid-operation.
-    let mut job = Job::start(4, "loop", &["--count", "1000000", "--timeout-ms", &t]);
+    let mut all = args.to_vec();
+    all.extend(["--timeout-ms", &t]);
+    let mut job = Job::start(4, "loop", &all);
     for r in 0..4 {
         job.wait_line(
             r,
@@ -131,7 +248,9 @@ fn a_stalled_rank_is_named_by_every_other_rank_within_the_timeout() {
     // 4 MB allreduces run on the ring: only the stalled rank's neighbours wait on it
     // directly; the others find it by asking along the chain of waits. 4 KB ones run on
     // the direct algorithm, where everyone waits on it directly.
-    for count in ["1000000", "1000"] {
+    // 12 MB ones move by peer copy where this machine permits it: the stalled rank's memory
+    // can still be read, but it never confirms.
+    for count in ["1000000", "1000", "3000000"] {
         let timeout_ms = 3000u64;
         let t = timeout_ms.to_string();
         let mut job = Job::start(4, "loop", &["--count", count, "--timeout-ms", &t]);

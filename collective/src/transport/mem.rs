@@ -124,10 +124,10 @@ impl Transport for MemTransport {
                 FrameKind::Data(theirs) => {
                     validate(op, theirs, hdr.payload_len, r.buf.len(), self.rank, r.peer)?
                 }
-                FrameKind::Query { .. } | FrameKind::Reply { .. } => {
+                other => {
                     return Err(Error::Protocol {
                         peer: r.peer,
-                        detail: "wait query on the in-memory transport".into(),
+                        detail: format!("unexpected {other:?} frame on the in-memory transport"),
                     })
                 }
             }

@@ -125,6 +125,11 @@ pub trait Transport: Send {
         }
         Ok(())
     }
+    /// Payload bytes received by reading peers' memory directly rather than through the
+    /// transport's connections (0 for transports without that path).
+    fn peer_copied_bytes(&self) -> u64 {
+        0
+    }
     /// Tells every peer, best effort and briefly, that this rank gives up operation `seq`,
     /// blaming `culprit`; afterwards the transport is not used for data again.
     fn abort(&mut self, seq: u64, culprit: Option<usize>, reason: &str);
@@ -145,8 +150,11 @@ pub fn frame_range(len: usize, frame: usize, k: usize) -> std::ops::Range<usize>
 pub(crate) fn abort_error(from: usize, hdr: &FrameHeader, reason: &[u8]) -> Error {
     let (seq, culprit) = match hdr.kind {
         FrameKind::Abort { seq, culprit } => (seq, culprit),
-        FrameKind::Data(d) => (d.seq, None),
-        FrameKind::Query { seq } | FrameKind::Reply { seq, .. } => (seq, None),
+        FrameKind::Data(d) | FrameKind::Remote(d) => (d.seq, None),
+        FrameKind::Query { seq }
+        | FrameKind::Reply { seq, .. }
+        | FrameKind::Copied { seq }
+        | FrameKind::Confirmed { seq } => (seq, None),
     };
     Error::PeerAborted {
         from,

@@ -36,6 +36,9 @@ pub struct ScenarioArgs {
     /// TCP connections per pair of ranks.
     #[arg(long, default_value_t = 1)]
     streams: usize,
+    /// No peer copies between ranks on this host: every payload through the sockets.
+    #[arg(long)]
+    no_peer_copy: bool,
     /// Bytes per frame of the pipelined algorithms.
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
@@ -64,6 +67,7 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
         tcp: TcpOptions {
             spin: a.spin,
             streams: a.streams,
+            peer_copy: !a.no_peer_copy,
         },
         data_host: None,
     };
@@ -223,7 +227,7 @@ fn every_op(c: &mut Communicator, count: usize) -> Result<(), Error> {
         }
         c.barrier()?;
     }
-    say(format!("RESULT every-op rank={me}"));
+    say(format!("RESULT every-op rank={me} peer_copied={}", c.peer_copied_bytes()));
     Ok(())
 }
 
@@ -268,6 +272,7 @@ fn digest(c: &mut Communicator, count: usize) -> Result<(), Error> {
         }
     }
     say(format!("RESULT digest {h:016x}"));
+    say(format!("RESULT peer_copied={}", c.peer_copied_bytes()));
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! token, so processes of another job (or stray port scanners) are refused.
 
 mod multi;
+mod peer;
 mod progress;
 mod sys;
 mod waiting;
@@ -29,7 +30,7 @@ const SPIN_BUDGET: Duration = Duration::from_micros(500);
 pub const MAX_STREAMS: usize = 8;
 
 /// Options of the TCP transport (every rank must use the same).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct TcpOptions {
     /// Busy-poll instead of sleeping in `poll(2)`: lowest latency, one core per rank.
     pub spin: bool,
@@ -37,6 +38,22 @@ pub struct TcpOptions {
     /// spread their frames over all of them, which helps where one TCP stream cannot fill
     /// the link (one core's copy rate); on one host with few cores it does not.
     pub streams: usize,
+    /// Ranks on the same host read large payloads straight out of each other's memory
+    /// (`process_vm_readv(2)`: one copy per byte instead of a copy into and one out of the
+    /// kernel's socket buffers); the socket then carries only headers. Used for a pair of
+    /// ranks only where a probe at connection time shows that each can read the other
+    /// (same host and PID namespace, ptrace permission), and only with one stream per pair.
+    pub peer_copy: bool,
+}
+
+impl Default for TcpOptions {
+    fn default() -> TcpOptions {
+        TcpOptions {
+            spin: false,
+            streams: 1,
+            peer_copy: true,
+        }
+    }
 }
 
 impl TcpOptions {
@@ -52,6 +69,9 @@ struct Link {
     fd: i32,
     /// Bytes of the frame being sent that are not written yet (an abort must first finish it).
     send_owed: usize,
+    /// The peer's process id where this rank may read its memory (see
+    /// [`TcpOptions::peer_copy`]).
+    peer_pid: Option<i32>,
 }
 
 /// Progress of one send or receive within an exchange.
@@ -90,6 +110,13 @@ pub struct TcpTransport {
     replies: Vec<Option<Option<usize>>>,
     /// Per peer: already asked whom it waits on in `chase_seq`.
     asked: Vec<bool>,
+    /// Per peer: the operation of its last [`FrameKind::Copied`](crate::frame::FrameKind)
+    /// not yet acted on.
+    copied: Vec<Option<u64>>,
+    /// Per peer: the operation of its last `Confirmed` frame not yet acted on.
+    confirmed: Vec<Option<u64>>,
+    /// Payload bytes read from peers' memory so far.
+    peer_copied: u64,
 }
 
 fn hello_bytes(token: &str, rank: usize, n: usize, stream: usize) -> Vec<u8> {
@@ -190,6 +217,7 @@ impl TcpTransport {
                 fd: s.as_raw_fd(),
                 stream: s,
                 send_owed: 0,
+                peer_pid: None,
             };
             if c == 0 {
                 links[p] = Some(link);
@@ -210,6 +238,7 @@ impl TcpTransport {
                                 fd: s.as_raw_fd(),
                                 stream: s,
                                 send_owed: 0,
+                                peer_pid: None,
                             });
                         }
                         // Connections of one peer arrive in order (it waits for each ack).
@@ -219,6 +248,7 @@ impl TcpTransport {
                                 fd: s.as_raw_fd(),
                                 stream: s,
                                 send_owed: 0,
+                                peer_pid: None,
                             });
                         }
                         Ok((p, _)) => tracing::warn!(
@@ -246,6 +276,8 @@ impl TcpTransport {
                 Err(e) => return Err(e.into()),
             }
         }
+        let peer_copy = opts.peer_copy && k == 1;
+        peer::probe(rank, &mut links, peer_copy)?;
         for l in links.iter().flatten().chain(extra.iter().flatten()) {
             l.stream.set_nonblocking(true)?;
         }
@@ -266,6 +298,9 @@ impl TcpTransport {
             chase_seq: None,
             replies: vec![None; n],
             asked: vec![false; n],
+            copied: vec![None; n],
+            confirmed: vec![None; n],
+            peer_copied: 0,
         })
     }
 

@@ -174,7 +174,7 @@ impl TcpTransport {
                 continue;
             }
             let (sending, receiving) = (sent < ns, received < nr);
-            let wake = self.pair_idle(op, &deadline, to, from, sending, receiving, &mut watch_checked)?;
+            let wake = self.pair_idle(op, &deadline, to, sending, [receiving.then_some(from), None], &mut watch_checked)?;
             self.pollfds.clear();
             for c in 0..k {
                 if out[c].frame < ns {

@@ -2,6 +2,7 @@
 
 use super::sys::{recv_some, send2_nosignal, send_nosignal, would_block};
 use super::waiting::{send_blame_at, suspect_at};
+use super::peer::{PeerRecv, PeerSend};
 use super::{Progress, TcpTransport};
 use crate::error::Result;
 use crate::frame::{FrameHeader, FrameKind, OpDesc, HEADER_LEN};
@@ -229,135 +230,66 @@ impl Transport for TcpTransport {
         deadline: Deadline,
         on_frame: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<()> {
+        let frame = frame.max(1);
+        let tx_peer = send.is_some_and(|(p, b)| self.peer_copy(p, b.len()));
+        let rx_peer = recv.as_ref().is_some_and(|(p, b)| self.peer_copy(*p, b.len()));
         if self.opts.stream_count() > 1 {
             return self.stream_multi(op, send, recv, frame, deadline, on_frame);
         }
         self.begin_op(op.seq);
-        let frame = frame.max(1);
-        let (to, sbuf) = send.unwrap_or((usize::MAX, &[]));
-        let (from, rbuf) = match recv {
-            Some((p, b)) => (p, b),
-            None => (usize::MAX, &mut [][..]),
+        let mut tx = match send {
+            None => Tx::Idle,
+            Some((to, b)) if tx_peer => Tx::Peer(PeerSend::new(to, b)),
+            Some((to, b)) => Tx::Frames(FrameSender::new(op, to, b, frame)),
         };
-        let ns = if to == usize::MAX {
-            0
-        } else {
-            frame_count(sbuf.len(), frame)
+        let mut rx = match recv {
+            None => Rx::Idle,
+            Some((from, b)) if rx_peer => Rx::Peer(PeerRecv::new(from, b, frame)),
+            Some((from, b)) => Rx::Frames(FrameReceiver::new(from, b, frame)),
         };
-        let nr = if from == usize::MAX {
-            0
-        } else {
-            frame_count(rbuf.len(), frame)
-        };
+        let (to, from) = (tx.peer(), rx.peer());
         for (p, w) in self.watch.iter_mut().enumerate() {
             *w = p != self.rank && p != from;
         }
-        // Sending state: frame index, bytes of header and body written.
-        let (mut sk, mut sh, mut sb) = (0usize, 0usize, 0usize);
-        let mut shdr = [0u8; HEADER_LEN];
-        let mut srange = 0..0;
-        if sk < ns {
-            srange = frame_range(sbuf.len(), frame, 0);
-            shdr = FrameHeader {
-                kind: FrameKind::Data(*op),
-                payload_len: srange.len() as u32,
-            }
-            .encode();
-        }
-        // Receiving state.
-        let (mut rk, mut rh, mut rb) = (0usize, 0usize, 0usize);
-        let mut rhdr = [0u8; HEADER_LEN];
-        let mut rrange = frame_range(rbuf.len(), frame, 0);
         let mut watch_checked = false;
         loop {
-            let mut progress = false;
-            while sk < ns {
-                let body = &sbuf[srange.clone()];
-                let fd = self.link(to).fd;
-                let res = if sh < HEADER_LEN {
-                    send2_nosignal(fd, &shdr[sh..], body)
-                } else {
-                    send_nosignal(fd, &body[sb..])
-                };
-                match res {
-                    Ok(mut k) => {
-                        progress |= k > 0;
-                        let h = k.min(HEADER_LEN - sh);
-                        sh += h;
-                        k -= h;
-                        sb += k;
-                        self.link(to).send_owed = HEADER_LEN - sh + body.len() - sb;
-                        if sh == HEADER_LEN && sb == body.len() {
-                            sk += 1;
-                            (sh, sb) = (0, 0);
-                            if sk < ns {
-                                srange = frame_range(sbuf.len(), frame, sk);
-                                shdr = FrameHeader {
-                                    kind: FrameKind::Data(*op),
-                                    payload_len: srange.len() as u32,
-                                }
-                                .encode();
-                            }
-                        } else if k == 0 && h == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) if would_block(&e) => break,
-                    Err(e) => {
-                        let err = Self::lost(to, op, e);
-                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
-                    }
-                }
-            }
-            while rk < nr {
-                let fd = self.link(from).fd;
-                let res = if rh < HEADER_LEN {
-                    recv_some(fd, &mut rhdr[rh..])
-                } else {
-                    recv_some(fd, &mut rbuf[rrange.start + rb..rrange.end])
-                };
-                match res {
-                    Ok(0) if rh < HEADER_LEN || rb < rrange.len() => {
-                        let err = Self::lost(from, op, "connection closed by the peer");
-                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
-                    }
-                    Ok(k) => {
-                        progress |= k > 0;
-                        if rh < HEADER_LEN {
-                            rh += k;
-                            if rh == HEADER_LEN && !self.on_header(from, &rhdr, op, rrange.len())? {
-                                rh = 0; // a wait frame: read the next header
-                            }
-                        } else {
-                            rb += k;
-                        }
-                        if rh == HEADER_LEN && rb == rrange.len() {
-                            on_frame(rrange.start, &mut rbuf[rrange.clone()]);
-                            rk += 1;
-                            // All received: watch it for aborts and wait queries.
-                            self.watch[from] |= rk == nr;
-                            (rh, rb) = (0, 0);
-                            rrange = frame_range(rbuf.len(), frame, rk);
-                        }
-                    }
-                    Err(e) if would_block(&e) => break,
-                    Err(e) => {
-                        let err = Self::lost(from, op, e);
-                        return Err(self.prefer_abort(op, err, Duration::from_millis(100)));
-                    }
-                }
-            }
-            if sk >= ns && rk >= nr {
+            // The sending half reads its receiver's answers itself unless the receiving half
+            // is in the middle of that same link's frames.
+            let read_to = !matches!(&rx, Rx::Frames(r) if r.from == to && !r.done());
+            let mut progress = match &mut tx {
+                Tx::Idle => false,
+                Tx::Frames(s) => s.progress(self, op)?,
+                Tx::Peer(s) => s.progress(self, op, &deadline, read_to)?,
+            };
+            progress |= match &mut rx {
+                Rx::Idle => false,
+                Rx::Frames(r) => r.progress(self, op, on_frame)?,
+                Rx::Peer(r) => r.progress(self, op, &deadline, on_frame)?,
+            };
+            if tx.done() && rx.done() {
                 return Ok(());
             }
             if progress {
                 self.idle_since = None;
                 continue;
             }
-            let (sending, receiving) = (sk < ns, rk < nr);
-            let wake = self.pair_idle(op, &deadline, to, from, sending, receiving, &mut watch_checked)?;
-            self.wait_links(op, sending.then_some(to), receiving.then_some(from), wake)?;
+            // A receiver that has not copied this rank's offered data may itself be waiting
+            // on someone: that is asked, like the wait for a sender, rather than blamed.
+            let out = matches!(&tx, Tx::Frames(s) if !s.done()).then_some(to);
+            let answers = matches!(&tx, Tx::Peer(s) if s.blocked()).then_some(to);
+            let awaited = [(!rx.done()).then_some(from), answers];
+            let wake = self.pair_idle(op, &deadline, to, out.is_some(), awaited, &mut watch_checked)?;
+            let inp = match &rx {
+                Rx::Frames(r) if !r.done() => Some(from),
+                Rx::Peer(r) if r.waiting() => Some(from),
+                _ => None,
+            };
+            self.wait_links(op, out, [inp, answers], wake)?;
         }
+    }
+
+    fn peer_copied_bytes(&self) -> u64 {
+        self.peer_copied
     }
 
     fn abort(&mut self, seq: u64, culprit: Option<usize>, reason: &str) {
@@ -392,5 +324,225 @@ impl Transport for TcpTransport {
                 }
             }
         }
+    }
+}
+
+/// The sending half of a stream.
+enum Tx<'a> {
+    Idle,
+    Frames(FrameSender<'a>),
+    Peer(PeerSend<'a>),
+}
+
+impl Tx<'_> {
+    fn done(&self) -> bool {
+        match self {
+            Tx::Idle => true,
+            Tx::Frames(s) => s.done(),
+            Tx::Peer(s) => s.done(),
+        }
+    }
+
+    fn peer(&self) -> usize {
+        match self {
+            Tx::Idle => usize::MAX,
+            Tx::Frames(s) => s.to,
+            Tx::Peer(s) => s.to,
+        }
+    }
+}
+
+/// The receiving half of a stream.
+enum Rx<'a> {
+    Idle,
+    Frames(FrameReceiver<'a>),
+    Peer(PeerRecv<'a>),
+}
+
+impl Rx<'_> {
+    fn done(&self) -> bool {
+        match self {
+            Rx::Idle => true,
+            Rx::Frames(r) => r.done(),
+            Rx::Peer(r) => r.done(),
+        }
+    }
+
+    fn peer(&self) -> usize {
+        match self {
+            Rx::Idle => usize::MAX,
+            Rx::Frames(r) => r.from,
+            Rx::Peer(r) => r.from,
+        }
+    }
+}
+
+/// Sends a payload to one peer as data frames of at most `frame` bytes (at least one frame).
+struct FrameSender<'a> {
+    to: usize,
+    buf: &'a [u8],
+    frame: usize,
+    /// Frames in all, and the index of the one being written.
+    count: usize,
+    k: usize,
+    /// Header and body bytes of frame `k` written.
+    h: usize,
+    b: usize,
+    hdr: [u8; HEADER_LEN],
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> FrameSender<'a> {
+    fn new(op: &OpDesc, to: usize, buf: &'a [u8], frame: usize) -> Self {
+        let mut s = FrameSender {
+            to,
+            buf,
+            frame,
+            count: frame_count(buf.len(), frame),
+            k: 0,
+            h: 0,
+            b: 0,
+            hdr: [0; HEADER_LEN],
+            range: 0..0,
+        };
+        s.start_frame(op);
+        s
+    }
+
+    fn start_frame(&mut self, op: &OpDesc) {
+        if self.k < self.count {
+            self.range = frame_range(self.buf.len(), self.frame, self.k);
+            self.hdr = FrameHeader {
+                kind: FrameKind::Data(*op),
+                payload_len: self.range.len() as u32,
+            }
+            .encode();
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.k >= self.count
+    }
+
+    /// Writes as much as the socket takes; `true` if anything was written.
+    fn progress(&mut self, t: &mut TcpTransport, op: &OpDesc) -> Result<bool> {
+        let mut progress = false;
+        while self.k < self.count {
+            let body = &self.buf[self.range.clone()];
+            let fd = t.link(self.to).fd;
+            let res = if self.h < HEADER_LEN {
+                send2_nosignal(fd, &self.hdr[self.h..], body)
+            } else {
+                send_nosignal(fd, &body[self.b..])
+            };
+            match res {
+                Ok(mut k) => {
+                    progress |= k > 0;
+                    let h = k.min(HEADER_LEN - self.h);
+                    self.h += h;
+                    k -= h;
+                    self.b += k;
+                    t.link(self.to).send_owed = HEADER_LEN - self.h + body.len() - self.b;
+                    if self.h == HEADER_LEN && self.b == body.len() {
+                        self.k += 1;
+                        (self.h, self.b) = (0, 0);
+                        self.start_frame(op);
+                    } else if k == 0 && h == 0 {
+                        break;
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    let err = TcpTransport::lost(self.to, op, e);
+                    return Err(t.prefer_abort(op, err, Duration::from_millis(100)));
+                }
+            }
+        }
+        Ok(progress)
+    }
+}
+
+/// Receives a payload from one peer as data frames of at most `frame` bytes, handing each on
+/// as soon as it is complete.
+struct FrameReceiver<'a> {
+    from: usize,
+    buf: &'a mut [u8],
+    frame: usize,
+    count: usize,
+    k: usize,
+    h: usize,
+    b: usize,
+    hdr: [u8; HEADER_LEN],
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> FrameReceiver<'a> {
+    fn new(from: usize, buf: &'a mut [u8], frame: usize) -> Self {
+        let range = frame_range(buf.len(), frame, 0);
+        FrameReceiver {
+            from,
+            count: frame_count(buf.len(), frame),
+            buf,
+            frame,
+            k: 0,
+            h: 0,
+            b: 0,
+            hdr: [0; HEADER_LEN],
+            range,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.k >= self.count
+    }
+
+    /// Reads what the socket has; `true` if anything was read.
+    fn progress(
+        &mut self,
+        t: &mut TcpTransport,
+        op: &OpDesc,
+        on_frame: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<bool> {
+        let mut progress = false;
+        let from = self.from;
+        while self.k < self.count {
+            let fd = t.link(from).fd;
+            let res = if self.h < HEADER_LEN {
+                recv_some(fd, &mut self.hdr[self.h..])
+            } else {
+                recv_some(fd, &mut self.buf[self.range.start + self.b..self.range.end])
+            };
+            match res {
+                Ok(0) if self.h < HEADER_LEN || self.b < self.range.len() => {
+                    let err = TcpTransport::lost(from, op, "connection closed by the peer");
+                    return Err(t.prefer_abort(op, err, Duration::from_millis(100)));
+                }
+                Ok(k) => {
+                    progress |= k > 0;
+                    if self.h < HEADER_LEN {
+                        self.h += k;
+                        if self.h == HEADER_LEN && !t.on_header(from, &self.hdr, op, self.range.len())? {
+                            self.h = 0; // a wait or answer frame: read the next header
+                        }
+                    } else {
+                        self.b += k;
+                    }
+                    if self.h == HEADER_LEN && self.b == self.range.len() {
+                        on_frame(self.range.start, &mut self.buf[self.range.clone()]);
+                        self.k += 1;
+                        // All received: watch it for aborts and wait queries.
+                        t.watch[from] |= self.k == self.count;
+                        (self.h, self.b) = (0, 0);
+                        self.range = frame_range(self.buf.len(), self.frame, self.k);
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    let err = TcpTransport::lost(from, op, e);
+                    return Err(t.prefer_abort(op, err, Duration::from_millis(100)));
+                }
+            }
+        }
+        Ok(progress)
     }
 }

@@ -54,3 +54,46 @@ pub(super) fn would_block(e: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
 }
+
+/// Copies `local.len()` bytes from address `remote` of process `pid` into `local`
+/// (`process_vm_readv(2)`: one copy, by this process, with no kernel buffer in between).
+pub(super) fn read_peer(pid: i32, remote: u64, local: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < local.len() {
+        let rest = &mut local[done..];
+        let l = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let r = libc::iovec {
+            iov_base: (remote + done as u64) as usize as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: `l` describes writable memory of this process; the remote range is only
+        // read, by the kernel, which checks it against the other process's mappings.
+        let rc = unsafe { libc::process_vm_readv(pid, &l, 1, &r, 1, 0) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer's buffer ended early",
+            ));
+        }
+        done += rc as usize;
+    }
+    Ok(())
+}
+
+/// Bytes from the kernel's random source (zeros where it is unavailable).
+pub(super) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SAFETY: `b` is a writable buffer of N bytes.
+    let _ = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
+    b
+}

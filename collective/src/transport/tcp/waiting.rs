@@ -76,6 +76,14 @@ impl TcpTransport {
                         self.on_wait_frame(p, &kind);
                         continue 'peers;
                     }
+                    Ok(FrameHeader {
+                        kind: kind @ (FrameKind::Copied { .. } | FrameKind::Confirmed { .. }),
+                        ..
+                    }) => {
+                        self.consume(p, HEADER_LEN, op)?;
+                        self.on_copy_frame(p, &kind);
+                        continue 'peers;
+                    }
                     // Data of a later operation: an abort could only come after it.
                     _ => self.watch[p] = false,
                 }
@@ -111,6 +119,17 @@ impl TcpTransport {
             kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
                 self.on_wait_frame(peer, kind);
                 Ok(false)
+            }
+            kind @ (FrameKind::Copied { .. } | FrameKind::Confirmed { .. }) => {
+                self.on_copy_frame(peer, kind);
+                Ok(false)
+            }
+            FrameKind::Remote(theirs) => {
+                validate(op, theirs, expect_len as u32, expect_len, self.rank, peer)?;
+                Err(Error::Protocol {
+                    peer,
+                    detail: format!("data of {op} #{} offered in place where frames were expected", op.seq),
+                })
             }
         }
     }
@@ -195,13 +214,14 @@ impl TcpTransport {
         }
     }
 
-    /// Sleeps in `poll(2)` (or spins) until one of the given links may progress or a watched
-    /// peer sends something; then looks at the watched peers for aborts.
+    /// Sleeps in `poll(2)` (or spins) until one of the given links may progress (`out`
+    /// writable, one of `inp` readable) or a watched peer sends something; then looks at the
+    /// watched peers for aborts.
     pub(super) fn wait_links(
         &mut self,
         op: &OpDesc,
         out: Option<usize>,
-        inp: Option<usize>,
+        inp: [Option<usize>; 2],
         deadline: Instant,
     ) -> Result<()> {
         self.pollfds.clear();
@@ -213,7 +233,7 @@ impl TcpTransport {
                 revents: 0,
             });
         }
-        if let Some(p) = inp {
+        for p in inp.into_iter().flatten() {
             let fd = self.link(p).fd;
             self.pollfds.push(libc::pollfd {
                 fd,
@@ -239,20 +259,18 @@ impl TcpTransport {
         Ok(())
     }
 
-    /// Discards `len` bytes already known to be readable.
-    /// The idle step of a stream that sends to `to` (while `sending`) and receives from
-    /// `from` (while `receiving`), when a pass moved nothing: looks for aborts once
-    /// (`watch_checked`), fails past the deadline naming the peer to blame, asks a silent
-    /// sender what it waits for, and returns when to wake up next.
-    #[allow(clippy::too_many_arguments)]
+    /// The idle step of a stream that sends to `to` (`sending`: frames not yet all written)
+    /// and waits to hear from the ranks in `awaited` (its sender; the receiver of data it
+    /// offered in place, until that copied it), when a pass moved nothing: looks for aborts
+    /// once (`watch_checked`), fails past the deadline naming the peer to blame, asks silent
+    /// peers what they wait for, and returns when to wake up next.
     pub(super) fn pair_idle(
         &mut self,
         op: &OpDesc,
         deadline: &Deadline,
         to: usize,
-        from: usize,
         sending: bool,
-        receiving: bool,
+        awaited: [Option<usize>; 2],
         watch_checked: &mut bool,
     ) -> Result<Instant> {
         self.idle_since.get_or_insert_with(Instant::now);
@@ -264,28 +282,28 @@ impl TcpTransport {
         if sending && now >= send_blame_at(deadline) {
             return Err(self.prefer_abort(op, deadline.timeout_error(to, op), Duration::ZERO));
         }
-        self.waiting_on = if sending { Some(to) } else { Some(from) };
-        if receiving && !sending && now >= suspect_at(deadline) {
-            self.ask(from, op.seq);
+        let first = awaited.iter().flatten().next().copied();
+        self.waiting_on = if sending { Some(to) } else { first };
+        if !sending && now >= suspect_at(deadline) {
+            for p in awaited.into_iter().flatten() {
+                self.ask(p, op.seq);
+            }
         }
         if now >= deadline.at {
-            let peer = if receiving {
-                self.culprit(std::iter::once(from))
-            } else {
-                None
-            };
+            let peer = self.culprit(awaited.into_iter().flatten());
             let err = deadline.timeout_error(peer.unwrap_or(to), op);
             return Err(self.prefer_abort(op, err, Duration::ZERO));
         }
         Ok(if sending {
             send_blame_at(deadline)
-        } else if !self.asked[from] {
+        } else if awaited.into_iter().flatten().any(|p| !self.asked[p]) {
             suspect_at(deadline)
         } else {
             deadline.at
         })
     }
 
+    /// Discards `len` bytes already known to be readable.
     pub(super) fn consume(&mut self, p: usize, len: usize, op: &OpDesc) -> Result<()> {
         let mut sink = [0u8; HEADER_LEN];
         self.link(p)
