@@ -13,6 +13,8 @@ for n in 2 4; do
   echo "## parasync N=$n"
   ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32,bf16 --sizes "$sizes" --reps "${REPS:-5}"
   ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32 --sizes 4KiB --spin --reps "${REPS:-5}"
+  echo "## parasync N=$n, sockets only (--no-peer-copy: what ranks on different hosts use)"
+  ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32 --sizes 1MiB,16MiB,64MiB,256MiB --no-peer-copy --reps "${REPS:-5}"
   echo "## gloo N=$n"
   python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes "$sizes" --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
     --out "bench-results/raw/gloo-N$n-$(date -u +%Y-%m-%d).jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
