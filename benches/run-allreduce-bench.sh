@@ -3,7 +3,8 @@
 # bench-results/raw/allreduce-<date>.txt. Needs torch (pip install torch) for the peer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="bench-results/raw/allreduce-$(date -u +%Y-%m-%d).txt"
+stamp=$(date -u +%Y-%m-%d-%H%M)
+out="bench-results/raw/allreduce-$stamp.txt"
 mkdir -p bench-results/raw
 exec > >(tee "$out") 2>&1
 sizes=4KiB,64KiB,1MiB,16MiB,64MiB,256MiB
@@ -17,7 +18,7 @@ for n in 2 4; do
   ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32 --sizes 1MiB,16MiB,64MiB,256MiB --no-peer-copy --reps "${REPS:-5}"
   echo "## gloo N=$n"
   python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes "$sizes" --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
-    --out "bench-results/raw/gloo-N$n-$(date -u +%Y-%m-%d).jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
+    --out "bench-results/raw/gloo-N$n-$stamp.jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
 done
 echo "## criterion (benches/allreduce.rs): N=2,4, f32 and bf16, 4 KiB to 64 MiB"
 rm -rf target/criterion/allreduce_*  # the medians below then come from this run only

@@ -7,7 +7,7 @@
 # ../shared/peers/grpc_bench.py beside the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="bench-results/raw/ps-$(date -u +%Y-%m-%d).txt"
+out="bench-results/raw/ps-$(date -u +%Y-%m-%d-%H%M).txt"
 mkdir -p bench-results/raw
 exec > >(tee "$out") 2>&1
 
