@@ -24,8 +24,14 @@ fn field(lines: &[String], key: &str) -> Option<u64> {
 }
 
 /// Whether this machine lets a process read a sibling's memory (`process_vm_readv`, which
-/// peer copies need): tried on a child process's stack. `Err` says why not.
+/// peer copies need): Yama must not restrict ptrace to descendants, and a read of a child
+/// process's stack must work (no seccomp rule against it). `Err` says why not.
 fn peer_reads_permitted() -> Result<(), String> {
+    if let Ok(scope) = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
+        if scope.trim() != "0" {
+            return Err(format!("Yama ptrace_scope is {}", scope.trim()));
+        }
+    }
     let mut child = std::process::Command::new("sleep")
         .arg("10")
         .spawn()
