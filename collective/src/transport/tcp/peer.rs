@@ -14,11 +14,12 @@
 //! from a buffer its owner had already given up; a sender whose process dies makes the copy
 //! fail, which names it like a closed connection does.
 
-use super::sys::{random_bytes, read_peer};
+use super::sys::{peek, random_bytes, read_peer};
+use super::progress::Side;
 use super::{Link, TcpTransport};
 use crate::error::{Error, Result};
 use crate::frame::{validate, FrameHeader, FrameKind, OpDesc, HEADER_LEN};
-use crate::transport::{abort_error, Deadline, MAX_REASON};
+use crate::transport::Deadline;
 use std::io::{Read, Write};
 use std::time::Instant;
 
@@ -103,6 +104,24 @@ enum RecvStage {
     Done,
 }
 
+impl Side for PeerSend<'_> {
+    fn done(&self) -> bool {
+        self.stage == SendStage::Done
+    }
+    fn peer(&self) -> usize {
+        self.to
+    }
+}
+
+impl Side for PeerRecv<'_> {
+    fn done(&self) -> bool {
+        self.stage == RecvStage::Done
+    }
+    fn peer(&self) -> usize {
+        self.from
+    }
+}
+
 impl<'a> PeerSend<'a> {
     pub(super) fn new(to: usize, buf: &'a [u8]) -> Self {
         PeerSend {
@@ -110,10 +129,6 @@ impl<'a> PeerSend<'a> {
             buf,
             stage: SendStage::Announce,
         }
-    }
-
-    pub(super) fn done(&self) -> bool {
-        self.stage == SendStage::Done
     }
 
     /// Moves on as far as it can without waiting; `true` if anything happened. `read_to`:
@@ -178,10 +193,6 @@ impl<'a> PeerRecv<'a> {
             frame,
             stage: RecvStage::AwaitAnnounce,
         }
-    }
-
-    pub(super) fn done(&self) -> bool {
-        self.stage == RecvStage::Done
     }
 
     /// Waiting for a frame from the sender (its announcement or its confirmation).
@@ -294,15 +305,7 @@ impl TcpTransport {
         loop {
             let fd = self.link(peer).fd;
             let mut raw = [0u8; HEADER_LEN];
-            // SAFETY: `raw` is a writable buffer of HEADER_LEN bytes.
-            let got = unsafe {
-                libc::recv(
-                    fd,
-                    raw.as_mut_ptr().cast(),
-                    HEADER_LEN,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
+            let got = peek(fd, &mut raw);
             if got == 0 {
                 let err = Self::lost(peer, op, "connection closed by the peer");
                 return Err(self.prefer_abort(op, err, std::time::Duration::from_millis(100)));
@@ -312,31 +315,20 @@ impl TcpTransport {
             }
             let hdr = FrameHeader::decode(&raw).map_err(|detail| Error::Protocol { peer, detail })?;
             match &hdr.kind {
-                FrameKind::Abort { .. } => {
+                FrameKind::Abort { .. } => return Err(self.take_abort(peer, &hdr, op)),
+                kind @ (FrameKind::Query { .. }
+                | FrameKind::Reply { .. }
+                | FrameKind::Copied { .. }
+                | FrameKind::Confirmed { .. }) => {
                     self.consume(peer, HEADER_LEN, op)?;
-                    let mut reason = [0u8; MAX_REASON];
-                    let len = (hdr.payload_len as usize).min(MAX_REASON);
-                    self.read_exact_briefly(peer, &mut reason[..len]);
-                    return Err(abort_error(peer, &hdr, &reason[..len]));
-                }
-                kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
-                    self.consume(peer, HEADER_LEN, op)?;
-                    self.on_wait_frame(peer, kind);
-                }
-                kind @ (FrameKind::Copied { .. } | FrameKind::Confirmed { .. }) => {
-                    self.consume(peer, HEADER_LEN, op)?;
-                    self.on_copy_frame(peer, kind);
+                    self.on_control(peer, kind);
                 }
                 FrameKind::Remote(theirs) if announce => {
                     validate(op, theirs, ANNOUNCE_LEN as u32, hdr.payload_len as usize, self.rank, peer)
                         .map_err(|e| self.prefer_abort(op, e, std::time::Duration::ZERO))?;
                     // Taken only once whole (it is written in one piece, so it arrives so).
                     let mut whole = [0u8; HEADER_LEN + ANNOUNCE_LEN];
-                    // SAFETY: `whole` is a writable buffer of its length.
-                    let got = unsafe {
-                        libc::recv(fd, whole.as_mut_ptr().cast(), whole.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-                    };
-                    if got != whole.len() as isize {
+                    if peek(fd, &mut whole) != whole.len() as isize {
                         return Ok(moved);
                     }
                     self.link(peer).stream.read_exact(&mut whole).map_err(|e| Self::lost(peer, op, e))?;

@@ -237,15 +237,15 @@ impl Transport for TcpTransport {
             return self.stream_multi(op, send, recv, frame, deadline, on_frame);
         }
         self.begin_op(op.seq);
-        let mut tx = match send {
-            None => Tx::Idle,
-            Some((to, b)) if tx_peer => Tx::Peer(PeerSend::new(to, b)),
-            Some((to, b)) => Tx::Frames(FrameSender::new(op, to, b, frame)),
+        let mut tx: Tx<'_> = match send {
+            None => Half::Idle,
+            Some((to, b)) if tx_peer => Half::Peer(PeerSend::new(to, b)),
+            Some((to, b)) => Half::Frames(FrameSender::new(op, to, b, frame)),
         };
-        let mut rx = match recv {
-            None => Rx::Idle,
-            Some((from, b)) if rx_peer => Rx::Peer(PeerRecv::new(from, b, frame)),
-            Some((from, b)) => Rx::Frames(FrameReceiver::new(from, b, frame)),
+        let mut rx: Rx<'_> = match recv {
+            None => Half::Idle,
+            Some((from, b)) if rx_peer => Half::Peer(PeerRecv::new(from, b, frame)),
+            Some((from, b)) => Half::Frames(FrameReceiver::new(from, b, frame)),
         };
         let (to, from) = (tx.peer(), rx.peer());
         for (p, w) in self.watch.iter_mut().enumerate() {
@@ -255,16 +255,16 @@ impl Transport for TcpTransport {
         loop {
             // The sending half reads its receiver's answers itself unless the receiving half
             // is in the middle of that same link's frames.
-            let read_to = !matches!(&rx, Rx::Frames(r) if r.from == to && !r.done());
+            let read_to = !matches!(&rx, Half::Frames(r) if r.from == to && !r.done());
             let mut progress = match &mut tx {
-                Tx::Idle => false,
-                Tx::Frames(s) => s.progress(self, op)?,
-                Tx::Peer(s) => s.progress(self, op, &deadline, read_to)?,
+                Half::Idle => false,
+                Half::Frames(s) => s.progress(self, op)?,
+                Half::Peer(s) => s.progress(self, op, &deadline, read_to)?,
             };
             progress |= match &mut rx {
-                Rx::Idle => false,
-                Rx::Frames(r) => r.progress(self, op, on_frame)?,
-                Rx::Peer(r) => r.progress(self, op, &deadline, on_frame)?,
+                Half::Idle => false,
+                Half::Frames(r) => r.progress(self, op, on_frame)?,
+                Half::Peer(r) => r.progress(self, op, &deadline, on_frame)?,
             };
             if tx.done() && rx.done() {
                 return Ok(());
@@ -275,13 +275,13 @@ impl Transport for TcpTransport {
             }
             // A receiver that has not copied this rank's offered data may itself be waiting
             // on someone: that is asked, like the wait for a sender, rather than blamed.
-            let out = matches!(&tx, Tx::Frames(s) if !s.done()).then_some(to);
-            let answers = matches!(&tx, Tx::Peer(s) if s.blocked()).then_some(to);
+            let out = matches!(&tx, Half::Frames(s) if !s.done()).then_some(to);
+            let answers = matches!(&tx, Half::Peer(s) if s.blocked()).then_some(to);
             let awaited = [(!rx.done()).then_some(from), answers];
             let wake = self.pair_idle(op, &deadline, to, out.is_some(), awaited, &mut watch_checked)?;
             let inp = match &rx {
-                Rx::Frames(r) if !r.done() => Some(from),
-                Rx::Peer(r) if r.waiting() => Some(from),
+                Half::Frames(r) if !r.done() => Some(from),
+                Half::Peer(r) if r.waiting() => Some(from),
                 _ => None,
             };
             self.wait_links(op, out, [inp, answers], wake)?;
@@ -327,69 +327,101 @@ impl Transport for TcpTransport {
     }
 }
 
+/// One half of a stream: nothing to do, frames through the socket, or a peer copy.
+enum Half<F, P> {
+    Idle,
+    Frames(F),
+    Peer(P),
+}
+
 /// The sending half of a stream.
-enum Tx<'a> {
-    Idle,
-    Frames(FrameSender<'a>),
-    Peer(PeerSend<'a>),
-}
-
-impl Tx<'_> {
-    fn done(&self) -> bool {
-        match self {
-            Tx::Idle => true,
-            Tx::Frames(s) => s.done(),
-            Tx::Peer(s) => s.done(),
-        }
-    }
-
-    fn peer(&self) -> usize {
-        match self {
-            Tx::Idle => usize::MAX,
-            Tx::Frames(s) => s.to,
-            Tx::Peer(s) => s.to,
-        }
-    }
-}
-
+type Tx<'a> = Half<FrameSender<'a>, PeerSend<'a>>;
 /// The receiving half of a stream.
-enum Rx<'a> {
-    Idle,
-    Frames(FrameReceiver<'a>),
-    Peer(PeerRecv<'a>),
+type Rx<'a> = Half<FrameReceiver<'a>, PeerRecv<'a>>;
+
+/// What the stream loop asks of either kind of half.
+pub(super) trait Side {
+    fn done(&self) -> bool;
+    /// The rank at the other end.
+    fn peer(&self) -> usize;
 }
 
-impl Rx<'_> {
+impl<F: Side, P: Side> Half<F, P> {
     fn done(&self) -> bool {
         match self {
-            Rx::Idle => true,
-            Rx::Frames(r) => r.done(),
-            Rx::Peer(r) => r.done(),
+            Half::Idle => true,
+            Half::Frames(f) => f.done(),
+            Half::Peer(p) => p.done(),
         }
     }
 
     fn peer(&self) -> usize {
         match self {
-            Rx::Idle => usize::MAX,
-            Rx::Frames(r) => r.from,
-            Rx::Peer(r) => r.from,
+            Half::Idle => usize::MAX,
+            Half::Frames(f) => f.peer(),
+            Half::Peer(p) => p.peer(),
         }
     }
 }
 
-/// Sends a payload to one peer as data frames of at most `frame` bytes (at least one frame).
-struct FrameSender<'a> {
-    to: usize,
-    buf: &'a [u8],
+impl Side for FrameSender<'_> {
+    fn done(&self) -> bool {
+        self.at.k >= self.at.count
+    }
+    fn peer(&self) -> usize {
+        self.to
+    }
+}
+
+impl Side for FrameReceiver<'_> {
+    fn done(&self) -> bool {
+        self.at.k >= self.at.count
+    }
+    fn peer(&self) -> usize {
+        self.from
+    }
+}
+
+/// Where a transfer in data frames of at most `frame` bytes (at least one frame) stands.
+struct Frames {
     frame: usize,
-    /// Frames in all, and the index of the one being written.
+    /// Frames in all, and the index of the one in progress.
     count: usize,
     k: usize,
-    /// Header and body bytes of frame `k` written.
+    /// Header and body bytes of frame `k` done.
     h: usize,
     b: usize,
     hdr: [u8; HEADER_LEN],
+    /// Byte range of frame `k` within the payload.
     range: std::ops::Range<usize>,
+}
+
+impl Frames {
+    fn new(len: usize, frame: usize) -> Frames {
+        Frames {
+            frame,
+            count: frame_count(len, frame),
+            k: 0,
+            h: 0,
+            b: 0,
+            hdr: [0; HEADER_LEN],
+            range: frame_range(len, frame, 0),
+        }
+    }
+
+    /// Moves on to the next frame of a payload of `len` bytes.
+    fn next(&mut self, len: usize) {
+        self.k += 1;
+        (self.h, self.b) = (0, 0);
+        self.range = frame_range(len, self.frame, self.k);
+    }
+}
+
+/// Sends a payload to one peer as data frames.
+struct FrameSender<'a> {
+    to: usize,
+    buf: &'a [u8],
+    at: Frames,
 }
 
 impl<'a> FrameSender<'a> {
@@ -397,55 +429,46 @@ impl<'a> FrameSender<'a> {
         let mut s = FrameSender {
             to,
             buf,
-            frame,
-            count: frame_count(buf.len(), frame),
-            k: 0,
-            h: 0,
-            b: 0,
-            hdr: [0; HEADER_LEN],
-            range: 0..0,
+            at: Frames::new(buf.len(), frame),
         };
         s.start_frame(op);
         s
     }
 
     fn start_frame(&mut self, op: &OpDesc) {
-        if self.k < self.count {
-            self.range = frame_range(self.buf.len(), self.frame, self.k);
-            self.hdr = FrameHeader {
+        if self.at.k < self.at.count {
+            self.at.hdr = FrameHeader {
                 kind: FrameKind::Data(*op),
-                payload_len: self.range.len() as u32,
+                payload_len: self.at.range.len() as u32,
             }
             .encode();
         }
     }
 
-    fn done(&self) -> bool {
-        self.k >= self.count
-    }
-
     /// Writes as much as the socket takes; `true` if anything was written.
     fn progress(&mut self, t: &mut TcpTransport, op: &OpDesc) -> Result<bool> {
         let mut progress = false;
-        while self.k < self.count {
-            let body = &self.buf[self.range.clone()];
+        while self.at.k < self.at.count {
+            let body = &self.buf[self.at.range.clone()];
             let fd = t.link(self.to).fd;
-            let res = if self.h < HEADER_LEN {
-                send2_nosignal(fd, &self.hdr[self.h..], body)
+            let at = &mut self.at;
+            let res = if at.h < HEADER_LEN {
+                send2_nosignal(fd, &at.hdr[at.h..], body)
             } else {
-                send_nosignal(fd, &body[self.b..])
+                send_nosignal(fd, &body[at.b..])
             };
             match res {
                 Ok(mut k) => {
                     progress |= k > 0;
-                    let h = k.min(HEADER_LEN - self.h);
-                    self.h += h;
+                    let h = k.min(HEADER_LEN - at.h);
+                    at.h += h;
                     k -= h;
-                    self.b += k;
-                    t.link(self.to).send_owed = HEADER_LEN - self.h + body.len() - self.b;
-                    if self.h == HEADER_LEN && self.b == body.len() {
-                        self.k += 1;
-                        (self.h, self.b) = (0, 0);
+                    at.b += k;
+                    let owed = HEADER_LEN - at.h + body.len() - at.b;
+                    let whole = at.h == HEADER_LEN && at.b == body.len();
+                    t.link(self.to).send_owed = owed;
+                    if whole {
+                        self.at.next(self.buf.len());
                         self.start_frame(op);
                     } else if k == 0 && h == 0 {
                         break;
@@ -462,38 +485,18 @@ impl<'a> FrameSender<'a> {
     }
 }
 
-/// Receives a payload from one peer as data frames of at most `frame` bytes, handing each on
-/// as soon as it is complete.
+/// Receives a payload from one peer as data frames, handing each on as soon as it is
+/// complete.
 struct FrameReceiver<'a> {
     from: usize,
     buf: &'a mut [u8],
-    frame: usize,
-    count: usize,
-    k: usize,
-    h: usize,
-    b: usize,
-    hdr: [u8; HEADER_LEN],
-    range: std::ops::Range<usize>,
+    at: Frames,
 }
 
 impl<'a> FrameReceiver<'a> {
     fn new(from: usize, buf: &'a mut [u8], frame: usize) -> Self {
-        let range = frame_range(buf.len(), frame, 0);
-        FrameReceiver {
-            from,
-            count: frame_count(buf.len(), frame),
-            buf,
-            frame,
-            k: 0,
-            h: 0,
-            b: 0,
-            hdr: [0; HEADER_LEN],
-            range,
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.k >= self.count
+        let at = Frames::new(buf.len(), frame);
+        FrameReceiver { from, buf, at }
     }
 
     /// Reads what the socket has; `true` if anything was read.
@@ -505,35 +508,34 @@ impl<'a> FrameReceiver<'a> {
     ) -> Result<bool> {
         let mut progress = false;
         let from = self.from;
-        while self.k < self.count {
+        while self.at.k < self.at.count {
             let fd = t.link(from).fd;
-            let res = if self.h < HEADER_LEN {
-                recv_some(fd, &mut self.hdr[self.h..])
+            let at = &mut self.at;
+            let res = if at.h < HEADER_LEN {
+                recv_some(fd, &mut at.hdr[at.h..])
             } else {
-                recv_some(fd, &mut self.buf[self.range.start + self.b..self.range.end])
+                recv_some(fd, &mut self.buf[at.range.start + at.b..at.range.end])
             };
             match res {
-                Ok(0) if self.h < HEADER_LEN || self.b < self.range.len() => {
+                Ok(0) if at.h < HEADER_LEN || at.b < at.range.len() => {
                     let err = TcpTransport::lost(from, op, "connection closed by the peer");
                     return Err(t.prefer_abort(op, err, Duration::from_millis(100)));
                 }
                 Ok(k) => {
                     progress |= k > 0;
-                    if self.h < HEADER_LEN {
-                        self.h += k;
-                        if self.h == HEADER_LEN && !t.on_header(from, &self.hdr, op, self.range.len())? {
-                            self.h = 0; // a wait or answer frame: read the next header
+                    if at.h < HEADER_LEN {
+                        at.h += k;
+                        if at.h == HEADER_LEN && !t.on_header(from, &at.hdr, op, at.range.len())? {
+                            at.h = 0; // a wait or answer frame: read the next header
                         }
                     } else {
-                        self.b += k;
+                        at.b += k;
                     }
-                    if self.h == HEADER_LEN && self.b == self.range.len() {
-                        on_frame(self.range.start, &mut self.buf[self.range.clone()]);
-                        self.k += 1;
+                    if at.h == HEADER_LEN && at.b == at.range.len() {
+                        on_frame(at.range.start, &mut self.buf[at.range.clone()]);
+                        self.at.next(self.buf.len());
                         // All received: watch it for aborts and wait queries.
-                        t.watch[from] |= self.k == self.count;
-                        (self.h, self.b) = (0, 0);
-                        self.range = frame_range(self.buf.len(), self.frame, self.k);
+                        t.watch[from] |= self.at.k == self.at.count;
                     }
                 }
                 Err(e) if would_block(&e) => break,

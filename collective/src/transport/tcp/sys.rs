@@ -97,3 +97,17 @@ pub(super) fn random_bytes<const N: usize>() -> [u8; N] {
     let _ = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
     b
 }
+
+/// Copies what is waiting on `fd` into `buf` without consuming it and without waiting; returns
+/// `recv(2)`'s result (bytes seen, 0 at end of stream, negative on error or nothing waiting).
+pub(super) fn peek(fd: i32, buf: &mut [u8]) -> isize {
+    // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
+    unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    }
+}

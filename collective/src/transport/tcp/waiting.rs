@@ -1,7 +1,7 @@
 //! Waiting, watching and blaming: sleeping until sockets can move, spotting abort frames
 //! from peers not otherwise read, and the wait chase that finds a stalled rank.
 
-use super::sys::send_nosignal;
+use super::sys::{peek, send_nosignal};
 use super::{TcpTransport, SPIN_BUDGET};
 use crate::error::{Error, Result};
 use crate::frame::{validate, FrameHeader, FrameKind, OpDesc, HEADER_LEN};
@@ -45,15 +45,7 @@ impl TcpTransport {
             }
             let fd = self.link(p).fd;
             let mut raw = [0u8; HEADER_LEN];
-            // SAFETY: `raw` is a writable buffer of HEADER_LEN bytes.
-            let got = unsafe {
-                libc::recv(
-                    fd,
-                    raw.as_mut_ptr().cast(),
-                    HEADER_LEN,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
+            let got = peek(fd, &mut raw);
             if got == HEADER_LEN as isize {
                 match FrameHeader::decode(&raw) {
                     Ok(
@@ -61,27 +53,17 @@ impl TcpTransport {
                             kind: FrameKind::Abort { .. },
                             ..
                         },
-                    ) => {
-                        self.consume(p, HEADER_LEN, op)?;
-                        let mut reason = [0u8; MAX_REASON];
-                        let len = (h.payload_len as usize).min(MAX_REASON);
-                        self.read_exact_briefly(p, &mut reason[..len]);
-                        return Err(abort_error(p, &h, &reason[..len]));
-                    }
+                    ) => return Err(self.take_abort(p, &h, op)),
                     Ok(FrameHeader {
-                        kind: kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }),
+                        kind:
+                            kind @ (FrameKind::Query { .. }
+                            | FrameKind::Reply { .. }
+                            | FrameKind::Copied { .. }
+                            | FrameKind::Confirmed { .. }),
                         ..
                     }) => {
                         self.consume(p, HEADER_LEN, op)?;
-                        self.on_wait_frame(p, &kind);
-                        continue 'peers;
-                    }
-                    Ok(FrameHeader {
-                        kind: kind @ (FrameKind::Copied { .. } | FrameKind::Confirmed { .. }),
-                        ..
-                    }) => {
-                        self.consume(p, HEADER_LEN, op)?;
-                        self.on_copy_frame(p, &kind);
+                        self.on_control(p, &kind);
                         continue 'peers;
                     }
                     // Data of a later operation: an abort could only come after it.
@@ -107,21 +89,15 @@ impl TcpTransport {
     ) -> Result<bool> {
         let hdr = FrameHeader::decode(raw).map_err(|detail| Error::Protocol { peer, detail })?;
         match &hdr.kind {
-            FrameKind::Abort { .. } => {
-                let mut reason = [0u8; MAX_REASON];
-                let len = (hdr.payload_len as usize).min(MAX_REASON);
-                self.read_exact_briefly(peer, &mut reason[..len]);
-                Err(abort_error(peer, &hdr, &reason[..len]))
-            }
+            FrameKind::Abort { .. } => Err(self.abort_reason(peer, &hdr)),
             FrameKind::Data(theirs) => {
                 validate(op, theirs, hdr.payload_len, expect_len, self.rank, peer).map(|()| true)
             }
-            kind @ (FrameKind::Query { .. } | FrameKind::Reply { .. }) => {
-                self.on_wait_frame(peer, kind);
-                Ok(false)
-            }
-            kind @ (FrameKind::Copied { .. } | FrameKind::Confirmed { .. }) => {
-                self.on_copy_frame(peer, kind);
+            kind @ (FrameKind::Query { .. }
+            | FrameKind::Reply { .. }
+            | FrameKind::Copied { .. }
+            | FrameKind::Confirmed { .. }) => {
+                self.on_control(peer, kind);
                 Ok(false)
             }
             FrameKind::Remote(theirs) => {
@@ -131,6 +107,30 @@ impl TcpTransport {
                     detail: format!("data of {op} #{} offered in place where frames were expected", op.seq),
                 })
             }
+        }
+    }
+
+    /// Consumes the abort frame whose header `hdr` was peeked on `p`'s link; returns its error.
+    pub(super) fn take_abort(&mut self, p: usize, hdr: &FrameHeader, op: &OpDesc) -> Error {
+        match self.consume(p, HEADER_LEN, op) {
+            Ok(()) => self.abort_reason(p, hdr),
+            Err(e) => e,
+        }
+    }
+
+    /// Reads the message of the abort frame whose header `hdr` was read; returns its error.
+    pub(super) fn abort_reason(&mut self, p: usize, hdr: &FrameHeader) -> Error {
+        let mut reason = [0u8; MAX_REASON];
+        let len = (hdr.payload_len as usize).min(MAX_REASON);
+        self.read_exact_briefly(p, &mut reason[..len]);
+        abort_error(p, hdr, &reason[..len])
+    }
+
+    /// Acts on a header-only control frame: a wait query or reply, or a peer-copy answer.
+    pub(super) fn on_control(&mut self, p: usize, kind: &FrameKind) {
+        match kind {
+            FrameKind::Copied { .. } | FrameKind::Confirmed { .. } => self.on_copy_frame(p, kind),
+            _ => self.on_wait_frame(p, kind),
         }
     }
 
