@@ -131,6 +131,30 @@ fn pairs_with_and_without_peer_copies_mix_in_one_ring() {
 }
 
 #[test]
+fn a_step_just_under_the_peer_copy_size_mixes_with_one_over_it() {
+    // 524_287 f32 at N = 2: one ring segment is exactly 1 MiB (peer copy), the other 4 bytes
+    // less (frames), so each rank streams frames to the peer that reads its memory, on the
+    // same connection: the answers must wait for whole frames.
+    let digest = |extra: &[&str]| {
+        let mut job = Job::start(2, "digest", extra);
+        let res = job.finish(Duration::from_secs(60));
+        all_ok(&res, "RESULT digest");
+        let lines: Vec<String> = res
+            .iter()
+            .map(|(_, l)| l.iter().find(|l| l.starts_with("RESULT digest")).unwrap().clone())
+            .collect();
+        assert_eq!(lines[0], lines[1], "ranks disagree");
+        lines[0].clone()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            digest(&["--count", "524287"]),
+            digest(&["--count", "524287", "--no-peer-copy"])
+        );
+    }
+}
+
+#[test]
 fn two_and_four_ranks_run_every_op_and_dtype() {
     for n in [2, 4] {
         // 100_000 elements (200 KB as bf16) exceed the direct threshold for every dtype; the

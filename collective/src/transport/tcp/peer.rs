@@ -100,6 +100,9 @@ pub(super) struct PeerRecv<'a> {
 enum RecvStage {
     AwaitAnnounce,
     Copy { addr: u64, at: usize },
+    /// Copied, and the answer waits for the link to be between frames (this rank may be
+    /// streaming frames of its own to the same peer).
+    Answer,
     AwaitConfirmed,
     Done,
 }
@@ -242,9 +245,16 @@ impl<'a> PeerRecv<'a> {
                 }
                 t.peer_copied += (end - at) as u64;
                 on_frame(at, &mut self.buf[at..end]);
-                if end < self.buf.len() {
-                    self.stage = RecvStage::Copy { addr, at: end };
-                    return Ok(true);
+                self.stage = if end < self.buf.len() {
+                    RecvStage::Copy { addr, at: end }
+                } else {
+                    RecvStage::Answer
+                };
+                Ok(true)
+            }
+            RecvStage::Answer => {
+                if t.link(from).send_owed > 0 {
+                    return Ok(false);
                 }
                 let copied = FrameHeader {
                     kind: FrameKind::Copied { seq: op.seq },
