@@ -246,8 +246,9 @@ mod simd {
         unsafe { decode_bf16(src.add(2 * (head + body)), &mut out[head + body..]) };
     }
 
-    /// Outputs of at least this many bytes are written with non-temporal stores.
-    pub(super) const STREAM_BYTES: usize = 256 << 10;
+    /// Outputs of at least this many bytes are written with non-temporal stores; smaller
+    /// ones (a tensor a trainer may read right away from its caches) with plain stores.
+    pub(super) const STREAM_BYTES: usize = 1 << 20;
 
     /// [`decode_bf16`] in the best build this CPU runs.
     ///
