@@ -307,7 +307,7 @@ impl Client {
             timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32),
         };
         if let Some(data) = &shard.data {
-            return Ok(data.pull(req, part, wire, dst, &ctx()).await?.version);
+            return data.pull(req, part, wire, dst, &ctx()).await;
         }
         let mut stream = shard.rpc().pull(req).await.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
         Ok(receive_values(&mut stream, part, wire, dst, &ctx()).await?.0)
@@ -385,9 +385,8 @@ impl Client {
                     let shard = &self.shards[part.shard];
                     let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
                     if let Some(plane) = &shard.data {
-                        let got = plane.push_pull(header, data, part, wire, dst, &ctx()).await?;
-                        let push = got.push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
-                        return Ok::<_, Error>((vi, pi, got.version, push));
+                        let (version, push) = plane.push_pull(header, data, part, wire, dst, &ctx()).await?;
+                        return Ok::<_, Error>((vi, pi, version, push));
                     }
                     let chunk = self.opts.chunk_bytes;
                     let opened = match single_message(&shard.pool, &header, data, wire, chunk) {

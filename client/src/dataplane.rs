@@ -67,15 +67,6 @@ pub(crate) struct DataPlane {
     spin: Duration,
 }
 
-/// What a pull (or push-pull) returned.
-#[derive(Debug)]
-pub(crate) struct Values {
-    /// Version of the values received.
-    pub version: u64,
-    /// Outcome of the push of a push-pull.
-    pub push: Option<ps::PushResponse>,
-}
-
 impl DataPlane {
     /// Opens a first connection to `addr`, to learn early whether the port is reachable.
     pub async fn connect(addr: SocketAddr, resolve: Resolve, max_connections: usize, spin: Duration) -> std::io::Result<DataPlane> {
@@ -108,8 +99,8 @@ impl DataPlane {
         reply.push.ok_or_else(|| protocol(ctx, "the reply carries no push result"))
     }
 
-    /// Pulls a part's values into `dst`.
-    pub async fn pull(&self, req: ps::PullRequest, part: &Part, wire: DType, dst: &mut [f32], ctx: &str) -> Result<Values> {
+    /// Pulls a part's values into `dst`; returns their version.
+    pub async fn pull(&self, req: ps::PullRequest, part: &Part, wire: DType, dst: &mut [f32], ctx: &str) -> Result<u64> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::Pull(req), &[], wire, &self.sending).await?;
@@ -118,10 +109,11 @@ impl DataPlane {
         }
         .await;
         let reply = self.finish(c, outcome, ctx)?;
-        Ok(Values { version: reply.values.map_or(0, |h| h.version), push: reply.push })
+        Ok(reply.values.map_or(0, |h| h.version))
     }
 
-    /// Pushes `data` and receives the values of the next step into `dst`.
+    /// Pushes `data` and receives the values of the next step into `dst`: returns their
+    /// version and the push's outcome.
     pub async fn push_pull(
         &self,
         header: ps::PushHeader,
@@ -130,7 +122,7 @@ impl DataPlane {
         wire: DType,
         dst: &mut [f32],
         ctx: &str,
-    ) -> Result<Values> {
+    ) -> Result<(u64, ps::PushResponse)> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::PushPull(header), data, wire, &self.sending).await?;
@@ -140,7 +132,7 @@ impl DataPlane {
         .await;
         let reply = self.finish(c, outcome, ctx)?;
         let push = reply.push.ok_or_else(|| protocol(ctx, "the reply carries no push result"))?;
-        Ok(Values { version: reply.values.map_or(0, |h| h.version), push: Some(push) })
+        Ok((reply.values.map_or(0, |h| h.version), push))
     }
 
     /// How long to busy-poll for the reply of a request moving `bytes` of values: only small

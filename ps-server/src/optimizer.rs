@@ -263,14 +263,8 @@ impl OptimizerState {
     /// [`apply_bf16`](Self::apply_bf16) with a gradient that may be held as bf16 words.
     pub fn apply_bf16_grad(&mut self, params: &mut [u16], grad: Grad<'_>, lr_scale: f32, rounding: Rounding, seed: u64) {
         match grad {
-            Grad::F32(g) => self.apply_bf16(params, g, lr_scale, rounding, seed),
-            Grad::Bf16(g) => match rounding {
-                Rounding::NearestEven => self.apply(Bf16Nearest, params, Bf16Grad(g), lr_scale),
-                Rounding::Stochastic => {
-                    let key = self.stochastic_key(seed);
-                    self.apply(Bf16Stochastic { key }, params, Bf16Grad(g), lr_scale)
-                }
-            },
+            Grad::F32(g) => self.apply_rounded(params, g, lr_scale, rounding, seed),
+            Grad::Bf16(g) => self.apply_rounded(params, Bf16Grad(g), lr_scale, rounding, seed),
         }
     }
 
@@ -293,6 +287,11 @@ impl OptimizerState {
         rounding: Rounding,
         seed: u64,
     ) {
+        self.apply_rounded(params, grad, lr_scale, rounding, seed)
+    }
+
+    /// An update of bf16 storage with either gradient type, rounded as `rounding` says.
+    fn apply_rounded<G: GradValues>(&mut self, params: &mut [u16], grad: G, lr_scale: f32, rounding: Rounding, seed: u64) {
         match rounding {
             Rounding::NearestEven => self.apply(Bf16Nearest, params, grad, lr_scale),
             Rounding::Stochastic => {
