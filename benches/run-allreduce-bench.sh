@@ -19,6 +19,13 @@ for n in 2 4; do
   echo "## gloo N=$n"
   python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes "$sizes" --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
     --out "bench-results/raw/gloo-N$n-$stamp.jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
+  # Buffers on transparent huge pages, as NumPy allocates arrays of 4 MiB or more, and as
+  # PyTorch does with THP_MEM_ALLOC_ENABLE=1: both sides get them, so the ratio stays fair.
+  echo "## parasync N=$n, huge pages (--huge-pages)"
+  ./target/release/parasync allreduce-bench --ranks "$n" --dtypes f32 --sizes 1MiB,16MiB,64MiB,256MiB --huge-pages --reps "${REPS:-5}"
+  echo "## gloo N=$n, huge pages (THP_MEM_ALLOC_ENABLE=1)"
+  THP_MEM_ALLOC_ENABLE=1 python3 ../shared/peers/gloo_allreduce.py --ranks "$n" --sizes 1MiB,16MiB,64MiB,256MiB --runs "${GLOO_RUNS:-2}" --reps "${REPS:-5}" \
+    --out "bench-results/raw/gloo-N$n-thp-$stamp.jsonl" 2>&1 | grep -vi "warning\|numpy\|_conversion_method"
 done
 echo "## criterion (benches/allreduce.rs): N=2,4, f32 and bf16, 4 KiB to 64 MiB"
 rm -rf target/criterion/allreduce_*  # the medians below then come from this run only

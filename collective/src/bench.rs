@@ -58,6 +58,10 @@ pub struct AllreduceBenchArgs {
     /// `process_vm_readv` peer copies).
     #[arg(long)]
     pub no_peer_copy: bool,
+    /// Allocate the buffers on transparent huge pages (`MADV_HUGEPAGE`), as NumPy does for
+    /// arrays of 4 MiB or more and PyTorch does with `THP_MEM_ALLOC_ENABLE=1`.
+    #[arg(long)]
+    pub huge_pages: bool,
     /// Seconds each timed repetition should take (iteration count is set from it).
     #[arg(long, default_value_t = 0.2)]
     pub target_s: f64,
@@ -288,8 +292,8 @@ pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
     let n = comm.world_size();
     if comm.rank() == 0 {
         println!(
-            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}, peer copies {}",
-            args.algorithm, args.chunk_bytes, args.spin, args.streams, !args.no_peer_copy
+            "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}, peer copies {}, huge pages {}",
+            args.algorithm, args.chunk_bytes, args.spin, args.streams, !args.no_peer_copy, args.huge_pages
         );
         println!(
             "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
@@ -336,7 +340,11 @@ pub fn measure<T: Element>(
     args: &AllreduceBenchArgs,
 ) -> anyhow::Result<Row> {
     let count = bytes / std::mem::size_of::<T>();
-    let mut buf = vec![T::default(); count];
+    let mut buf = if args.huge_pages {
+        parasync_tensor::filled_vec(count, T::default())
+    } else {
+        vec![T::default(); count]
+    };
     let t0 = Instant::now();
     for _ in 0..3 {
         comm.allreduce(&mut buf, ReduceOp::Sum)?;

@@ -5,8 +5,10 @@
 //! conversions between `f32` values and wire bytes.
 
 pub mod bf16;
+mod huge;
 mod pool;
 
+pub use huge::{advise_huge_pages, filled_vec};
 pub use pool::BufferPool;
 
 use std::fmt;
