@@ -62,6 +62,13 @@ pub struct AllreduceBenchArgs {
     /// arrays of 4 MiB or more and PyTorch does with `THP_MEM_ALLOC_ENABLE=1`.
     #[arg(long)]
     pub huge_pages: bool,
+    /// Allreduce each message as tensors of this many bytes with `allreduce_fused` (as
+    /// DDP and Horovod reduce a model's gradients), in buckets of `--bucket-bytes`.
+    #[arg(long, value_parser = parse_size)]
+    pub fuse: Option<usize>,
+    /// Bucket size of `--fuse`.
+    #[arg(long, default_value = "25MiB", value_parser = parse_size)]
+    pub bucket_bytes: usize,
     /// Seconds each timed repetition should take (iteration count is set from it).
     #[arg(long, default_value_t = 0.2)]
     pub target_s: f64,
@@ -295,6 +302,9 @@ pub fn run_rank(args: &AllreduceBenchArgs) -> anyhow::Result<()> {
             "# parasync allreduce-bench: {n} ranks, algorithm {:?}, chunk {} B, spin {}, streams {}, peer copies {}, huge pages {}",
             args.algorithm, args.chunk_bytes, args.spin, args.streams, !args.no_peer_copy, args.huge_pages
         );
+        if let Some(t) = args.fuse {
+            println!("# fused: tensors of {t} B in buckets of {} B (allreduce_fused)", args.bucket_bytes);
+        }
         println!(
             "#{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
             "size", "count", "type", "redop", "time", "algbw", "busbw"
@@ -345,17 +355,16 @@ pub fn measure<T: Element>(
     } else {
         vec![T::default(); count]
     };
+    let fuse = args.fuse.map(|t| Fuse { tensor_len: (t / std::mem::size_of::<T>()).max(1), bucket_bytes: args.bucket_bytes });
     let t0 = Instant::now();
-    for _ in 0..3 {
-        comm.allreduce(&mut buf, ReduceOp::Sum)?;
-    }
+    time_allreduces(comm, &mut buf, 3, fuse)?;
     let per_op = t0.elapsed().as_secs_f64() / 3.0;
     let mut iters = [((args.target_s / per_op.max(1e-7)) as i64).clamp(1, 100_000)];
     comm.broadcast(&mut iters, 0)?;
     let iters = iters[0] as usize;
     let mut times = Vec::with_capacity(args.reps);
     for _ in 0..args.reps.max(1) {
-        times.push(time_allreduces(comm, &mut buf, iters)? / iters as f64);
+        times.push(time_allreduces(comm, &mut buf, iters, fuse)? / iters as f64);
     }
     times.sort_by(f64::total_cmp);
     let seconds = times[times.len() / 2];
@@ -372,18 +381,35 @@ pub fn measure<T: Element>(
     })
 }
 
-/// Times `iters` allreduce(sum) of `buf` after a barrier and returns the slowest rank's
-/// seconds for all of them (every rank gets the same value). Every rank must call it with
-/// the same `buf` length and `iters`.
+/// How [`time_allreduces`] cuts its buffer into tensors for `allreduce_fused`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fuse {
+    /// Elements per tensor (the last may be shorter).
+    pub tensor_len: usize,
+    /// Bucket size passed to `allreduce_fused`.
+    pub bucket_bytes: usize,
+}
+
+/// Times `iters` allreduce(sum) of `buf` (with `fuse`: of its tensors, fused) after a
+/// barrier and returns the slowest rank's seconds for all of them (every rank gets the same
+/// value). Every rank must call it with the same `buf` length, `iters` and `fuse`.
 pub fn time_allreduces<T: Element>(
     comm: &mut Communicator,
     buf: &mut [T],
     iters: usize,
+    fuse: Option<Fuse>,
 ) -> crate::Result<f64> {
+    let mut tensors: Vec<&mut [T]> = match fuse {
+        Some(f) => buf.chunks_mut(f.tensor_len).collect(),
+        None => vec![buf],
+    };
     comm.barrier()?;
     let t = Instant::now();
     for _ in 0..iters {
-        comm.allreduce(buf, ReduceOp::Sum)?;
+        match fuse {
+            Some(f) => comm.allreduce_fused(&mut tensors, ReduceOp::Sum, f.bucket_bytes)?,
+            None => comm.allreduce(tensors[0], ReduceOp::Sum)?,
+        }
     }
     let mut elapsed = [t.elapsed().as_secs_f64()];
     comm.allreduce(&mut elapsed, ReduceOp::Max)?;

@@ -99,11 +99,17 @@ pub(crate) struct Scratch {
     pub pool: OpPool,
 }
 
-/// Views the first `len` elements of an aligned buffer as `A`, growing it if needed.
+/// Views the first `len` elements of an aligned buffer as `A`, growing it if needed. A
+/// buffer grown to 4 MiB or more is put on transparent huge pages
+/// ([`parasync_tensor::filled_vec`]): these buffers (fusion buckets, bf16 accumulators)
+/// are what peers on the same host read with `process_vm_readv`, which looks up and pins
+/// every page it reads.
 pub(crate) fn typed<A: Element>(v: &mut Vec<u64>, len: usize) -> &mut [A] {
     let words = (len * std::mem::size_of::<A>()).div_ceil(8);
     if v.len() < words {
-        v.resize(words, 0);
+        let mut grown = parasync_tensor::filled_vec(words, 0u64);
+        grown[..v.len()].copy_from_slice(v);
+        *v = grown;
     }
     // SAFETY: u64 storage is aligned for every `Element` (alignment <= 8), the byte length
     // covers `len` elements, and every bit pattern is a valid `Element`.
@@ -145,4 +151,26 @@ fn recycle<'a, 'b>(mut v: Vec<SendOp<'a>>) -> Vec<SendOp<'b>> {
 fn recycle_recvs<'a, 'b>(mut v: Vec<RecvOp<'a>>) -> Vec<RecvOp<'b>> {
     v.clear();
     v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::typed;
+
+    /// Growing keeps what the buffer held, whether the new size is small or large enough
+    /// for huge pages, and a later smaller view reuses the same storage.
+    #[test]
+    fn typed_grows_keeping_contents() {
+        let mut v: Vec<u64> = Vec::new();
+        typed::<f32>(&mut v, 3).copy_from_slice(&[1.0, 2.0, 3.0]);
+        let big = typed::<f32>(&mut v, 5 << 20); // 20 MiB: on huge pages where offered
+        assert_eq!(big.len(), 5 << 20);
+        assert_eq!(&big[..3], &[1.0, 2.0, 3.0]);
+        big[(5 << 20) - 1] = 7.0;
+        let ptr = v.as_ptr();
+        let small = typed::<f32>(&mut v, 10);
+        assert_eq!(&small[..3], &[1.0, 2.0, 3.0]);
+        assert_eq!(v.as_ptr(), ptr);
+        assert_eq!(typed::<f32>(&mut v, 5 << 20)[(5 << 20) - 1], 7.0);
+    }
 }

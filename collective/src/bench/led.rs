@@ -82,12 +82,18 @@ impl Order {
 /// mapped between batches. Returns the slowest rank's seconds for the whole batch.
 fn run_batch(comm: &mut Communicator, buf: &mut Vec<u64>, batch: &Batch) -> Result<f64> {
     let (n, iters) = (batch.count(), batch.iters as usize);
+    // Grown here, on ordinary pages like a caller's plain `Vec` (`typed` alone would put a
+    // large one on huge pages).
+    let words = (n * batch.dtype.size()).div_ceil(8);
+    if buf.len() < words {
+        buf.resize(words, 0);
+    }
     match batch.dtype {
-        DType::F32 => time_allreduces(comm, typed::<f32>(buf, n), iters),
-        DType::Bf16 => time_allreduces(comm, typed::<Bf16>(buf, n), iters),
-        DType::F64 => time_allreduces(comm, typed::<f64>(buf, n), iters),
-        DType::I32 => time_allreduces(comm, typed::<i32>(buf, n), iters),
-        DType::I64 => time_allreduces(comm, typed::<i64>(buf, n), iters),
+        DType::F32 => time_allreduces(comm, typed::<f32>(buf, n), iters, None),
+        DType::Bf16 => time_allreduces(comm, typed::<Bf16>(buf, n), iters, None),
+        DType::F64 => time_allreduces(comm, typed::<f64>(buf, n), iters, None),
+        DType::I32 => time_allreduces(comm, typed::<i32>(buf, n), iters, None),
+        DType::I64 => time_allreduces(comm, typed::<i64>(buf, n), iters, None),
     }
 }
 
