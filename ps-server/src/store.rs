@@ -224,9 +224,40 @@ pub struct Variable {
     state: RwLock<VariableState>,
     /// Bumped on every accepted push, so waiting pulls re-check their gate.
     changed: watch::Sender<u64>,
-    /// One gradient buffer kept from the last applied push: large buffers are otherwise
-    /// fresh mappings whose page faults cost as much as the copy into them.
-    spare: parking_lot::Mutex<Option<Gradient>>,
+    /// Gradient buffers kept from applied pushes: large buffers are otherwise fresh
+    /// mappings whose page faults cost as much as the copy into them.
+    spare: parking_lot::Mutex<Spares>,
+}
+
+/// At most one spare gradient buffer per wire dtype, so that a variable pushed in both
+/// (workers with different wire settings) reuses a buffer for each instead of dropping one
+/// and mapping the other afresh on every switch.
+#[derive(Debug, Default)]
+struct Spares {
+    f32: Option<Vec<f32>>,
+    bf16: Option<Vec<u16>>,
+}
+
+impl Spares {
+    /// A buffer of `len` elements for `wire` values: the spare one, or a new one.
+    fn take(&mut self, wire: DType, len: usize) -> Gradient {
+        match wire {
+            DType::F32 => Gradient::F32(self.f32.take().unwrap_or_else(|| vec![0.0; len])),
+            DType::Bf16 => Gradient::Bf16(self.bf16.take().unwrap_or_else(|| vec![0; len])),
+        }
+    }
+
+    /// Keeps `buf` unless a spare of its dtype is already kept.
+    fn keep(&mut self, buf: Gradient) {
+        match buf {
+            Gradient::F32(v) => {
+                self.f32.get_or_insert(v);
+            }
+            Gradient::Bf16(v) => {
+                self.bf16.get_or_insert(v);
+            }
+        }
+    }
 }
 
 impl Variable {
@@ -379,7 +410,7 @@ impl VariableStore {
                 };
                 let rounding_seed = fnv1a(def.name.as_bytes());
                 let (changed, _) = watch::channel(0);
-                let spare = parking_lot::Mutex::new(None);
+                let spare = parking_lot::Mutex::new(Spares::default());
                 let awaiting_values = state.awaiting_values;
                 e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed, spare }));
                 self.metrics.variables.fetch_add(1, Relaxed);
@@ -552,10 +583,7 @@ fn apply(st: &mut VariableState, var: &Variable, grad: Grad<'_>, lr_scale: f32) 
 }
 
 fn recycle(var: &Variable, buf: Gradient) {
-    let mut spare = var.spare.lock();
-    if spare.is_none() {
-        *spare = Some(buf);
-    }
+    var.spare.lock().keep(buf);
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -585,12 +613,7 @@ impl GradientBuffer {
         }
         // Every element is overwritten before `finish` succeeds, so a recycled buffer's old
         // contents never leak into a result.
-        let spare = var.spare.lock().take();
-        let values = match (wire, spare) {
-            (DType::F32, Some(g @ Gradient::F32(_))) | (DType::Bf16, Some(g @ Gradient::Bf16(_))) => g,
-            (DType::F32, _) => Gradient::F32(vec![0.0; var.len]),
-            (DType::Bf16, _) => Gradient::Bf16(vec![0; var.len]),
-        };
+        let values = var.spare.lock().take(wire, var.len);
         Ok(GradientBuffer { name: var.def.name.clone(), wire, check_finite, values, filled: 0 })
     }
 
