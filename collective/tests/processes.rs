@@ -364,3 +364,22 @@ fn a_wrong_job_token_is_refused_and_the_job_goes_on() {
     assert_eq!(res[0].0, Some(0), "{:?}", res[0].1);
     assert_eq!(res[2].0, Some(0), "{:?}", res[2].1);
 }
+
+/// 60 allreduces in a row by peer copy (3 and 4 ranks, ring steps over 1 MiB): none may
+/// come near the timeout. A `Copied` answer taken off its link by the abort check, while
+/// the sending half was about to wait on that link, once slept until 3/4 of the timeout.
+#[test]
+fn steady_peer_copy_allreduces_never_stall() {
+    // Also the rendezvous timeout: four debug-build ranks starting on two busy cores.
+    let timeout_ms = 8000u64;
+    let t = timeout_ms.to_string();
+    for n in [3, 4] {
+        let mut job = Job::start(n, "steady", &["--count", "1500000", "--timeout-ms", &t]);
+        let res = job.finish(Duration::from_secs(120));
+        all_ok(&res, "RESULT slowest_ms=");
+        for (r, (_, lines)) in res.iter().enumerate() {
+            let slowest = field(lines, "slowest_ms=").expect("slowest_ms reported");
+            assert!(slowest < timeout_ms / 2, "N={n}: rank {r}'s slowest allreduce took {slowest} ms: {lines:?}");
+        }
+    }
+}

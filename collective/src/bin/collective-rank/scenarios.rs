@@ -91,6 +91,7 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
         "fused" => fused(&mut comm),
         "digest" => digest(&mut comm, a.count),
         "loop" => loop_allreduce(&mut comm, a.count),
+        "steady" => steady(&mut comm, a.count),
         "mismatch-count" => mismatch(&mut comm, false),
         "mismatch-dtype" => mismatch(&mut comm, true),
         "barrier" => comm.barrier(),
@@ -285,6 +286,21 @@ fn loop_allreduce(c: &mut Communicator, count: usize) -> Result<(), Error> {
             say(format!("RESULT looping rank={}", c.rank()));
         }
     }
+    Ok(())
+}
+
+/// 60 allreduces in a row; reports the slowest one. No operation of a healthy job should
+/// come near the timeout (a missed wakeup sleeps until 3/4 of it).
+fn steady(c: &mut Communicator, count: usize) -> Result<(), Error> {
+    let mut buf = vec![1.0f32; count];
+    let mut slowest = Duration::ZERO;
+    for _ in 0..60 {
+        let t = Instant::now();
+        c.allreduce(&mut buf, ReduceOp::Sum)?;
+        slowest = slowest.max(t.elapsed());
+        buf.iter_mut().for_each(|x| *x = 1.0);
+    }
+    say(format!("RESULT slowest_ms={} peer_copied={}", slowest.as_millis(), c.peer_copied_bytes()));
     Ok(())
 }
 

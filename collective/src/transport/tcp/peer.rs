@@ -240,6 +240,10 @@ impl<'a> PeerRecv<'a> {
                 let end = (at + self.frame).min(self.buf.len());
                 let pid = t.link(from).peer_pid.expect("peer copies only with a probed peer");
                 if let Err(e) = read_peer(pid, addr + at as u64, &mut self.buf[at..end]) {
+                    // A sender that gave up because of another rank's failure has unmapped
+                    // or reused its buffer, and its abort frame, naming that rank, is next
+                    // on its link (which is between frames here): look there too.
+                    t.watch[from] = true;
                     let err = TcpTransport::lost(from, op, format!("reading its memory failed: {e}"));
                     return Err(t.prefer_abort(op, err, std::time::Duration::from_millis(100)));
                 }

@@ -35,8 +35,11 @@ impl TcpTransport {
     }
 
     /// Looks at every watched peer (no frame of it in progress) for a pending abort frame.
-    /// Returns its error if one is there; unwatches peers whose next frame is data.
-    pub(super) fn check_watched(&mut self, op: &OpDesc) -> Result<()> {
+    /// Returns its error if one is there; unwatches peers whose next frame is data. Control
+    /// frames found on the way are consumed and acted on; `Ok(true)` says one of them was
+    /// a peer-copy answer (`Copied`, `Confirmed`), which a stream half may be waiting for.
+    pub(super) fn check_watched(&mut self, op: &OpDesc) -> Result<bool> {
+        let mut answered = false;
         let mut p = 0;
         'peers: while p < self.links.len() {
             if !self.watch[p] {
@@ -63,6 +66,7 @@ impl TcpTransport {
                         ..
                     }) => {
                         self.consume(p, HEADER_LEN, op)?;
+                        answered |= matches!(kind, FrameKind::Copied { .. } | FrameKind::Confirmed { .. });
                         self.on_control(p, &kind);
                         continue 'peers;
                     }
@@ -74,7 +78,7 @@ impl TcpTransport {
             }
             p += 1;
         }
-        Ok(())
+        Ok(answered)
     }
 
     /// Acts on a complete received header: an abort becomes its error (after reading its
@@ -275,8 +279,12 @@ impl TcpTransport {
     ) -> Result<Instant> {
         self.idle_since.get_or_insert_with(Instant::now);
         if !*watch_checked {
-            self.check_watched(op)?;
             *watch_checked = true;
+            if self.check_watched(op)? {
+                // An answer the sending half waits for was just taken off its link: the
+                // socket is empty now, so waiting on it would sleep through the answer.
+                return Ok(Instant::now());
+            }
         }
         let now = Instant::now();
         if sending && now >= send_blame_at(deadline) {
