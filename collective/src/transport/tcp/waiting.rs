@@ -360,6 +360,7 @@ impl TcpTransport {
         mut data: &[u8],
         until: Instant,
     ) -> bool {
+        let whole = data.len();
         while !data.is_empty() {
             match send_nosignal(self.link_c(p, c).fd, data) {
                 Ok(k) => data = &data[k..],
@@ -368,14 +369,19 @@ impl TcpTransport {
                         || e.kind() == io::ErrorKind::Interrupted =>
                 {
                     if Instant::now() >= until {
-                        return false;
+                        break;
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
-                Err(_) => return false,
+                Err(_) => break,
             }
         }
-        true
+        if !data.is_empty() && data.len() < whole {
+            // Part of the frame went out: an abort must first pad the rest, or the peer
+            // would read the abort's header as the remainder of this frame.
+            self.link_c(p, c).send_owed += data.len();
+        }
+        data.is_empty()
     }
 }
 
