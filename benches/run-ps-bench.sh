@@ -50,6 +50,9 @@ for path in sorted(glob.glob("target/criterion/ps_*/*/new/estimates.json")):
     print("%-55s %-28s median %10.1f us%s" % (group, bench, median_ns / 1e3, rate))
 PY
 
+echo "## bf16 / f32 wire ratio, paired (benches/ps_wire_ratio.rs: each round times both wires back to back)"
+cargo bench -q --bench ps_wire_ratio 2>&1 | grep -vE "^(warning|Running)"
+
 echo "## peak memory"
 cargo bench -q --bench ps_memory 2>&1 | grep -vE "^(warning|Running)"
 
