@@ -320,6 +320,25 @@ fn sigterm_releases_a_pull_waiting_on_the_data_plane() {
     assert!(started.elapsed() < Duration::from_secs(10), "released at shutdown, not at the 60 s pull timeout");
 }
 
+#[test]
+fn sigterm_closes_idle_data_connections_at_once() {
+    // A long drain timeout: the server must not sit it out for an idle connection.
+    let mut cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1", "--drain-timeout-ms", "30000"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let addrs = cluster.addrs();
+    let client = rt.block_on(async move {
+        let mut c = Client::connect(&addrs, ClientOptions::default()).await.unwrap();
+        c.register(vec![VariableSpec::new("w", &[256])]).await.unwrap();
+        c.push(0, &[&[1.0; 256]]).await.unwrap(); // leaves a pooled data connection open
+        c
+    });
+    let started = std::time::Instant::now();
+    let statuses = cluster.terminate(Duration::from_secs(40)).expect("server exits after SIGTERM");
+    assert!(statuses[0].success(), "exit status {:?}", statuses[0]);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}: the idle connection held the drain", started.elapsed());
+    drop(client);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_dies_mid_push_changes_nothing() {
     common::bounded(60, async {

@@ -99,19 +99,25 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, m
         // Between requests a connection closes at shutdown; a request already under way
         // runs to its end. A connection idle for a while gives its buffers back, so many
         // idle clients do not hold a megabyte each.
+        // (The wait is on the request's first byte itself: `readable()` stays ready after a
+        // read that took exactly what it asked for, so it would not wait at all.)
         let holds_memory = conn.scratch.capacity() > IDLE_BUFFER_BYTES || conn.out.capacity() > IDLE_BUFFER_BYTES;
+        let mut prefix = [0u8; 4];
         tokio::select! {
             biased;
             _ = stopped_signal(&mut stop) => return,
-            r = conn.sock.readable() => if r.is_err() { return },
+            // `read` is cancel-safe: when another branch wins, no byte was taken.
+            r = conn.sock.read(&mut prefix[..1]) => match r {
+                Ok(1) => {}
+                _ => return, // closed by the client
+            },
             _ = tokio::time::sleep(IDLE_RELEASE), if holds_memory => {
                 conn.scratch = Vec::new();
                 conn.out = Vec::new();
                 continue;
             }
         }
-        let mut prefix = [0u8; 4];
-        if conn.sock.read_exact(&mut prefix).await.is_err() {
+        if conn.sock.read_exact(&mut prefix[1..]).await.is_err() {
             return; // closed by the client
         }
         if let Err(e) = conn.request(prefix).await {
