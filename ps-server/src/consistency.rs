@@ -79,9 +79,10 @@ impl Mode {
 pub enum PushRefusal {
     /// The worker id is outside `0..num_workers`.
     UnknownWorker { worker: u32, num_workers: u32 },
-    /// A sync gradient for a step that has not started (the worker cannot have pulled it).
+    /// A gradient for a step the worker cannot have pulled: past the current sync step, or
+    /// (bounded) past the slowest worker's clock plus the staleness bound (`current`).
     FutureStep { step: u64, current: u64 },
-    /// The same worker already pushed a gradient for this sync step.
+    /// The same worker already pushed a gradient for this step (sync or bounded).
     Duplicate { worker: u32, step: u64 },
     /// An async gradient computed from a version the variable has not reached.
     FutureVersion { base_version: u64, current: u64 },
@@ -201,10 +202,19 @@ impl<G> VariableClock<G> {
                 Ok(PushDecision::ApplyMean { step, grads })
             }
             Mode::Async { lr_div_staleness, .. } => self.apply_on_arrival(base_version, lr_div_staleness, grad),
-            Mode::Bounded { lr_div_staleness, .. } => {
+            Mode::Bounded { max_staleness, lr_div_staleness, .. } => {
+                if step < self.clocks[worker as usize] {
+                    // A retry of a push that was applied: applying it again would count twice.
+                    return Err(PushRefusal::Duplicate { worker, step });
+                }
+                // A worker pushes for a step it was allowed to read: at most `max_staleness`
+                // past the slowest worker (or a lying step would lift it out of the gate).
+                let limit = self.clocks.iter().min().copied().unwrap_or(0).saturating_add(max_staleness);
+                if step > limit {
+                    return Err(PushRefusal::FutureStep { step, current: limit });
+                }
                 let decision = self.apply_on_arrival(base_version, lr_div_staleness, grad)?;
-                let clock = &mut self.clocks[worker as usize];
-                *clock = (*clock).max(step + 1);
+                self.clocks[worker as usize] = step.saturating_add(1);
                 Ok(decision)
             }
         }
@@ -400,6 +410,30 @@ mod tests {
         c.on_push(2, 0, 3, ()).unwrap();
         assert_eq!(c.read_gate(2), ReadGate::Ready);
         assert_eq!(c.read_gate(3), ReadGate::Wait { missing: vec![1, 2] });
+    }
+
+    #[test]
+    fn bounded_refuses_retries_and_steps_past_the_bound() {
+        // 2 workers, bound 2. Rows: (worker, step) → accepted, or the refusal.
+        let mode = Mode::Bounded { num_workers: 2, max_staleness: 2, lr_div_staleness: false };
+        let mut c: VariableClock<()> = VariableClock::new(mode);
+        let table: [((u32, u64), Result<(), PushRefusal>); 8] = [
+            ((0, 0), Ok(())),
+            ((0, 0), Err(PushRefusal::Duplicate { worker: 0, step: 0 })), // a retry
+            ((0, 3), Err(PushRefusal::FutureStep { step: 3, current: 2 })), // worker 1 is at 0
+            ((0, 2), Ok(())),                                               // skipping step 1 is allowed
+            ((0, 1), Err(PushRefusal::Duplicate { worker: 0, step: 1 })),   // behind its own clock
+            ((1, u64::MAX), Err(PushRefusal::FutureStep { step: u64::MAX, current: 2 })),
+            ((1, 0), Ok(())),
+            ((0, 3), Ok(())), // the slowest is now at 1
+        ];
+        for ((worker, step), want) in table {
+            let version = c.version();
+            let got = c.on_push(worker, step, version, ()).map(|_| ());
+            assert_eq!(got, want, "push ({worker}, {step})");
+        }
+        assert_eq!(c.version(), 4, "four pushes applied");
+        assert_eq!(c.read_gate(4), ReadGate::Wait { missing: vec![1] });
     }
 
     #[test]

@@ -182,7 +182,7 @@ impl Conn {
                 Ok((push, var, wire)) => {
                     // The values for the worker's next step: sync waits for this step to complete.
                     let timeout = self.service.pull_timeout(0);
-                    match self.service.wait_for_step(&var, header.step + 1, timeout).await {
+                    match self.service.wait_for_step(&var, header.step.saturating_add(1), timeout).await {
                         Ok(()) => self.send_values(&var, wire, Some(push)).await,
                         Err(e) => self.reply(&status_reply(&self.service.reject(e), Some(push))).await,
                     }
