@@ -120,8 +120,8 @@ impl PsService {
         let (kind, meta) = (pending.kind, pending.meta);
         let run = move || match kind {
             ps::PushKind::Gradient => store.push_gradient(&target, meta, values),
-            ps::PushKind::Assign => store.assign(&target, values.into_f32()).map(|version| crate::store::PushResult {
-                accepted: true,
+            ps::PushKind::Assign => store.assign(&target, values.into_f32()).map(|(version, taken)| crate::store::PushResult {
+                accepted: taken,
                 dropped_stale: false,
                 version,
                 staleness: 0,

@@ -489,19 +489,25 @@ impl VariableStore {
         Ok(result)
     }
 
-    /// Overwrites a variable's values (initialisation of large variables, restore). The
-    /// version and optimizer state are kept.
-    pub fn assign(&self, var: &Variable, values: Vec<f32>) -> Result<u64> {
+    /// Sets the initial values of a variable registered with its values to follow (too large
+    /// for the registration). Only the first assignment counts: a later one (a second worker
+    /// that found the values still missing and sent the same ones, arriving after updates
+    /// were applied) changes nothing, so it cannot wipe those updates. Returns the version
+    /// and whether these values were taken.
+    pub fn assign(&self, var: &Variable, values: Vec<f32>) -> Result<(u64, bool)> {
         if values.len() != var.len {
             return Err(Error::invalid(&var.def.name, format!("assigned {} elements, the variable has {}", values.len(), var.len)));
         }
         let mut st = var.state.write();
+        if !st.awaiting_values {
+            return Ok((st.clock.version(), false));
+        }
         st.values = Values::from_f32(var.def.dtype, values);
         st.awaiting_values = false;
         let v = st.clock.version();
         drop(st);
         var.changed.send_modify(|c| *c += 1);
-        Ok(v)
+        Ok((v, true))
     }
 
     /// Waits until `worker` may read `var` for `step` (sync: the step exists; bounded: the
@@ -838,6 +844,9 @@ mod tests {
         waiter.await.unwrap().unwrap();
         assert_eq!(v.snapshot().1, vec![3.0, 4.0]);
         s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0, 1.0]).unwrap();
+        assert_eq!(v.snapshot().1, vec![2.0, 3.0]);
+        // a second worker's copy of the initial values, arriving late, keeps the update
+        assert_eq!(s.assign(&v, vec![3.0, 4.0]).unwrap(), (1, false));
         assert_eq!(v.snapshot().1, vec![2.0, 3.0]);
     }
 
