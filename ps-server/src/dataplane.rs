@@ -142,8 +142,22 @@ fn broken(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// Error messages are cut to this many bytes, so that a reply header stays far below the
+/// 64 KiB a client accepts (a timeout may name thousands of missing workers).
+const MAX_MESSAGE_BYTES: usize = 8 << 10;
+
 fn status_reply(status: &Status, push: Option<ps::PushResponse>) -> ps::DataReply {
-    ps::DataReply { code: status.code() as u32, message: status.message().to_string(), push, ..Default::default() }
+    let mut message = status.message().to_string();
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let dropped = message.len() - cut;
+        message.truncate(cut);
+        message.push_str(&format!("… ({dropped} more bytes)"));
+    }
+    ps::DataReply { code: status.code() as u32, message, push, ..Default::default() }
 }
 
 impl Conn {
@@ -370,5 +384,21 @@ impl Conn {
         self.out.clear();
         put_frame(reply, &mut self.out);
         self.sock.write_all(&self.out).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(10_000); // 20 000 bytes of two-byte characters
+        let reply = status_reply(&Status::deadline_exceeded(long), None);
+        assert!(reply.message.len() < MAX_MESSAGE_BYTES + 40, "{}", reply.message.len());
+        assert!(reply.message.ends_with("more bytes)"), "{}", &reply.message[reply.message.len() - 30..]);
+        assert_eq!(reply.code, tonic::Code::DeadlineExceeded as u32);
+        let short = status_reply(&Status::not_found("no variable \"w\""), None);
+        assert_eq!(short.message, "no variable \"w\"");
     }
 }
