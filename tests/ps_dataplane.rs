@@ -340,6 +340,28 @@ fn sigterm_closes_idle_data_connections_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_pull_whose_pull_times_out_says_its_push_was_accepted() {
+    common::bounded(60, async {
+        // sync with two workers: worker 0's gradient is accepted for step 0, which then
+        // waits for worker 1 until the server's pull timeout
+        let cluster = common::cluster(1, &["--mode", "sync", "--num-workers", "2", "--pull-timeout-ms", "300"]);
+        for data_plane in [true, false] {
+            let mut c = connect(&cluster, DType::F32, data_plane).await;
+            let name = format!("w{data_plane}");
+            c.register(vec![VariableSpec::new(&name, &[8])]).await.unwrap();
+            let mut out = vec![vec![0.0; 8]];
+            let err = c.push_pull(0, &[&[1.0; 8]], &mut out).await.expect_err("step 1 never completes");
+            assert_eq!(err.kind, parasync_client::ErrorKind::Timeout, "data plane {data_plane}: {err}");
+            assert!(err.message.contains("the push was accepted"), "data plane {data_plane}: {err}");
+            // and it was: a second push for step 0 is a duplicate
+            let again = c.push(0, &[&[1.0; 8]]).await.expect_err("a duplicate");
+            assert!(again.message.contains("already pushed"), "data plane {data_plane}: {again}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_dies_mid_push_changes_nothing() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);

@@ -366,7 +366,10 @@ impl Client {
     /// the values for `step + 1` into `out` (sync: once step `step` completes on every
     /// shard; bounded: once the slowest worker allows; async: right after the update).
     /// Equivalent to `push(step, grads)` then `pull_into(step + 1, out)`, with one call
-    /// per part instead of two.
+    /// per part instead of two. When a part's push is accepted but its pull fails (the step
+    /// timed out, the shard is shutting down), the error says "the push was accepted":
+    /// pushing the same gradient again would be refused as a duplicate (sync, bounded) or
+    /// applied twice (async).
     pub async fn push_pull(&self, step: u64, grads: &[&[f32]], out: &mut [Vec<f32>]) -> Result<PushSummary> {
         let model = self.model()?;
         check_sizes(model, grads.iter().map(|g| g.len()))?;

@@ -221,7 +221,17 @@ impl ParameterServer for PsService {
         let (reply, var, wire, step) = self.push_inner(request.into_inner()).await?;
         // The values for the worker's next step: sync waits for this step to complete.
         let timeout = self.config.default_pull_timeout;
-        self.wait_for_step(&var, step.saturating_add(1), timeout).await.map_err(|e| self.reject(e))?;
+        if let Err(e) = self.wait_for_step(&var, step.saturating_add(1), timeout).await {
+            // Say that the push went through, or a caller might push the same gradient again.
+            let s = self.reject(e);
+            return Err(match reply.accepted {
+                true => Status::new(
+                    s.code(),
+                    format!("the push was accepted (server version {}), then the pull failed: {}", reply.version, s.message()),
+                ),
+                false => s,
+            });
+        }
         let mut reply = Some(reply);
         let stream = tokio_stream::StreamExt::map(self.value_chunks(var, wire), move |(header, data)| {
             Ok(ps::PushPullResponse { push: reply.take(), header, data })
