@@ -304,7 +304,7 @@ impl Conn {
         let per_piece = (SEND_PIECE_BYTES / wire.size()).max(1);
         let mut end = per_piece.min(var.len());
         self.scratch.clear();
-        let version = var.encode_range(0, end, wire, &mut self.scratch);
+        let version = var.encode_range(0, end, wire, &mut self.scratch).await;
         let reply = ps::DataReply {
             push,
             values: Some(pull_header(var, version, wire)),
@@ -324,7 +324,7 @@ impl Conn {
             let start = end;
             end = (start + per_piece).min(var.len());
             self.scratch.clear();
-            var.encode_range(start, end, wire, &mut self.scratch);
+            var.encode_range(start, end, wire, &mut self.scratch).await;
             self.sock.write_all(&self.scratch).await?;
         }
         Ok(())
@@ -336,7 +336,7 @@ impl Conn {
     async fn send_stored_f32(&mut self, var: &Variable, push: Option<ps::PushResponse>, total: usize) -> io::Result<()> {
         let reply = ps::DataReply {
             push,
-            values: Some(pull_header(var, var.version(), DType::F32)),
+            values: Some(pull_header(var, var.version_async().await, DType::F32)),
             payload_bytes: total as u64,
             ..Default::default()
         };
@@ -347,7 +347,7 @@ impl Conn {
         while sent < total {
             self.sock.writable().await?;
             let sock = &self.sock;
-            let wrote = var.with_f32_bytes(|bytes| sock.try_write(&bytes[sent..(sent + SEND_PIECE_BYTES).min(total)]));
+            let wrote = var.with_f32_bytes(|bytes| sock.try_write(&bytes[sent..(sent + SEND_PIECE_BYTES).min(total)])).await;
             match wrote {
                 Some(Ok(n)) => sent += n,
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -155,7 +155,7 @@ impl PsService {
                 }
                 let end = (start + chunk).min(var.len());
                 let mut buf = pool.take((end - start) * wire.size());
-                let version = var.encode_range(start, end, wire, &mut buf);
+                let version = var.encode_range(start, end, wire, &mut buf).await;
                 metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
                 let header = first.then(|| pull_header(&var, version, wire));
                 Some(((header, pool.freeze(buf)), (var, end, false)))
@@ -270,17 +270,15 @@ impl ParameterServer for PsService {
             Mode::Bounded { max_staleness, .. } => (0, max_staleness),
             Mode::Async { .. } => (0, 0),
         };
-        let variables = self
-            .store
-            .list()
-            .iter()
-            .map(|v| ps::VariableInfo {
+        let mut variables = Vec::new();
+        for v in self.store.list() {
+            variables.push(ps::VariableInfo {
                 name: v.def().name.clone(),
                 shape: v.def().shape.clone(),
                 storage_dtype: convert::dtype_to_proto(v.def().dtype),
-                version: v.version(),
-            })
-            .collect();
+                version: v.version_async().await,
+            });
+        }
         Ok(Response::new(ps::ServerInfoResponse {
             mode: mode.name().into(),
             shard_index: self.config.shard_index,

@@ -222,11 +222,41 @@ pub struct Variable {
     /// Seed of stochastic rounding, derived from the name so each variable differs.
     rounding_seed: u64,
     state: RwLock<VariableState>,
+    /// Notified whenever the write lock is released, for readers waiting on a runtime
+    /// thread (see [`Variable::read_async`]).
+    unlocked: tokio::sync::Notify,
     /// Bumped on every accepted push, so waiting pulls re-check their gate.
     changed: watch::Sender<u64>,
     /// Gradient buffers kept from applied pushes: large buffers are otherwise fresh
     /// mappings whose page faults cost as much as the copy into them.
     spare: parking_lot::Mutex<Spares>,
+}
+
+/// The write lock of a variable's state; dropping it wakes the readers that wait for it
+/// on runtime threads.
+struct WriteGuard<'a> {
+    guard: Option<parking_lot::RwLockWriteGuard<'a, VariableState>>,
+    unlocked: &'a tokio::sync::Notify,
+}
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = VariableState;
+    fn deref(&self) -> &VariableState {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut VariableState {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.guard = None; // unlock first, then wake
+        self.unlocked.notify_waiters();
+    }
 }
 
 /// At most one spare gradient buffer per wire dtype, so that a variable pushed in both
@@ -276,34 +306,61 @@ impl Variable {
         self.len == 0
     }
 
-    /// Current version (completed sync steps, or applied async updates).
+    /// Current version (completed sync steps, or applied async updates). Blocks while an
+    /// update runs: on a runtime thread, use [`Variable::version_async`].
     pub fn version(&self) -> u64 {
         self.state.read().clock.version()
     }
 
-    /// Encodes elements `start..end` as `wire` into `out`; returns the version they belong to.
-    pub fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) -> u64 {
-        let st = self.state.read();
-        match &st.values {
-            Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
-            Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
+    /// Runs `f` under the read lock. While an update holds the write lock (a large one runs
+    /// on the blocking pool for up to seconds), this waits asynchronously: a runtime thread
+    /// parked on the lock would stall every other request it serves.
+    async fn read_async<R>(&self, f: impl FnOnce(&VariableState) -> R) -> R {
+        loop {
+            let unlocked = self.unlocked.notified();
+            tokio::pin!(unlocked);
+            // Registered before the attempt, so a release right after it is not missed.
+            unlocked.as_mut().enable();
+            if let Some(st) = self.state.try_read() {
+                return f(&st);
+            }
+            unlocked.await;
         }
-        st.clock.version()
+    }
+
+    /// The state under the write lock; releasing it wakes readers waiting in
+    /// [`Variable::read_async`].
+    fn write(&self) -> WriteGuard<'_> {
+        WriteGuard { guard: Some(self.state.write()), unlocked: &self.unlocked }
+    }
+
+    /// [`Variable::version`] without blocking a runtime thread.
+    pub async fn version_async(&self) -> u64 {
+        self.read_async(|st| st.clock.version()).await
+    }
+
+    /// Encodes elements `start..end` as `wire` into `out`; returns the version they belong to.
+    pub async fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) -> u64 {
+        self.read_async(|st| {
+            match &st.values {
+                Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
+                Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
+            }
+            st.clock.version()
+        })
+        .await
     }
 
     /// Calls `f` with the values as little-endian f32 bytes, under the read lock, when they
     /// are stored as f32 on a little-endian machine; `None` otherwise. (The data plane
     /// writes a pull straight from here to its socket, a slice per call.)
-    pub fn with_f32_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-        #[cfg(target_endian = "little")]
-        {
-            let st = self.state.read();
-            if let Values::F32(v) = &st.values {
-                return Some(f(parasync_tensor::f32_as_le_bytes(v)));
-            }
-        }
-        let _ = f;
-        None
+    pub async fn with_f32_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.read_async(|st| match &st.values {
+            #[cfg(target_endian = "little")]
+            Values::F32(v) => Some(f(parasync_tensor::f32_as_le_bytes(v))),
+            _ => None,
+        })
+        .await
     }
 
     /// A copy of all values widened to f32 (tests, checkpoints, small reads).
@@ -412,7 +469,15 @@ impl VariableStore {
                 let (changed, _) = watch::channel(0);
                 let spare = parking_lot::Mutex::new(Spares::default());
                 let awaiting_values = state.awaiting_values;
-                e.insert(Arc::new(Variable { def, len, rounding_seed, state: RwLock::new(state), changed, spare }));
+                e.insert(Arc::new(Variable {
+                    def,
+                    len,
+                    rounding_seed,
+                    state: RwLock::new(state),
+                    unlocked: tokio::sync::Notify::new(),
+                    changed,
+                    spare,
+                }));
                 self.metrics.variables.fetch_add(1, Relaxed);
                 Ok(Registered { created: true, version: 0, awaiting_values })
             }
@@ -446,7 +511,7 @@ impl VariableStore {
     pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: impl Into<Gradient>) -> Result<PushResult> {
         let grad = grad.into();
         debug_assert_eq!(grad.len(), var.len);
-        let mut st = var.state.write();
+        let mut st = var.write();
         if st.awaiting_values {
             return Err(Error::AwaitingValues { variable: var.def.name.clone() });
         }
@@ -498,7 +563,7 @@ impl VariableStore {
         if values.len() != var.len {
             return Err(Error::invalid(&var.def.name, format!("assigned {} elements, the variable has {}", values.len(), var.len)));
         }
-        let mut st = var.state.write();
+        let mut st = var.write();
         if !st.awaiting_values {
             return Ok((st.clock.version(), false));
         }
@@ -517,10 +582,8 @@ impl VariableStore {
         let mut rx = var.changed.subscribe();
         loop {
             rx.borrow_and_update();
-            let (gate, version, awaiting) = {
-                let st = var.state.read();
-                (st.clock.read_gate(step), st.clock.version(), st.awaiting_values)
-            };
+            let (gate, version, awaiting) =
+                var.read_async(|st| (st.clock.read_gate(step), st.clock.version(), st.awaiting_values)).await;
             let missing = match gate {
                 ReadGate::Ready if !awaiting => return Ok(()),
                 ReadGate::Ready => Vec::new(),
@@ -555,7 +618,7 @@ impl VariableStore {
             None => self.list(),
         };
         for v in &targets {
-            v.state.write().optimizer.set_learning_rate(lr);
+            v.write().optimizer.set_learning_rate(lr);
         }
         Ok(targets.len() as u32)
     }
@@ -848,6 +911,48 @@ mod tests {
         // a second worker's copy of the initial values, arriving late, keeps the update
         assert_eq!(s.assign(&v, vec![3.0, 4.0]).unwrap(), (1, false));
         assert_eq!(v.snapshot().1, vec![2.0, 3.0]);
+    }
+
+    /// A reader on the runtime waits for a long update without blocking its thread: on a
+    /// single-threaded runtime, other tasks keep running while the update holds the lock.
+    #[tokio::test(flavor = "current_thread")]
+    async fn readers_wait_for_an_update_without_blocking_the_runtime() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        s.register(def("w", &[4], DType::F32), &Init::Constant(1.5)).unwrap();
+        let v = s.get("w").unwrap();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let v = Arc::clone(&v);
+            std::thread::spawn(move || {
+                let st = v.write(); // a long update on the blocking pool
+                locked_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(400));
+                drop(st);
+                Instant::now()
+            })
+        };
+        locked_rx.recv().unwrap();
+        let reader = {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let version = v.encode_range(0, 4, DType::F32, &mut out).await;
+                (Instant::now(), version, out)
+            })
+        };
+        let ticker = tokio::spawn(async {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Instant::now()
+        });
+        let ticked = ticker.await.unwrap();
+        let (read_at, version, out) = reader.await.unwrap();
+        let released = writer.join().unwrap();
+        assert!(ticked < released, "the other task ran while the update held the lock");
+        assert!(read_at >= released, "the read waited for the update");
+        assert_eq!(version, 0);
+        assert_eq!(out, parasync_tensor::f32_as_le_bytes(&[1.5; 4]));
     }
 
     #[tokio::test(start_paused = true)]
