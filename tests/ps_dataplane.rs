@@ -362,6 +362,36 @@ async fn a_push_pull_whose_pull_times_out_says_its_push_was_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_initial_values_up_to_4_mib_and_small_client_chunks_work_over_grpc() {
+    common::bounded(60, async {
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+        // 2.4 MB of initial values go inside the registration; the client's own chunks are
+        // 128 KiB, the server's replies 1 MiB
+        let opts = ClientOptions { data_plane: false, chunk_bytes: 128 << 10, ..Default::default() };
+        let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
+        let values: Vec<f32> = (0..600_000).map(|i| i as f32).collect();
+        let mut w = VariableSpec::new("w", &[600, 1000]);
+        w.init = Init::Values(values.clone());
+        c.register(vec![w]).await.expect("registering 2.4 MB of inline values");
+        let got = c.pull(0).await.expect("pulling 2.4 MB in the server's 1 MiB chunks");
+        assert_eq!(bits(&got), bits(&[values]));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_shard_error_names_the_cause() {
+    common::bounded(30, async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // closed again
+        let opts = ClientOptions { connect_timeout: Duration::from_millis(300), ..Default::default() };
+        let Err(err) = Client::connect(&[format!("127.0.0.1:{port}")], opts).await else { panic!("nobody listens") };
+        assert_eq!(err.kind, parasync_client::ErrorKind::Unavailable, "{err}");
+        assert!(err.message.to_lowercase().contains("refused"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_dies_mid_push_changes_nothing() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);

@@ -590,8 +590,11 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
         match endpoint.connect().await {
             Ok(ch) => conns.push(
                 ParameterServerClient::new(ch)
-                    .max_decoding_message_size(opts.chunk_bytes * 2 + (64 << 10))
-                    .max_encoding_message_size(opts.chunk_bytes * 2 + (64 << 10)),
+                    // Replies are cut by the server's chunk size, not this client's: take
+                    // whatever the shard sends (it is the data asked for).
+                    .max_decoding_message_size(usize::MAX)
+                    // The largest request: a chunk, or a registration with its values inline.
+                    .max_encoding_message_size(opts.chunk_bytes.max(INLINE_INIT_BYTES) * 2 + (64 << 10)),
             ),
             Err(e) if started.elapsed() < opts.connect_timeout => {
                 tracing::debug!(shard = index, %addr, error = %e, "shard not reachable yet, retrying");
@@ -599,10 +602,18 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
             Err(e) => {
+                // tonic's transport error says only "transport error": name its causes too
+                // (connection refused, name not resolved, timed out).
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
                 return Err(Error::new(
                     ErrorKind::Unavailable,
-                    format!("shard {index} ({addr}) unreachable after {:?}: {e}", started.elapsed()),
-                ))
+                    format!("shard {index} ({addr}) unreachable after {:?}: {why}", started.elapsed()),
+                ));
             }
         }
     }
