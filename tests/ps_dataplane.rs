@@ -369,6 +369,11 @@ async fn inline_initial_values_up_to_4_mib_and_small_client_chunks_work_over_grp
         // 128 KiB, the server's replies 1 MiB
         let opts = ClientOptions { data_plane: false, chunk_bytes: 128 << 10, ..Default::default() };
         let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
+        // (usage errors first: a name listed twice, a shape whose size overflows)
+        let twice = c.register(vec![VariableSpec::new("a", &[2]), VariableSpec::new("a", &[2])]).await.unwrap_err();
+        assert!(twice.message.contains("listed twice"), "{twice}");
+        let huge = c.register(vec![VariableSpec::new("h", &[1 << 40, 1 << 40])]).await.unwrap_err();
+        assert!(huge.message.contains("too large"), "{huge}");
         let values: Vec<f32> = (0..600_000).map(|i| i as f32).collect();
         let mut w = VariableSpec::new("w", &[600, 1000]);
         w.init = Init::Values(values.clone());

@@ -183,7 +183,16 @@ impl Client {
     /// Registers the model's variables on their shards (idempotent: every worker may call
     /// it with the same specs). Fixes the variable order of later pulls and pushes.
     pub async fn register(&mut self, specs: Vec<VariableSpec>) -> Result<()> {
+        let mut names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::usage(format!("variable {:?} is listed twice", w[0])));
+        }
         for s in &specs {
+            let bytes = s.shape.iter().try_fold(s.dtype.size(), |acc, &d| acc.checked_mul(d));
+            if bytes.is_none_or(|b| b > isize::MAX as usize) {
+                return Err(Error::usage(format!("variable {:?}: shape {:?} is too large to hold", s.name, s.shape)));
+            }
             if s.is_empty() {
                 return Err(Error::usage(format!("variable {:?} has an empty shape {:?}", s.name, s.shape)));
             }

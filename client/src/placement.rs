@@ -36,13 +36,20 @@ pub struct Placement {
 /// into at least `num_shards` row blocks, and into as many as needed to keep each block
 /// within `max_part_bytes` (as far as rows allow); block `i` goes to shard
 /// `(first + i) % num_shards`, where `first` is the least-loaded shard.
+///
+/// The result depends on the set of variables, not on the order they are listed in
+/// (variables are taken by name), so workers that list them differently still agree.
+/// Names must be distinct.
 pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: usize, max_part_bytes: usize) -> Placement {
     assert!(num_shards > 0, "placement needs at least one shard");
     let mut parts: Vec<Vec<Part>> = vec![Vec::new(); vars.len()];
     let mut load = vec![0usize; num_shards];
     let size = |shape: &[usize]| shape.iter().product::<usize>();
     let mut whole = Vec::new();
-    for (i, (name, shape, dtype)) in vars.iter().enumerate() {
+    let mut by_name: Vec<usize> = (0..vars.len()).collect();
+    by_name.sort_by(|&a, &b| vars[a].0.cmp(vars[b].0));
+    for i in by_name {
+        let (name, shape, dtype) = &vars[i];
         let n = size(shape);
         let bytes = n * dtype.size();
         let rows = shape.first().copied().unwrap_or(1);
@@ -68,8 +75,8 @@ pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: u
             whole.push((i, bytes));
         }
     }
-    // Largest first (then input order) onto the least-loaded shard (then lowest index).
-    whole.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Largest first (then by name) onto the least-loaded shard (then lowest index).
+    whole.sort_by(|a, b| b.1.cmp(&a.1).then(vars[a.0].0.cmp(vars[b.0].0)));
     for (i, bytes) in whole {
         let shard = (0..num_shards).min_by_key(|&s| (load[s], s)).expect("at least one shard");
         load[shard] += bytes;
@@ -82,6 +89,31 @@ pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_order_variables_are_listed_in_does_not_matter() {
+        let vars: Vec<(&str, &[usize], DType)> = vec![
+            ("l1/w", &[256, 256], DType::F32),
+            ("l2/w", &[256, 256], DType::F32),
+            ("emb", &[5000, 64], DType::F32), // split over the shards
+            ("l1/b", &[256], DType::F32),
+            ("l2/b", &[256], DType::F32),
+            ("head", &[512, 300], DType::Bf16),
+        ];
+        let by_name = |vars: &[(&str, &[usize], DType)]| {
+            let p = place(vars, 3, 1 << 20, 16 << 20);
+            let mut v: Vec<(String, Vec<Part>)> = vars.iter().map(|x| x.0.to_string()).zip(p.parts).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            (v, p.shard_bytes)
+        };
+        let want = by_name(&vars);
+        let mut reversed = vars.clone();
+        reversed.reverse();
+        assert_eq!(by_name(&reversed), want);
+        let mut rotated = vars.clone();
+        rotated.rotate_left(2);
+        assert_eq!(by_name(&rotated), want);
+    }
 
     #[test]
     fn small_variables_balance_by_bytes() {
