@@ -57,6 +57,34 @@ impl ClusterOptions {
     }
 }
 
+/// Makes the child that `cmd` starts receive SIGTERM when this process dies, however it
+/// dies (SIGKILL included), so that no server or worker outlives the launcher. On Linux
+/// (`PR_SET_PDEATHSIG`); elsewhere the launcher's own cleanup is all there is. The signal
+/// follows the thread that spawns the child: spawn from a thread that lives as long as
+/// the children should.
+pub fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only async-signal-safe calls: prctl and getppid.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the launcher exited while starting this child"));
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 impl LocalCluster {
     /// Starts `opts.shards` servers from `exe` (a binary with a `server` subcommand, i.e.
     /// `parasync`), each on an ephemeral port of 127.0.0.1, and waits until they listen.
@@ -87,6 +115,7 @@ impl LocalCluster {
                 }
                 (None, Some(_)) => {}
             }
+            die_with_parent(&mut cmd);
             let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
             let stdout = child.stdout.take().expect("piped stdout");
             cluster.servers.push(ServerProcess { child: Some(child), addr: String::new(), metrics_addr: None });
@@ -216,5 +245,33 @@ mod tests {
         );
         assert_eq!(parse_announcement("ps-server listening on 127.0.0.1:5"), Some(("127.0.0.1:5".into(), None)));
         assert_eq!(parse_announcement("hello"), None);
+    }
+
+    /// The child gets SIGTERM when the thread that started it ends (as it would when the
+    /// whole launcher dies), instead of running on as an orphan.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn children_die_with_their_launcher() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            die_with_parent(&mut cmd);
+            cmd.spawn().expect("starting sleep")
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the child outlived its launcher thread");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
     }
 }

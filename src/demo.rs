@@ -266,7 +266,9 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     let (tx, rx) = mpsc::channel::<anyhow::Result<WorkerEvent>>();
     let mut workers = Workers(Vec::new());
     for w in 0..args.workers {
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        crate::cluster::die_with_parent(&mut cmd);
+        let mut child = cmd
             .arg("demo-worker")
             .args(["--ps", &cluster.addrs().join(",")])
             .args(["--worker-id", &w.to_string(), "--num-workers", &args.workers.to_string()])
