@@ -174,8 +174,18 @@ pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
             match client.join(req).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
+                    let mut addrs = parse_addrs(&resp.data_addrs)?;
+                    if addrs.len() != spec.world_size {
+                        return Err(Error::Rendezvous(format!(
+                            "the rendezvous at {} answered {} data addresses for a world of {}",
+                            spec.master,
+                            addrs.len(),
+                            spec.world_size
+                        )));
+                    }
+                    reach_host_at_master(&mut addrs[0], &spec.master);
                     return Ok(Meeting {
-                        addrs: parse_addrs(&resp.data_addrs)?,
+                        addrs,
                         blob: resp.shared_blob.to_vec(),
                     });
                 }
@@ -244,16 +254,50 @@ impl ConnectOptions {
     }
 }
 
+/// Rank 0 announces the data address it bound, which may be a wildcard (0.0.0.0) or, where
+/// its own `MASTER_ADDR` says `localhost` (as Kubeflow sets it in the master pod), loopback.
+/// A rank that reached the rendezvous at a routable address dials rank 0's data plane at
+/// that same address instead.
+fn reach_host_at_master(host_data: &mut SocketAddr, master: &str) {
+    let ip = host_data.ip();
+    if !(ip.is_unspecified() || ip.is_loopback()) {
+        return;
+    }
+    let Some(master_ip) = master.to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip()) else {
+        return;
+    };
+    if ip.is_unspecified() || !master_ip.is_loopback() {
+        host_data.set_ip(master_ip);
+    }
+}
+
+/// Where rank 0 hosts the rendezvous when it binds it itself: the master's port on every
+/// interface (as torchrun's store does), since `MASTER_ADDR` names where the others reach
+/// rank 0, which rank 0's own view may call `localhost`. Only a loopback IP written as
+/// such (`127.0.0.1:port`, a single-host job) is bound as it is.
+fn rendezvous_bind_addr(master: &str) -> String {
+    let Some((host, port)) = master.rsplit_once(':') else {
+        return master.to_string();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => master.to_string(),
+        Ok(IpAddr::V6(_)) => format!("[::]:{port}"),
+        _ => format!("0.0.0.0:{port}"),
+    }
+}
+
 fn data_host(opts: &ConnectOptions) -> IpAddr {
     if let Some(ip) = opts.data_host {
         return ip;
     }
-    let loopback = opts
-        .spec
-        .master
-        .to_socket_addrs()
-        .map(|mut a| a.all(|a| a.ip().is_loopback()))
-        .unwrap_or(false);
+    // Rank 0 keeps to loopback only where it also hosts the rendezvous there.
+    let loopback = if opts.spec.rank == 0 {
+        rendezvous_bind_addr(&opts.spec.master) == opts.spec.master
+            && opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false)
+    } else {
+        opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false)
+    };
     if loopback {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -291,7 +335,7 @@ pub fn connect_with_blob(
     let meeting = if spec.rank == 0 {
         let h = match host_listener {
             Some(h) => h,
-            None => RendezvousHost::bind(&spec.master)?,
+            None => RendezvousHost::bind(&rendezvous_bind_addr(&spec.master))?,
         };
         if my_addr.ip().is_unspecified() {
             my_addr.set_ip(h.local_addr()?.ip());
@@ -313,4 +357,35 @@ pub fn connect_with_blob(
         Communicator::new(Box::new(transport), opts.comm.clone()),
         meeting.blob,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_0_hosts_on_every_interface_unless_given_a_loopback_ip() {
+        assert_eq!(rendezvous_bind_addr("127.0.0.1:29500"), "127.0.0.1:29500");
+        assert_eq!(rendezvous_bind_addr("[::1]:29500"), "[::1]:29500");
+        assert_eq!(rendezvous_bind_addr("localhost:29500"), "0.0.0.0:29500");
+        assert_eq!(rendezvous_bind_addr("job-master-0:29500"), "0.0.0.0:29500");
+        assert_eq!(rendezvous_bind_addr("10.1.2.3:29500"), "0.0.0.0:29500");
+        assert_eq!(rendezvous_bind_addr("[fd00::5]:29500"), "[::]:29500");
+    }
+
+    #[test]
+    fn joiners_dial_rank_0_where_they_reached_the_rendezvous() {
+        let fix = |announced: &str, master: &str| {
+            let mut a: SocketAddr = announced.parse().unwrap();
+            reach_host_at_master(&mut a, master);
+            a.to_string()
+        };
+        // a wildcard, or loopback seen from a routable master address: the master's IP
+        assert_eq!(fix("0.0.0.0:4000", "10.1.2.3:29500"), "10.1.2.3:4000");
+        assert_eq!(fix("127.0.0.1:4000", "10.1.2.3:29500"), "10.1.2.3:4000");
+        assert_eq!(fix("0.0.0.0:4000", "127.0.0.1:29500"), "127.0.0.1:4000");
+        // loopback on a single host, or a routable address: kept
+        assert_eq!(fix("127.0.0.1:4000", "127.0.0.1:29500"), "127.0.0.1:4000");
+        assert_eq!(fix("10.9.9.9:4000", "10.1.2.3:29500"), "10.9.9.9:4000");
+    }
 }
