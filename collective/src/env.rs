@@ -83,6 +83,11 @@ fn check(rank: usize, world: usize) -> Result<()> {
 /// Reads the launch description through `get` (a variable lookup such as `std::env::var`).
 pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchInfo> {
     let token = token(&get);
+    match (num(&get, "RANK")?, num(&get, "WORLD_SIZE")?) {
+        (Some(_), None) => return Err(Error::Env("RANK is set but WORLD_SIZE is not".into())),
+        (None, Some(_)) => return Err(Error::Env("WORLD_SIZE is set but RANK is not".into())),
+        _ => {}
+    }
     if let (Some(rank), Some(world)) = (num(&get, "RANK")?, num(&get, "WORLD_SIZE")?) {
         check(rank, world)?;
         let host = get("MASTER_ADDR").ok_or_else(|| {
@@ -135,7 +140,11 @@ fn from_tf_config(tf: &str, master_port: Option<u16>, token: String) -> Result<L
             })
             .unwrap_or_default()
     };
-    let (chiefs, workers) = (list("chief"), list("worker"));
+    // TF1-style clusters call the chief "master".
+    let (chiefs, workers) = (
+        [list("chief"), list("master")].concat(),
+        list("worker"),
+    );
     let members: Vec<&String> = chiefs.iter().chain(&workers).collect();
     if members.is_empty() {
         return Err(Error::Env("TF_CONFIG has no chief or worker tasks".into()));
@@ -221,6 +230,11 @@ mod tests {
             ),
             (vec![("TF_CONFIG", tf)], (2, 3, "c0:2222", "tf_config")),
             (
+                // TF1 calls the chief "master"
+                vec![("TF_CONFIG", r#"{"cluster":{"master":["m0:2222"],"worker":["w0:2222"]},"task":{"type":"worker","index":0}}"#)],
+                (1, 2, "m0:2222", "tf_config"),
+            ),
+            (
                 vec![("TF_CONFIG", tf), ("MASTER_PORT", "7000")],
                 (2, 3, "c0:7000", "tf_config"),
             ),
@@ -255,6 +269,12 @@ mod tests {
     fn bad_environments_are_explained() {
         let table: Vec<(Vec<(&str, &str)>, &str)> = vec![
             (vec![], "no launcher variables"),
+            (
+                // half a torchrun environment must not fall through to Slurm's variables
+                vec![("RANK", "1"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "h")],
+                "WORLD_SIZE is not",
+            ),
+            (vec![("WORLD_SIZE", "4"), ("TF_CONFIG", "{}")], "RANK is not"),
             (
                 vec![("RANK", "x"), ("WORLD_SIZE", "2")],
                 "not a non-negative integer",

@@ -209,6 +209,10 @@ impl TcpTransport {
             FrameKind::Reply { seq, waits_on }
                 if Some(seq) == self.chase_seq && self.asked[from] =>
             {
+                // A rank outside the world (a peer built differently, or corrupt bytes) is
+                // taken as waiting on nobody, so the chase ends at the rank that sent it
+                // instead of indexing past its tables.
+                let waits_on = waits_on.filter(|&y| y < self.links.len());
                 self.replies[from] = Some(waits_on);
                 if let Some(y) = waits_on.filter(|&y| y != self.rank) {
                     self.ask(y, seq);
