@@ -68,6 +68,16 @@ impl Table {
         Ok(())
     }
 
+    /// Gives back the slot of `rank` (its join call was abandoned: the process died or
+    /// gave up), unless every rank has joined by now (then the meeting stands).
+    /// Returns whether the slot was freed.
+    pub fn leave(&mut self, rank: usize) -> bool {
+        if self.complete().is_some() || rank >= self.addrs.len() {
+            return false;
+        }
+        self.addrs[rank].take().is_some()
+    }
+
     /// Ranks that have not joined yet.
     pub fn missing(&self) -> Vec<usize> {
         self.addrs
@@ -138,6 +148,10 @@ impl Rendezvous for RendezvousService {
                 })?;
         }
         self.shared.joined.send_modify(|c| *c += 1);
+        // If this call is dropped before the meeting completes (the rank's process died, or
+        // its call timed out), its slot is freed, so that the rank can join again when it
+        // restarts instead of being refused and blamed for the whole meeting.
+        let mut slot = Slot { shared: &self.shared, rank, answered: false };
         let mut rx = self.shared.joined.subscribe();
         let all = tokio::time::timeout_at(self.shared.deadline, rx.wait_for(|&c| c == world)).await;
         let table = self.shared.table.lock().expect("table lock");
@@ -152,8 +166,28 @@ impl Rendezvous for RendezvousService {
             ))),
         };
         drop(table);
+        slot.answered = true;
         self.shared.answered.send_modify(|c| *c += 1);
         reply
+    }
+}
+
+/// A joined rank whose call has not been answered yet.
+struct Slot<'a> {
+    shared: &'a Shared,
+    rank: usize,
+    answered: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let freed = self.shared.table.lock().map(|mut t| t.leave(self.rank)).unwrap_or(false);
+        if freed {
+            self.shared.joined.send_modify(|c| *c -= 1);
+        }
     }
 }
 
@@ -239,6 +273,45 @@ mod tests {
         let err = svc.join(req("secret", 1, 3)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert!(err.message().contains("[0, 2]"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn a_rank_whose_join_is_abandoned_can_join_again() {
+        let svc = Arc::new(RendezvousService {
+            shared: shared(3, Duration::from_secs(10)),
+        });
+        // rank 1 joins, then its process dies while rank 2 is still late
+        let first = tokio::spawn({
+            let svc = Arc::clone(&svc);
+            async move { svc.join(req("secret", 1, 3)).await }
+        });
+        while svc.shared.table.lock().unwrap().missing() != vec![0, 2] {
+            tokio::task::yield_now().await;
+        }
+        first.abort();
+        let _ = first.await;
+        assert_eq!(svc.shared.table.lock().unwrap().missing(), vec![0, 1, 2], "the slot is free again");
+        // the restarted rank 1 joins from its new address, and the meeting completes with it
+        let again = tokio::spawn({
+            let svc = Arc::clone(&svc);
+            async move {
+                let mut r = req("secret", 1, 3);
+                r.get_mut().data_addr = "127.0.0.1:11".into();
+                svc.join(r).await
+            }
+        });
+        let late = tokio::spawn({
+            let svc = Arc::clone(&svc);
+            async move { svc.join(req("secret", 2, 3)).await }
+        });
+        while svc.shared.table.lock().unwrap().missing() != vec![0] {
+            tokio::task::yield_now().await;
+        }
+        svc.shared.table.lock().unwrap().join("secret", 0, 3, "127.0.0.1:1".into()).unwrap();
+        svc.shared.joined.send_modify(|c| *c += 1);
+        let addrs = again.await.unwrap().unwrap().into_inner().data_addrs;
+        assert_eq!(addrs, vec!["127.0.0.1:1", "127.0.0.1:11", "127.0.0.1:9"]);
+        late.await.unwrap().unwrap();
     }
 
     #[tokio::test]
