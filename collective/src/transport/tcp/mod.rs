@@ -277,6 +277,12 @@ impl TcpTransport {
             }
         }
         let peer_copy = opts.peer_copy && k == 1;
+        // The check below waits for every peer, some of which may still be connecting to
+        // others: allow it until the meeting's deadline rather than the sockets' 5 s.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(5));
+        for l in links.iter().flatten() {
+            l.stream.set_read_timeout(Some(left))?;
+        }
         peer::probe(rank, &mut links, peer_copy)?;
         for l in links.iter().flatten().chain(extra.iter().flatten()) {
             l.stream.set_nonblocking(true)?;

@@ -43,14 +43,20 @@ pub(super) fn probe(rank: usize, links: &mut [Option<Link>], enabled: bool) -> R
         mine[4..12].copy_from_slice(&(cookie.as_ptr() as usize as u64).to_le_bytes());
         mine[12..].copy_from_slice(&cookie);
     }
-    for l in links.iter_mut().flatten() {
-        l.stream.write_all(&mine)?;
+    // Names the peer an exchange failed with (it may have died, or still be connecting to
+    // a rank that died).
+    let failed = |p: usize, e: std::io::Error| {
+        Error::Rendezvous(format!("rank {rank}: the connection check with rank {p} failed: {e}"))
+    };
+    for (p, l) in links.iter_mut().enumerate() {
+        let Some(l) = l else { continue };
+        l.stream.write_all(&mine).map_err(|e| failed(p, e))?;
     }
     let mut readable = vec![None; links.len()];
     for (p, l) in links.iter_mut().enumerate() {
         let Some(l) = l else { continue };
         let mut theirs = [0u8; 28];
-        l.stream.read_exact(&mut theirs)?;
+        l.stream.read_exact(&mut theirs).map_err(|e| failed(p, e))?;
         let pid = u32::from_le_bytes(theirs[..4].try_into().expect("4 bytes"));
         let addr = u64::from_le_bytes(theirs[4..12].try_into().expect("8 bytes"));
         let mut seen = [0u8; 16];
@@ -58,13 +64,13 @@ pub(super) fn probe(rank: usize, links: &mut [Option<Link>], enabled: bool) -> R
             && pid != 0
             && i32::try_from(pid).is_ok_and(|pid| read_peer(pid, addr, &mut seen).is_ok())
             && seen == theirs[12..];
-        l.stream.write_all(&[u8::from(ok)])?;
+        l.stream.write_all(&[u8::from(ok)]).map_err(|e| failed(p, e))?;
         readable[p] = ok.then_some(pid as i32);
     }
     for (p, l) in links.iter_mut().enumerate() {
         let Some(l) = l else { continue };
         let mut answer = [0u8; 1];
-        l.stream.read_exact(&mut answer)?;
+        l.stream.read_exact(&mut answer).map_err(|e| failed(p, e))?;
         l.peer_pid = readable[p].filter(|_| answer[0] == 1);
         if enabled && l.peer_pid.is_none() {
             tracing::debug!("rank {rank}: no peer copies with rank {p} (not on this host, or not permitted)");
