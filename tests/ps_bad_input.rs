@@ -35,6 +35,7 @@ fn header(variable: &str, worker: u32, step: u64, n: u64) -> ps::PushHeader {
         wire_dtype: F32,
         num_elements: n,
         kind: ps::PushKind::Gradient as i32,
+        pull_timeout_ms: 0,
     }
 }
 

@@ -177,6 +177,7 @@ fn push_op(variable: &str, n: u64, wire: ps::Dtype) -> Option<Op> {
         wire_dtype: wire as i32,
         num_elements: n,
         kind: ps::PushKind::Gradient as i32,
+        pull_timeout_ms: 0,
     }))
 }
 
@@ -344,9 +345,11 @@ async fn a_push_pull_whose_pull_times_out_says_its_push_was_accepted() {
     common::bounded(60, async {
         // sync with two workers: worker 0's gradient is accepted for step 0, which then
         // waits for worker 1 until the server's pull timeout
-        let cluster = common::cluster(1, &["--mode", "sync", "--num-workers", "2", "--pull-timeout-ms", "300"]);
+        // (the server's default would wait a minute: the client's pull_timeout must count)
+        let cluster = common::cluster(1, &["--mode", "sync", "--num-workers", "2", "--pull-timeout-ms", "60000"]);
         for data_plane in [true, false] {
-            let mut c = connect(&cluster, DType::F32, data_plane).await;
+            let opts = ClientOptions { data_plane, pull_timeout: Some(Duration::from_millis(300)), ..Default::default() };
+            let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
             let name = format!("w{data_plane}");
             c.register(vec![VariableSpec::new(&name, &[8])]).await.unwrap();
             let mut out = vec![vec![0.0; 8]];

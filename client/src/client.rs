@@ -436,6 +436,7 @@ impl Client {
             wire_dtype: dtype_to_proto(wire),
             num_elements: len as u64,
             kind: kind as i32,
+            pull_timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
         }
     }
 

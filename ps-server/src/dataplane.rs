@@ -195,7 +195,7 @@ impl Conn {
             Some(Op::PushPull(header)) => match self.push(&header, payload).await? {
                 Ok((push, var, wire)) => {
                     // The values for the worker's next step: sync waits for this step to complete.
-                    let timeout = self.service.pull_timeout(0);
+                    let timeout = self.service.pull_timeout(header.pull_timeout_ms);
                     match self.service.wait_for_step(&var, header.step.saturating_add(1), timeout).await {
                         Ok(()) => self.send_values(&var, wire, Some(push)).await,
                         Err(e) => self.reply(&status_reply(&self.service.reject(e), Some(push))).await,

@@ -70,11 +70,12 @@ impl PsService {
         e.into()
     }
 
-    /// Receives and applies one push; returns its reply with the variable, wire dtype and step.
+    /// Receives and applies one push; returns its reply with the variable, wire dtype, step
+    /// and requested pull timeout (push_pull).
     async fn push_inner(
         &self,
         mut stream: Streaming<ps::PushRequest>,
-    ) -> Result<(ps::PushResponse, Arc<Variable>, DType, u64), Status> {
+    ) -> Result<(ps::PushResponse, Arc<Variable>, DType, (u64, u32)), Status> {
         let first = stream
             .message()
             .await?
@@ -94,7 +95,7 @@ impl PsService {
             buf.append(&msg.data).map_err(|e| self.reject(e))?;
         }
         let reply = self.complete_push(&pending, buf).await?;
-        Ok((reply, pending.var, pending.wire, header.step))
+        Ok((reply, pending.var, pending.wire, (header.step, header.pull_timeout_ms)))
     }
 
     /// Checks a push header against its variable: the push it describes and the buffer
@@ -218,9 +219,9 @@ impl ParameterServer for PsService {
         &self,
         request: Request<Streaming<ps::PushRequest>>,
     ) -> Result<Response<Self::PushPullStream>, Status> {
-        let (reply, var, wire, step) = self.push_inner(request.into_inner()).await?;
+        let (reply, var, wire, (step, timeout_ms)) = self.push_inner(request.into_inner()).await?;
         // The values for the worker's next step: sync waits for this step to complete.
-        let timeout = self.config.default_pull_timeout;
+        let timeout = self.pull_timeout(timeout_ms);
         if let Err(e) = self.wait_for_step(&var, step.saturating_add(1), timeout).await {
             // Say that the push went through, or a caller might push the same gradient again.
             let s = self.reject(e);
