@@ -350,7 +350,10 @@ impl OptimizerState {
 
     /// [`kernels`](Self::kernels) compiled with AVX2: eight lanes per instruction, which
     /// halves Adam's time here. The element math is the same IEEE operations in the same
-    /// order (no fused multiply-add), so results are bitwise identical to the baseline build.
+    /// order (no fused multiply-add), so results are bitwise identical to the baseline build
+    /// for finite values. (With NaN inputs, which only `--allow-non-finite` lets in, the
+    /// parameters still agree, but a slot may keep the other operand's NaN payload or sign:
+    /// the compiler may order the operands of a commutative `+` or `*` differently.)
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn kernels_avx2<S: Storage, G: GradValues>(&mut self, storage: S, params: &mut [S::Word], grad: G, lr: f32) {
