@@ -67,6 +67,7 @@ PY
 }
 
 nccl_dir="$(find_nccl_dir)" || { log "libnccl.so.2 not found: pip install nvidia-nccl-cu13, or set NCCL_LIB_DIR"; exit 2; }
+nccl_dir="$(cd "$nccl_dir" && pwd)"  # absolute: the symlink below lives in another directory
 nccl_so="$(ls "$nccl_dir"/libnccl.so.2 2>/dev/null || ls "$nccl_dir"/libnccl.so* | head -1)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -138,7 +138,11 @@ impl NcclCommunicator {
             opts.spec.world_size,
             Id::uninit(internal),
         )
-        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        .map_err(|e| {
+            let version = cudarc::nccl::result::get_nccl_version().map_or_else(|_| "unknown".into(), |v| v.to_string());
+            nccl_err(&format!("ncclCommInitRank (rank {} of {}, GPU {device}, NCCL version {version})", opts.spec.rank, opts.spec.world_size), e)
+        })?;
+
         Ok(NcclCommunicator {
             comm,
             stream,
@@ -197,6 +201,11 @@ impl NcclCommunicator {
 
     /// Marks the communicator unusable after `e` and returns it.
     fn poison(&mut self, e: Error) -> Error {
+        // Name this rank: NCCL's own codes (ncclInvalidUsage, …) say nothing of where.
+        let e = match e {
+            Error::Nccl(m) => Error::Nccl(format!("rank {} of {}: {m}", self.rank(), self.world_size())),
+            other => other,
+        };
         self.failed = Some(e.to_string());
         e
     }

@@ -196,6 +196,29 @@ fn checks<T: NcclElement>(
         format!("CHECK allreduce sum {name} ({count} elements, {n} ranks) OK"),
     );
 
+    // Every op out of place, into a buffer filled with a sentinel: a call that never ran,
+    // or a wrong op, shows even with one rank (where an in-place sum equals its input).
+    let send = s.clone_htod(&host)?;
+    for (op, want) in [
+        (ReduceOp::Sum, tri),
+        (ReduceOp::Avg, tri / n as f64),
+        (ReduceOp::Min, 1.0),
+        (ReduceOp::Max, n as f64),
+    ] {
+        let mut recv = s.clone_htod(&vec![from(-3.0); count])?;
+        c.allreduce_into(&send, &mut recv, op)?;
+        let got = s.clone_dtoh(&recv)?;
+        // Avg may scale by 1/n rather than divide: within bf16's precision, not exact.
+        let slack = if op == ReduceOp::Avg { 1.0 / 128.0 } else { 0.0 };
+        let bad = (0..count)
+            .filter(|&i| (to(got[i]) - want * pattern(i)).abs() > slack * want * pattern(i))
+            .count();
+        if bad > 0 {
+            bail!("allreduce_into {op:?} {name}: {bad} of {count} elements wrong (first: {})", to(got[0]));
+        }
+    }
+    say(me, format!("CHECK allreduce_into sum/avg/min/max {name} OK"));
+
     let root = n - 1;
     let host: Vec<T> = (0..count)
         .map(|i| from(if me == root { (i % 100) as f64 } else { -1.0 }))
