@@ -9,7 +9,9 @@
 //! 3. `SLURM_PROCID`, `SLURM_NTASKS` with `MASTER_ADDR` (or a single-host `SLURM_NODELIST`)
 //!    and `MASTER_PORT`.
 //!
-//! `MASTER_PORT` defaults to 29500 (as in torchrun). The job token comes from
+//! `MASTER_PORT` defaults to 29500 (as in torchrun). Under torchrun, whose agent already
+//! listens on `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`), the rendezvous takes
+//! `MASTER_PORT + 1`. `PARASYNC_MASTER_PORT` overrides both. The job token comes from
 //! `PARASYNC_JOB_TOKEN`, else from the launcher's job id.
 
 use crate::error::{Error, Result};
@@ -44,14 +46,27 @@ fn num(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize
 }
 
 fn port(get: &impl Fn(&str) -> Option<String>) -> Result<Option<u16>> {
-    match get("MASTER_PORT") {
-        None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| Error::Env(format!("MASTER_PORT={v:?} is not a port"))),
+    let parse = |name: &str, v: String| {
+        v.trim()
+            .parse::<u16>()
+            .map_err(|_| Error::Env(format!("{name}={v:?} is not a port")))
+    };
+    if let Some(v) = get("PARASYNC_MASTER_PORT") {
+        return parse("PARASYNC_MASTER_PORT", v).map(Some);
     }
+    let Some(v) = get("MASTER_PORT") else {
+        return Ok(None);
+    };
+    let port = parse("MASTER_PORT", v)?;
+    // torchrun's agent already listens on MASTER_PORT (its store for torch.distributed):
+    // every rank takes the next port instead.
+    if get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return port
+            .checked_add(1)
+            .map(Some)
+            .ok_or_else(|| Error::Env("MASTER_PORT=65535 leaves no port next to torchrun's store".into()));
+    }
+    Ok(Some(port))
 }
 
 fn join_host_port(host: &str, port: u16) -> String {
@@ -229,6 +244,28 @@ mod tests {
                 (1, 2, "[::1]:5", "torchrun"),
             ),
             (vec![("TF_CONFIG", tf)], (2, 3, "c0:2222", "tf_config")),
+            (
+                // torchrun's agent holds MASTER_PORT: the next one
+                vec![
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "29400"),
+                    ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                ],
+                (1, 2, "h:29401", "torchrun"),
+            ),
+            (
+                vec![
+                    ("RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "29400"),
+                    ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                    ("PARASYNC_MASTER_PORT", "31000"),
+                ],
+                (1, 2, "h:31000", "torchrun"),
+            ),
             (
                 // TF1 calls the chief "master"
                 vec![("TF_CONFIG", r#"{"cluster":{"master":["m0:2222"],"worker":["w0:2222"]},"task":{"type":"worker","index":0}}"#)],
