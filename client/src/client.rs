@@ -313,7 +313,7 @@ impl Client {
             worker_id: self.opts.worker_id,
             step,
             wire_dtype: dtype_to_proto(wire),
-            timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32),
+            timeout_ms: self.pull_timeout_ms(),
         };
         if let Some(data) = &shard.data {
             return data.pull(req, part, wire, dst, &ctx()).await;
@@ -427,6 +427,11 @@ impl Client {
         Ok(summary)
     }
 
+    /// `ClientOptions::pull_timeout` as the wire's milliseconds (0: the server's default).
+    fn pull_timeout_ms(&self) -> u32 {
+        self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32)
+    }
+
     fn push_header(&self, part: &Part, step: u64, base_version: u64, len: usize, wire: DType, kind: ps::PushKind) -> ps::PushHeader {
         ps::PushHeader {
             variable: part.name.clone(),
@@ -436,7 +441,7 @@ impl Client {
             wire_dtype: dtype_to_proto(wire),
             num_elements: len as u64,
             kind: kind as i32,
-            pull_timeout_ms: self.opts.pull_timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
+            pull_timeout_ms: self.pull_timeout_ms(),
         }
     }
 

@@ -179,16 +179,7 @@ impl DataPlane {
             Ok(reply) => {
                 self.idle.lock().expect("pool lock").push(conn);
                 if reply.code != 0 {
-                    // A push_pull whose push was accepted but whose pull failed (a step that
-                    // timed out, a shard shutting down): say so, or a caller might push the
-                    // same gradient again.
-                    let message = match &reply.push {
-                        Some(p) if p.accepted => {
-                            format!("the push was accepted (server version {}), then the pull failed: {}", p.version, reply.message)
-                        }
-                        _ => reply.message,
-                    };
-                    let status = tonic::Status::new(tonic::Code::from(reply.code as i32), message);
+                    let status = tonic::Status::new(tonic::Code::from(reply.code as i32), reply.message);
                     return Err(Error::from_status(status, ctx));
                 }
                 Ok(reply)

@@ -198,7 +198,10 @@ impl Conn {
                     let timeout = self.service.pull_timeout(header.pull_timeout_ms);
                     match self.service.wait_for_step(&var, header.step.saturating_add(1), timeout).await {
                         Ok(()) => self.send_values(&var, wire, Some(push)).await,
-                        Err(e) => self.reply(&status_reply(&self.service.reject(e), Some(push))).await,
+                        Err(e) => {
+                            let status = self.service.pull_after_push_failed(&push, e);
+                            self.reply(&status_reply(&status, Some(push))).await
+                        }
                     }
                 }
                 Err(s) => self.reply(&status_reply(&s, None)).await,
@@ -336,7 +339,7 @@ impl Conn {
     async fn send_stored_f32(&mut self, var: &Variable, push: Option<ps::PushResponse>, total: usize) -> io::Result<()> {
         let reply = ps::DataReply {
             push,
-            values: Some(pull_header(var, var.version_async().await, DType::F32)),
+            values: Some(pull_header(var, var.version().await, DType::F32)),
             payload_bytes: total as u64,
             ..Default::default()
         };

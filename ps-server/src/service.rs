@@ -164,6 +164,17 @@ impl PsService {
         })
     }
 
+    /// The status of a push_pull whose pull failed after its push: it says whether the push
+    /// went through, or a caller might push the same gradient again.
+    pub(crate) fn pull_after_push_failed(&self, push: &ps::PushResponse, e: Error) -> Status {
+        let s = self.reject(e);
+        if !push.accepted {
+            return s;
+        }
+        let why = format!("the push was accepted (server version {}), then the pull failed: {}", push.version, s.message());
+        Status::new(s.code(), why)
+    }
+
     /// How long a pull asking for `timeout_ms` (0: the server default) may wait.
     pub(crate) fn pull_timeout(&self, timeout_ms: u32) -> Duration {
         match timeout_ms {
@@ -223,15 +234,7 @@ impl ParameterServer for PsService {
         // The values for the worker's next step: sync waits for this step to complete.
         let timeout = self.pull_timeout(timeout_ms);
         if let Err(e) = self.wait_for_step(&var, step.saturating_add(1), timeout).await {
-            // Say that the push went through, or a caller might push the same gradient again.
-            let s = self.reject(e);
-            return Err(match reply.accepted {
-                true => Status::new(
-                    s.code(),
-                    format!("the push was accepted (server version {}), then the pull failed: {}", reply.version, s.message()),
-                ),
-                false => s,
-            });
+            return Err(self.pull_after_push_failed(&reply, e));
         }
         let mut reply = Some(reply);
         let stream = tokio_stream::StreamExt::map(self.value_chunks(var, wire), move |(header, data)| {
@@ -277,7 +280,7 @@ impl ParameterServer for PsService {
                 name: v.def().name.clone(),
                 shape: v.def().shape.clone(),
                 storage_dtype: convert::dtype_to_proto(v.def().dtype),
-                version: v.version_async().await,
+                version: v.version().await,
             });
         }
         Ok(Response::new(ps::ServerInfoResponse {

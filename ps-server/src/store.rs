@@ -306,12 +306,6 @@ impl Variable {
         self.len == 0
     }
 
-    /// Current version (completed sync steps, or applied async updates). Blocks while an
-    /// update runs: on a runtime thread, use [`Variable::version_async`].
-    pub fn version(&self) -> u64 {
-        self.state.read().clock.version()
-    }
-
     /// Runs `f` under the read lock. While an update holds the write lock (a large one runs
     /// on the blocking pool for up to seconds), this waits asynchronously: a runtime thread
     /// parked on the lock would stall every other request it serves.
@@ -334,8 +328,8 @@ impl Variable {
         WriteGuard { guard: Some(self.state.write()), unlocked: &self.unlocked }
     }
 
-    /// [`Variable::version`] without blocking a runtime thread.
-    pub async fn version_async(&self) -> u64 {
+    /// Current version (completed sync steps, or applied async updates).
+    pub async fn version(&self) -> u64 {
         self.read_async(|st| st.clock.version()).await
     }
 

@@ -291,14 +291,11 @@ fn data_host(opts: &ConnectOptions) -> IpAddr {
     if let Some(ip) = opts.data_host {
         return ip;
     }
+    let master = &opts.spec.master;
+    let master_is_loopback = master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false);
     // Rank 0 keeps to loopback only where it also hosts the rendezvous there.
-    let loopback = if opts.spec.rank == 0 {
-        rendezvous_bind_addr(&opts.spec.master) == opts.spec.master
-            && opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false)
-    } else {
-        opts.spec.master.to_socket_addrs().map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false)
-    };
-    if loopback {
+    let hosts_wide = opts.spec.rank == 0 && rendezvous_bind_addr(master) != *master;
+    if master_is_loopback && !hosts_wide {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
