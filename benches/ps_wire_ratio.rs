@@ -8,6 +8,11 @@
 //! `ps_throughput`: one `parasync server` process (async, SGD with lr 0), a client on a
 //! current-thread runtime, the data plane with default options; one 64 MiB variable per
 //! wire dtype. `PARASYNC_RATIO_RAW=1` also prints every round's times.
+//! `PARASYNC_RATIO_ONLY=f32` (or `bf16`, either followed by `:push` or `:pull` for that
+//! operation alone) runs that wire alone for `PARASYNC_RATIO_ROUNDS` rounds and prints its
+//! medians, for a profiler to watch one path at a time.
+//! `PARASYNC_BENCH_PART` (largest part, bytes) and `PARASYNC_WORKER_THREADS` (the server's)
+//! change the setup for tuning runs.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +33,7 @@ fn main() {
         return; // `cargo test --benches` asks for a list; there are no tests here
     }
     let rounds: usize = std::env::var("PARASYNC_RATIO_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let part = std::env::var("PARASYNC_BENCH_PART").ok().and_then(|v| v.parse().ok()).unwrap_or(ClientOptions::default().max_part_bytes);
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_parasync"));
     let cluster = LocalCluster::start(&exe, &ClusterOptions::new(1, &["--mode", "async", "--num-workers", "1"])).expect("starting the server");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -37,7 +43,7 @@ fn main() {
         let mut spec = VariableSpec::new(&format!("big_{wire}"), &[BIG]);
         spec.optimizer = Optimizer::sgd(0.0); // every push runs the full update, values stay
         rt.block_on(async {
-            let mut c = Client::connect(&cluster.addrs(), ClientOptions { wire_dtype: wire, ..Default::default() }).await.unwrap();
+            let mut c = Client::connect(&cluster.addrs(), ClientOptions { wire_dtype: wire, max_part_bytes: part, ..Default::default() }).await.unwrap();
             c.register(vec![spec]).await.unwrap();
             c
         })
@@ -47,17 +53,44 @@ fn main() {
     let mut out = vec![vec![0.0f32; BIG]];
     // [wire][push, pull] seconds of each round
     let mut secs = vec![[[0.0f64; 2]; 2]; rounds];
-    let mut once = |w: usize, round: &mut [[f64; 2]; 2]| {
-        let t = Instant::now();
-        rt.block_on(clients[w].push(0, &[&grad])).unwrap();
-        round[w][0] = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        rt.block_on(clients[w].pull_into(0, &mut out)).unwrap();
-        round[w][1] = t.elapsed().as_secs_f64();
+    // Times the push and (or) the pull of wire `w` into `round`.
+    let mut ops = |w: usize, push: bool, pull: bool, round: &mut [[f64; 2]; 2]| {
+        if push {
+            let t = Instant::now();
+            rt.block_on(clients[w].push(0, &[&grad])).unwrap();
+            round[w][0] = t.elapsed().as_secs_f64();
+        }
+        if pull {
+            let t = Instant::now();
+            rt.block_on(clients[w].pull_into(0, &mut out)).unwrap();
+            round[w][1] = t.elapsed().as_secs_f64();
+        }
     };
+    let mut once = |w: usize, round: &mut [[f64; 2]; 2]| ops(w, true, true, round);
     for _ in 0..3 {
         once(0, &mut [[0.0; 2]; 2]);
         once(1, &mut [[0.0; 2]; 2]);
+    }
+    if let Ok(only) = std::env::var("PARASYNC_RATIO_ONLY") {
+        let (wire, op) = only.split_once(':').unwrap_or((&only, "both"));
+        let w = match wire {
+            "f32" => 0,
+            "bf16" => 1,
+            other => panic!("PARASYNC_RATIO_ONLY={other}: expected f32 or bf16, then optionally :push or :pull"),
+        };
+        let (push, pull) = (op != "pull", op != "push");
+        for round in secs.iter_mut() {
+            ops(w, push, pull, round);
+        }
+        let mut line = format!("{only} alone, {rounds} rounds, medians:");
+        for (k, what, done) in [(0, "push", push), (1, "pull", pull)] {
+            if done {
+                let (_, med, _) = quartiles(secs.iter().map(|r| r[w][k]).collect());
+                line += &format!(" {what} {:.2} ms", med * 1e3);
+            }
+        }
+        println!("{line}");
+        return;
     }
     eprintln!("ps_wire_ratio: {rounds} rounds of f32 + bf16 push and pull, 64 MiB");
     for (i, round) in secs.iter_mut().enumerate() {
