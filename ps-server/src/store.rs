@@ -189,11 +189,20 @@ impl Gradient {
         }
     }
 
-    /// Adds the values to `acc`, element by element.
-    fn add_to(&self, acc: &mut [f32]) {
+    /// Adds the values from element `start` on to `acc` (as many as it holds).
+    fn add_range_to(&self, start: usize, acc: &mut [f32]) {
+        let end = start + acc.len();
         match self {
-            Gradient::F32(g) => acc.iter_mut().zip(g).for_each(|(a, x)| *a += *x),
-            Gradient::Bf16(g) => acc.iter_mut().zip(g).for_each(|(a, &w)| *a += bf16::to_f32(w)),
+            Gradient::F32(g) => acc.iter_mut().zip(&g[start..end]).for_each(|(a, &x)| *a += x),
+            Gradient::Bf16(g) => acc.iter_mut().zip(&g[start..end]).for_each(|(a, &w)| *a += bf16::to_f32(w)),
+        }
+    }
+
+    /// Element `i` as f32.
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Gradient::F32(g) => g[i],
+            Gradient::Bf16(g) => bf16::to_f32(g[i]),
         }
     }
 }
@@ -620,19 +629,49 @@ impl VariableStore {
 
 /// Sums gradients in the given (worker-id) order and divides by their count, reusing the
 /// first buffer: the result depends only on the set of gradients, never on arrival order.
+///
+/// The sums run a block of [`MEAN_BLOCK`] elements at a time in a small buffer that stays
+/// in cache, so each gradient is read once and the result written once. An element whose
+/// f32 sum overflows (finite gradients near 3e38) is summed again in f64 and divided there,
+/// so finite gradients always give a finite mean.
 pub fn mean_in_worker_order(grads: Vec<(u32, Gradient)>) -> Vec<f32> {
-    let k = grads.len() as f32;
+    let k = grads.len();
     let mut it = grads.into_iter();
     let (_, first) = it.next().expect("a completed step has at least one gradient");
+    let rest: Vec<Gradient> = it.map(|(_, g)| g).collect();
     let mut acc = first.into_f32();
-    for (_, g) in it {
-        g.add_to(&mut acc);
-    }
-    for a in acc.iter_mut() {
-        *a /= k;
+    let mut sum = [0f32; MEAN_BLOCK];
+    let mut start = 0;
+    while start < acc.len() {
+        let end = (start + MEAN_BLOCK).min(acc.len());
+        let sum = &mut sum[..end - start];
+        sum.copy_from_slice(&acc[start..end]);
+        for g in &rest {
+            g.add_range_to(start, sum);
+        }
+        // (An exponent of all ones is infinity or NaN; the OR of the tests vectorizes.)
+        if !sum.iter().fold(false, |any, &s| any | (s.to_bits() & 0x7f80_0000 == 0x7f80_0000)) {
+            acc[start..end].iter_mut().zip(sum.iter()).for_each(|(a, &s)| *a = s / k as f32);
+        } else {
+            for (i, &s) in sum.iter().enumerate() {
+                let at = start + i;
+                acc[at] = if s.is_finite() {
+                    s / k as f32
+                } else {
+                    // Overflowed, or a non-finite gradient (when those are allowed): in f64
+                    // a sum of finite f32 values cannot overflow.
+                    let wide = rest.iter().fold(acc[at] as f64, |a, g| a + g.get(at) as f64);
+                    (wide / k as f64) as f32
+                };
+            }
+        }
+        start = end;
     }
     acc
 }
+
+/// Elements summed at a time by [`mean_in_worker_order`] (8 KiB of partial sums).
+const MEAN_BLOCK: usize = 2048;
 
 fn apply(st: &mut VariableState, var: &Variable, grad: Grad<'_>, lr_scale: f32) {
     let VariableState { values, optimizer, .. } = st;
@@ -829,6 +868,44 @@ mod tests {
         assert!(r.dropped_stale && !r.accepted);
         assert_eq!(s.metrics().dropped_stale.load(Relaxed), 1);
         assert_eq!(v.snapshot(), (1, vec![8.0, 7.0]));
+    }
+
+    #[test]
+    fn sync_mean_of_large_finite_gradients_stays_finite() {
+        // Three gradients near f32::MAX: an f32 running sum overflows to infinity before
+        // the division; the mean does not.
+        let big = 3.0e38f32;
+        let s = store(Mode::Sync { num_workers: 3, replicas_to_aggregate: 3 });
+        let mut d = def("w", &[2], DType::F32);
+        d.optimizer = sgd(0.5);
+        s.register(d, &Init::Constant(1.0e38)).unwrap();
+        let v = s.get("w").unwrap();
+        for worker in [2, 0, 1] {
+            s.push_gradient(&v, PushMeta { worker, step: 0, base_version: 0 }, vec![big, -big]).unwrap();
+        }
+        let (version, values) = v.snapshot();
+        assert_eq!(version, 1);
+        assert_eq!(values, vec![1.0e38 - 0.5 * big, 1.0e38 + 0.5 * big], "w - 0.5 * mean, with the mean finite");
+        assert!(values.iter().all(|x| x.is_finite()), "{values:?}");
+    }
+
+    #[test]
+    fn mean_is_summed_in_worker_order_and_overflows_are_summed_again_in_f64() {
+        // Longer than one block, with bf16 and f32 gradients mixed: each element's mean is
+        // ((g0 + g1) + g2) / 3 in f32, except where that sum overflows.
+        let len = MEAN_BLOCK * 2 + 17;
+        let g = |w: u32| -> Vec<f32> { (0..len).map(|i| ((i as f32) * 0.37 + w as f32 * 1.1).sin() * 1e-3 * (w + 1) as f32).collect() };
+        let bf = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| bf16::from_f32_rne(x)).collect() };
+        let (mut g0, g1, mut g2) = (g(0), bf(&g(1)), g(2));
+        let big = 3.0e38f32;
+        let overflowing = MEAN_BLOCK + 5;
+        (g0[overflowing], g2[overflowing]) = (big, big);
+        let widened: Vec<f32> = g1.iter().map(|&w| bf16::to_f32(w)).collect();
+        let mut want: Vec<f32> = (0..len).map(|i| (g0[i] + widened[i] + g2[i]) / 3.0).collect();
+        assert!(want[overflowing].is_infinite(), "the f32 sum overflows");
+        want[overflowing] = ((big as f64 * 2.0 + widened[overflowing] as f64) / 3.0) as f32;
+        let got = mean_in_worker_order(vec![(0, Gradient::F32(g0)), (1, Gradient::Bf16(g1)), (2, Gradient::F32(g2))]);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
     }
 
     #[test]
