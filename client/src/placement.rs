@@ -32,10 +32,11 @@ pub struct Placement {
 }
 
 /// Computes the placement of variables `(name, shape, dtype)` on `num_shards` shards.
-/// Variables of at least `split_bytes` bytes with at least `num_shards` rows are split
-/// into at least `num_shards` row blocks, and into as many as needed to keep each block
-/// within `max_part_bytes` (as far as rows allow); block `i` goes to shard
-/// `(first + i) % num_shards`, where `first` is the least-loaded shard.
+/// Variables of at least `split_bytes` bytes are split into `num_shards` row blocks, and
+/// into as many as needed to keep each block within `max_part_bytes`, but never into more
+/// blocks than they have rows (a variable with fewer rows than shards spreads over as many
+/// shards as it has rows); block `i` goes to shard `(first + i) % num_shards`, where
+/// `first` is the least-loaded shard.
 ///
 /// The result depends on the set of variables, not on the order they are listed in
 /// (variables are taken by name), so workers that list them differently still agree.
@@ -55,7 +56,7 @@ pub fn place(vars: &[(&str, &[usize], DType)], num_shards: usize, split_bytes: u
         let rows = shape.first().copied().unwrap_or(1);
         let by_size = bytes.div_ceil(max_part_bytes.max(1));
         let nparts = num_shards.max(by_size).min(rows);
-        if nparts > 1 && bytes >= split_bytes && rows >= num_shards {
+        if nparts > 1 && bytes >= split_bytes {
             let row_elems = n / rows.max(1);
             let first = (0..num_shards).min_by_key(|&s| (load[s], s)).expect("at least one shard");
             for p in 0..nparts {
@@ -167,5 +168,10 @@ mod tests {
         // a tensor with fewer rows than the size rule asks for is cut into at most its rows
         let thin: Vec<(&str, &[usize], DType)> = vec![("t", &[2, 1 << 24], DType::F32)];
         assert_eq!(place(&thin, 1, 1 << 20, 16 << 20).parts[0].len(), 2);
+        // and with fewer rows than shards it still spreads, a row to a shard
+        let p = place(&thin, 4, 1 << 20, 16 << 20);
+        let got: Vec<(usize, Vec<usize>)> = p.parts[0].iter().map(|q| (q.shard, q.shape.clone())).collect();
+        assert_eq!(got, vec![(0, vec![1, 1 << 24]), (1, vec![1, 1 << 24])]);
+        assert_eq!(p.shard_bytes, vec![64 << 20, 64 << 20, 0, 0]);
     }
 }
