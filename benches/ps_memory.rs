@@ -1,5 +1,7 @@
 //! Peak memory of a shard holding 1 GiB of f32 variables (SGD) while 4 workers push
-//! 64 MiB gradients at once. Reads the server's `VmHWM` from /proc.
+//! 64 MiB gradients at once, every variable in turn (so every variable has been pushed by
+//! the end, and buffers the shard keeps for reuse show up). Reads the server's `VmHWM` and
+//! `VmRSS` from /proc.
 //!
 //! `cargo bench --bench ps_memory` (Linux only).
 
@@ -53,15 +55,22 @@ fn main() {
         for w in 0..WORKERS {
             let addrs = addrs.clone();
             tasks.push(tokio::spawn(async move {
-                // each worker pushes its own variable: 4 x 64 MiB in flight at once
-                let mut one = VariableSpec::new(format!("v{w:02}"), &[VAR_ELEMS]);
-                one.optimizer = Optimizer::sgd(0.01);
-                one.init = Init::Constant(0.25);
-                let mut c = Client::connect(&addrs, ClientOptions { worker_id: w, ..Default::default() }).await.unwrap();
-                c.register(vec![one]).await.unwrap();
+                // Worker w pushes variables w, w + 4, w + 8 and w + 12, one after another:
+                // 4 x 64 MiB in flight at once, and all 16 variables pushed.
+                let mut clients = Vec::new();
+                for v in (w as usize..VARS).step_by(WORKERS as usize) {
+                    let mut one = VariableSpec::new(format!("v{v:02}"), &[VAR_ELEMS]);
+                    one.optimizer = Optimizer::sgd(0.01);
+                    one.init = Init::Constant(0.25);
+                    let mut c = Client::connect(&addrs, ClientOptions { worker_id: w, ..Default::default() }).await.unwrap();
+                    c.register(vec![one]).await.unwrap();
+                    clients.push(c);
+                }
                 let g = vec![0.5f32; VAR_ELEMS];
                 for _ in 0..ROUNDS {
-                    c.push(0, &[&g]).await.unwrap();
+                    for c in &clients {
+                        c.push(0, &[&g]).await.unwrap();
+                    }
                 }
             }));
         }
@@ -70,8 +79,14 @@ fn main() {
         }
     });
     let peak = status_kib(pid, "VmHWM:");
-    println!("ps_memory: 1 shard, {VARS} x 64 MiB f32 variables (1 GiB), {WORKERS} workers x {ROUNDS} concurrent 64 MiB pushes");
-    println!("  peak RSS after registration: {:.2} GiB", after_register as f64 / (1 << 20) as f64);
-    println!("  peak RSS after pushes:       {:.2} GiB   (target <= 1.50 GiB)", peak as f64 / (1 << 20) as f64);
+    let now = status_kib(pid, "VmRSS:");
+    let gib = |kib: u64| kib as f64 / (1 << 20) as f64;
+    println!(
+        "ps_memory: 1 shard, {VARS} x 64 MiB f32 variables (1 GiB), {WORKERS} workers pushing 64 MiB at once, \
+         each its 4 variables in turn, {ROUNDS} rounds"
+    );
+    println!("  peak RSS after registration: {:.2} GiB", gib(after_register));
+    println!("  peak RSS after pushes:       {:.2} GiB   (target <= 1.50 GiB)", gib(peak));
+    println!("  RSS at rest after pushes:    {:.2} GiB", gib(now));
     println!("  push phase took {:.2} s", started.elapsed().as_secs_f64());
 }

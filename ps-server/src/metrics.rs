@@ -36,17 +36,19 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Relaxed)).sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Renders the histogram; `labels` (such as `shard="0",`) go before `le` on every line.
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cum = 0;
         for (i, b) in self.bounds.iter().enumerate() {
             cum += self.counts[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {cum}");
         }
         cum += self.counts[self.bounds.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum_bits.load(Relaxed)));
-        let _ = writeln!(out, "{name}_count {cum}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cum}");
+        let plain = labels.trim_end_matches(',');
+        let _ = writeln!(out, "{name}_sum{{{plain}}} {}", f64::from_bits(self.sum_bits.load(Relaxed)));
+        let _ = writeln!(out, "{name}_count{{{plain}}} {cum}");
     }
 }
 
@@ -67,6 +69,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Registered variables.
     pub variables: AtomicU64,
+    /// Bytes of gradient buffers kept for reuse (the store's spare budget in use).
+    pub spare_buffer_bytes: AtomicU64,
     /// Seconds from a sync step's first gradient to its update (async: time to apply).
     pub step_latency: Histogram,
     /// Staleness (in versions) of applied async / bounded gradients.
@@ -86,6 +90,7 @@ impl Default for Metrics {
             dropped_stale: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             variables: AtomicU64::new(0),
+            spare_buffer_bytes: AtomicU64::new(0),
             step_latency: Histogram::new(LATENCY_BOUNDS),
             staleness: Histogram::new(STALENESS_BOUNDS),
         }
@@ -107,13 +112,16 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{shard=\"{shard}\"}} {}", v.load(Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP parasync_variables Registered variables.\n# TYPE parasync_variables gauge\nparasync_variables{{shard=\"{shard}\"}} {}",
-            self.variables.load(Relaxed)
-        );
-        self.step_latency.render(&mut out, "parasync_step_latency_seconds", "Sync step latency (first gradient to update).");
-        self.staleness.render(&mut out, "parasync_staleness", "Staleness of applied gradients, in versions.");
+        let gauges: [(&str, &str, &AtomicU64); 2] = [
+            ("parasync_variables", "Registered variables.", &self.variables),
+            ("parasync_spare_buffer_bytes", "Bytes of gradient buffers kept for reuse.", &self.spare_buffer_bytes),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{shard=\"{shard}\"}} {}", v.load(Relaxed));
+        }
+        let labels = format!("shard=\"{shard}\",");
+        self.step_latency.render(&mut out, "parasync_step_latency_seconds", "Sync step latency (first gradient to update).", &labels);
+        self.staleness.render(&mut out, "parasync_staleness", "Staleness of applied gradients, in versions.", &labels);
         out
     }
 }
@@ -129,11 +137,12 @@ mod tests {
             h.observe(v);
         }
         let mut s = String::new();
-        h.render(&mut s, "x", "help");
-        assert!(s.contains("x_bucket{le=\"1\"} 2\n"), "{s}");
-        assert!(s.contains("x_bucket{le=\"2\"} 3\n"), "{s}");
-        assert!(s.contains("x_bucket{le=\"+Inf\"} 4\n"), "{s}");
-        assert!(s.contains("x_sum 6\n"), "{s}");
+        h.render(&mut s, "x", "help", "shard=\"2\",");
+        assert!(s.contains("x_bucket{shard=\"2\",le=\"1\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{shard=\"2\",le=\"2\"} 3\n"), "{s}");
+        assert!(s.contains("x_bucket{shard=\"2\",le=\"+Inf\"} 4\n"), "{s}");
+        assert!(s.contains("x_sum{shard=\"2\"} 6\n"), "{s}");
+        assert!(s.contains("x_count{shard=\"2\"} 4\n"), "{s}");
         assert_eq!(h.count(), 4);
     }
 
@@ -143,7 +152,7 @@ mod tests {
         m.pushes.fetch_add(3, Relaxed);
         let s = m.render(1);
         assert!(s.contains("parasync_pushes_total{shard=\"1\"} 3"));
-        for name in ["parasync_pulls_total", "parasync_bytes_in_total", "parasync_dropped_stale_gradients_total", "parasync_staleness_bucket"] {
+        for name in ["parasync_pulls_total", "parasync_bytes_in_total", "parasync_dropped_stale_gradients_total", "parasync_staleness_bucket", "parasync_spare_buffer_bytes"] {
             assert!(s.contains(name), "{name} missing");
         }
     }

@@ -29,7 +29,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(VariableStore::new(
-        StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite },
+        StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite, spare_buffer_bytes: settings.spare_buffer_bytes },
         Arc::clone(&metrics),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);

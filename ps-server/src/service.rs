@@ -309,7 +309,7 @@ mod tests {
     use futures::StreamExt;
 
     fn service(mode: Mode) -> PsService {
-        let store = Arc::new(VariableStore::new(StoreConfig { mode, allow_non_finite: false }, Arc::new(Metrics::default())));
+        let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::new(Metrics::default())));
         let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16, data_port: 0 };
         PsService::new(store, config, watch::channel(false).1)
     }

@@ -181,6 +181,14 @@ impl Gradient {
         }
     }
 
+    /// Bytes held by the buffer.
+    fn bytes(&self) -> usize {
+        match self {
+            Gradient::F32(v) => v.capacity() * 4,
+            Gradient::Bf16(v) => v.capacity() * 2,
+        }
+    }
+
     /// The values as `f32` (exact).
     pub fn into_f32(self) -> Vec<f32> {
         match self {
@@ -270,32 +278,88 @@ impl Drop for WriteGuard<'_> {
 
 /// At most one spare gradient buffer per wire dtype, so that a variable pushed in both
 /// (workers with different wire settings) reuses a buffer for each instead of dropping one
-/// and mapping the other afresh on every switch.
-#[derive(Debug, Default)]
+/// and mapping the other afresh on every switch. Every kept byte is charged to the shard's
+/// [`SpareBudget`], so spares never grow past it however many variables are pushed.
+#[derive(Debug)]
 struct Spares {
     f32: Option<Vec<f32>>,
     bf16: Option<Vec<u16>>,
+    budget: Arc<SpareBudget>,
 }
 
 impl Spares {
+    fn new(budget: Arc<SpareBudget>) -> Self {
+        Spares { f32: None, bf16: None, budget }
+    }
+
     /// A buffer of `len` elements for `wire` values: the spare one, or a new one.
     fn take(&mut self, wire: DType, len: usize) -> Gradient {
-        match wire {
-            DType::F32 => Gradient::F32(self.f32.take().unwrap_or_else(|| vec![0.0; len])),
-            DType::Bf16 => Gradient::Bf16(self.bf16.take().unwrap_or_else(|| vec![0; len])),
+        let spare = match wire {
+            DType::F32 => self.f32.take().map(Gradient::F32),
+            DType::Bf16 => self.bf16.take().map(Gradient::Bf16),
+        };
+        match spare {
+            Some(g) => {
+                self.budget.release(g.bytes());
+                g
+            }
+            None => match wire {
+                DType::F32 => Gradient::F32(vec![0.0; len]),
+                DType::Bf16 => Gradient::Bf16(vec![0; len]),
+            },
         }
     }
 
-    /// Keeps `buf` unless a spare of its dtype is already kept.
+    /// Keeps `buf` unless a spare of its dtype is already kept or the budget is spent.
     fn keep(&mut self, buf: Gradient) {
-        match buf {
-            Gradient::F32(v) => {
-                self.f32.get_or_insert(v);
-            }
-            Gradient::Bf16(v) => {
-                self.bf16.get_or_insert(v);
-            }
+        let free = match &buf {
+            Gradient::F32(_) => self.f32.is_none(),
+            Gradient::Bf16(_) => self.bf16.is_none(),
+        };
+        if !free || !self.budget.reserve(buf.bytes()) {
+            return;
         }
+        match buf {
+            Gradient::F32(v) => self.f32 = Some(v),
+            Gradient::Bf16(v) => self.bf16 = Some(v),
+        }
+    }
+}
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        let bytes = self.f32.as_ref().map_or(0, |v| v.capacity() * 4) + self.bf16.as_ref().map_or(0, |v| v.capacity() * 2);
+        self.budget.release(bytes);
+    }
+}
+
+/// The bytes a shard may keep in spare gradient buffers, over all its variables; the bytes
+/// in use are the `parasync_spare_buffer_bytes` gauge.
+#[derive(Debug)]
+pub struct SpareBudget {
+    limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl SpareBudget {
+    /// A budget of `limit` bytes, counted in `metrics`.
+    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+        SpareBudget { limit, metrics }
+    }
+
+    /// Bytes kept now.
+    pub fn used(&self) -> usize {
+        self.metrics.spare_buffer_bytes.load(Relaxed) as usize
+    }
+
+    fn reserve(&self, bytes: usize) -> bool {
+        let limit = self.limit as u64;
+        let add = |u: u64| u.checked_add(bytes as u64).filter(|&t| t <= limit);
+        self.metrics.spare_buffer_bytes.fetch_update(Relaxed, Relaxed, add).is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.metrics.spare_buffer_bytes.fetch_sub(bytes as u64, Relaxed);
     }
 }
 
@@ -419,24 +483,45 @@ pub struct StoreConfig {
     pub mode: Mode,
     /// Accept NaN / Inf in gradients (rejected by default).
     pub allow_non_finite: bool,
+    /// Bytes of gradient buffers kept for reuse over all variables (see [`SpareBudget`]).
+    pub spare_buffer_bytes: usize,
 }
+
+impl StoreConfig {
+    /// Settings for `mode` with the defaults otherwise: non-finite gradients rejected, a
+    /// spare-buffer budget of [`DEFAULT_SPARE_BUFFER_BYTES`].
+    pub fn new(mode: Mode) -> Self {
+        StoreConfig { mode, allow_non_finite: false, spare_buffer_bytes: DEFAULT_SPARE_BUFFER_BYTES }
+    }
+}
+
+/// Default of [`StoreConfig::spare_buffer_bytes`]: enough for the parts of a few large
+/// variables in flight, a small fraction of a large shard's memory.
+pub const DEFAULT_SPARE_BUFFER_BYTES: usize = 256 << 20;
 
 /// All variables of one shard.
 pub struct VariableStore {
     config: StoreConfig,
     vars: DashMap<String, Arc<Variable>>,
     metrics: Arc<Metrics>,
+    spares: Arc<SpareBudget>,
 }
 
 impl VariableStore {
     /// An empty store. `config.mode` must be valid.
     pub fn new(config: StoreConfig, metrics: Arc<Metrics>) -> Self {
-        VariableStore { config, vars: DashMap::new(), metrics }
+        let spares = Arc::new(SpareBudget::new(config.spare_buffer_bytes, Arc::clone(&metrics)));
+        VariableStore { config, vars: DashMap::new(), metrics, spares }
     }
 
     /// The store's settings.
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// The spare gradient buffers' budget and use.
+    pub fn spare_budget(&self) -> &SpareBudget {
+        &self.spares
     }
 
     /// The metrics this store updates.
@@ -470,7 +555,7 @@ impl VariableStore {
                 };
                 let rounding_seed = fnv1a(def.name.as_bytes());
                 let (changed, _) = watch::channel(0);
-                let spare = parking_lot::Mutex::new(Spares::default());
+                let spare = parking_lot::Mutex::new(Spares::new(Arc::clone(&self.spares)));
                 let awaiting_values = state.awaiting_values;
                 e.insert(Arc::new(Variable {
                     def,
@@ -536,9 +621,17 @@ impl VariableStore {
                 st.step_started.get_or_insert_with(Instant::now);
             }
             PushDecision::ApplyMean { grads, .. } => {
-                let mean = mean_in_worker_order(grads);
+                let first_is_f32 = matches!(grads.first(), Some((_, Gradient::F32(_))));
+                let (mean, used) = mean_in_worker_order(grads);
                 apply(&mut st, var, Grad::F32(&mean), 1.0);
-                recycle(var, Gradient::F32(mean));
+                // The mean is the first gradient's f32 buffer when it came as f32; a
+                // widened bf16 one is not kept, since pushes reuse buffers of their wire.
+                if first_is_f32 {
+                    recycle(var, Gradient::F32(mean));
+                }
+                for g in used {
+                    recycle(var, g);
+                }
                 let started = st.step_started.take().unwrap_or_else(Instant::now);
                 self.metrics.step_latency.observe(started.elapsed().as_secs_f64());
             }
@@ -634,12 +727,17 @@ impl VariableStore {
 /// in cache, so each gradient is read once and the result written once. An element whose
 /// f32 sum overflows (finite gradients near 3e38) is summed again in f64 and divided there,
 /// so finite gradients always give a finite mean.
-pub fn mean_in_worker_order(grads: Vec<(u32, Gradient)>) -> Vec<f32> {
+///
+/// Returns the mean and the gradient buffers it no longer needs, for reuse.
+pub fn mean_in_worker_order(grads: Vec<(u32, Gradient)>) -> (Vec<f32>, Vec<Gradient>) {
     let k = grads.len();
     let mut it = grads.into_iter();
     let (_, first) = it.next().expect("a completed step has at least one gradient");
-    let rest: Vec<Gradient> = it.map(|(_, g)| g).collect();
-    let mut acc = first.into_f32();
+    let mut rest: Vec<Gradient> = it.map(|(_, g)| g).collect();
+    let (mut acc, widened) = match first {
+        Gradient::F32(v) => (v, None),
+        Gradient::Bf16(w) => (w.iter().map(|&x| bf16::to_f32(x)).collect(), Some(Gradient::Bf16(w))),
+    };
     let mut sum = [0f32; MEAN_BLOCK];
     let mut start = 0;
     while start < acc.len() {
@@ -667,7 +765,8 @@ pub fn mean_in_worker_order(grads: Vec<(u32, Gradient)>) -> Vec<f32> {
         }
         start = end;
     }
-    acc
+    rest.extend(widened);
+    (acc, rest)
 }
 
 /// Elements summed at a time by [`mean_in_worker_order`] (8 KiB of partial sums).
@@ -830,7 +929,7 @@ mod tests {
     }
 
     fn store(mode: Mode) -> VariableStore {
-        VariableStore::new(StoreConfig { mode, allow_non_finite: false }, Arc::new(Metrics::default()))
+        VariableStore::new(StoreConfig::new(mode), Arc::new(Metrics::default()))
     }
 
     #[test]
@@ -904,8 +1003,54 @@ mod tests {
         let mut want: Vec<f32> = (0..len).map(|i| (g0[i] + widened[i] + g2[i]) / 3.0).collect();
         assert!(want[overflowing].is_infinite(), "the f32 sum overflows");
         want[overflowing] = ((big as f64 * 2.0 + widened[overflowing] as f64) / 3.0) as f32;
-        let got = mean_in_worker_order(vec![(0, Gradient::F32(g0)), (1, Gradient::Bf16(g1)), (2, Gradient::F32(g2))]);
+        let (got, used) = mean_in_worker_order(vec![(0, Gradient::F32(g0)), (1, Gradient::Bf16(g1)), (2, Gradient::F32(g2))]);
+        assert_eq!(used.len(), 2, "the buffers of the gradients after the first come back");
         assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn spare_buffers_stay_within_the_shard_budget() {
+        // Room for two spares of 16 f32 values: pushing four variables keeps two, and a
+        // push that reuses a spare gives its bytes back.
+        let mut config = StoreConfig::new(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        config.spare_buffer_bytes = 2 * 16 * 4;
+        let s = VariableStore::new(config, Arc::new(Metrics::default()));
+        let vars: Vec<Arc<Variable>> = (0..4)
+            .map(|i| {
+                s.register(def(&format!("v{i}"), &[16], DType::F32), &Init::Zeros).unwrap();
+                s.get(&format!("v{i}")).unwrap()
+            })
+            .collect();
+        for v in &vars {
+            s.push_gradient(v, PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0; 16]).unwrap();
+        }
+        assert_eq!(s.spare_budget().used(), 128, "two spares kept, two dropped");
+        let kept: Vec<bool> = vars.iter().map(|v| v.spare.lock().f32.is_some()).collect();
+        assert_eq!(kept, vec![true, true, false, false]);
+        let b = GradientBuffer::new(&vars[0], DType::F32, 16, true).unwrap();
+        assert_eq!(s.spare_budget().used(), 64, "the reused spare's bytes are free again");
+        drop(b);
+        assert!(s.metrics().render(0).contains("parasync_spare_buffer_bytes{shard=\"0\"} 64"));
+        let mut none = StoreConfig::new(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        none.spare_buffer_bytes = 0;
+        let s = VariableStore::new(none, Arc::new(Metrics::default()));
+        s.register(def("w", &[16], DType::F32), &Init::Zeros).unwrap();
+        s.push_gradient(&s.get("w").unwrap(), PushMeta { worker: 0, step: 0, base_version: 0 }, vec![1.0; 16]).unwrap();
+        assert_eq!(s.spare_budget().used(), 0, "a zero budget keeps nothing");
+    }
+
+    #[test]
+    fn sync_steps_with_bf16_gradients_keep_a_bf16_spare_not_the_f32_mean() {
+        let s = store(Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 });
+        s.register(def("w", &[8], DType::F32), &Init::Zeros).unwrap();
+        let v = s.get("w").unwrap();
+        for worker in [1, 0] {
+            s.push_gradient(&v, PushMeta { worker, step: 0, base_version: 0 }, Gradient::Bf16(vec![0x3f80; 8])).unwrap();
+        }
+        assert_eq!(v.snapshot(), (1, vec![-1.0; 8]), "mean 1.0 applied with lr 1");
+        let spare = v.spare.lock();
+        assert!(spare.bf16.is_some() && spare.f32.is_none(), "{spare:?}");
+        assert_eq!(s.spare_budget().used(), 16);
     }
 
     #[test]
