@@ -47,7 +47,8 @@ impl Error {
     pub(crate) fn from_status(status: tonic::Status, context: &str) -> Self {
         use tonic::Code;
         let kind = match status.code() {
-            Code::InvalidArgument => ErrorKind::InvalidArgument,
+            // (resource_exhausted: a message over the server's size limit)
+            Code::InvalidArgument | Code::ResourceExhausted => ErrorKind::InvalidArgument,
             Code::NotFound => ErrorKind::NotFound,
             Code::AlreadyExists => ErrorKind::AlreadyExists,
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,

@@ -70,6 +70,22 @@ impl PsService {
         e.into()
     }
 
+    /// A failed read of a push stream. tonic refuses a message over the size limit with
+    /// `out_of_range`; that becomes `resource_exhausted` (the gRPC convention), naming the
+    /// variable when the header has been read, and what to change.
+    fn stream_failed(&self, status: Status, variable: Option<&str>) -> Status {
+        if status.code() != tonic::Code::OutOfRange || !status.message().contains("too large") {
+            return status;
+        }
+        self.store.metrics().rejected.fetch_add(1, Relaxed);
+        let what = variable.map_or_else(|| "the first message of a push".to_string(), |v| format!("a chunk of a push to {v:?}"));
+        Status::resource_exhausted(format!(
+            "{what} is larger than this server accepts ({}); send smaller chunks (the client's chunk_bytes) \
+             or raise the server's --max-message-bytes",
+            status.message()
+        ))
+    }
+
     /// Receives and applies one push; returns its reply with the variable, wire dtype, step
     /// and requested pull timeout (push_pull).
     async fn push_inner(
@@ -78,7 +94,8 @@ impl PsService {
     ) -> Result<(ps::PushResponse, Arc<Variable>, DType, (u64, u32)), Status> {
         let first = stream
             .message()
-            .await?
+            .await
+            .map_err(|s| self.stream_failed(s, None))?
             .ok_or_else(|| Status::invalid_argument("empty push stream: the first message must carry a header"))?;
         let header = first
             .header
@@ -87,7 +104,7 @@ impl PsService {
         let metrics = self.store.metrics();
         metrics.bytes_in.fetch_add(first.data.len() as u64, Relaxed);
         buf.append(&first.data).map_err(|e| self.reject(e))?;
-        while let Some(msg) = stream.message().await? {
+        while let Some(msg) = stream.message().await.map_err(|s| self.stream_failed(s, Some(&header.variable)))? {
             if msg.header.is_some() {
                 return Err(self.reject(Error::invalid(&header.variable, "a push carries its header in the first message only")));
             }
