@@ -192,7 +192,8 @@ impl ChildRegistry {
         let pids = self.clone();
         std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(ps_server::server::shutdown_signal());
+            let Ok(signalled) = rt.block_on(async { ps_server::server::shutdown_signal() }) else { return };
+            rt.block_on(signalled);
             INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("interrupted: stopping the cluster");
             for &pid in pids.0.lock().expect("child registry").iter() {

@@ -292,13 +292,47 @@ async fn health_metrics_and_runtime_learning_rate() {
             .connect()
             .await
             .unwrap();
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let r = health
             .check(tonic_health::pb::HealthCheckRequest { service: "parasync.ps.v1.ParameterServer".into() })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        let whole = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+        assert_eq!(whole.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "the server as a whole");
+
+        // Reflection, v1 and v1alpha, lists exactly the services served.
+        use tonic_reflection::pb::{v1, v1alpha};
+        let mut refl = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let req = v1::ServerReflectionRequest {
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+            ..Default::default()
+        };
+        let mut replies = refl.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+        let reply = replies.message().await.unwrap().expect("a reflection reply");
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reflection reply {reply:?}");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection", "parasync.ps.v1.ParameterServer"]
+        );
+        let mut old = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let req = v1alpha::ServerReflectionRequest {
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "parasync.ps.v1.ParameterServer".into(),
+            )),
+            ..Default::default()
+        };
+        let mut replies = old.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+        let reply = replies.message().await.unwrap().expect("a v1alpha reflection reply");
+        assert!(
+            matches!(reply.message_response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
+            "{reply:?}"
+        );
 
         let mut c = common::client(&cluster, 0, 1 << 20).await;
         let mut v = VariableSpec::new("w", &[8]);

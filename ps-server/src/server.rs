@@ -50,11 +50,25 @@ pub async fn run(
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ParameterServerServer<PsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(parasync_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    // Reflection lists the services this server offers (the descriptor set also holds the
+    // collectives' rendezvous service, which it does not), in both protocol versions:
+    // v1alpha is what older grpcurl / grpc_cli builds ask for.
+    let reflection_builder = || {
+        let served = [
+            "parasync.ps.v1.ParameterServer",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        served.into_iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(parasync_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
+    };
+    let reflection = reflection_builder().build_v1().context("building the reflection service")?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha().context("building the v1alpha reflection service")?;
 
     let metrics_task = metrics_listener.map(|l| {
         let metrics = Arc::clone(&metrics);
@@ -83,6 +97,8 @@ pub async fn run(
         let _ = signalled_rx.await;
         tracing::info!("shutting down: no new calls, draining in-flight ones");
         health_reporter.set_not_serving::<ParameterServerServer<PsService>>().await;
+        // The whole server too: probes (Kubernetes' among them) ask for "" by default.
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
     };
     // `Server::tcp_nodelay` only configures sockets tonic accepts itself; these are ours.
@@ -98,6 +114,7 @@ pub async fn run(
         .max_frame_size(Some((1 << 24) - 1))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(ps)
         .serve_with_incoming_shutdown(incoming, drain);
     let drain_timeout = settings.drain_timeout;
@@ -118,21 +135,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called (inside a tokio
+/// runtime); the future completes on the first of them.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
@@ -160,13 +182,16 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
             None => None,
         };
         let data_addr = data_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        // Signals are handled from here on, before the address is announced: a launcher
+        // that stops the server right after reading it gets a clean drain and exit 0.
+        let shutdown = shutdown_signal().context("installing the SIGTERM / Ctrl-C handlers")?;
         tracing::info!(%addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(), "listening");
         // The launcher (demo, tests) reads this line to learn an ephemeral port.
         match metrics_addr {
             Some(m) => println!("ps-server listening on {addr} metrics {m}"),
             None => println!("ps-server listening on {addr}"),
         }
-        run(listener, metrics_listener, data_listener, settings, shutdown_signal()).await
+        run(listener, metrics_listener, data_listener, settings, shutdown).await
     })
 }
 
