@@ -35,7 +35,7 @@ fn header(variable: &str, worker: u32, step: u64, n: u64) -> ps::PushHeader {
         wire_dtype: F32,
         num_elements: n,
         kind: ps::PushKind::Gradient as i32,
-        pull_timeout_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -145,6 +145,9 @@ async fn bad_input_is_refused_and_changes_nothing() {
         expect(push(&mut c, push_msgs(h.clone(), vec![ok_data.clone()])).await, Code::InvalidArgument, "wire_dtype", "unspecified wire dtype");
         h.wire_dtype = 99;
         expect(push(&mut c, push_msgs(h, vec![ok_data.clone()])).await, Code::InvalidArgument, "unknown value 99", "unknown wire dtype");
+        let mut h = header("w", 0, 0, 12);
+        h.pull_wire_dtype = 42;
+        expect(push(&mut c, push_msgs(h, vec![ok_data.clone()])).await, Code::InvalidArgument, "pull_wire_dtype has unknown value 42", "unknown pull wire dtype");
         let mut h = header("w", 0, 0, 12);
         h.kind = 7;
         expect(push(&mut c, push_msgs(h, vec![ok_data.clone()])).await, Code::InvalidArgument, "unknown push kind 7", "unknown kind");

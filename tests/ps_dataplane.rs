@@ -102,6 +102,40 @@ async fn large_parts_move_whole_and_alike_over_both_transports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_and_pulls_may_use_different_wire_dtypes() {
+    common::bounded(120, async {
+        // bf16 gradients pushed, f32 weights pulled, with pull and with push_pull, over both
+        // transports: the values come back exactly, not rounded to bf16.
+        for data_plane in [true, false] {
+            let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+            let mut v = VariableSpec::new("w", &[256, 1024]);
+            v.optimizer = Optimizer::sgd(1.0);
+            v.init = Init::Constant(0.1);
+            let opts = ClientOptions {
+                wire_dtype: DType::Bf16,
+                pull_wire_dtype: Some(DType::F32),
+                data_plane,
+                max_part_bytes: 512 << 10,
+                ..Default::default()
+            };
+            let mut c = Client::connect(&cluster.addrs(), opts).await.unwrap();
+            c.register(vec![v]).await.unwrap();
+            let first = c.pull(0).await.unwrap();
+            assert!(first[0].iter().all(|&x| x == 0.1), "f32 0.1 itself, not its bf16 rounding ({data_plane})");
+            // 0.5 is exact in bf16: after one push the weights are 0.1 - 0.5, computed in f32.
+            let grad = vec![0.5f32; 256 * 1024];
+            let mut out = vec![vec![0.0f32; 256 * 1024]];
+            c.push_pull(0, &[&grad], &mut out).await.unwrap();
+            assert!(out[0].iter().all(|&x| x == 0.1f32 - 0.5), "push_pull ({data_plane}): {}", out[0][0]);
+            c.push(1, &[&grad]).await.unwrap();
+            let after = c.pull(0).await.unwrap();
+            assert!(after[0].iter().all(|&x| x == (0.1f32 - 0.5) - 0.5), "pull ({data_plane}): {}", after[0][0]);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_without_a_reachable_data_plane_is_served_over_grpc() {
     common::bounded(60, async {
         // none at all, and one the client cannot reach (it listens on another loopback
@@ -177,7 +211,7 @@ fn push_op(variable: &str, n: u64, wire: ps::Dtype) -> Option<Op> {
         wire_dtype: wire as i32,
         num_elements: n,
         kind: ps::PushKind::Gradient as i32,
-        pull_timeout_ms: 0,
+        ..Default::default()
     }))
 }
 

@@ -27,8 +27,12 @@ pub struct ClientOptions {
     pub worker_id: u32,
     /// How long to keep retrying (with backoff) while shards start.
     pub connect_timeout: Duration,
-    /// Element type on the wire for pulls and pushes (independent of storage).
+    /// Element type on the wire for pushes, and for pulls unless `pull_wire_dtype` is set
+    /// (independent of the storage dtype).
     pub wire_dtype: DType,
+    /// Element type on the wire for pulled values, when it differs from `wire_dtype`: for
+    /// example bf16 gradients pushed and f32 weights pulled. `None`: `wire_dtype`.
+    pub pull_wire_dtype: Option<DType>,
     /// Data bytes per streamed message.
     pub chunk_bytes: usize,
     /// Variables of at least this many bytes are split into row blocks over all shards.
@@ -61,6 +65,7 @@ impl Default for ClientOptions {
             worker_id: 0,
             connect_timeout: Duration::from_secs(30),
             wire_dtype: DType::F32,
+            pull_wire_dtype: None,
             chunk_bytes: 1 << 20,
             split_bytes: 4 << 20,
             max_part_bytes: 16 << 20,
@@ -307,7 +312,7 @@ impl Client {
     async fn pull_part(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
         let shard = &self.shards[part.shard];
         let ctx = || format!("pull {:?} for step {step} from shard {} ({})", part.name, part.shard, shard.addr);
-        let wire = self.opts.wire_dtype;
+        let wire = self.pull_wire();
         let req = ps::PullRequest {
             variable: part.name.clone(),
             worker_id: self.opts.worker_id,
@@ -384,7 +389,7 @@ impl Client {
         check_sizes(model, grads.iter().map(|g| g.len()))?;
         check_sizes(model, out.iter().map(|v| v.len()))?;
         let bases = model.versions.lock().expect("versions lock").clone();
-        let wire = self.opts.wire_dtype;
+        let (wire, pull_wire) = (self.opts.wire_dtype, self.pull_wire());
         let mut calls = Vec::new();
         for (vi, ((g, buf), parts)) in grads.iter().zip(out.iter_mut()).zip(&model.placement.parts).enumerate() {
             let mut rest: &mut [f32] = buf.as_mut_slice();
@@ -397,7 +402,7 @@ impl Client {
                     let shard = &self.shards[part.shard];
                     let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
                     if let Some(plane) = &shard.data {
-                        let (version, push) = plane.push_pull(header, data, part, wire, dst, &ctx()).await?;
+                        let (version, push) = plane.push_pull(header, data, wire, part, pull_wire, dst, &ctx()).await?;
                         return Ok::<_, Error>((vi, pi, version, push));
                     }
                     let chunk = self.opts.chunk_bytes;
@@ -411,7 +416,7 @@ impl Client {
                         }
                     };
                     let mut stream = opened.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
-                    let (version, push) = receive_values(&mut stream, part, wire, dst, &ctx()).await?;
+                    let (version, push) = receive_values(&mut stream, part, pull_wire, dst, &ctx()).await?;
                     let push = push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
                     Ok::<_, Error>((vi, pi, version, push))
                 });
@@ -442,7 +447,13 @@ impl Client {
             num_elements: len as u64,
             kind: kind as i32,
             pull_timeout_ms: self.pull_timeout_ms(),
+            pull_wire_dtype: dtype_to_proto(self.pull_wire()),
         }
+    }
+
+    /// The wire dtype of pulled values.
+    fn pull_wire(&self) -> DType {
+        self.opts.pull_wire_dtype.unwrap_or(self.opts.wire_dtype)
     }
 
     /// Sets the learning rate of every variable on every shard.

@@ -112,22 +112,24 @@ impl DataPlane {
         Ok(reply.values.map_or(0, |h| h.version))
     }
 
-    /// Pushes `data` and receives the values of the next step into `dst`: returns their
-    /// version and the push's outcome.
+    /// Pushes `data` (as `wire`) and receives the values of the next step (as `pull_wire`)
+    /// into `dst`: returns their version and the push's outcome.
+    #[allow(clippy::too_many_arguments)]
     pub async fn push_pull(
         &self,
         header: ps::PushHeader,
         data: &[f32],
-        part: &Part,
         wire: DType,
+        part: &Part,
+        pull_wire: DType,
         dst: &mut [f32],
         ctx: &str,
     ) -> Result<(u64, ps::PushResponse)> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
             c.send(Op::PushPull(header), data, wire, &self.sending).await?;
-            c.spin_for_reply(self.spin_for((data.len() + dst.len()) * wire.size())).await;
-            c.reply_with_values(part, wire, dst).await
+            c.spin_for_reply(self.spin_for(data.len() * wire.size() + dst.len() * pull_wire.size())).await;
+            c.reply_with_values(part, pull_wire, dst).await
         }
         .await;
         let reply = self.finish(c, outcome, ctx)?;

@@ -221,8 +221,9 @@ impl Conn {
         }
     }
 
-    /// Receives a push's values and applies them. The inner `Err` refuses the push after its
-    /// whole payload was consumed, so the next request can follow.
+    /// Receives a push's values and applies them; returns the reply, the variable and the
+    /// wire dtype of values a push_pull sends back. The inner `Err` refuses the push after
+    /// its whole payload was consumed, so the next request can follow.
     async fn push(
         &mut self,
         header: &ps::PushHeader,
@@ -249,7 +250,7 @@ impl Conn {
         if let Err(e) = self.receive_into(&mut buf).await? {
             return Ok(Err(self.service.reject(e)));
         }
-        Ok(self.service.complete_push(&pending, buf).await.map(|r| (r, pending.var, pending.wire)))
+        Ok(self.service.complete_push(&pending, buf).await.map(|r| (r, pending.var, pending.pull_wire)))
     }
 
     /// Reads the rest of a push's values into `buf`, piece by piece. A refused piece ends

@@ -24,6 +24,8 @@ const BLOCKING_APPLY_ELEMENTS: usize = 1 << 18;
 pub(crate) struct PendingPush {
     pub(crate) var: Arc<Variable>,
     pub(crate) wire: DType,
+    /// Wire dtype of the values a push_pull sends back.
+    pub(crate) pull_wire: DType,
     kind: ps::PushKind,
     meta: PushMeta,
 }
@@ -86,8 +88,8 @@ impl PsService {
         ))
     }
 
-    /// Receives and applies one push; returns its reply with the variable, wire dtype, step
-    /// and requested pull timeout (push_pull).
+    /// Receives and applies one push; returns its reply with the variable, the wire dtype
+    /// of values sent back, the step and the requested pull timeout (push_pull).
     async fn push_inner(
         &self,
         mut stream: Streaming<ps::PushRequest>,
@@ -112,7 +114,7 @@ impl PsService {
             buf.append(&msg.data).map_err(|e| self.reject(e))?;
         }
         let reply = self.complete_push(&pending, buf).await?;
-        Ok((reply, pending.var, pending.wire, (header.step, header.pull_timeout_ms)))
+        Ok((reply, pending.var, pending.pull_wire, (header.step, header.pull_timeout_ms)))
     }
 
     /// Checks a push header against its variable: the push it describes and the buffer
@@ -126,7 +128,11 @@ impl PsService {
         let check_finite = !self.store.config().allow_non_finite && kind == ps::PushKind::Gradient;
         let buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
         let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
-        Ok((PendingPush { var, wire, kind, meta }, buf))
+        let pull_wire = match header.pull_wire_dtype {
+            0 => wire,
+            d => convert::dtype(d, "pull_wire_dtype", &header.variable).map_err(|e| self.reject(e))?,
+        };
+        Ok((PendingPush { var, wire, pull_wire, kind, meta }, buf))
     }
 
     /// Applies a push whose values all arrived (large updates on the blocking pool).
