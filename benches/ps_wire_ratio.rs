@@ -40,7 +40,7 @@ fn main() {
     // One variable per wire dtype, so that neither pass leaves the other's server-side
     // buffers in a different state than its own previous pass did.
     let connect = |wire: DType| {
-        let mut spec = VariableSpec::new(&format!("big_{wire}"), &[BIG]);
+        let mut spec = VariableSpec::new(format!("big_{wire}"), &[BIG]);
         spec.optimizer = Optimizer::sgd(0.0); // every push runs the full update, values stay
         rt.block_on(async {
             let mut c = Client::connect(&cluster.addrs(), ClientOptions { wire_dtype: wire, max_part_bytes: part, ..Default::default() }).await.unwrap();
