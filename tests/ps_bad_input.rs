@@ -203,3 +203,24 @@ async fn bad_input_is_refused_and_changes_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_non_finite_accepts_and_applies_nan_and_inf() {
+    common::bounded(60, async {
+        // Off by default (the test above); with the flag, non-finite gradients are applied
+        // like any other, on both transports.
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1", "--allow-non-finite"]);
+        for data_plane in [true, false] {
+            let mut c = common::client_with(&cluster, 0, 1 << 20, data_plane).await;
+            let name = format!("w{}", data_plane as u8);
+            let mut v = parasync_client::VariableSpec::new(&name, &[4]);
+            v.optimizer = parasync_client::Optimizer::sgd(1.0);
+            c.register(vec![v]).await.unwrap();
+            c.push(0, &[&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0]]).await.unwrap();
+            let w = c.pull(0).await.unwrap();
+            assert!(w[0][0].is_nan(), "{data_plane}: {:?}", w[0]);
+            assert_eq!(&w[0][1..], &[f32::NEG_INFINITY, f32::INFINITY, -1.0], "{data_plane}");
+        }
+    })
+    .await;
+}

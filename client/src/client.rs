@@ -697,13 +697,26 @@ async fn resolve_data_port(host: &str, port: u32) -> Option<std::net::SocketAddr
     tokio::net::lookup_host(format!("{host}:{port}")).await.ok()?.next()
 }
 
-/// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set.
+/// Parameter-server addresses from `TF_CONFIG` (`cluster.ps`), if it is set and not empty.
 pub fn ps_addresses_from_env() -> Result<Option<Vec<String>>> {
-    let Ok(s) = std::env::var("TF_CONFIG") else { return Ok(None) };
+    match std::env::var("TF_CONFIG") {
+        Ok(s) if !s.trim().is_empty() => ps_addresses_from_tf_config(&s),
+        _ => Ok(None),
+    }
+}
+
+/// Parameter-server addresses from a `TF_CONFIG` document: `cluster.ps`, or `None` when the
+/// cluster has no `ps` tasks.
+pub fn ps_addresses_from_tf_config(json: &str) -> Result<Option<Vec<String>>> {
     let v: serde_json::Value =
-        serde_json::from_str(&s).map_err(|e| Error::usage(format!("TF_CONFIG is not valid JSON: {e}")))?;
-    let ps = v.pointer("/cluster/ps").and_then(|p| p.as_array());
-    Ok(ps.map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
+        serde_json::from_str(json).map_err(|e| Error::usage(format!("TF_CONFIG is not valid JSON: {e}")))?;
+    let Some(ps) = v.pointer("/cluster/ps") else { return Ok(None) };
+    let list = ps.as_array().ok_or_else(|| Error::usage(format!("TF_CONFIG cluster.ps must be a list of \"host:port\" strings, got {ps}")))?;
+    let addrs = list
+        .iter()
+        .map(|x| x.as_str().map(String::from).ok_or_else(|| Error::usage(format!("TF_CONFIG cluster.ps holds {x}, not a \"host:port\" string"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(addrs))
 }
 
 /// Compile-time check: every call's future can move between threads (`tokio::spawn`).
@@ -714,4 +727,24 @@ fn futures_are_send(c: &'static Client, m: &'static mut Client, out: &'static mu
     is_send(c.push(0, &[]));
     is_send(c.push_pull(0, &[], out));
     is_send(m.register(Vec::new()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_config_gives_the_ps_addresses() {
+        let tf = r#"{"cluster": {"worker": ["w0:1"], "ps": ["ps0:5000", "ps1:5000"]}, "task": {"type": "worker", "index": 0}}"#;
+        assert_eq!(ps_addresses_from_tf_config(tf).unwrap(), Some(vec!["ps0:5000".to_string(), "ps1:5000".to_string()]));
+        let no_ps = r#"{"cluster": {"worker": ["w0:1", "w1:1"]}, "task": {"type": "worker", "index": 1}}"#;
+        assert_eq!(ps_addresses_from_tf_config(no_ps).unwrap(), None);
+        let bad = ps_addresses_from_tf_config("{cluster").unwrap_err();
+        assert_eq!(bad.kind, ErrorKind::Usage);
+        assert!(bad.message.contains("not valid JSON"), "{bad}");
+        let not_strings = ps_addresses_from_tf_config(r#"{"cluster": {"ps": ["ps0:5000", 7]}}"#).unwrap_err();
+        assert!(not_strings.message.contains("holds 7"), "{not_strings}");
+        let not_a_list = ps_addresses_from_tf_config(r#"{"cluster": {"ps": "ps0:5000"}}"#).unwrap_err();
+        assert!(not_a_list.message.contains("must be a list"), "{not_a_list}");
+    }
 }

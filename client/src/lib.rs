@@ -24,7 +24,7 @@ mod error;
 pub mod placement;
 mod spec;
 
-pub use client::{ps_addresses_from_env, Client, ClientOptions, PushSummary, ShardInfo};
+pub use client::{ps_addresses_from_env, ps_addresses_from_tf_config, Client, ClientOptions, PushSummary, ShardInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use parasync_tensor::DType;
 pub use spec::{Init, Optimizer, VariableSpec};
