@@ -71,19 +71,16 @@ pub struct DemoArgs {
     /// Seed of the data split, the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The digits data set (gzip CSV).
-    #[arg(long, default_value = default_data_path())]
-    pub data: PathBuf,
+    /// The digits data set (gzip CSV); by default the copy built into this program (from
+    /// `data/digits.csv.gz`, CC BY 4.0).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Print one JSON object with the results instead of a report.
     #[arg(long)]
     pub json: bool,
     /// Show the servers' logs.
     #[arg(long)]
     pub server_logs: bool,
-}
-
-fn default_data_path() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz")
 }
 
 /// Flags of the hidden `parasync demo-worker` subcommand (one worker of the demo).
@@ -107,7 +104,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub seed: u64,
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
 }
 
 /// A worker's report line.
@@ -213,7 +210,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     if args.shards == 0 || args.workers == 0 || args.batch == 0 || args.epochs == 0 {
         bail!("--shards, --workers, --batch and --epochs must be at least 1");
     }
-    let data = Dataset::load(&args.data)?;
+    let data = Dataset::load_or_built_in(args.data.as_deref())?;
     let (train, test) = data.split(0.2, args.seed);
     let min_shard = train.len() / args.workers;
     if min_shard < args.batch {
@@ -275,8 +272,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             .args(["--worker-id", &w.to_string(), "--num-workers", &args.workers.to_string()])
             .args(["--steps", &steps.to_string(), "--batch", &args.batch.to_string()])
             .args(["--lr", &lr.to_string(), "--wire", args.wire.name(), "--seed", &args.seed.to_string()])
-            .arg("--data")
-            .arg(&args.data)
+            .args(args.data.iter().flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -403,7 +399,7 @@ pub fn print_report(r: &DemoReport) {
 
 /// One demo worker: pull, compute gradients on a mini-batch of its data shard, push.
 pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
-    let data = Dataset::load(&args.data)?;
+    let data = Dataset::load_or_built_in(args.data.as_deref())?;
     let (train, _) = data.split(0.2, args.seed);
     let shard = train.shard(args.worker_id as usize, args.num_workers);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

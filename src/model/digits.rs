@@ -13,6 +13,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+/// The data set shipped in `data/` (CC BY 4.0, see `data/README.md`), built into the program
+/// so that an installed binary needs no file beside it.
+const BUILT_IN: &[u8] = include_bytes!("../../data/digits.csv.gz");
+
 /// Pixels per image (8x8); the width of one row of [`Dataset::x`].
 pub const FEATURES: usize = 64;
 /// Number of classes (digits 0..=9).
@@ -54,22 +58,34 @@ impl Dataset {
     pub fn load(path: &Path) -> anyhow::Result<Dataset> {
         let file =
             File::open(path).with_context(|| format!("opening dataset {}", path.display()))?;
-        let reader = BufReader::new(GzDecoder::new(file));
+        Self::parse_gz(file, &path.display().to_string())
+    }
+
+    /// The digits data built into the program (`data/digits.csv.gz`).
+    pub fn built_in() -> anyhow::Result<Dataset> {
+        Self::parse_gz(BUILT_IN, "the built-in digits data")
+    }
+
+    /// [`Dataset::load`] of `path`, or [`Dataset::built_in`] without one.
+    pub fn load_or_built_in(path: Option<&Path>) -> anyhow::Result<Dataset> {
+        path.map_or_else(Self::built_in, Self::load)
+    }
+
+    /// Parses gzip CSV bytes from `source`, called `name` in errors.
+    fn parse_gz(source: impl std::io::Read, name: &str) -> anyhow::Result<Dataset> {
+        let reader = BufReader::new(GzDecoder::new(source));
         let mut data = Dataset::default();
         for (index, line) in reader.lines().enumerate() {
             let lineno = index + 1;
-            let line = line.with_context(|| {
-                format!("reading {} (gzip CSV) at line {lineno}", path.display())
-            })?;
+            let line = line.with_context(|| format!("reading {name} (gzip CSV) at line {lineno}"))?;
             let line = line.trim();
             if line.is_empty() {
                 continue;
             }
-            parse_row(line, &mut data)
-                .with_context(|| format!("{}: line {lineno}", path.display()))?;
+            parse_row(line, &mut data).with_context(|| format!("{name}: line {lineno}"))?;
         }
         if data.is_empty() {
-            bail!("{}: no rows", path.display());
+            bail!("{name}: no rows");
         }
         Ok(data)
     }
@@ -190,6 +206,12 @@ mod tests {
         enc.write_all(text.as_bytes()).unwrap();
         enc.finish().unwrap();
         path
+    }
+
+    #[test]
+    fn the_built_in_copy_is_the_file() {
+        assert_eq!(Dataset::built_in().unwrap(), Dataset::load(&data_path()).unwrap());
+        assert_eq!(Dataset::load_or_built_in(None).unwrap().len(), 1797);
     }
 
     #[test]
