@@ -131,7 +131,8 @@ pub struct DemoReport {
     pub steps_per_second: f64,
     pub bytes_pushed: u64,
     pub bytes_pulled: u64,
-    /// Staleness of applied gradients → count (async and bounded; all zero in sync).
+    /// Staleness of applied gradients → count, one per variable part a push updated (each
+    /// variable keeps its own version); async and bounded, all zero in sync.
     pub staleness: BTreeMap<u64, u64>,
     pub dropped_stale: u64,
 }
@@ -393,7 +394,7 @@ pub fn print_report(r: &DemoReport) {
         .iter()
         .map(|(k, v)| format!("{k}: {:.1}%", 100.0 * *v as f64 / total.max(1) as f64))
         .collect();
-    println!("  staleness           {}", dist.join(", "));
+    println!("  staleness           {} (of {total} variable updates)", dist.join(", "));
     println!("  dropped stale       {}", r.dropped_stale);
 }
 
