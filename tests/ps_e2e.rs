@@ -320,19 +320,31 @@ async fn health_metrics_and_runtime_learning_rate() {
             names,
             ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection", "parasync.ps.v1.ParameterServer"]
         );
+        // Every listed service can be described, on both endpoints (`grpcurl describe` walks
+        // them all).
         let mut old = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
-        let req = v1alpha::ServerReflectionRequest {
-            message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "parasync.ps.v1.ParameterServer".into(),
-            )),
-            ..Default::default()
-        };
-        let mut replies = old.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-        let reply = replies.message().await.unwrap().expect("a v1alpha reflection reply");
-        assert!(
-            matches!(reply.message_response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
-            "{reply:?}"
-        );
+        for name in &names {
+            let req = v1::ServerReflectionRequest {
+                message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(name.clone())),
+                ..Default::default()
+            };
+            let mut replies = refl.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+            let reply = replies.message().await.unwrap().expect("a reflection reply");
+            assert!(
+                matches!(reply.message_response, Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
+                "v1 describing {name}: {reply:?}"
+            );
+            let req = v1alpha::ServerReflectionRequest {
+                message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(name.clone())),
+                ..Default::default()
+            };
+            let mut replies = old.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+            let reply = replies.message().await.unwrap().expect("a v1alpha reflection reply");
+            assert!(
+                matches!(reply.message_response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
+                "v1alpha describing {name}: {reply:?}"
+            );
+        }
 
         let mut c = common::client(&cluster, 0, 1 << 20).await;
         let mut v = VariableSpec::new("w", &[8]);

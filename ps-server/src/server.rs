@@ -63,7 +63,11 @@ pub async fn run(
         served.into_iter().fold(
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(parasync_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // Both versions' own descriptors, since each endpoint lists both services
+                // (a builder adds only its own version's).
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET),
             |b, name| b.with_service_name(name),
         )
     };
@@ -136,7 +140,8 @@ pub async fn run(
 }
 
 /// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called (inside a tokio
-/// runtime); the future completes on the first of them.
+/// runtime; elsewhere than unix, for Ctrl-C from its first poll); the future completes on
+/// the first of them.
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
