@@ -571,6 +571,9 @@ async fn receive_values<M: ValueChunk>(
                     format!("{}: the shard holds shape {shape:?}, this client expects {:?}", ctx(), part.shape),
                 ));
             }
+            if h.wire_dtype != dtype_to_proto(wire) {
+                return Err(Error::new(ErrorKind::Internal, format!("{}: {}", ctx(), crate::dataplane::wrong_wire(h.wire_dtype, wire))));
+            }
             version = Some(h.version);
         }
         let n = parasync_tensor::decode_into(&data, wire, &mut dst[filled..])
@@ -710,8 +713,16 @@ pub fn ps_addresses_from_env() -> Result<Option<Vec<String>>> {
 pub fn ps_addresses_from_tf_config(json: &str) -> Result<Option<Vec<String>>> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| Error::usage(format!("TF_CONFIG is not valid JSON: {e}")))?;
-    let Some(ps) = v.pointer("/cluster/ps") else { return Ok(None) };
-    let list = ps.as_array().ok_or_else(|| Error::usage(format!("TF_CONFIG cluster.ps must be a list of \"host:port\" strings, got {ps}")))?;
+    let ps = match v.pointer("/cluster/ps") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(ps) => ps,
+    };
+    let list = ps.as_array().ok_or_else(|| {
+        Error::usage(format!(
+            "TF_CONFIG cluster.ps must be a list of \"host:port\" strings in shard order, got {ps} \
+             (the sparse form, a map from index to address, is not supported)"
+        ))
+    })?;
     let addrs = list
         .iter()
         .map(|x| x.as_str().map(String::from).ok_or_else(|| Error::usage(format!("TF_CONFIG cluster.ps holds {x}, not a \"host:port\" string"))))
@@ -746,5 +757,8 @@ mod tests {
         assert!(not_strings.message.contains("holds 7"), "{not_strings}");
         let not_a_list = ps_addresses_from_tf_config(r#"{"cluster": {"ps": "ps0:5000"}}"#).unwrap_err();
         assert!(not_a_list.message.contains("must be a list"), "{not_a_list}");
+        let sparse = ps_addresses_from_tf_config(r#"{"cluster": {"ps": {"0": "ps0:5000"}}}"#).unwrap_err();
+        assert!(sparse.message.contains("sparse form"), "{sparse}");
+        assert_eq!(ps_addresses_from_tf_config(r#"{"cluster": {"ps": null}}"#).unwrap(), None);
     }
 }

@@ -222,6 +222,12 @@ impl From<std::io::Error> for Failure {
     }
 }
 
+/// The values came in another wire dtype than was asked for.
+pub(crate) fn wrong_wire(got: i32, asked: DType) -> String {
+    let got = ps::Dtype::try_from(got).map_or_else(|_| format!("dtype {got}"), |d| d.as_str_name().to_string());
+    format!("the shard sent values as {got}, this client asked for {asked} (a shard too old for pull_wire_dtype?)")
+}
+
 fn protocol(ctx: &str, why: &str) -> Error {
     Error::new(ErrorKind::Internal, format!("{ctx}: data plane protocol error: {why}"))
 }
@@ -310,6 +316,9 @@ impl Conn {
         let shape: Vec<usize> = header.shape.iter().map(|&d| d as usize).collect();
         if shape != part.shape {
             return Err(Failure::Protocol(format!("the shard holds shape {shape:?}, this client expects {:?}", part.shape)));
+        }
+        if header.wire_dtype != crate::spec::dtype_to_proto(wire) {
+            return Err(Failure::Protocol(wrong_wire(header.wire_dtype, wire)));
         }
         let expected = dst.len() * wire.size();
         if reply.payload_bytes != expected as u64 {

@@ -52,6 +52,13 @@ impl Error {
             Code::NotFound => ErrorKind::NotFound,
             Code::AlreadyExists => ErrorKind::AlreadyExists,
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+            // tonic refuses a message over the server's size limit as out_of_range
+            Code::OutOfRange if status.message().contains("message length too large") => {
+                return Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{context}: {} (raise the server's --max-message-bytes, or lower chunk_bytes)", status.message()),
+                );
+            }
             Code::OutOfRange => ErrorKind::OutOfRange,
             Code::DeadlineExceeded => ErrorKind::Timeout,
             Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
@@ -71,3 +78,21 @@ impl std::error::Error for Error {}
 
 /// Result alias of the client crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_kinds_and_an_oversized_message_says_what_to_change() {
+        let big = tonic::Status::out_of_range("Error, decoded message length too large: found 10240 bytes, the limit is: 8192 bytes");
+        let e = Error::from_status(big, "register \"w\"");
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.starts_with("register \"w\": Error, decoded message length too large"), "{e}");
+        assert!(e.message.contains("--max-message-bytes"), "{e}");
+        let step = Error::from_status(tonic::Status::out_of_range("step 9 is ahead"), "pull");
+        assert_eq!((step.kind, step.message.as_str()), (ErrorKind::OutOfRange, "pull: step 9 is ahead"));
+        let limit = Error::from_status(tonic::Status::resource_exhausted("a chunk is larger than this server accepts"), "push");
+        assert_eq!(limit.kind, ErrorKind::InvalidArgument);
+    }
+}
