@@ -185,12 +185,17 @@ impl ChildRegistry {
         }
     }
 
-    /// On SIGINT or SIGTERM: SIGTERM every child (servers drain, workers stop), then exit 130.
-    fn kill_on_interrupt(&self) {
+    /// From now on, on SIGINT or SIGTERM: SIGTERM every child registered by then (servers
+    /// drain, workers stop), then exit 130. (Children started later with
+    /// `die_with_parent` go with the demo in any case.)
+    fn kill_on_interrupt(&self) -> anyhow::Result<()> {
         let pids = self.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let signalled = {
+            let _in_runtime = rt.enter();
+            ps_server::server::shutdown_signal().context("installing the SIGINT / SIGTERM handlers")?
+        };
         std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            let Ok(signalled) = rt.block_on(async { ps_server::server::shutdown_signal() }) else { return };
             rt.block_on(signalled);
             INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("interrupted: stopping the cluster");
@@ -203,6 +208,7 @@ impl ChildRegistry {
             }
             std::process::exit(130);
         });
+        Ok(())
     }
 }
 
@@ -251,15 +257,15 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
     let mut opts = ClusterOptions::new(args.shards, &server_args);
     opts.show_logs = args.server_logs;
+    let children = ChildRegistry::default();
+    children.kill_on_interrupt()?;
     let mut cluster = LocalCluster::start(exe, &opts)?;
     for (i, s) in cluster.servers.iter().enumerate() {
         say(format!("  shard {i} listening on {}", s.addr));
     }
-    let children = ChildRegistry::default();
     for s in &cluster.servers {
         children.add(s.child.as_ref().map_or(0, |c| c.id()));
     }
-    children.kill_on_interrupt();
 
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<anyhow::Result<WorkerEvent>>();
