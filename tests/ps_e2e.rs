@@ -322,28 +322,22 @@ async fn health_metrics_and_runtime_learning_rate() {
         );
         // Every listed service can be described, on both endpoints (`grpcurl describe` walks
         // them all).
+        // (The two protocol versions are the same messages in two generated modules.)
+        macro_rules! describes {
+            ($version:ident, $client:expr, $name:expr) => {{
+                let req = $version::ServerReflectionRequest {
+                    message_request: Some($version::server_reflection_request::MessageRequest::FileContainingSymbol($name.clone())),
+                    ..Default::default()
+                };
+                let mut replies = $client.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+                let reply = replies.message().await.unwrap().expect("a reflection reply");
+                matches!(reply.message_response, Some($version::server_reflection_response::MessageResponse::FileDescriptorResponse(_)))
+            }};
+        }
         let mut old = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
         for name in &names {
-            let req = v1::ServerReflectionRequest {
-                message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(name.clone())),
-                ..Default::default()
-            };
-            let mut replies = refl.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-            let reply = replies.message().await.unwrap().expect("a reflection reply");
-            assert!(
-                matches!(reply.message_response, Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
-                "v1 describing {name}: {reply:?}"
-            );
-            let req = v1alpha::ServerReflectionRequest {
-                message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(name.clone())),
-                ..Default::default()
-            };
-            let mut replies = old.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-            let reply = replies.message().await.unwrap().expect("a v1alpha reflection reply");
-            assert!(
-                matches!(reply.message_response, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
-                "v1alpha describing {name}: {reply:?}"
-            );
+            assert!(describes!(v1, refl, name), "v1 describing {name}");
+            assert!(describes!(v1alpha, old, name), "v1alpha describing {name}");
         }
 
         let mut c = common::client(&cluster, 0, 1 << 20).await;
