@@ -52,8 +52,7 @@ impl Error {
             Code::NotFound => ErrorKind::NotFound,
             Code::AlreadyExists => ErrorKind::AlreadyExists,
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,
-            // tonic refuses a message over the server's size limit as out_of_range
-            Code::OutOfRange if status.message().contains("message length too large") => {
+            Code::OutOfRange if parasync_proto::codec::is_oversized_message(&status) => {
                 return Error::new(
                     ErrorKind::InvalidArgument,
                     format!("{context}: {} (raise the server's --max-message-bytes, or lower chunk_bytes)", status.message()),

@@ -8,6 +8,13 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
+/// True for tonic's refusal of a message over the receiver's size limit. tonic reports it
+/// as `out_of_range` ("decoded message length too large"), before any service code runs;
+/// the server and the client each turn it into an error that says what to change.
+pub fn is_oversized_message(status: &Status) -> bool {
+    status.code() == Code::OutOfRange && status.message().contains("message length too large")
+}
+
 /// Buffer settings for tensor chunks: fewer, larger buffer growths per message.
 fn buffers() -> BufferSettings {
     BufferSettings::new(256 << 10, 1 << 20)

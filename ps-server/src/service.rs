@@ -76,7 +76,7 @@ impl PsService {
     /// `out_of_range`; that becomes `resource_exhausted` (the gRPC convention), naming the
     /// variable when the header has been read, and what to change.
     fn stream_failed(&self, status: Status, variable: Option<&str>) -> Status {
-        if status.code() != tonic::Code::OutOfRange || !status.message().contains("too large") {
+        if !parasync_proto::codec::is_oversized_message(&status) {
             return status;
         }
         self.store.metrics().rejected.fetch_add(1, Relaxed);

@@ -328,8 +328,8 @@ impl Spares {
 
 impl Drop for Spares {
     fn drop(&mut self) {
-        let bytes = self.f32.as_ref().map_or(0, |v| v.capacity() * 4) + self.bf16.as_ref().map_or(0, |v| v.capacity() * 2);
-        self.budget.release(bytes);
+        let kept = [self.f32.take().map(Gradient::F32), self.bf16.take().map(Gradient::Bf16)];
+        self.budget.release(kept.iter().flatten().map(Gradient::bytes).sum());
     }
 }
 
