@@ -180,6 +180,11 @@ impl Client {
         &self.opts
     }
 
+    /// The registered variables, in registration order (empty before [`Client::register`]).
+    pub fn specs(&self) -> &[VariableSpec] {
+        self.model.as_ref().map_or(&[], |m| &m.specs)
+    }
+
     /// Where each registered variable lives (after [`Client::register`]).
     pub fn placement(&self) -> Option<&Placement> {
         self.model.as_ref().map(|m| &m.placement)
@@ -288,13 +293,15 @@ impl Client {
         Ok(out)
     }
 
-    /// Like [`Client::pull`], into caller-owned buffers (one per variable, exact sizes).
-    pub async fn pull_into(&self, step: u64, out: &mut [Vec<f32>]) -> Result<()> {
+    /// Like [`Client::pull`], into caller-owned buffers (one per variable, exact sizes):
+    /// `Vec<f32>`s, or `&mut [f32]` views of memory the caller owns (a NumPy array, a C
+    /// buffer), written in place.
+    pub async fn pull_into<B: AsMut<[f32]>>(&self, step: u64, out: &mut [B]) -> Result<()> {
         let model = self.model()?;
-        check_sizes(model, out.iter().map(|v| v.len()))?;
+        check_sizes(model, out.iter_mut().map(|v| v.as_mut().len()))?;
         let mut calls = Vec::new();
         for (vi, (buf, parts)) in out.iter_mut().zip(&model.placement.parts).enumerate() {
-            let mut rest: &mut [f32] = buf.as_mut_slice();
+            let mut rest: &mut [f32] = buf.as_mut();
             for (pi, part) in parts.iter().enumerate() {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
                 rest = tail;
@@ -384,15 +391,15 @@ impl Client {
     /// timed out, the shard is shutting down), the error says "the push was accepted":
     /// pushing the same gradient again would be refused as a duplicate (sync, bounded) or
     /// applied twice (async).
-    pub async fn push_pull(&self, step: u64, grads: &[&[f32]], out: &mut [Vec<f32>]) -> Result<PushSummary> {
+    pub async fn push_pull<B: AsMut<[f32]>>(&self, step: u64, grads: &[&[f32]], out: &mut [B]) -> Result<PushSummary> {
         let model = self.model()?;
         check_sizes(model, grads.iter().map(|g| g.len()))?;
-        check_sizes(model, out.iter().map(|v| v.len()))?;
+        check_sizes(model, out.iter_mut().map(|v| v.as_mut().len()))?;
         let bases = model.versions.lock().expect("versions lock").clone();
         let (wire, pull_wire) = (self.opts.wire_dtype, self.pull_wire());
         let mut calls = Vec::new();
         for (vi, ((g, buf), parts)) in grads.iter().zip(out.iter_mut()).zip(&model.placement.parts).enumerate() {
-            let mut rest: &mut [f32] = buf.as_mut_slice();
+            let mut rest: &mut [f32] = buf.as_mut();
             for (pi, part) in parts.iter().enumerate() {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
                 rest = tail;

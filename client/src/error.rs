@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Timeout,
     /// The caller's input is inconsistent (detected before anything was sent).
     Usage,
+    /// The caller abandoned a blocking call (see [`crate::blocking`]).
+    Interrupted,
     /// Anything else the server reported.
     Internal,
 }

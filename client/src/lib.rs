@@ -18,12 +18,14 @@
 //!
 //! The API is free of transport types so that a C ABI and a Python binding can sit on it.
 
+pub mod blocking;
 mod client;
 mod dataplane;
 mod error;
 pub mod placement;
 mod spec;
 
+pub use blocking::BlockingClient;
 pub use client::{ps_addresses_from_env, ps_addresses_from_tf_config, Client, ClientOptions, PushSummary, ShardInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use parasync_tensor::DType;
