@@ -1,0 +1,159 @@
+"""`PsClient`: a trainer's connection to the parameter-server shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+
+from . import _native
+from ._spec import VariableSpec
+
+Arrays = Union[Mapping[str, np.ndarray], Sequence[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PushSummary:
+    """What the shards did with a push: parts applied or accepted for their sync step,
+    parts dropped as late gradients, and the staleness of each applied async part."""
+
+    accepted: int
+    dropped_stale: int
+    staleness: list
+
+
+class PsClient:
+    """Connects to every shard of a parameter-server job.
+
+    ``addresses`` default to ``TF_CONFIG``'s ``cluster.ps``. Arrays are float32 and
+    C-contiguous; they are read and written in place (nothing is copied), and any other
+    array raises ``TypeError`` / ``ValueError`` naming the variable before anything is sent.
+    The GIL is released while bytes move, so several threads may call one client at once;
+    Ctrl-C interrupts a blocked call.
+
+    Args:
+        addresses: ``host:port`` of each shard, in shard order.
+        worker_id: this worker's id, ``0..num_workers`` (the order sync mode sums in).
+        wire_dtype: element type of pushed gradients on the wire (``"f32"`` or ``"bf16"``).
+        pull_wire_dtype: element type of pulled values on the wire (default: ``wire_dtype``).
+        timeout: seconds to keep retrying while the shards start.
+        pull_timeout: seconds the server may hold a pull waiting for its step.
+        data_plane: move tensors over the shards' plain-TCP data plane (else gRPC).
+        reply_spin: seconds to busy-poll for small replies (lower latency, one busy core).
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str] | None = None,
+        worker_id: int = 0,
+        wire_dtype: str = "f32",
+        pull_wire_dtype: str | None = None,
+        timeout: float = 30.0,
+        pull_timeout: float | None = None,
+        data_plane: bool = True,
+        reply_spin: float = 0.0,
+        split_bytes: int | None = None,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        if addresses is None:
+            addresses = _native.ps_addresses_from_env()
+            if addresses is None:
+                raise ValueError("no parameter-server addresses: pass addresses=[...] or set TF_CONFIG with cluster.ps")
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        self._c = _native.PsClient(
+            list(addresses),
+            worker_id,
+            wire_dtype,
+            pull_wire_dtype,
+            timeout,
+            pull_timeout,
+            data_plane,
+            reply_spin,
+            split_bytes,
+            chunk_bytes,
+        )
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    # -- model --------------------------------------------------------------------------
+
+    def register(self, specs: Sequence[VariableSpec]) -> None:
+        """Registers the variables on their shards. Idempotent: every worker may register
+        the same specs; the first registration initialises. Fixes the variable order."""
+        specs = list(specs)
+        for s in specs:
+            if not isinstance(s, VariableSpec):
+                raise TypeError(f"register() takes parasync.VariableSpec objects, got {type(s).__name__}")
+        self._c.register([s._native() for s in specs])
+        self._shapes = {name: tuple(shape) for name, shape in self._c.variables()}
+
+    @property
+    def variables(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every registered variable, in registration order."""
+        return dict(self._shapes)
+
+    # -- per step -----------------------------------------------------------------------
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """New float32 arrays, one per variable, for ``pull_into`` / ``push_pull``."""
+        if not self._shapes:
+            raise ValueError("register the model before pulling or pushing")
+        return {name: np.empty(shape, dtype=np.float32) for name, shape in self._shapes.items()}
+
+    def pull(self, step: int) -> dict[str, np.ndarray]:
+        """The values of every variable for ``step`` (sync: waits until the step exists)."""
+        out = self.empty()
+        self._c.pull_into(step, out)
+        return out
+
+    def pull_into(self, step: int, arrays: Arrays) -> None:
+        """Like ``pull``, into the caller's arrays (a dict by name, or a list in
+        registration order), written in place."""
+        self._c.pull_into(step, arrays)
+
+    def push(self, step: int, grads: Arrays) -> PushSummary:
+        """Pushes one gradient per variable for ``step``."""
+        return PushSummary(**self._c.push(step, grads))
+
+    def push_pull(self, step: int, grads: Arrays, out: Arrays) -> PushSummary:
+        """Pushes the gradients of ``step`` and receives the values of ``step + 1`` into
+        ``out`` in the same round trip. If the push is accepted but the pull fails, the
+        error says so: do not push the same gradient again."""
+        return PushSummary(**self._c.push_pull(step, grads, out))
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Sets the learning rate of every variable on every shard."""
+        self._c.set_learning_rate(lr)
+
+    def shard_info(self) -> list[dict]:
+        """Each shard's address, mode, number of workers, dropped gradients, variables."""
+        return self._c.shard_info()
+
+    @property
+    def num_shards(self) -> int:
+        return self._c.num_shards
+
+    @property
+    def worker_id(self) -> int:
+        return self._c.worker_id
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the connections. Idempotent."""
+        self._c.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._c.closed
+
+    def __enter__(self) -> "PsClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.num_shards} shards"
+        return f"<parasync.PsClient worker {self.worker_id if not self.closed else '?'}, {state}>"
