@@ -97,6 +97,8 @@ class PsClient:
 
     def empty(self) -> dict[str, np.ndarray]:
         """New float32 arrays, one per variable, for ``pull_into`` / ``push_pull``."""
+        if self.closed:
+            raise ValueError("the client is closed")
         if not self._shapes:
             raise ValueError("register the model before pulling or pushing")
         return {name: np.empty(shape, dtype=np.float32) for name, shape in self._shapes.items()}
