@@ -22,7 +22,6 @@ fi
 
 echo "== pip install ./python (builds the native module from source)"
 "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps ./python
-"$VENV/bin/python" -m pip install --quiet ./python   # its dependencies, if any are missing
 
 echo "== pytest python/tests"
 export PARASYNC_BIN="${PARASYNC_BIN:-$PWD/target/debug/parasync}"

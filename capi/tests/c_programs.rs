@@ -38,6 +38,13 @@ fn capi_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where the compiled programs go.
+fn out_dir() -> PathBuf {
+    let dir = profile_dir().join("capi-c-tests");
+    std::fs::create_dir_all(&dir).expect("creating the C programs' directory");
+    dir
+}
+
 /// Compiles `tests/c/<name>.c` once per test process and returns the executable.
 fn program(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -45,15 +52,19 @@ fn program(name: &str) -> PathBuf {
     if let Some(exe) = built.get(name) {
         return exe.clone();
     }
-    let out_dir = profile_dir().join("capi-c-tests");
-    std::fs::create_dir_all(&out_dir).expect("creating the C programs' directory");
-    let exe = out_dir.join(name);
-    let src = capi_dir().join(format!("tests/c/{name}.c"));
+    let exe = compile(&capi_dir().join(format!("tests/c/{name}.c")), name);
+    built.insert(name.to_string(), exe.clone());
+    exe
+}
+
+/// Compiles and links one C file against the header and the static library.
+fn compile(src: &Path, name: &str) -> PathBuf {
+    let exe = out_dir().join(name);
     let output = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-D_POSIX_C_SOURCE=200809L", "-g"])
         .arg("-I")
         .arg(capi_dir().join("include"))
-        .arg(&src)
+        .arg(src)
         .arg(static_lib())
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
@@ -66,7 +77,6 @@ fn program(name: &str) -> PathBuf {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    built.insert(name.to_string(), exe.clone());
     exe
 }
 
@@ -244,15 +254,26 @@ fn bad_arguments_and_absent_peers_fail_quickly_with_messages() {
 }
 
 #[test]
+fn the_readme_example_trains_against_a_real_parameter_server() {
+    let readme = std::fs::read_to_string(capi_dir().join("README.md")).expect("reading README.md");
+    let example = readme.split("```c\n").nth(1).and_then(|rest| rest.split("```").next()).expect("README.md has a ```c block");
+    let src = out_dir().join("readme_example.c");
+    std::fs::write(&src, example).unwrap();
+    let exe = compile(&src, "readme_example");
+    let server = Server::start();
+    let mut cmd = Command::new(exe);
+    cmd.arg(&server.addr);
+    Running::start(cmd, "the README's example").expect_success();
+}
+
+#[test]
 fn the_header_compiles_as_cpp() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     if Command::new(&cxx).arg("--version").output().is_err() {
         eprintln!("skipped: no C++ compiler ({cxx})");
         return;
     }
-    let out_dir = profile_dir().join("capi-c-tests");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let src = out_dir.join("header_check.cc");
+    let src = out_dir().join("header_check.cc");
     std::fs::write(
         &src,
         "#include \"parasync.h\"\n\

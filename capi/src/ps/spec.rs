@@ -250,7 +250,7 @@ impl ParasyncVariableSpec {
     ///
     /// # Safety
     /// The pointers in `self` are null or valid as documented on the struct.
-    pub(crate) unsafe fn to_client(&self, what: &str) -> Result<VariableSpec> {
+    pub(crate) unsafe fn to_client(self, what: &str) -> Result<VariableSpec> {
         // SAFETY: the caller's contract, for each pointer.
         let (name, shape) = unsafe {
             (args::string(self.name, &format!("{what}.name"))?, args::slice(self.shape, self.ndim, &format!("{what}.shape"))?)
