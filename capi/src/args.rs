@@ -14,13 +14,30 @@ use crate::error::{Error, Result};
 /// # Safety
 /// `p` is null or points to a live `T` that nothing mutates for `'a`.
 pub(crate) unsafe fn handle<'a, T>(p: *const T, what: &str) -> Result<&'a T> {
-    // SAFETY: the caller's contract.
+    aligned(p, what)?;
+    // SAFETY: aligned (checked), and null or live by the caller's contract.
     unsafe { p.as_ref() }.ok_or_else(|| Error::usage(format!("{what} is NULL")))
 }
 
 /// Checks that an output pointer is not null (it is written with [`write`]).
 pub(crate) fn out<T>(p: *mut T, what: &str) -> Result<NonNull<T>> {
+    aligned(p, what)?;
     NonNull::new(p).ok_or_else(|| Error::usage(format!("{what} is NULL")))
+}
+
+/// Like [`out`] for an output the caller may decline with NULL.
+pub(crate) fn optional_out<T>(p: *mut T, what: &str) -> Result<Option<NonNull<T>>> {
+    aligned(p, what)?;
+    Ok(NonNull::new(p))
+}
+
+/// A usage error when `p` is not aligned for `T` (NULL is aligned).
+fn aligned<T>(p: *const T, what: &str) -> Result<()> {
+    let align = std::mem::align_of::<T>();
+    match (p as usize).is_multiple_of(align) {
+        true => Ok(()),
+        false => Err(Error::usage(format!("{what} is not aligned to {align} bytes"))),
+    }
 }
 
 /// Writes `value` through an output pointer checked by [`out`].
@@ -58,10 +75,7 @@ fn checked<T>(p: *const T, len: usize, what: &str) -> Result<*const T> {
             _ => Err(Error::usage(format!("{what} is NULL but {len} elements were announced"))),
         };
     }
-    let align = std::mem::align_of::<T>();
-    if !(p as usize).is_multiple_of(align) {
-        return Err(Error::usage(format!("{what} is not aligned to {align} bytes")));
-    }
+    aligned(p, what)?;
     Ok(p)
 }
 
@@ -159,6 +173,7 @@ mod tests {
         unsafe {
             assert!(message(slice(odd, 1, "buf")).contains("buf is not aligned to 8 bytes"));
             assert!(message(slice(words.as_ptr(), usize::MAX / 4, "buf")).contains("do not fit in memory"));
+            assert!(message(handle(odd, "client")).contains("client is not aligned to 8 bytes"));
         }
     }
 

@@ -4,6 +4,7 @@
 mod spec;
 
 use std::ffi::c_char;
+use std::ptr::NonNull;
 
 use parasync_client::{ps_addresses_from_env, BlockingClient, PushSummary};
 
@@ -114,9 +115,9 @@ unsafe fn ps_connect_impl(
     // SAFETY (this block): the caller's contract.
     unsafe {
         args::write(out, std::ptr::null_mut());
-        let opts = match opts.as_ref() {
-            Some(o) => o.to_client()?,
-            None => parasync_client::ClientOptions::default(),
+        let opts = match opts.is_null() {
+            true => parasync_client::ClientOptions::default(),
+            false => args::handle(opts, "opts")?.to_client()?,
         };
         let addrs = match n_addrs {
             0 => ps_addresses_from_env()?.ok_or_else(|| {
@@ -267,6 +268,7 @@ unsafe fn ps_push_impl(
     // SAFETY: the caller's contract.
     unsafe {
         let client = args::handle(client, "client")?;
+        let summary = args::optional_out(summary, "summary")?;
         let (grads, lens) = tensors(grads, lens, n, "grads")?;
         let grads = borrow_grads(grads, lens)?;
         let done = client.client.push(step, &grads, &mut never)?;
@@ -275,12 +277,12 @@ unsafe fn ps_push_impl(
     Ok(())
 }
 
-/// Writes `done` through `summary` unless it is NULL.
+/// Writes `done` through `summary` unless the caller passed NULL.
 ///
 /// # Safety
-/// `summary` is NULL or valid for writing a `ParasyncPushSummary`.
-unsafe fn write_summary(summary: *mut ParasyncPushSummary, done: PushSummary) {
-    if let Some(summary) = std::ptr::NonNull::new(summary) {
+/// `summary` is valid for writing a `ParasyncPushSummary`.
+unsafe fn write_summary(summary: Option<NonNull<ParasyncPushSummary>>, done: PushSummary) {
+    if let Some(summary) = summary {
         // SAFETY: the caller's contract.
         unsafe { args::write(summary, done.into()) };
     }
@@ -333,6 +335,7 @@ unsafe fn ps_push_pull_impl(
     // SAFETY: the caller's contract.
     unsafe {
         let client = args::handle(client, "client")?;
+        let summary = args::optional_out(summary, "summary")?;
         let (grads, lens) = tensors(grads, lens, n, "grads")?;
         let outs = args::slice(outs, n, "outs")?;
         let written = outs.iter().zip(lens).enumerate().map(|(i, (&p, &l))| Region::of(p, l, true, format!("outs[{i}]")));
