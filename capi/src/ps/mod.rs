@@ -129,7 +129,7 @@ unsafe fn ps_connect_impl(
                 .map(|(i, &a)| args::string(a, &format!("addrs[{i}]")).map(str::to_string))
                 .collect::<Result<Vec<_>>>()?,
         };
-        let client = BlockingClient::connect_interruptible(&addrs, opts, &mut never)?;
+        let client = BlockingClient::connect(&addrs, opts)?;
         args::write(out, Box::into_raw(Box::new(ParasyncPsClient { client })));
     }
     Ok(())
