@@ -9,22 +9,8 @@ NumPy arrays are used in place and the GIL is released while bytes move.
 """
 
 from ._native import __version__
-from ._errors import (
-    CommunicatorPoisonedError,
-    LaunchEnvironmentError,
-    ParasyncError,
-    PeerError,
-    PeerTimeoutError,
-    PsAlreadyExistsError,
-    PsError,
-    PsFailedPreconditionError,
-    PsInvalidArgumentError,
-    PsNotFoundError,
-    PsOutOfRangeError,
-    PsTimeoutError,
-    PsUnavailableError,
-    RendezvousError,
-)
+from . import _errors
+from ._errors import *  # noqa: F403  (the exception classes)
 from ._spec import SGD, Adagrad, Adam, AdamW, Constant, Normal, Uniform, VariableSpec, Zeros
 from ._ps import PsClient, PushSummary
 from ._comm import Communicator, Work, init
@@ -45,18 +31,5 @@ __all__ = [
     "Communicator",
     "Work",
     "init",
-    "ParasyncError",
-    "PsError",
-    "PsUnavailableError",
-    "PsTimeoutError",
-    "PsInvalidArgumentError",
-    "PsNotFoundError",
-    "PsAlreadyExistsError",
-    "PsFailedPreconditionError",
-    "PsOutOfRangeError",
-    "PeerError",
-    "PeerTimeoutError",
-    "RendezvousError",
-    "LaunchEnvironmentError",
-    "CommunicatorPoisonedError",
+    *_errors.__all__,
 ]
