@@ -39,9 +39,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 fn block_on<T>(fut: impl Future<Output = Result<T>>, stop: &mut dyn FnMut() -> bool) -> Result<T> {
     runtime().block_on(async {
         tokio::pin!(fut);
-        let mut tick = tokio::time::interval(INTERRUPT_POLL);
+        // (Not `interval()`, whose first tick is due at once: awaiting it costs a turn of the
+        // timer wheel, about a millisecond, on every call.)
+        let first = tokio::time::Instant::now() + INTERRUPT_POLL;
+        let mut tick = tokio::time::interval_at(first, INTERRUPT_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await; // the first tick is immediate
         loop {
             tokio::select! {
                 biased;
