@@ -94,7 +94,13 @@ impl BlockingClient {
         self.read().options().clone()
     }
 
-    /// The registered variables, in registration order (empty before [`BlockingClient::register`]).
+    /// Number of registered variables (0 before [`BlockingClient::register`]).
+    pub fn num_variables(&self) -> usize {
+        self.read().specs().len()
+    }
+
+    /// A copy of the registered variables, in registration order (empty before
+    /// [`BlockingClient::register`]). Copies initial values too: not for every step.
     pub fn specs(&self) -> Vec<VariableSpec> {
         self.read().specs().to_vec()
     }

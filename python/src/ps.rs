@@ -103,6 +103,15 @@ fn spec(t: &SpecTuple<'_>) -> PyResult<VariableSpec> {
 pub struct PsClient {
     /// `None` once closed. Calls clone the `Arc` and run without the lock.
     inner: Mutex<Option<Arc<BlockingClient>>>,
+    /// Name and shape of each registered variable (set by `register`), for the per-call
+    /// array checks without copying the specs.
+    shapes: Mutex<Arc<Vec<Shape>>>,
+}
+
+/// A registered variable as the array checks see it.
+struct Shape {
+    name: String,
+    shape: Vec<usize>,
 }
 
 impl PsClient {
@@ -113,11 +122,21 @@ impl PsClient {
             .clone()
             .ok_or_else(|| PyValueError::new_err("the client is closed"))
     }
+
+    /// The client and the registered variables, for a pull or push.
+    fn registered(&self) -> PyResult<(Arc<BlockingClient>, Arc<Vec<Shape>>)> {
+        let c = self.client()?;
+        let shapes = Arc::clone(&self.shapes.lock().unwrap_or_else(|p| p.into_inner()));
+        if shapes.is_empty() {
+            return Err(PyValueError::new_err("register the model before pulling or pushing"));
+        }
+        Ok((c, shapes))
+    }
 }
 
 /// `arrays`, one per registered variable in registration order (a sequence), or keyed by
 /// name (a mapping with exactly the registered names).
-fn per_variable<'py>(arrays: &Bound<'py, PyAny>, specs: &[VariableSpec], what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+fn per_variable<'py>(arrays: &Bound<'py, PyAny>, specs: &[Shape], what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
     if let Ok(d) = arrays.cast::<PyDict>() {
         if d.len() != specs.len() {
             let given: Vec<String> = d.keys().iter().map(|k| k.to_string()).collect();
@@ -148,19 +167,11 @@ fn per_variable<'py>(arrays: &Bound<'py, PyAny>, specs: &[VariableSpec], what: &
     Ok(items)
 }
 
-fn registered(c: &BlockingClient) -> PyResult<Vec<VariableSpec>> {
-    let specs = c.specs();
-    if specs.is_empty() {
-        return Err(PyValueError::new_err("register the model before pulling or pushing"));
-    }
-    Ok(specs)
-}
-
-fn inputs<'py>(objs: &[Bound<'py, PyAny>], specs: &[VariableSpec]) -> PyResult<Vec<PyReadonlyArrayDyn<'py, f32>>> {
+fn inputs<'py>(objs: &[Bound<'py, PyAny>], specs: &[Shape]) -> PyResult<Vec<PyReadonlyArrayDyn<'py, f32>>> {
     objs.iter().zip(specs).map(|(o, s)| arrays::input(o, &s.name, &s.shape)).collect()
 }
 
-fn outputs<'py>(objs: &[Bound<'py, PyAny>], specs: &[VariableSpec]) -> PyResult<Vec<PyReadwriteArrayDyn<'py, f32>>> {
+fn outputs<'py>(objs: &[Bound<'py, PyAny>], specs: &[Shape]) -> PyResult<Vec<PyReadwriteArrayDyn<'py, f32>>> {
     objs.iter().zip(specs).map(|(o, s)| arrays::output(o, &s.name, &s.shape)).collect()
 }
 
@@ -204,25 +215,29 @@ impl PsClient {
             ..defaults
         };
         let client = blocking(py, |stop| BlockingClient::connect_interruptible(&addresses, opts, stop))?;
-        Ok(PsClient { inner: Mutex::new(Some(Arc::new(client))) })
+        Ok(PsClient { inner: Mutex::new(Some(Arc::new(client))), shapes: Mutex::new(Arc::new(Vec::new())) })
     }
 
     /// Registers the variables: a list of `parasync.VariableSpec._native()` tuples.
     fn register(&self, py: Python<'_>, specs: Vec<SpecTuple<'_>>) -> PyResult<()> {
         let specs = specs.iter().map(spec).collect::<PyResult<Vec<_>>>()?;
         let c = self.client()?;
-        blocking(py, |stop| c.register(specs, stop))
+        let shapes = specs.iter().map(|s| Shape { name: s.name.clone(), shape: s.shape.clone() }).collect();
+        blocking(py, |stop| c.register(specs, stop))?;
+        *self.shapes.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(shapes);
+        Ok(())
     }
 
     /// `(name, shape)` of each registered variable, in registration order.
     fn variables(&self) -> PyResult<Vec<(String, Vec<usize>)>> {
-        Ok(self.client()?.specs().into_iter().map(|s| (s.name, s.shape)).collect())
+        self.client()?;
+        let shapes = Arc::clone(&self.shapes.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(shapes.iter().map(|s| (s.name.clone(), s.shape.clone())).collect())
     }
 
     /// Pulls the values of `step` into `out` (float32, C-contiguous, writable, one per variable).
     fn pull_into(&self, py: Python<'_>, step: u64, out: &Bound<'_, PyAny>) -> PyResult<()> {
-        let c = self.client()?;
-        let specs = registered(&c)?;
+        let (c, specs) = self.registered()?;
         let objs = per_variable(out, &specs, "pull_into")?;
         let mut borrowed = outputs(&objs, &specs)?;
         let mut slices: Vec<&mut [f32]> = borrowed.iter_mut().map(|a| a.as_slice_mut().expect("checked contiguous")).collect();
@@ -231,8 +246,7 @@ impl PsClient {
 
     /// Pushes one gradient per variable for `step`; returns the push summary as a dict.
     fn push<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
-        let c = self.client()?;
-        let specs = registered(&c)?;
+        let (c, specs) = self.registered()?;
         let objs = per_variable(grads, &specs, "push")?;
         let borrowed = inputs(&objs, &specs)?;
         let slices: Vec<&[f32]> = borrowed.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
@@ -242,8 +256,7 @@ impl PsClient {
 
     /// Pushes the gradients of `step` and receives the values of `step + 1` into `out`.
     fn push_pull<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
-        let c = self.client()?;
-        let specs = registered(&c)?;
+        let (c, specs) = self.registered()?;
         let gobjs = per_variable(grads, &specs, "push_pull")?;
         let oobjs = per_variable(out, &specs, "push_pull")?;
         let gb = inputs(&gobjs, &specs)?;

@@ -380,7 +380,7 @@ unsafe fn ps_num_variables_impl(client: *const ParasyncPsClient, out: *mut usize
     // SAFETY: the caller's contract.
     unsafe {
         let (client, out) = (args::handle(client, "client")?, args::out(out, "out")?);
-        args::write(out, client.client.specs().len());
+        args::write(out, client.client.num_variables());
     }
     Ok(())
 }
