@@ -123,7 +123,7 @@ fn collective_dtype(arr: &Bound<'_, PyUntypedArray>) -> Option<DType> {
     if let Some((_, d)) = table.iter().find(|(numpy, _)| dt.is_equiv_to(numpy)) {
         return Some(*d);
     }
-    let is_bf16 = dt.itemsize() == 2 && dt.typeobj().name().is_ok_and(|n| n.to_string() == "bfloat16");
+    let is_bf16 = dt.itemsize() == 2 && dt.typeobj().name().is_ok_and(|n| n == "bfloat16");
     is_bf16.then_some(DType::Bf16)
 }
 
