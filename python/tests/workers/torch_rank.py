@@ -1,0 +1,205 @@
+"""One rank of the torch tests (started by `python -m parasync.launch` or torchrun); argv[1]
+is a JSON config: {"scenario": ..., "out": directory, ...}. Results go to
+<out>/<scenario>-<rank>.pt (torch.save) or .json."""
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_common as tc  # noqa: E402
+
+import parasync  # noqa: E402
+import parasync.torch as pst  # noqa: E402
+
+torch.set_num_threads(1)
+cfg = json.loads(sys.argv[1])
+out = Path(cfg["out"])
+
+
+def save(obj, name):
+    torch.save(obj, out / f"{name}-{pst.rank()}.pt")
+
+
+def save_json(obj, name):
+    (out / f"{name}-{pst.rank()}.json").write_text(json.dumps(obj))
+
+
+def train_distributed(v: dict) -> dict:
+    """DistributedOptimizer on this rank's rows of each global batch."""
+    r, n = pst.rank(), pst.size()
+    model = tc.make_model(v["seed"] + 17 * r, v.get("extra", False))  # rank-dependent: fixed by the broadcast
+    pst.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = torch.optim.SGD(model.parameters(), lr=v["lr"], momentum=0.9)
+    opt = pst.DistributedOptimizer(
+        opt,
+        named_parameters=model.named_parameters(),
+        backward_passes_per_step=v.get("k", 1),
+        compression=v.get("compression"),
+        bucket_bytes=v.get("bucket_bytes", pst.DEFAULT_BUCKET_BYTES),
+    )
+    b, k = v["batch"], v.get("k", 1)
+    for step in range(v["steps"]):
+        x, y = tc.batch(v["seed"], step, b * n)
+        x, y = x[r * b : (r + 1) * b], y[r * b : (r + 1) * b]
+        opt.zero_grad()
+        m = b // k
+        for j in range(k):  # k micro-batches, loss scaled by 1/k: the mean over the rows
+            xs, ys = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
+            loss = tc.loss_fn(model(xs, use_extra=(step + r) % 3 == 0), ys) / k
+            loss.backward()
+        opt.step()
+    return {kk: vv.detach().clone() for kk, vv in model.state_dict().items()}
+
+
+def scenario_dopt():
+    pst.init(timeout=60)
+    results = {}
+    for v in cfg["variants"]:
+        t = time.monotonic()
+        results[v["name"]] = train_distributed(v)
+        results[v["name"] + ":seconds"] = time.monotonic() - t
+    save(results, "dopt")
+
+
+def scenario_ddp():
+    """Under torchrun: DDP over Gloo, DDP + allreduce_hook, DDP + bf16_compress_hook, from
+    the same initial weights on the same rows."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")  # torchrun's store on MASTER_PORT
+    pst.init(timeout=60)  # Parasync's rendezvous takes MASTER_PORT + 1 under torchrun
+    assert (pst.rank(), pst.size()) == (dist.get_rank(), dist.get_world_size())
+    r, n = pst.rank(), pst.size()
+    v = cfg["variant"]
+    results = {}
+    for name, hook in (("gloo", None), ("hook", pst.allreduce_hook), ("bf16", pst.bf16_compress_hook)):
+        model = tc.make_model(v["seed"] + 17 * r)  # DDP broadcasts rank 0's at construction
+        ddp = DDP(model, bucket_cap_mb=v.get("bucket_cap_mb", 25))
+        if hook is not None:
+            ddp.register_comm_hook(None, hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=v["lr"], momentum=0.9)
+        b = v["batch"]
+        t = time.monotonic()
+        for step in range(v["steps"]):
+            x, y = tc.batch(v["seed"], step, b * n)
+            x, y = x[r * b : (r + 1) * b], y[r * b : (r + 1) * b]
+            opt.zero_grad()
+            tc.loss_fn(ddp(x), y).backward()
+            opt.step()
+        results[name] = {kk: vv.detach().clone() for kk, vv in model.state_dict().items()}
+        results[name + ":seconds"] = time.monotonic() - t
+    save(results, "ddp")
+    dist.destroy_process_group()
+
+
+class WithBuffers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = tc.MLP()
+        self.bn = torch.nn.BatchNorm1d(tc.OUT)
+        self.register_buffer("mask", torch.zeros(7, dtype=torch.bool))  # 7 bytes: the padded path
+        self.register_buffer("h16", torch.zeros(3, dtype=torch.float16))
+
+    def forward(self, x):
+        return self.bn(self.mlp(x))
+
+
+def scenario_bcast():
+    """Rank-dependent init, lr and number of Adam steps (rank 1: none, so no Adam state),
+    then broadcast_parameters + broadcast_optimizer_state; one more step everywhere with a
+    DistributedOptimizer keeps the ranks identical."""
+    pst.init(timeout=60)
+    r, n = pst.rank(), pst.size()
+    torch.manual_seed(100 + r)
+    model = WithBuffers()
+    model.mask.fill_(r % 2 == 0)
+    model.mask[r % 7] = True
+    model.h16.fill_(r + 0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 * (r + 1), betas=(0.9, 0.99 - 0.01 * r), weight_decay=0.001 * r)
+    steps = {0: 3, 1: 0}.get(r, r)
+    for step in range(steps):
+        x, y = tc.batch(5 + r, step, 8)
+        opt.zero_grad()
+        tc.loss_fn(model(x), y).backward()
+        opt.step()
+    pst.broadcast_parameters(model.state_dict(), root_rank=0)
+    pst.broadcast_optimizer_state(opt, root_rank=0)
+    after = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict())}
+    opt = pst.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    x, y = tc.batch(9, 0, 8 * n)
+    opt.zero_grad()
+    tc.loss_fn(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]).backward()
+    opt.step()
+    after["next_model"] = {k: v.clone() for k, v in model.state_dict().items() if "bn.running" not in k}
+    after["next_opt"] = opt.state_dict()
+    save(after, "bcast")
+
+
+def scenario_kill():
+    """Rank `victim` SIGKILLs itself in the middle of a backward pass at step 2; the others
+    report what their step() raised and how long it took."""
+    pst.init(timeout=cfg["timeout"])
+    r, n = pst.rank(), pst.size()
+    model = tc.make_model(1)
+    opt = pst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_bytes=1024)
+    started = None
+    try:
+        for step in range(5):
+            x, y = tc.batch(1, step, 8 * n)
+            opt.zero_grad()
+            out = model(x[r * 8 : (r + 1) * 8])
+            if step == 2:
+                if r == cfg["victim"]:
+                    # dies once the first bucket (fc2) has been started
+                    model.fc1.weight.register_post_accumulate_grad_hook(lambda p: os.kill(os.getpid(), signal.SIGKILL))
+                started = time.monotonic()
+            tc.loss_fn(out, y[r * 8 : (r + 1) * 8]).backward()
+            opt.step()
+        save_json({"error": None}, "kill")
+    except parasync.PeerError as e:
+        save_json({"error": type(e).__name__, "rank": e.rank, "message": str(e), "elapsed": time.monotonic() - started}, "kill")
+
+
+def scenario_bad():
+    """Wrong inputs: each raises on this rank before anything moves (the communicator still
+    works), then allreduce with shapes that differ between ranks raises on every rank."""
+    pst.init(timeout=cfg["timeout"])
+    r = pst.rank()
+    res = {}
+    cases = {
+        "non_contiguous": lambda: pst.allreduce(torch.ones(4, 4)[:, 1]),
+        "transposed": lambda: pst.allreduce(torch.ones(3, 5).t()),
+        "meta": lambda: pst.allreduce(torch.empty(4, device="meta")),
+        "float16": lambda: pst.allreduce(torch.ones(4, dtype=torch.float16)),
+        "not_a_tensor": lambda: pst.allreduce([1.0, 2.0]),
+        "bad_op": lambda: pst.allreduce(torch.ones(4), "prod"),
+        "broadcast_non_contiguous": lambda: pst.broadcast_parameters({"w": torch.ones(4, 4).t()}),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            res[name] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            res[name] = {"error": type(e).__name__, "message": str(e)}
+    t = torch.full((3,), float(r + 1))
+    pst.allreduce(t, "sum")
+    res["still_works"] = t.tolist()
+    started = time.monotonic()
+    try:
+        pst.allreduce(torch.ones(10 + r))
+        res["mismatch"] = {"error": None}
+    except Exception as e:  # noqa: BLE001
+        res["mismatch"] = {"error": type(e).__name__, "message": str(e), "peer_error": isinstance(e, parasync.PeerError)}
+    res["mismatch"]["elapsed"] = time.monotonic() - started
+    save_json(res, "bad")
+
+
+{"dopt": scenario_dopt, "ddp": scenario_ddp, "bcast": scenario_bcast, "kill": scenario_kill, "bad": scenario_bad}[cfg["scenario"]]()
