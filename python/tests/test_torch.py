@@ -143,20 +143,45 @@ def test_distributed_optimizer_bf16_compression_stays_close_and_ranks_agree(dopt
 # -- DDP with the comm hook, under torchrun ---------------------------------------------
 
 
-def test_ddp_with_the_parasync_hook_equals_ddp_over_gloo_under_torchrun(tmp_path):
-    n, port = 2, two_free_ports()
-    variant = dict(seed=4, lr=0.1, batch=8, steps=20, bucket_cap_mb=0.001)  # several DDP buckets
-    cfg = {"scenario": "ddp", "out": str(tmp_path), "variant": variant}
+DDP_VARIANT = dict(seed=4, lr=0.1, batch=8, steps=20, bucket_cap_mb=0.001)  # several DDP buckets
+
+
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory):
+    """One torchrun job, 2 ranks (see scenario_ddp in workers/torch_rank.py)."""
+    n, port, out = 2, two_free_ports(), tmp_path_factory.mktemp("ddp")
+    cfg = {"scenario": "ddp", "out": str(out), "variant": DDP_VARIANT}
     res = run_job([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
                    "--master-port", str(port), WORKER, json.dumps(cfg)])
     assert res.returncode == 0, res.stdout[-8000:]
-    ranks = load_ranks(tmp_path, "ddp", n)
-    for name in ("gloo", "hook", "bf16"):
+    return n, load_ranks(out, "ddp", n)
+
+
+def test_ddp_with_the_parasync_hook_or_backend_equals_ddp_over_gloo_under_torchrun(ddp_job):
+    n, ranks = ddp_job
+    for name in ("gloo", "hook", "bf16", "backend"):
         for r in range(n):
             assert_identical(ranks[r][name], ranks[0][name], f"{name}: rank {r} vs rank 0")
     assert_close(ranks[0]["hook"], ranks[0]["gloo"], 1e-6, "DDP + allreduce_hook vs DDP over Gloo")
-    assert_close(ranks[0]["hook"], tc.reference(variant, n), 1e-6, "DDP + allreduce_hook vs one process")
+    assert_close(ranks[0]["backend"], ranks[0]["gloo"], 1e-6, 'DDP over the "parasync" backend vs DDP over Gloo')
+    assert_close(ranks[0]["hook"], tc.reference(DDP_VARIANT, n), 1e-6, "DDP + allreduce_hook vs one process")
     assert_close(ranks[0]["bf16"], ranks[0]["gloo"], 2e-2, "DDP + bf16_compress_hook vs DDP over Gloo")
+
+
+def test_the_parasync_torch_distributed_backend_runs_each_collective(ddp_job):
+    n, ranks = ddp_job
+    for r, got in enumerate(ranks):
+        c = got["collectives"]
+        assert c["all_reduce_sum"].tolist() == [3.0] * 3
+        assert c["all_reduce_max"].tolist() == [2.0] * 3 and c["all_reduce_max"].dtype == torch.float64
+        assert c["all_reduce_avg_async"].tolist() == [1.5] * 2 and c["all_reduce_avg_async"].dtype == torch.bfloat16
+        assert c["broadcast"].tolist() == [0, 2, 4, 6]
+        assert c["broadcast_bool"].tolist() == [True, True, False]
+        assert c["all_gather"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
+        assert c["all_gather_into_tensor"].tolist() == [0, 0, 1, 1]
+        assert c["reduce_scatter"].tolist() == [float(2 * r + 1)] * 2  # sum over ranks q of (r + q)
+        assert c["reduce_scatter_tensor"].tolist() == [2.0 * (2 * r) + 1, 2.0 * (2 * r + 1) + 1]
+        assert c["send"].startswith("NotImplementedError") and "does not implement send" in c["send"], c["send"]
 
 
 # -- broadcasts ---------------------------------------------------------------------------
@@ -303,6 +328,17 @@ def test_one_rank_api(solo):
     model(torch.ones(4, 3)).sum().backward()
     with pytest.raises(RuntimeError, match="more than backward_passes_per_step=1"):
         model(torch.ones(4, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match="before step"):
+        opt.zero_grad()
     opt.synchronize()
+    opt.zero_grad()
+    # Buckets start during the backward pass, not in step(): with 64-byte buckets, every
+    # bucket is on its way when backward() returns.
+    mlp = tc.make_model(0)
+    opt = pst.DistributedOptimizer(torch.optim.SGD(mlp.parameters(), lr=0.1), bucket_bytes=64)
+    assert len(opt._ps_buckets) == 4
+    tc.loss_fn(mlp(torch.ones(2, tc.IN)), torch.tensor([0, 1])).backward()
+    assert opt._ps_next == 4 and all(b.handle is not None for b in opt._ps_buckets)
+    opt.step()
     with pytest.raises(ValueError, match="does not name 1"):
         pst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=[("w", model.weight)])

@@ -17,6 +17,11 @@ DDP with a comm hook (DDP still needs a process group, e.g. Gloo, for its setup)
     ddp = DistributedDataParallel(model)
     ddp.register_comm_hook(None, pst.allreduce_hook)   # or pst.bf16_compress_hook
 
+or plain DDP over the ``"parasync"`` ``torch.distributed`` backend this module registers::
+
+    dist.init_process_group("parasync")
+    ddp = DistributedDataParallel(model)
+
 Tensors are used in place, never copied: they must be contiguous CPU tensors (float32,
 float64, int32, int64 or bfloat16 for reductions; any dtype for broadcasts). A
 non-contiguous tensor raises ``ValueError``, a CUDA tensor ``ValueError`` (this package has
@@ -57,6 +62,13 @@ from ._ops import (
 )
 from ._optimizer import DEFAULT_BUCKET_BYTES, DistributedOptimizer
 
+import torch.distributed as _dist
+
+if _dist.is_available():
+    from ._backend import ParasyncProcessGroup, register as register_backend
+
+    register_backend()  # dist.init_process_group("parasync") / dist.new_group(backend="parasync")
+
 __all__ = [
     "init",
     "is_initialized",
@@ -86,4 +98,6 @@ __all__ = [
     "allreduce_hook",
     "bf16_compress_hook",
     "parasync_bf16_compress_hook",
+    "ParasyncProcessGroup",
+    "register_backend",
 ]

@@ -1,8 +1,8 @@
 """DDP communication hooks: ``ddp_model.register_comm_hook(state, allreduce_hook)`` makes
 a ``DistributedDataParallel`` model average its gradient buckets over Parasync.
 
-``state`` is None (the module communicator of ``parasync.torch.init()``) or a
-``parasync.Communicator``. DDP still needs a ``torch.distributed`` process group for its
+``state`` is None (the module communicator of ``parasync.torch.init()``), a
+``parasync.Communicator``, or a process group of the ``"parasync"`` backend. DDP still needs a ``torch.distributed`` process group for its
 own setup (it broadcasts the initial parameters and bucket order over it), e.g. Gloo;
 with the hook, gradients no longer go through it.
 """
@@ -14,7 +14,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .._comm import Communicator
 from ._ops import Average, Handle, _resolve, allreduce_async
+
+
+def _state_comm(state: Any) -> Any:
+    """None (the module communicator), a ``parasync.Communicator``, or a group of the
+    ``"parasync"`` backend (its communicator)."""
+    comm = getattr(state, "comm", None)
+    return _resolve(comm if isinstance(comm, Communicator) else state)
 
 
 class _Completer:
@@ -57,7 +65,7 @@ def allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
     """Averages the bucket over Parasync's ranks in place; the returned future completes
     (from a background thread) with the averaged bucket tensor."""
     buf = _buffer(bucket)
-    handle = allreduce_async(buf, Average, comm=_resolve(state))
+    handle = allreduce_async(buf, Average, comm=_state_comm(state))
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     _completer.submit(handle, fut)
     return fut
@@ -72,7 +80,7 @@ def parasync_bf16_compress_hook(state: Any, bucket: dist.GradBucket) -> torch.fu
     if buf.dtype == torch.bfloat16:
         return allreduce_hook(state, bucket)
     wire = buf.to(torch.bfloat16)
-    handle = allreduce_async(wire, Average, comm=_resolve(state))
+    handle = allreduce_async(wire, Average, comm=_state_comm(state))
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
     def finish() -> torch.Tensor:

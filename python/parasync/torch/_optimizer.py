@@ -209,6 +209,14 @@ class _DistributedOptimizerMixin:
             for k in self._ps_counts:
                 self._ps_counts[k] = 0
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if any(self._ps_counts.values()):
+            raise RuntimeError(
+                "zero_grad() was called after backward() but before step(): the gradients are already being "
+                "averaged; call step() or synchronize() first (the same on every rank)"
+            )
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+
     def step(self, closure: Any = None) -> Any:
         self.synchronize()
         return super().step(closure)  # type: ignore[misc]

@@ -69,20 +69,25 @@ def scenario_dopt():
 
 
 def scenario_ddp():
-    """Under torchrun: DDP over Gloo, DDP + allreduce_hook, DDP + bf16_compress_hook, from
-    the same initial weights on the same rows."""
+    """Under torchrun, with the "parasync" torch.distributed backend as the default group:
+    DDP over Gloo (a Gloo group), DDP + allreduce_hook and + bf16_compress_hook (set up over
+    the Gloo group, gradients over Parasync), plain DDP over the default "parasync" group;
+    the same initial weights and rows for each. Then the backend's collectives."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo")  # torchrun's store on MASTER_PORT
-    pst.init(timeout=60)  # Parasync's rendezvous takes MASTER_PORT + 1 under torchrun
+    dist.init_process_group("parasync")  # rendezvous through torchrun's store on MASTER_PORT
+    assert dist.get_backend() == "parasync", dist.get_backend()
+    gloo = dist.new_group(backend="gloo")
+    pst.init(timeout=60)  # the module communicator: MASTER_PORT + 1 under torchrun
     assert (pst.rank(), pst.size()) == (dist.get_rank(), dist.get_world_size())
     r, n = pst.rank(), pst.size()
     v = cfg["variant"]
     results = {}
-    for name, hook in (("gloo", None), ("hook", pst.allreduce_hook), ("bf16", pst.bf16_compress_hook)):
+    runs = (("gloo", gloo, None), ("hook", gloo, pst.allreduce_hook), ("bf16", gloo, pst.bf16_compress_hook), ("backend", None, None))
+    for name, group, hook in runs:
         model = tc.make_model(v["seed"] + 17 * r)  # DDP broadcasts rank 0's at construction
-        ddp = DDP(model, bucket_cap_mb=v.get("bucket_cap_mb", 25))
+        ddp = DDP(model, process_group=group, bucket_cap_mb=v.get("bucket_cap_mb", 25))
         if hook is not None:
             ddp.register_comm_hook(None, hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=v["lr"], momentum=0.9)
@@ -96,6 +101,43 @@ def scenario_ddp():
             opt.step()
         results[name] = {kk: vv.detach().clone() for kk, vv in model.state_dict().items()}
         results[name + ":seconds"] = time.monotonic() - t
+
+    # the backend's collectives, sync and async
+    c = {}
+    t = torch.full((3,), float(r + 1))
+    dist.all_reduce(t)
+    c["all_reduce_sum"] = t
+    t = torch.full((3,), float(r + 1), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    c["all_reduce_max"] = t
+    t = torch.full((2,), float(r + 1), dtype=torch.bfloat16)
+    dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True).wait()
+    c["all_reduce_avg_async"] = t
+    t = torch.arange(4, dtype=torch.int64) * (r + 1)
+    dist.broadcast(t, src=n - 1)
+    c["broadcast"] = t
+    odd = torch.tensor([r == 0, True, False])
+    dist.broadcast(odd, src=0)
+    c["broadcast_bool"] = odd
+    outs = [torch.empty(2) for _ in range(n)]
+    dist.all_gather(outs, torch.full((2,), float(r)))
+    c["all_gather"] = torch.stack(outs)
+    big = torch.empty(2 * n, dtype=torch.int32)
+    dist.all_gather_into_tensor(big, torch.full((2,), r, dtype=torch.int32))
+    c["all_gather_into_tensor"] = big
+    o = torch.empty(2)
+    dist.reduce_scatter(o, [torch.full((2,), float(i + r)) for i in range(n)])
+    c["reduce_scatter"] = o
+    o = torch.empty(2)
+    dist.reduce_scatter_tensor(o, torch.arange(2.0 * n) + r)
+    c["reduce_scatter_tensor"] = o
+    dist.barrier()
+    try:
+        dist.send(torch.ones(1), dst=(r + 1) % n)
+        c["send"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        c["send"] = f"{type(e).__name__}: {e}"
+    results["collectives"] = c
     save(results, "ddp")
     dist.destroy_process_group()
 
