@@ -332,6 +332,20 @@ def test_one_rank_api(solo):
         opt.zero_grad()
     opt.synchronize()
     opt.zero_grad()
+    # The DDP hooks, on what DDP passes them (only GradBucket.buffer() is used).
+    class Bucket:
+        def __init__(self, t):
+            self.t = t
+
+        def buffer(self):
+            return self.t
+
+    buf = torch.full((3,), 2.5)
+    assert pst.allreduce_hook(None, Bucket(buf)).wait() is buf and buf.tolist() == [2.5] * 3
+    buf = torch.full((3,), 1.0 + 2**-12)  # not a bf16 value: rounded on the wire
+    assert pst.bf16_compress_hook(pst.ParasyncProcessGroup(solo), Bucket(buf)).wait() is buf
+    assert buf.tolist() == [1.0] * 3
+
     # Buckets start during the backward pass, not in step(): with 64-byte buckets, every
     # bucket is on its way when backward() returns.
     mlp = tc.make_model(0)
