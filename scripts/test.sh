@@ -4,7 +4,8 @@
 # from source and its pytest suite against real `parasync server` processes.
 #
 # The Python environment lives in $PARASYNC_VENV (default: .venv in the repository); it is
-# created on first use. Needs: cargo, a C compiler, python3 (>= 3.10) with venv.
+# created on first use (PyTorch from PyPI is several GB). Needs: cargo, a C compiler, python3
+# (>= 3.10) with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -r python/requirements-test.txt
+"$VENV/bin/python" -m pip install --quiet -r python/requirements-test.txt -r python/requirements-torch.txt
 
 echo "== pip install ./python (builds the native module from source)"
 "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps ./python
