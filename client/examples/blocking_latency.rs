@@ -18,7 +18,7 @@ fn main() {
     let grad = vec![1.0f32; 25];
     let rounds = 300;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut c = rt.block_on(Client::connect(&addrs, ClientOptions::default())).unwrap();
     rt.block_on(c.register(spec.clone())).unwrap();
     let mut times = Vec::new();
@@ -27,7 +27,7 @@ fn main() {
         rt.block_on(c.push(0, &[&grad])).unwrap();
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    println!("Client + block_on      push 100 B: median {:.1} us", median(times));
+    println!("Client, current thread push 100 B: median {:.1} us", median(times));
 
     let b = BlockingClient::connect(&addrs, ClientOptions::default()).unwrap();
     b.register(spec, &mut || false).unwrap();
