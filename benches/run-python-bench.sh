@@ -11,6 +11,8 @@
 #     and with --huge-pages, and benches/python_bench.py allreduce under
 #     `python -m parasync.launch` with numpy's default allocation (MADV_HUGEPAGE at 4 MiB and
 #     up) and with it off; then one more pair at 4 KiB..1 MiB ("small": no huge pages either side).
+#   - with $GLOO_PYTHON (a Python with torch), PyTorch's Gloo in every allreduce round, N=2
+#     and N=4 at the same sizes (../shared/peers/gloo_allreduce.py, one fresh run a round).
 # Needs: the `parasync` Python package importable by $PYTHON (default python3), cargo.
 # Knobs: ROUNDS, PS_ROUNDS, REPS (allreduce repetitions), SIZES, SMALL_SIZES, PYTHON, CARGO_TARGET_DIR.
 set -euo pipefail
@@ -85,6 +87,13 @@ py_ar() {  # round N variant [sizes]
   PARASYNC_BIN="$bin" "$py" -m parasync.launch -n "$2" benches/python_bench.py allreduce --sizes "${4:-$sizes}" --reps "$reps" "${flags[@]}"
 }
 
+gloo_ar() {  # round N
+  echo "## [r$1] gloo allreduce N=$2"
+  if [ -z "${GLOO_PYTHON:-}" ]; then echo "# GLOO_PYTHON unset: not measured"; return; fi
+  "$GLOO_PYTHON" ../shared/peers/gloo_allreduce.py --ranks "$2" --sizes "$sizes" --reps "$reps" --runs 1 \
+    --out "$(mktemp -d)" 2>&1 | grep -E "^allreduce|^torch"
+}
+
 # PS rounds first (their per-round noise is larger, so they get more rounds), then allreduce.
 for r in $(seq 1 "$ps_rounds"); do
   echo "# ps round $r, load $(cut -d' ' -f1-3 /proc/loadavg), python native sha256 $(native_sum)"
@@ -101,6 +110,7 @@ for r in $(seq 1 "$rounds"); do
     else
       py_ar "$r" "$n" plain; rust_ar "$r" "$n" huge; py_ar "$r" "$n" huge; rust_ar "$r" "$n" plain
     fi
+    gloo_ar "$r" "$n"
     # one more pair at the small sizes, whose pairs spread the most
     if [ $((r % 2)) = 1 ]; then py_ar "$r" "$n" small "$small_sizes"; rust_ar "$r" "$n" small "$small_sizes"
     else rust_ar "$r" "$n" small "$small_sizes"; py_ar "$r" "$n" small "$small_sizes"; fi
