@@ -91,7 +91,7 @@ gloo_ar() {  # round N
   echo "## [r$1] gloo allreduce N=$2"
   if [ -z "${GLOO_PYTHON:-}" ]; then echo "# GLOO_PYTHON unset: not measured"; return; fi
   "$GLOO_PYTHON" ../shared/peers/gloo_allreduce.py --ranks "$2" --sizes "$sizes" --reps "$reps" --runs 1 \
-    --out "$(mktemp -d)" 2>&1 | grep -E "^allreduce|^torch"
+    --out "$(mktemp)" 2>&1 | grep -E "^allreduce|^torch"
 }
 
 # PS rounds first (their per-round noise is larger, so they get more rounds), then allreduce.
