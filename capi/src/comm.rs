@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_void};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use parasync_collective::{connect, Bf16, CommConfig, Communicator, ConnectOptions, DType, JoinSpec, TcpOptions};
+use parasync_collective::{connect, with_element, CommConfig, Communicator, ConnectOptions, JoinSpec, TcpOptions};
 
 use crate::args::{self, Region};
 use crate::dtype::{ParasyncDtype, ParasyncReduceOp};
@@ -179,34 +179,6 @@ unsafe fn comm_size_impl(comm: *const ParasyncComm, out: *mut usize) -> Result<(
         args::write(out, comm.world_size);
     }
     Ok(())
-}
-
-/// Runs `$body` with `$T` the Rust element type of the collectives' dtype `$dtype`.
-macro_rules! with_element {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::Bf16 => {
-                type $T = Bf16;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            DType::I32 => {
-                type $T = i32;
-                $body
-            }
-            DType::I64 => {
-                type $T = i64;
-                $body
-            }
-        }
-    };
 }
 
 /// `count × world_size`, or a usage error naming `what`.

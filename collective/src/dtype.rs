@@ -138,6 +138,43 @@ impl fmt::Display for ReduceOp {
     }
 }
 
+/// Runs `$body` with the type alias `$T` set to the Rust element type of the [`DType`] value
+/// `$dtype`: for callers (the C and Python bindings) that hold a buffer of a dtype known only
+/// at run time.
+///
+/// ```
+/// use parasync_collective::{with_element, DType};
+/// let size = with_element!(DType::Bf16, T => std::mem::size_of::<T>());
+/// assert_eq!(size, 2);
+/// ```
+#[macro_export]
+macro_rules! with_element {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::DType::Bf16 => {
+                type $T = $crate::Bf16;
+                $body
+            }
+            $crate::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            $crate::DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            $crate::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+        }
+    };
+}
+
 /// A bfloat16 value, stored as its 16-bit pattern (the upper half of the f32).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(transparent)]

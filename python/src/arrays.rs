@@ -6,7 +6,7 @@ use numpy::{
     dtype, BorrowError, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
     PyUntypedArray, PyUntypedArrayMethods,
 };
-use parasync_collective::{Bf16, DType};
+use parasync_collective::DType;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -156,21 +156,3 @@ pub fn collective_view(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> Py
     }
     Ok(RawView { addr: data, len: arr.len(), dtype })
 }
-
-/// Runs `$body` with `$T` bound to the Rust element type of `$dtype`.
-macro_rules! with_element {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            parasync_collective::DType::F32 => { type $T = f32; $body }
-            parasync_collective::DType::F64 => { type $T = f64; $body }
-            parasync_collective::DType::I32 => { type $T = i32; $body }
-            parasync_collective::DType::I64 => { type $T = i64; $body }
-            parasync_collective::DType::Bf16 => { type $T = parasync_collective::Bf16; $body }
-        }
-    };
-}
-pub(crate) use with_element;
-
-/// Keeps `Bf16` in use for the macro's expansion in every crate configuration.
-#[allow(dead_code)]
-const _BF16_IS_TWO_BYTES: () = assert!(std::mem::size_of::<Bf16>() == 2);

@@ -14,7 +14,9 @@ use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::arrays::{collective_view, with_element, RawView};
+use parasync_collective::with_element;
+
+use crate::arrays::{collective_view, RawView};
 use crate::errors::comm_error;
 
 fn reduce_op(op: &str) -> PyResult<ReduceOp> {
