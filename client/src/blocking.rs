@@ -99,12 +99,6 @@ impl BlockingClient {
         self.read().specs().len()
     }
 
-    /// A copy of the registered variables, in registration order (empty before
-    /// [`BlockingClient::register`]). Copies initial values too: not for every step.
-    pub fn specs(&self) -> Vec<VariableSpec> {
-        self.read().specs().to_vec()
-    }
-
     /// Registers the model (see [`Client::register`]); waits for calls in flight on other threads.
     pub fn register(&self, specs: Vec<VariableSpec>, stop: &mut dyn FnMut() -> bool) -> Result<()> {
         let mut c = self.inner.write().unwrap_or_else(|p| p.into_inner());
