@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,22 @@ def run_workers(script: str, configs: list[dict], timeout: float = 120.0, env: d
         assert lines, f"worker printed no result (exit {code}):\nstdout:\n{out}\nstderr:\n{err}"
         results.append(json.loads(lines[-1]))
     return results
+
+
+def run_bounded(cmd: list[str], timeout: float, merge_stderr: bool = False) -> subprocess.CompletedProcess:
+    """Runs `cmd` in its own session; past `timeout` the whole session (a launcher and its
+    ranks too) is killed and the test fails with the output."""
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s\nstdout:\n{out[-5000:]}\nstderr:\n{(err or '')[-5000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

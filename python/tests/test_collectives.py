@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import parasync
-from conftest import WORKERS, run_workers  # noqa: F401
+from conftest import WORKERS, run_workers
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64, "bfloat16": ml_dtypes.bfloat16}
@@ -93,10 +96,7 @@ def test_a_killed_rank_is_named_by_every_other_rank_within_the_timeout(tmp_path)
     size, victim, timeout = 4, 2, 10
     master = free_master()
     configs = [dict(rank=r, size=size, master=master, kill_rank=victim, timeout=timeout) for r in range(size)]
-    import json, subprocess, sys
-    from conftest import WORKERS as W
-
-    procs = [subprocess.Popen([sys.executable, str(W / "collective_rank.py"), json.dumps(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in configs]
+    procs = [subprocess.Popen([sys.executable, str(WORKERS / "collective_rank.py"), json.dumps(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in configs]
     outs = []
     try:
         for p in procs:

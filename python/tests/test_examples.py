@@ -7,14 +7,12 @@ without it these tests fail with LocalCluster's FileNotFoundError (they do not s
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_bounded
 from parasync.cluster import LocalCluster, find_server_binary
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
@@ -24,13 +22,8 @@ TIMEOUT = 180  # seconds per example run; each takes a few seconds on two cores
 def run_json(cmd: list[str], prefix: str = "") -> dict:
     """Runs ``cmd`` (in its own process group, killed whole on timeout) and returns the
     JSON object of its last output line that starts with ``prefix + "{"``."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s\nstdout:\n{out}\nstderr:\n{err}")
+    p = run_bounded(cmd, TIMEOUT)
+    out, err = p.stdout, p.stderr
     assert p.returncode == 0, f"{' '.join(cmd)} exited with {p.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     lines = [ln[len(prefix) :] for ln in out.splitlines() if ln.startswith(prefix + "{")]
     assert lines, f"no JSON line in the output of {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err}"

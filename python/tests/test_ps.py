@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import parasync
-from conftest import WORKERS, run_workers
+from conftest import run_workers
 
 
 def test_sync_four_worker_processes_equal_a_numpy_reference_bit_for_bit(cluster, tmp_path):

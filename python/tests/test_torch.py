@@ -6,8 +6,6 @@ bounded; results come back through files in tmp_path."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import pytest
 
 import parasync
 import parasync.torch as pst
-from conftest import WORKERS
+from conftest import WORKERS, run_bounded
 
 sys.path.insert(0, str(WORKERS))
 import torch_common as tc  # noqa: E402
@@ -37,14 +35,7 @@ WAIT = 180  # seconds: the bound on every job
 def run_job(argv: list[str], timeout: float = WAIT) -> subprocess.CompletedProcess:
     """Runs a launcher command in its own session; past `timeout` the whole session (the
     launcher and its ranks) is killed and the test fails."""
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"job did not finish within {timeout} s:\n{out[-5000:]}")
-    return subprocess.CompletedProcess(argv, p.returncode, out, None)
+    return run_bounded(argv, timeout, merge_stderr=True)
 
 
 def launch(n: int, cfg: dict, grace: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
