@@ -425,6 +425,46 @@ async fn large_explicit_initial_values_are_never_read_half_assigned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_workers_take_the_chiefs_values_whoever_registers_first() {
+    common::bounded(120, async {
+        let cluster = common::cluster(2, &["--mode", "sync", "--num-workers", "3"]);
+        // A small variable (values inline in the registration) and a 12 MiB one (split over
+        // both shards, values sent after the registration), each created by an adopting worker.
+        let small: Vec<f32> = (0..10).map(|i| i as f32 + 0.25).collect();
+        let large: Vec<f32> = (0..3 << 20).map(|i| (i % 977) as f32 - 3.0).collect(); // 6 MiB parts
+        let spec = |name: &str, shape: &[usize], init: Init| {
+            let mut s = VariableSpec::new(name, shape);
+            s.init = init;
+            s
+        };
+        let adopting = vec![spec("small", &[10], Init::Adopt), spec("large", &[3072, 1024], Init::Adopt)];
+        let chief = vec![spec("small", &[10], Init::Values(small.clone())), spec("large", &[3072, 1024], Init::Values(large.clone()))];
+        let connect = |w: u32| {
+            let addrs = cluster.addrs();
+            async move {
+                let opts = parasync_client::ClientOptions { worker_id: w, ..Default::default() };
+                parasync_client::Client::connect(&addrs, opts).await.unwrap()
+            }
+        };
+        let mut first = connect(1).await;
+        first.register(adopting.clone()).await.unwrap();
+        // Registered, values pending: a pull waits (here: times out), the chief's arrive later.
+        let waiting = tokio::spawn(async move { (first.pull(0).await.unwrap(), first) });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "a pull returned before the chief's values arrived");
+        let mut chief_client = connect(0).await;
+        chief_client.register(chief).await.unwrap();
+        let mut late = connect(2).await;
+        late.register(adopting).await.unwrap(); // the values exist now: nothing to wait for
+        let (got, _first) = waiting.await.unwrap();
+        assert!(got[0] == small && got[1] == large, "the adopting worker saw other values");
+        assert!(late.pull(0).await.unwrap() == vec![small.clone(), large.clone()]);
+        assert!(chief_client.pull(0).await.unwrap() == vec![small, large]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_staleness_holds_the_fastest_worker() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "bounded", "--num-workers", "2", "--max-staleness", "1"]);

@@ -353,6 +353,12 @@ typedef struct ParasyncVariableSpec {
 #define PARASYNC_DTYPE_I64 5
 
 /**
+ * The values another worker registers with `PARASYNC_INIT_VALUES` (the chief's): this
+ * worker brings none; its pulls wait for them.
+ */
+#define PARASYNC_INIT_ADOPT 6
+
+/**
  * `constant` everywhere.
  */
 #define PARASYNC_INIT_CONSTANT 2

@@ -237,7 +237,10 @@ impl Client {
         use ps::initializer::Kind;
         // Split pieces draw from their own stream so pieces do not repeat each other.
         let seed = |s: u64| s.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut assign = None;
+        // Values sent after the registration (too large for it, or a registration that
+        // found the variable made by an `Init::Adopt` worker and still waiting for them).
+        let mut values = None;
+        let mut inline = false;
         let init = match &spec.init {
             Init::Zeros => None,
             Init::Constant(c) => Some(Kind::Constant(*c)),
@@ -247,15 +250,17 @@ impl Client {
             }
             Init::Values(v) => {
                 let slice = &v[part.elements.clone()];
-                if slice.len() * 4 <= INLINE_INIT_BYTES {
+                values = Some(slice);
+                inline = slice.len() * 4 <= INLINE_INIT_BYTES;
+                if inline {
                     let mut data = Vec::new();
                     parasync_tensor::encode_f32(slice, DType::F32, &mut data);
                     Some(Kind::Values(ps::TensorValues { dtype: dtype_to_proto(DType::F32), data: data.into() }))
                 } else {
-                    assign = Some(slice);
                     Some(Kind::ValuesFollow(true))
                 }
             }
+            Init::Adopt => Some(Kind::ValuesFollow(true)),
         };
         let req = ps::RegisterRequest {
             name: part.name.clone(),
@@ -272,9 +277,10 @@ impl Client {
             .await
             .map_err(|s| Error::from_status(s, &format!("register {:?} on shard {} ({})", part.name, part.shard, shard.addr)))?
             .into_inner();
-        // The creator assigns; so does anyone who finds the values still missing (its creator
-        // may have died before sending them; the values are the same).
-        if let (Some(values), true) = (assign, resp.created || resp.awaiting_values) {
+        // The creator assigns values too large for the registration; so does anyone with
+        // values who finds them still missing (the creator died before sending them, or it
+        // registered with `Init::Adopt`). The server keeps the first assignment only.
+        if let (Some(values), true) = (values, (resp.created && !inline) || resp.awaiting_values) {
             self.send_part(part, 0, 0, values, DType::F32, ps::PushKind::Assign).await?;
         }
         Ok(())

@@ -59,6 +59,11 @@ pub enum Init {
     Normal { mean: f32, stddev: f32, seed: u64 },
     /// Explicit values (row-major, one per element).
     Values(Vec<f32>),
+    /// The values another worker registers with [`Init::Values`] (the chief's, say): this
+    /// worker brings none of its own, so whichever worker registers first, the values are
+    /// that worker's. Until they arrive, pulls wait (up to the pull timeout) and pushes are
+    /// refused. A variable that already holds values keeps them.
+    Adopt,
 }
 
 /// A variable as a trainer declares it.

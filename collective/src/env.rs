@@ -6,8 +6,10 @@
 //! 2. `TF_CONFIG` (TFJob / MultiWorkerMirroredStrategy): ranks are the `chief` then the
 //!    `worker` tasks in order; the rendezvous is the first of them (its host, and
 //!    `MASTER_PORT` if set, else the port listed there);
-//! 3. `SLURM_PROCID`, `SLURM_NTASKS` with `MASTER_ADDR` (or a single-host `SLURM_NODELIST`)
-//!    and `MASTER_PORT`.
+//! 3. `SLURM_PROCID`, `SLURM_NTASKS` (srun): the rendezvous is on the first node of
+//!    `SLURM_STEP_NODELIST` (else `SLURM_JOB_NODELIST`, `SLURM_NODELIST`), where srun puts
+//!    task 0, unless `MASTER_ADDR` says otherwise; its port is `MASTER_PORT`, else
+//!    15000 + `SLURM_JOB_ID` mod 20000.
 //!
 //! `MASTER_PORT` defaults to 29500 (as in torchrun). Under torchrun, whose agent already
 //! listens on `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`), the rendezvous takes
@@ -95,6 +97,39 @@ fn check(rank: usize, world: usize) -> Result<()> {
     Ok(())
 }
 
+/// The first host of a Slurm host list: `node7`, `n[01-04,07]` (→ `n01`), `a[1-2]-ib[3-4]`
+/// (→ `a1-ib3`), `x,y[1-3]` (→ `x`). None if it is not one.
+pub fn first_host(list: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = list.trim().chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' => break,
+            '[' => {
+                let inner: String = chars.by_ref().take_while(|&c| c != ']').collect();
+                let first = inner.split([',', '-']).next().unwrap_or("").trim();
+                if first.is_empty() || !first.chars().all(|c| c.is_ascii_digit()) {
+                    return None;
+                }
+                out.push_str(first);
+            }
+            ']' => return None,
+            c if c.is_whitespace() => return None,
+            c => out.push(c),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The rendezvous port of a Slurm job without `MASTER_PORT`: derived from `SLURM_JOB_ID`
+/// (15000 + id mod 20000), so that two jobs sharing a node do not collide; else the default.
+fn slurm_port(get: &impl Fn(&str) -> Option<String>) -> Result<u16> {
+    Ok(match num(get, "SLURM_JOB_ID")? {
+        Some(id) => 15_000 + (id % 20_000) as u16,
+        None => DEFAULT_PORT,
+    })
+}
+
 /// Reads the launch description through `get` (a variable lookup such as `std::env::var`).
 pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchInfo> {
     let token = token(&get);
@@ -122,14 +157,25 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchInfo> {
     }
     if let (Some(rank), Some(world)) = (num(&get, "SLURM_PROCID")?, num(&get, "SLURM_NTASKS")?) {
         check(rank, world)?;
-        let host = get("MASTER_ADDR")
-            .or_else(|| get("SLURM_NODELIST").filter(|l| !l.contains([',', '['])))
-            .ok_or_else(|| Error::Env("Slurm job: set MASTER_ADDR to the host of rank 0 (SLURM_NODELIST names several)".into()))?;
-        let master = join_host_port(&host, port(&get)?.unwrap_or(DEFAULT_PORT));
+        // srun places task 0 on the first node of the step.
+        let host = match get("MASTER_ADDR") {
+            Some(h) => h,
+            None => {
+                let list = ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"].iter().find_map(|v| get(v));
+                let list = list.ok_or_else(|| Error::Env("Slurm job without a node list: set MASTER_ADDR to the host of rank 0".into()))?;
+                first_host(&list).ok_or_else(|| {
+                    Error::Env(format!("Slurm node list {list:?} is not a host list: set MASTER_ADDR to the host of rank 0"))
+                })?
+            }
+        };
+        let port = match port(&get)? {
+            Some(p) => p,
+            None => slurm_port(&get)?,
+        };
         return Ok(LaunchInfo {
             rank,
             world_size: world,
-            master,
+            master: join_host_port(&host, port),
             token,
             source: "slurm",
         });
@@ -291,6 +337,27 @@ mod tests {
                 ],
                 (0, 2, "node7:29500", "slurm"),
             ),
+            (
+                // srun alone: the step's first node, a port from the job id
+                vec![
+                    ("SLURM_PROCID", "3"),
+                    ("SLURM_NTASKS", "8"),
+                    ("SLURM_JOB_ID", "123456"),
+                    ("SLURM_NODELIST", "gpu[01-08]"),
+                    ("SLURM_STEP_NODELIST", "gpu[03-04,07]"),
+                ],
+                (3, 8, "gpu03:18456", "slurm"),
+            ),
+            (
+                vec![
+                    ("SLURM_PROCID", "1"),
+                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_JOB_ID", "7"),
+                    ("SLURM_JOB_NODELIST", "a,b"),
+                    ("MASTER_PORT", "6000"),
+                ],
+                (1, 2, "a:6000", "slurm"),
+            ),
         ];
         for (env, (rank, world, master, source)) in table {
             let got = from_vars(vars(&env)).unwrap_or_else(|e| panic!("{env:?}: {e}"));
@@ -336,14 +403,38 @@ mod tests {
                 vec![
                     ("SLURM_PROCID", "0"),
                     ("SLURM_NTASKS", "2"),
-                    ("SLURM_NODELIST", "n[1-2]"),
+                    ("SLURM_NODELIST", "n[x-y]"),
                 ],
-                "set MASTER_ADDR",
+                "is not a host list: set MASTER_ADDR",
+            ),
+            (vec![("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")], "without a node list"),
+            (
+                vec![("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_NODELIST", "n1"), ("SLURM_JOB_ID", "x")],
+                "SLURM_JOB_ID=\"x\" is not",
             ),
         ];
         for (env, want) in table {
             let err = from_vars(vars(&env)).unwrap_err().to_string();
             assert!(err.contains(want), "{env:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn first_host_of_slurm_host_lists() {
+        for (list, want) in [
+            ("node7", Some("node7")),
+            ("n[01-04,07]", Some("n01")),
+            ("n[7,1-3]", Some("n7")),
+            ("a[1-2]-ib[3-4]", Some("a1-ib3")),
+            ("x,y[1-3]", Some("x")),
+            ("rack[2]n[5-6],z", Some("rack2n5")),
+            ("10.0.0.5", Some("10.0.0.5")),
+            ("", None),
+            ("n[", None),
+            ("n[a-b]", None),
+            ("n]1", None),
+        ] {
+            assert_eq!(first_host(list).as_deref(), want, "{list:?}");
         }
     }
 

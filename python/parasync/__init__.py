@@ -11,7 +11,7 @@ NumPy arrays are used in place and the GIL is released while bytes move.
 from ._native import __version__
 from . import _errors
 from ._errors import *  # noqa: F403  (the exception classes)
-from ._spec import SGD, Adagrad, Adam, AdamW, Constant, Normal, Uniform, VariableSpec, Zeros
+from ._spec import SGD, Adagrad, Adam, AdamW, Adopt, Constant, Normal, Uniform, VariableSpec, Zeros
 from ._ps import PsClient, PushSummary
 from ._comm import Communicator, Work, init
 
@@ -28,6 +28,7 @@ __all__ = [
     "Constant",
     "Uniform",
     "Normal",
+    "Adopt",
     "Communicator",
     "Work",
     "init",

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
 import numpy as np
 
 from . import _native
+from ._native import PushSummary
 from ._spec import VariableSpec
 
 Arrays = Union[Mapping[str, np.ndarray], Sequence[np.ndarray]]
-
-
-@dataclass(frozen=True)
-class PushSummary:
-    """What the shards did with a push: parts applied or accepted for their sync step,
-    parts dropped as late gradients, and the staleness of each applied async part."""
-
-    accepted: int
-    dropped_stale: int
-    staleness: list
 
 
 class PsClient:
@@ -115,14 +105,16 @@ class PsClient:
         self._c.pull_into(step, arrays)
 
     def push(self, step: int, grads: Arrays) -> PushSummary:
-        """Pushes one gradient per variable for ``step``."""
-        return PushSummary(**self._c.push(step, grads))
+        """Pushes one gradient per variable for ``step``. Returns a ``PushSummary``: parts
+        applied or accepted for their sync step (``accepted``), parts dropped as late
+        gradients (``dropped_stale``), the staleness of each applied async part (``staleness``)."""
+        return self._c.push(step, grads)
 
     def push_pull(self, step: int, grads: Arrays, out: Arrays) -> PushSummary:
         """Pushes the gradients of ``step`` and receives the values of ``step + 1`` into
         ``out`` in the same round trip. If the push is accepted but the pull fails, the
         error says so: do not push the same gradient again."""
-        return PushSummary(**self._c.push_pull(step, grads, out))
+        return self._c.push_pull(step, grads, out)
 
     def set_learning_rate(self, lr: float) -> None:
         """Sets the learning rate of every variable on every shard."""

@@ -102,7 +102,18 @@ class Normal:
         return ("normal", self.mean, self.stddev, self.seed)
 
 
-Initializer = Union[Zeros, Constant, Uniform, Normal]
+@dataclass(frozen=True)
+class Adopt:
+    """No values of this worker's own: the variable takes those another worker (the chief)
+    registers it with, whichever registers first. Until they arrive, pulls wait (up to
+    the pull timeout) and pushes are refused. A variable that already holds values (a
+    restarted worker, a restored server) keeps them."""
+
+    def _native(self) -> tuple:
+        return ("adopt", 0.0, 0.0, 0)
+
+
+Initializer = Union[Zeros, Constant, Uniform, Normal, Adopt]
 
 _DTYPES = {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16"}
 

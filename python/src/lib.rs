@@ -17,6 +17,7 @@ mod ps;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<ps::PsClient>()?;
+    m.add_class::<ps::PushSummary>()?;
     m.add_class::<comm::Communicator>()?;
     m.add_class::<comm::Work>()?;
     m.add_function(wrap_pyfunction!(ps::ps_addresses_from_env, m)?)?;

@@ -61,7 +61,7 @@ fn optimizer(o: &(String, f32, f32, bool, f32, f32, f32, f32, f32)) -> PyResult<
 
 /// `init` is None (zeros), a float32 array of the variable's size, or
 /// `(kind, a, b, seed)` with kind `constant` (a), `uniform` (low a, high b), `normal`
-/// (mean a, stddev b).
+/// (mean a, stddev b), `adopt` (another worker's values).
 fn init(obj: &Bound<'_, PyAny>, name: &str, len: usize) -> PyResult<Init> {
     if obj.is_none() {
         return Ok(Init::Zeros);
@@ -72,6 +72,7 @@ fn init(obj: &Bound<'_, PyAny>, name: &str, len: usize) -> PyResult<Init> {
             "constant" => Ok(Init::Constant(a)),
             "uniform" => Ok(Init::Uniform { low: a, high: b, seed }),
             "normal" => Ok(Init::Normal { mean: a, stddev: b, seed }),
+            "adopt" => Ok(Init::Adopt),
             o => Err(PyValueError::new_err(format!("variable {name:?}: unknown initializer {o:?}"))),
         };
     }
@@ -175,12 +176,34 @@ fn outputs<'py>(objs: &[Bound<'py, PyAny>], specs: &[Shape]) -> PyResult<Vec<PyR
     objs.iter().zip(specs).map(|(o, s)| arrays::output(o, &s.name, &s.shape)).collect()
 }
 
-fn summary(py: Python<'_>, s: parasync_client::PushSummary) -> PyResult<Bound<'_, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("accepted", s.accepted)?;
-    d.set_item("dropped_stale", s.dropped_stale)?;
-    d.set_item("staleness", s.staleness)?;
-    Ok(d)
+/// What the shards did with a push: parts applied or accepted for their sync step, parts
+/// dropped as late gradients, and the staleness of each applied async part
+/// (`parasync.PushSummary`; made here so that a push returns without a dict in between).
+#[pyclass(module = "parasync", name = "PushSummary", frozen, get_all, eq)]
+#[derive(PartialEq)]
+pub struct PushSummary {
+    accepted: usize,
+    dropped_stale: usize,
+    staleness: Vec<u64>,
+}
+
+impl From<parasync_client::PushSummary> for PushSummary {
+    fn from(s: parasync_client::PushSummary) -> Self {
+        PushSummary { accepted: s.accepted, dropped_stale: s.dropped_stale, staleness: s.staleness }
+    }
+}
+
+#[pymethods]
+impl PushSummary {
+    #[new]
+    #[pyo3(signature = (accepted, dropped_stale=0, staleness=Vec::new()))]
+    fn new(accepted: usize, dropped_stale: usize, staleness: Vec<u64>) -> Self {
+        PushSummary { accepted, dropped_stale, staleness }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("PushSummary(accepted={}, dropped_stale={}, staleness={:?})", self.accepted, self.dropped_stale, self.staleness)
+    }
 }
 
 #[pymethods]
@@ -244,18 +267,17 @@ impl PsClient {
         blocking(py, |stop| c.pull_into(step, &mut slices, stop))
     }
 
-    /// Pushes one gradient per variable for `step`; returns the push summary as a dict.
-    fn push<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    /// Pushes one gradient per variable for `step`; returns what the shards did with it.
+    fn push<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>) -> PyResult<PushSummary> {
         let (c, specs) = self.registered()?;
         let objs = per_variable(grads, &specs, "push")?;
         let borrowed = inputs(&objs, &specs)?;
         let slices: Vec<&[f32]> = borrowed.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
-        let s = blocking(py, |stop| c.push(step, &slices, stop))?;
-        summary(py, s)
+        blocking(py, |stop| c.push(step, &slices, stop)).map(PushSummary::from)
     }
 
     /// Pushes the gradients of `step` and receives the values of `step + 1` into `out`.
-    fn push_pull<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn push_pull<'py>(&self, py: Python<'py>, step: u64, grads: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>) -> PyResult<PushSummary> {
         let (c, specs) = self.registered()?;
         let gobjs = per_variable(grads, &specs, "push_pull")?;
         let oobjs = per_variable(out, &specs, "push_pull")?;
@@ -263,8 +285,7 @@ impl PsClient {
         let mut ob = outputs(&oobjs, &specs)?;
         let gs: Vec<&[f32]> = gb.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
         let mut os: Vec<&mut [f32]> = ob.iter_mut().map(|a| a.as_slice_mut().expect("checked contiguous")).collect();
-        let s = blocking(py, |stop| c.push_pull(step, &gs, &mut os, stop))?;
-        summary(py, s)
+        blocking(py, |stop| c.push_pull(step, &gs, &mut os, stop)).map(PushSummary::from)
     }
 
     /// Sets the learning rate of every variable on every shard.

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,20 +83,45 @@ def run_workers(script: str, configs: list[dict], timeout: float = 120.0, env: d
     return results
 
 
-def run_bounded(cmd: list[str], timeout: float, merge_stderr: bool = False) -> subprocess.CompletedProcess:
-    """Runs `cmd` in its own session; past `timeout` the whole session (a launcher and its
-    ranks too) is killed and the test fails with the output."""
-    p = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def run_bounded(
+    cmd: list[str], timeout: float, merge_stderr: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `cmd` in its own session (with `env` instead of this process's environment, if
+    given); past `timeout` the whole session (a launcher and its ranks too) is killed and
+    the test fails with the output."""
+    return run_bounded_all([cmd], timeout, merge_stderr, [env])[0]
+
+
+def run_bounded_all(
+    cmds: list[list[str]], timeout: float, merge_stderr: bool = False, envs: list[dict | None] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """`run_bounded` for several commands started at once (the ranks of a job), under one
+    deadline: past it every one of them, with its children, is killed and the test fails."""
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
+        for cmd, env in zip(cmds, envs or [None] * len(cmds))
+    ]
+    deadline = time.monotonic() + timeout
+    done = []
     try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s\nstdout:\n{out[-5000:]}\nstderr:\n{(err or '')[-5000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+        for cmd, p in zip(cmds, procs):
+            try:
+                out, err = p.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, err = p.communicate()
+                pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s\nstdout:\n{out[-5000:]}\nstderr:\n{(err or '')[-5000:]}")
+            done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return done

@@ -157,6 +157,9 @@ pub const PARASYNC_INIT_UNIFORM: ParasyncInitKind = ParasyncInitKind(3);
 pub const PARASYNC_INIT_NORMAL: ParasyncInitKind = ParasyncInitKind(4);
 /// The `n_values` floats at `values` (row-major, one per element).
 pub const PARASYNC_INIT_VALUES: ParasyncInitKind = ParasyncInitKind(5);
+/// The values another worker registers with `PARASYNC_INIT_VALUES` (the chief's): this
+/// worker brings none; its pulls wait for them.
+pub const PARASYNC_INIT_ADOPT: ParasyncInitKind = ParasyncInitKind(6);
 
 /// A variable's initial values; each kind reads only its own fields.
 #[repr(C)]
@@ -263,9 +266,10 @@ impl ParasyncVariableSpec {
             PARASYNC_INIT_NORMAL => Init::Normal { mean: i.mean, stddev: i.stddev, seed: i.seed },
             // SAFETY: the caller's contract.
             PARASYNC_INIT_VALUES => Init::Values(unsafe { args::slice(i.values, i.n_values, &format!("{what}.init.values"))? }.to_vec()),
+            PARASYNC_INIT_ADOPT => Init::Adopt,
             ParasyncInitKind(other) => {
                 return Err(Error::usage(format!(
-                    "{what}.init.kind is {other}, not a PARASYNC_INIT_* value (ZEROS = 1, CONSTANT = 2, UNIFORM = 3, NORMAL = 4, VALUES = 5)"
+                    "{what}.init.kind is {other}, not a PARASYNC_INIT_* value (ZEROS = 1, CONSTANT = 2, UNIFORM = 3, NORMAL = 4, VALUES = 5, ADOPT = 6)"
                 )))
             }
         };

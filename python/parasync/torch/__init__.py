@@ -22,6 +22,13 @@ or plain DDP over the ``"parasync"`` ``torch.distributed`` backend this module r
     dist.init_process_group("parasync")
     ddp = DistributedDataParallel(model)
 
+Parameter-server mode (the optimizer runs on ``parasync server`` shards; sync, async or
+bounded as the servers were started)::
+
+    client = parasync.PsClient(["ps0:7070", "ps1:7070"], worker_id=rank)   # or TF_CONFIG
+    optimizer = pst.ParameterServerOptimizer(model, client, parasync.SGD(0.1))
+    # ... the usual loop: zero_grad(), loss.backward(), optimizer.step()
+
 Tensors are used in place, never copied: they must be contiguous CPU tensors (float32,
 float64, int32, int64 or bfloat16 for reductions; any dtype for broadcasts). A
 non-contiguous tensor raises ``ValueError``, a CUDA tensor ``ValueError`` (this package has
@@ -61,6 +68,7 @@ from ._ops import (
     synchronize,
 )
 from ._optimizer import DEFAULT_BUCKET_BYTES, DistributedOptimizer
+from ._ps import ParameterServerOptimizer
 
 import torch.distributed as _dist
 
@@ -95,6 +103,7 @@ __all__ = [
     "broadcast_optimizer_state",
     "DistributedOptimizer",
     "DEFAULT_BUCKET_BYTES",
+    "ParameterServerOptimizer",
     "allreduce_hook",
     "bf16_compress_hook",
     "parasync_bf16_compress_hook",

@@ -85,15 +85,13 @@ class _Multi:
 def _work(started: Any, result: Any, finish: Callable[[], None] | None = None) -> Any:
     """A ``torch.distributed`` Work whose future completes with ``result`` once ``started``
     (a Handle or _Multi) is over and ``finish`` has run."""
-    fut: torch.futures.Future = torch.futures.Future()
 
     def complete() -> Any:
         if finish is not None:
             finish()
         return result
 
-    _completer.submit(started, fut, complete)
-    return _create_work_from_future(fut)
+    return _create_work_from_future(_completer.started(started, complete))
 
 
 class ParasyncProcessGroup(dist.ProcessGroup):

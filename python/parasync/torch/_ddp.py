@@ -34,6 +34,15 @@ class _Completer:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
+    def started(self, handle: Any, finish: Any = None) -> torch.futures.Future:
+        """A future for PyTorch's C++ side (DDP's reducer, a Work): it completes with the
+        result once ``handle`` is over, or fails with the operation's error, its message
+        ("PeerError: ... rank N ...") carried into the RuntimeError PyTorch raises. (A
+        Python future failed with ``set_exception`` reaches C++ as a value, not an error.)"""
+        fut: torch.futures.Future = torch.futures.Future()
+        self.submit(handle, fut, finish)
+        return fut.then(_value)
+
     def submit(self, handle: Handle, fut: torch.futures.Future, finish: Any = None) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -54,6 +63,10 @@ class _Completer:
                 fut.set_result(result)
 
 
+def _value(fut: torch.futures.Future) -> Any:
+    return fut.wait()  # raises the operation's error inside the callback: the chained future fails
+
+
 _completer = _Completer()
 
 
@@ -63,12 +76,11 @@ def _buffer(bucket: Any) -> torch.Tensor:
 
 def allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Averages the bucket over Parasync's ranks in place; the returned future completes
-    (from a background thread) with the averaged bucket tensor."""
+    (from a background thread) with the averaged bucket tensor, or fails with the
+    collective's error (DDP raises it as a RuntimeError whose message starts with the
+    ``parasync`` exception's name and names the failed rank)."""
     buf = _buffer(bucket)
-    handle = allreduce_async(buf, Average, comm=_state_comm(state))
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    _completer.submit(handle, fut)
-    return fut
+    return _completer.started(allreduce_async(buf, Average, comm=_state_comm(state)))
 
 
 def parasync_bf16_compress_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -81,14 +93,12 @@ def parasync_bf16_compress_hook(state: Any, bucket: dist.GradBucket) -> torch.fu
         return allreduce_hook(state, bucket)
     wire = buf.to(torch.bfloat16)
     handle = allreduce_async(wire, Average, comm=_state_comm(state))
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
     def finish() -> torch.Tensor:
         buf.copy_(wire)
         return buf
 
-    _completer.submit(handle, fut, finish)
-    return fut
+    return _completer.started(handle, finish)
 
 
 bf16_compress_hook = parasync_bf16_compress_hook

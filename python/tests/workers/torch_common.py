@@ -61,3 +61,31 @@ def reference(cfg: dict, size: int) -> dict[str, torch.Tensor]:
         loss_fn(out, y).backward()
         opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- comparisons (used by the tests) -------------------------------------------------------
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Same structure, same values bit for bit (tensors: same dtype and bytes)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.view(-1).view(torch.uint8).numpy().tobytes() == b.view(-1).view(torch.uint8).numpy().tobytes(), f"{where}: values differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b)) if isinstance(b, dict) else b}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a} vs {b}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_close(got: dict, want: dict, atol: float, what: str) -> None:
+    assert set(got) == set(want), what
+    for k in want:
+        diff = (got[k].double() - want[k].double()).abs().max().item()
+        assert diff <= atol, f"{what}: {k} differs by {diff:.3g} (allowed {atol})"

@@ -187,27 +187,46 @@ def scenario_bcast():
 
 def scenario_kill():
     """Rank `victim` SIGKILLs itself in the middle of a backward pass at step 2; the others
-    report what their step() raised and how long it took."""
-    pst.init(timeout=cfg["timeout"])
-    r, n = pst.rank(), pst.size()
+    report what their step raised and how long it took. `via`: "dopt" (DistributedOptimizer),
+    "backend" (DDP over the "parasync" process group) or "hook" (DDP over Gloo with
+    allreduce_hook on a "parasync" group)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    via = cfg.get("via", "dopt")
     model = tc.make_model(1)
-    opt = pst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_bytes=1024)
+    if via == "dopt":
+        pst.init(timeout=cfg["timeout"])
+        r, n = pst.rank(), pst.size()
+        net, opt = model, pst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_bytes=1024)
+    else:
+        dist.init_process_group("parasync" if via == "backend" else "gloo", timeout=datetime.timedelta(seconds=cfg["timeout"]))
+        r, n = dist.get_rank(), dist.get_world_size()
+        net = DDP(model, bucket_cap_mb=0.001)  # several buckets: some are on the wire when the victim dies
+        if via == "hook":
+            net.register_comm_hook(dist.new_group(backend="parasync", timeout=datetime.timedelta(seconds=cfg["timeout"])), pst.allreduce_hook)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
     started = None
     try:
         for step in range(5):
             x, y = tc.batch(1, step, 8 * n)
             opt.zero_grad()
-            out = model(x[r * 8 : (r + 1) * 8])
+            logits = net(x[r * 8 : (r + 1) * 8])
             if step == 2:
                 if r == cfg["victim"]:
                     # dies once the first bucket (fc2) has been started
                     model.fc1.weight.register_post_accumulate_grad_hook(lambda p: os.kill(os.getpid(), signal.SIGKILL))
                 started = time.monotonic()
-            tc.loss_fn(out, y[r * 8 : (r + 1) * 8]).backward()
+            tc.loss_fn(logits, y[r * 8 : (r + 1) * 8]).backward()
             opt.step()
-        save_json({"error": None}, "kill")
-    except parasync.PeerError as e:
-        save_json({"error": type(e).__name__, "rank": e.rank, "message": str(e), "elapsed": time.monotonic() - started}, "kill")
+    except Exception as e:  # noqa: BLE001  (DDP raises the collective's error as a RuntimeError)
+        line = {"error": type(e).__name__, "rank": getattr(e, "rank", None), "message": str(e),
+                "elapsed": time.monotonic() - started if started else None}
+        (out / f"kill-{r}.json").write_text(json.dumps(line))
+        return
+    (out / f"kill-{r}.json").write_text(json.dumps({"error": None}))
 
 
 def scenario_bad():
