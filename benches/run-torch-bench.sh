@@ -4,11 +4,14 @@
 #
 #   1. benches/torch_bench.py under `python -m parasync.launch -n N`, N = 2 and 4: DDP step
 #      time of a ResNet-50-shaped model over Gloo, with Parasync's comm hook, over the
-#      "parasync" backend; DistributedOptimizer and Horovod's per-parameter recipe over Gloo.
+#      "parasync" backend; DistributedOptimizer and Horovod's per-parameter recipe over Gloo;
+#      the exchange alone (DDP-sized buckets allreduced, no training) over each, and no
+#      exchange at all (the floor).
 #   2. $PS_RUNS (default 3) runs each, sync and async, alternating: examples/torch_ps_digits.py,
 #      examples/numpy_ps.py and `parasync demo` (2 shards, 4 workers): steps/s per worker.
 # Needs: $PYTHON (default python3) with torch and the parasync package; cargo.
-# Knobs: ROUNDS, STEPS, PS_RUNS, PYTHON, CARGO_TARGET_DIR.
+#   With BUCKET_VIEW=1, the DDP variants once more with gradient_as_bucket_view=True.
+# Knobs: ROUNDS, STEPS, PS_RUNS, BUCKET_VIEW, PYTHON, CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -33,6 +36,11 @@ export PARASYNC_BIN="$PWD/$bin"
 for n in 2 4; do
   echo "## torch_bench N=$n, load $(cut -d' ' -f1-3 /proc/loadavg)"
   "$py" -m parasync.launch -n "$n" --grace 600 benches/torch_bench.py --rounds "$rounds" --steps "$steps" | sed 's/^\[0\] //'
+  if [ -n "${BUCKET_VIEW:-}" ]; then
+    echo "## torch_bench N=$n, DDP variants with gradient_as_bucket_view=True, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    "$py" -m parasync.launch -n "$n" --grace 600 benches/torch_bench.py --rounds "$rounds" --steps "$steps" \
+      --variants local,ddp-gloo,ddp-hook,ddp-backend --bucket-view | sed 's/^\[0\] //'
+  fi
 done
 
 ps_json() {  # bench-name command...: runs it, re-emits its JSON line tagged

@@ -7,6 +7,8 @@ the same memory can be broadcast / allreduced whole or pushed and pulled per var
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from pathlib import Path
 
@@ -85,3 +87,52 @@ def batches(n: int, batch: int, seed):
         order = rng.permutation(n)
         for start in range(0, n - batch + 1, batch):
             yield order[start : start + batch]
+
+
+def training_args(ap: argparse.ArgumentParser, who: str, lr_default: str) -> None:
+    """The options every example takes: steps, batch, learning rate, seed, data, --json.
+    ``who``: "worker" or "rank"."""
+    ap.add_argument("--steps", type=int, default=500, help=f"steps per {who}")
+    ap.add_argument("--batch", type=int, default=32, help=f"mini-batch per {who} and step")
+    ap.add_argument("--lr", type=float, help=f"learning rate (default: {lr_default})")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, the batches")
+    ap.add_argument("--data", help=f"the digits gzip CSV (default: {DATA})")
+    ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
+
+
+def ps_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the parameter-server examples: mode, workers, shards, addresses."""
+    ap.add_argument("--mode", choices=["sync", "async", "bounded"], default="sync")
+    ap.add_argument("--workers", type=int, default=4, help="worker processes")
+    ap.add_argument("--shards", type=int, default=2, help="server shards to start (without --addresses)")
+    ap.add_argument("--addresses", help="host:port,... of running shards (started with the same --mode and --num-workers)")
+    training_args(ap, "worker", "0.1 x workers in sync mode, else 0.1")
+
+
+def ps_report(args: argparse.Namespace, done: list[dict], accuracy: float, workers: int, shards: int, seconds: float, test_rows: int) -> dict:
+    """The parameter-server examples' result (printed): ``done`` holds what the workers
+    returned (their seconds, last loss, dropped gradients)."""
+    report = {
+        "mode": args.mode,
+        "workers": workers,
+        "shards": shards,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "accuracy": accuracy,
+        "loss": sum(d["loss"] for d in done) / len(done),
+        "steps_per_s": sum(args.steps / d["seconds"] for d in done) / len(done),
+        "seconds": seconds,
+        "dropped_stale": sum(d["dropped_stale"] for d in done),
+    }
+    print_report(report, args.json, test_rows, "per worker")
+    return report
+
+
+def print_report(report: dict, as_json: bool, test_rows: int, per: str) -> None:
+    """The result: one JSON line, or two lines for people. ``per``: what steps/s counts."""
+    if as_json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(f"held-out accuracy {report['accuracy']:.4f} ({test_rows} rows), last loss {report['loss']:.4f}")
+        print(f"{report['steps_per_s']:.0f} steps/s {per}, {report['seconds']:.1f} s in all", flush=True)

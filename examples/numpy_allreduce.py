@@ -15,7 +15,6 @@ Rank 0 reports the held-out accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -27,12 +26,7 @@ import _digits as D
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=500, help="steps (each rank)")
-    ap.add_argument("--batch", type=int, default=32, help="mini-batch per rank and step")
-    ap.add_argument("--lr", type=float, help="learning rate (default: 0.1 x ranks)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, the batches")
-    ap.add_argument("--data", help=f"the digits gzip CSV (default: {D.DATA})")
-    ap.add_argument("--json", action="store_true", help="rank 0 prints one JSON line with the results")
+    D.training_args(ap, "rank", "0.1 x ranks")
     args = ap.parse_args(argv)
     started = time.perf_counter()
 
@@ -69,11 +63,7 @@ def main(argv=None) -> None:
             "steps_per_s": args.steps / train_seconds,
             "seconds": time.perf_counter() - started,
         }
-        if args.json:
-            print(json.dumps(report), flush=True)
-        else:
-            print(f"held-out accuracy {report['accuracy']:.4f} ({len(y_test)} rows), last loss {loss:.4f}")
-            print(f"{report['steps_per_s']:.0f} steps/s, {report['seconds']:.1f} s in all ({size} ranks)")
+        D.print_report(report, args.json, len(y_test), f"({size} ranks)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ The server is the `parasync` program: $PARASYNC_BIN, else `parasync` on PATH.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import time
 
@@ -29,16 +28,7 @@ import _digits as D
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["sync", "async", "bounded"], default="sync")
-    ap.add_argument("--workers", type=int, default=4, help="worker processes")
-    ap.add_argument("--shards", type=int, default=2, help="server shards to start (without --addresses)")
-    ap.add_argument("--addresses", help="host:port,... of running shards (started with the same --mode and --num-workers)")
-    ap.add_argument("--steps", type=int, default=500, help="steps per worker")
-    ap.add_argument("--batch", type=int, default=32, help="mini-batch per worker and step")
-    ap.add_argument("--lr", type=float, help="learning rate (default: 0.1 x workers in sync mode, else 0.1)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, the batches")
-    ap.add_argument("--data", help=f"the digits gzip CSV (default: {D.DATA})")
-    ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    D.ps_args(ap)
     args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = 0.1 * args.workers if args.mode == "sync" else 0.1
@@ -91,25 +81,8 @@ def main(argv=None) -> dict:
     finally:
         if cluster:
             cluster.close()
-    report = {
-        "mode": args.mode,
-        "workers": args.workers,
-        "shards": len(addresses),
-        "steps": args.steps,
-        "batch": args.batch,
-        "lr": args.lr,
-        "accuracy": D.accuracy(params, x_test, y_test),
-        "loss": sum(d["loss"] for d in done) / len(done),
-        "steps_per_s": sum(args.steps / d["seconds"] for d in done) / len(done),
-        "seconds": time.perf_counter() - started,
-        "dropped_stale": sum(d["dropped_stale"] for d in done),
-    }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"held-out accuracy {report['accuracy']:.4f} ({len(y_test)} rows), last loss {report['loss']:.4f}")
-        print(f"{report['steps_per_s']:.0f} steps/s per worker, {report['seconds']:.1f} s in all")
-    return report
+    accuracy = D.accuracy(params, x_test, y_test)
+    return D.ps_report(args, done, accuracy, args.workers, len(addresses), time.perf_counter() - started, len(y_test))
 
 
 if __name__ == "__main__":

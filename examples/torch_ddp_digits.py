@@ -17,7 +17,6 @@ the held-out accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -26,18 +25,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import parasync.torch as pst
 
+import _digits as D
 import _torch_digits as T
 
 
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--how", choices=["optimizer", "ddp", "hook"], default="optimizer")
-    ap.add_argument("--steps", type=int, default=500, help="steps (each rank)")
-    ap.add_argument("--batch", type=int, default=32, help="mini-batch per rank and step")
-    ap.add_argument("--lr", type=float, help="learning rate (default: 0.1 x ranks)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, the batches")
-    ap.add_argument("--data", help="the digits gzip CSV (default: data/digits.csv.gz)")
-    ap.add_argument("--json", action="store_true", help="rank 0 prints one JSON line with the results")
+    D.training_args(ap, "rank", "0.1 x ranks")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -83,15 +78,11 @@ def main(argv=None) -> dict | None:
             "batch": args.batch,
             "lr": lr,
             "accuracy": T.accuracy(model, x_test, y_test),
-            "loss": float(loss),
+            "loss": loss.item(),
             "steps_per_s": args.steps / train_seconds,
             "seconds": time.perf_counter() - started,
         }
-        if args.json:
-            print(json.dumps(report), flush=True)
-        else:
-            print(f"held-out accuracy {report['accuracy']:.4f} ({len(y_test)} rows), last loss {float(loss):.4f}")
-            print(f"{report['steps_per_s']:.0f} steps/s, {report['seconds']:.1f} s in all ({size} ranks, {args.how})")
+        D.print_report(report, args.json, len(y_test), f"({size} ranks, {args.how})")
     if args.how == "optimizer":
         pst.shutdown()
     else:

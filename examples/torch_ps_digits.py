@@ -18,7 +18,6 @@ workers itself, then scores the final weights on the held-out split.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import time
@@ -29,21 +28,13 @@ import parasync
 import parasync.torch as pst
 from parasync.cluster import LocalCluster
 
+import _digits as D
 import _torch_digits as T
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["sync", "async", "bounded"], default="sync")
-    ap.add_argument("--workers", type=int, default=4, help="worker processes")
-    ap.add_argument("--shards", type=int, default=2, help="server shards to start (without --addresses)")
-    ap.add_argument("--addresses", help="host:port,... of running shards (default under torchrun: TF_CONFIG)")
-    ap.add_argument("--steps", type=int, default=500, help="steps per worker")
-    ap.add_argument("--batch", type=int, default=32, help="mini-batch per worker and step")
-    ap.add_argument("--lr", type=float, help="learning rate (default: 0.1 x workers in sync mode, else 0.1)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, the batches")
-    ap.add_argument("--data", help="the digits gzip CSV (default: data/digits.csv.gz)")
-    ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    D.ps_args(ap)  # --mode, --workers, --shards, --addresses (under a launcher: else TF_CONFIG), --steps, ...
     args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = 0.1 * args.workers if args.mode == "sync" else 0.1
@@ -70,7 +61,7 @@ def worker(args, addresses: list[str] | None, worker_id: int, workers: int) -> d
         dropped += optimizer.last_push.dropped_stale
     seconds = time.perf_counter() - started
     client.close()
-    return {"seconds": seconds, "loss": float(loss), "dropped_stale": dropped, "model": model.state_dict()}
+    return {"seconds": seconds, "loss": loss.item(), "dropped_stale": dropped, "model": model.state_dict()}
 
 
 def final_model(args, addresses: list[str]) -> torch.nn.Module:
@@ -81,27 +72,10 @@ def final_model(args, addresses: list[str]) -> torch.nn.Module:
     return model
 
 
-def report(args, done: list[dict], net: torch.nn.Module, shards: int, started: float) -> dict:
+def report(args, done: list[dict], net: torch.nn.Module, workers: int, shards: int, started: float) -> dict:
     _, _, x_test, y_test = T.load(args.data, args.seed)
-    out = {
-        "mode": args.mode,
-        "workers": len(done),
-        "shards": shards,
-        "steps": args.steps,
-        "batch": args.batch,
-        "lr": args.lr,
-        "accuracy": T.accuracy(net, x_test, y_test),
-        "loss": sum(d["loss"] for d in done) / len(done),
-        "steps_per_s": sum(args.steps / d["seconds"] for d in done) / len(done),
-        "seconds": time.perf_counter() - started,
-        "dropped_stale": sum(d["dropped_stale"] for d in done),
-    }
-    if args.json:
-        print(json.dumps(out), flush=True)
-    else:
-        print(f"held-out accuracy {out['accuracy']:.4f} ({len(y_test)} rows), last loss {out['loss']:.4f}")
-        print(f"{out['steps_per_s']:.0f} steps/s per worker, {out['seconds']:.1f} s in all")
-    return out
+    accuracy = T.accuracy(net, x_test, y_test)
+    return D.ps_report(args, done, accuracy, workers, shards, time.perf_counter() - started, len(y_test))
 
 
 def main(argv=None) -> dict | None:
@@ -117,7 +91,7 @@ def main(argv=None) -> dict | None:
         if rank == 0:  # scores its own model: in sync mode, the values after the last step
             net = T.model(args.seed)
             net.load_state_dict(done["model"])
-            return report(args, [done], net, len(addresses or []), started)
+            return report(args, [done], net, size, len(addresses or []), started)
         return None
 
     cluster = None
@@ -134,7 +108,7 @@ def main(argv=None) -> dict | None:
     finally:
         if cluster:
             cluster.close()
-    return report(args, done, net, len(addresses), started)
+    return report(args, done, net, args.workers, len(addresses), started)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def run_json(cmd: list[str], prefix: str = "", env: dict | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("mode, floor", [("sync", 0.95), ("async", 0.94)])
+@pytest.mark.parametrize("mode, floor", [("sync", 0.95), ("async", 0.94), ("bounded", 0.94)])
 def test_torch_ps_digits_trains_through_two_shards_and_four_workers(mode, floor):
     find_server_binary()  # FileNotFoundError here, in the test, rather than in the child
     r = run_json([sys.executable, str(EXAMPLES / "torch_ps_digits.py"), "--mode", mode, "--json"])
