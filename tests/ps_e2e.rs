@@ -465,6 +465,56 @@ async fn adopting_workers_take_the_chiefs_values_whoever_registers_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_while_pushes_update_the_variable_returns_one_version() {
+    common::bounded(300, async {
+        // 64 MiB in one part; every push adds 1 to every element (SGD, lr 1, gradient -1),
+        // so after v updates each element is exactly v: a pull that mixed versions would
+        // hold two different values.
+        const LEN: usize = 16 << 20;
+        let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "2"]);
+        let mut spec = VariableSpec::new("w", &[LEN]);
+        spec.optimizer = Optimizer::sgd(1.0);
+        let specs = vec![spec];
+        let connect = |worker_id: u32, data_plane: bool| {
+            let addrs = cluster.addrs();
+            let opts = parasync_client::ClientOptions { worker_id, data_plane, split_bytes: usize::MAX, ..Default::default() };
+            async move { parasync_client::Client::connect(&addrs, opts).await.unwrap() }
+        };
+        let mut pusher = connect(0, true).await;
+        pusher.register(specs.clone()).await.unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_pushing = Arc::clone(&stop);
+        let pushes = tokio::spawn(async move {
+            let grad = vec![-1.0f32; LEN];
+            let mut n = 0u64;
+            while !stop_pushing.load(std::sync::atomic::Ordering::Relaxed) {
+                pusher.push(n, &[&grad]).await.unwrap();
+                n += 1;
+            }
+            n
+        });
+        for data_plane in [true, false] {
+            let mut c = connect(1, data_plane).await;
+            c.register(specs.clone()).await.unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..12 {
+                let got = c.pull(0).await.unwrap().remove(0);
+                let first = got[0];
+                if let Some((i, v)) = got.iter().enumerate().find(|&(_, &v)| v != first) {
+                    panic!("data plane {data_plane}: element 0 is {first}, element {i} is {v}: the pull mixed versions");
+                }
+                seen.push(first);
+            }
+            seen.dedup();
+            assert!(seen.len() > 2, "data plane {data_plane}: the pushes did not run during the pulls: {seen:?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(pushes.await.unwrap() > 4);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_staleness_holds_the_fastest_worker() {
     common::bounded(60, async {
         let cluster = common::cluster(1, &["--mode", "bounded", "--num-workers", "2", "--max-staleness", "1"]);

@@ -294,29 +294,33 @@ impl Conn {
         Ok((var, wire))
     }
 
-    /// Sends the reply of a pull (or push-pull) and the variable's values, encoded piece by
-    /// piece; the reply carries the version of the first piece, as a gRPC pull's header does.
+    /// Sends the reply of a pull (or push-pull) and the variable's values of one version
+    /// (the one the reply carries), encoded piece by piece.
     async fn send_values(&mut self, var: &Variable, wire: DType, push: Option<ps::PushResponse>) -> io::Result<()> {
         let metrics = self.service.store().metrics();
         metrics.pulls.fetch_add(1, Relaxed);
         let total = var.len() * wire.size();
         metrics.bytes_out.fetch_add(total as u64, Relaxed);
-        let stored_as_wire = cfg!(target_endian = "little") && var.def().dtype == DType::F32;
-        if wire == DType::F32 && total > COALESCE_BYTES && stored_as_wire {
-            return self.send_stored_f32(var, push, total).await;
-        }
-        let per_piece = (SEND_PIECE_BYTES / wire.size()).max(1);
-        let mut end = per_piece.min(var.len());
-        self.scratch.clear();
-        let version = var.encode_range(0, end, wire, &mut self.scratch).await;
+        let snap = var.values_snapshot().await;
         let reply = ps::DataReply {
             push,
-            values: Some(pull_header(var, version, wire)),
+            values: Some(pull_header(var, snap.version(), wire)),
             payload_bytes: total as u64,
             ..Default::default()
         };
         self.out.clear();
         put_frame(&reply, &mut self.out);
+        if wire == DType::F32 && total > COALESCE_BYTES {
+            if let Some(bytes) = snap.f32_le_bytes() {
+                // Stored as the wire wants them: straight from the values to the socket.
+                self.sock.write_all(&self.out).await?;
+                return self.sock.write_all(bytes).await;
+            }
+        }
+        let per_piece = (SEND_PIECE_BYTES / wire.size()).max(1);
+        let mut end = per_piece.min(var.len());
+        self.scratch.clear();
+        snap.encode_range(0, end, wire, &mut self.scratch);
         if self.scratch.len() <= COALESCE_BYTES {
             self.out.extend_from_slice(&self.scratch);
             self.sock.write_all(&self.out).await?;
@@ -328,36 +332,8 @@ impl Conn {
             let start = end;
             end = (start + per_piece).min(var.len());
             self.scratch.clear();
-            var.encode_range(start, end, wire, &mut self.scratch).await;
+            snap.encode_range(start, end, wire, &mut self.scratch);
             self.sock.write_all(&self.scratch).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends f32 values stored as f32 straight from the variable to the socket: each write
-    /// copies at most [`SEND_PIECE_BYTES`] under the variable's read lock, with no
-    /// intermediate buffer. Only for f32 storage on a little-endian machine.
-    async fn send_stored_f32(&mut self, var: &Variable, push: Option<ps::PushResponse>, total: usize) -> io::Result<()> {
-        let reply = ps::DataReply {
-            push,
-            values: Some(pull_header(var, var.version().await, DType::F32)),
-            payload_bytes: total as u64,
-            ..Default::default()
-        };
-        self.out.clear();
-        put_frame(&reply, &mut self.out);
-        self.sock.write_all(&self.out).await?;
-        let mut sent = 0;
-        while sent < total {
-            self.sock.writable().await?;
-            let sock = &self.sock;
-            let wrote = var.with_f32_bytes(|bytes| sock.try_write(&bytes[sent..(sent + SEND_PIECE_BYTES).min(total)])).await;
-            match wrote {
-                Some(Ok(n)) => sent += n,
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Some(Err(e)) => return Err(e),
-                None => return Err(io::Error::other("f32 storage is not readable as little-endian bytes here")),
-            }
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::consistency::Mode;
 use crate::convert;
 use crate::error::Error;
-use crate::store::{GradientBuffer, PushMeta, Variable, VariableStore};
+use crate::store::{GradientBuffer, PushMeta, ValuesSnapshot, Variable, VariableStore};
 
 /// Variables at least this large are updated on the blocking pool, off the I/O threads.
 const BLOCKING_APPLY_ELEMENTS: usize = 1 << 18;
@@ -170,19 +170,25 @@ impl PsService {
         metrics.pulls.fetch_add(1, Relaxed);
         let chunk = (self.config.chunk_bytes / wire.size()).max(1);
         let pool = self.pool.clone();
-        futures::stream::unfold((var, 0usize, true), move |(var, start, first)| {
+        // Every chunk comes from the values of one version, taken with the first.
+        futures::stream::unfold((var, 0usize, None), move |(var, start, snap): (Arc<Variable>, usize, Option<ValuesSnapshot>)| {
             let metrics = Arc::clone(&metrics);
             let pool = pool.clone();
             async move {
+                let first = snap.is_none();
                 if start >= var.len() && !first {
                     return None;
                 }
+                let snap = match snap {
+                    Some(s) => s,
+                    None => var.values_snapshot().await,
+                };
                 let end = (start + chunk).min(var.len());
                 let mut buf = pool.take((end - start) * wire.size());
-                let version = var.encode_range(start, end, wire, &mut buf).await;
+                snap.encode_range(start, end, wire, &mut buf);
                 metrics.bytes_out.fetch_add(buf.len() as u64, Relaxed);
-                let header = first.then(|| pull_header(&var, version, wire));
-                Some(((header, pool.freeze(buf)), (var, end, false)))
+                let header = first.then(|| pull_header(&var, snap.version(), wire));
+                Some(((header, pool.freeze(buf)), (var, end, Some(snap))))
             }
         })
     }

@@ -134,7 +134,7 @@ impl Init {
 }
 
 /// Stored values in the variable's storage dtype.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Values {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
@@ -223,7 +223,10 @@ impl From<Vec<f32>> for Gradient {
 
 /// Mutable part of a variable, guarded by its lock.
 struct VariableState {
-    values: Values,
+    /// Shared with the pulls in flight (each holds the version it started with), and
+    /// copied by an update only while one is: so a pull never mixes two versions, and
+    /// never holds an update back for the length of its transfer.
+    values: Arc<Values>,
     optimizer: OptimizerState,
     clock: VariableClock<Gradient>,
     /// When the first gradient of the current sync step arrived (step-latency metric).
@@ -406,38 +409,59 @@ impl Variable {
         self.read_async(|st| st.clock.version()).await
     }
 
-    /// Encodes elements `start..end` as `wire` into `out`; returns the version they belong to.
-    pub async fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) -> u64 {
-        self.read_async(|st| {
-            match &st.values {
-                Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
-                Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
-            }
-            st.clock.version()
-        })
-        .await
+    /// The current values and their version, for a pull: later updates leave them as they
+    /// are (they copy the values first while a snapshot is alive).
+    pub async fn values_snapshot(&self) -> ValuesSnapshot {
+        self.read_async(|st| ValuesSnapshot { values: Arc::clone(&st.values), version: st.clock.version() }).await
     }
 
-    /// Calls `f` with the values as little-endian f32 bytes, under the read lock, when they
-    /// are stored as f32 on a little-endian machine; `None` otherwise. (The data plane
-    /// writes a pull straight from here to its socket, a slice per call.)
-    pub async fn with_f32_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-        self.read_async(|st| match &st.values {
-            #[cfg(target_endian = "little")]
-            Values::F32(v) => Some(f(parasync_tensor::f32_as_le_bytes(v))),
-            _ => None,
-        })
-        .await
+    /// Encodes elements `start..end` of the current values as `wire` into `out`; returns
+    /// the version they belong to.
+    pub async fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) -> u64 {
+        let snap = self.values_snapshot().await;
+        snap.encode_range(start, end, wire, out);
+        snap.version()
     }
 
     /// A copy of all values widened to f32 (tests, checkpoints, small reads).
     pub fn snapshot(&self) -> (u64, Vec<f32>) {
         let st = self.state.read();
-        let v = match &st.values {
+        let v = match &*st.values {
             Values::F32(v) => v.clone(),
             Values::Bf16(v) => v.iter().map(|&w| bf16::to_f32(w)).collect(),
         };
         (st.clock.version(), v)
+    }
+}
+
+/// A variable's values as of one version (see [`Variable::values_snapshot`]).
+pub struct ValuesSnapshot {
+    values: Arc<Values>,
+    version: u64,
+}
+
+impl ValuesSnapshot {
+    /// The version these values belong to.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Encodes elements `start..end` as `wire` into `out`.
+    pub fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) {
+        match &*self.values {
+            Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
+            Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
+        }
+    }
+
+    /// The values as little-endian f32 bytes, when they are stored as f32 on a
+    /// little-endian machine (the data plane writes a pull straight from here).
+    pub fn f32_le_bytes(&self) -> Option<&[u8]> {
+        match &*self.values {
+            #[cfg(target_endian = "little")]
+            Values::F32(v) => Some(parasync_tensor::f32_as_le_bytes(v)),
+            _ => None,
+        }
     }
 }
 
@@ -547,7 +571,7 @@ impl VariableStore {
             dashmap::Entry::Occupied(e) => Self::confirm(e.get(), &def),
             dashmap::Entry::Vacant(e) => {
                 let state = VariableState {
-                    values: Values::from_f32(def.dtype, values),
+                    values: Arc::new(Values::from_f32(def.dtype, values)),
                     optimizer: OptimizerState::new(def.optimizer.clone(), len),
                     clock: VariableClock::new(self.config.mode),
                     step_started: None,
@@ -663,7 +687,7 @@ impl VariableStore {
         if !st.awaiting_values {
             return Ok((st.clock.version(), false));
         }
-        st.values = Values::from_f32(var.def.dtype, values);
+        st.values = Arc::new(Values::from_f32(var.def.dtype, values));
         st.awaiting_values = false;
         let v = st.clock.version();
         drop(st);
@@ -774,7 +798,8 @@ const MEAN_BLOCK: usize = 2048;
 
 fn apply(st: &mut VariableState, var: &Variable, grad: Grad<'_>, lr_scale: f32) {
     let VariableState { values, optimizer, .. } = st;
-    match values {
+    // A copy only while a pull still reads these values.
+    match Arc::make_mut(values) {
         Values::F32(p) => optimizer.apply_f32_grad(p, grad, lr_scale),
         Values::Bf16(p) => {
             let rounding = if var.def.stochastic_rounding { Rounding::Stochastic } else { Rounding::NearestEven };
