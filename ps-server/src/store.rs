@@ -141,6 +141,16 @@ enum Values {
 }
 
 impl Values {
+    /// Overwrites these values with `other`'s when both have the same dtype and length.
+    fn copy_from(&mut self, other: &Values) -> bool {
+        match (self, other) {
+            (Values::F32(a), Values::F32(b)) if a.len() == b.len() => a.copy_from_slice(b),
+            (Values::Bf16(a), Values::Bf16(b)) if a.len() == b.len() => a.copy_from_slice(b),
+            _ => return false,
+        }
+        true
+    }
+
     fn from_f32(dtype: DType, v: Vec<f32>) -> Values {
         match dtype {
             DType::F32 => Values::F32(v),
@@ -250,7 +260,13 @@ pub struct Variable {
     /// Gradient buffers kept from applied pushes: large buffers are otherwise fresh
     /// mappings whose page faults cost as much as the copy into them.
     spare: parking_lot::Mutex<Spares>,
+    /// A values buffer a finished pull handed back: an update that must copy the values
+    /// (a pull still reads them) copies into it instead of a fresh allocation, whose page
+    /// faults would cost more than the copy.
+    spare_values: SpareValues,
 }
+
+type SpareValues = Arc<parking_lot::Mutex<Option<Values>>>;
 
 /// The write lock of a variable's state; dropping it wakes the readers that wait for it
 /// on runtime threads.
@@ -412,7 +428,12 @@ impl Variable {
     /// The current values and their version, for a pull: later updates leave them as they
     /// are (they copy the values first while a snapshot is alive).
     pub async fn values_snapshot(&self) -> ValuesSnapshot {
-        self.read_async(|st| ValuesSnapshot { values: Arc::clone(&st.values), version: st.clock.version() }).await
+        self.read_async(|st| ValuesSnapshot {
+            values: Some(Arc::clone(&st.values)),
+            version: st.clock.version(),
+            spare: Arc::clone(&self.spare_values),
+        })
+        .await
     }
 
     /// Encodes elements `start..end` of the current values as `wire` into `out`; returns
@@ -436,11 +457,26 @@ impl Variable {
 
 /// A variable's values as of one version (see [`Variable::values_snapshot`]).
 pub struct ValuesSnapshot {
-    values: Arc<Values>,
+    /// Always `Some` until dropped.
+    values: Option<Arc<Values>>,
     version: u64,
+    spare: SpareValues,
+}
+
+impl Drop for ValuesSnapshot {
+    /// The last reader of values an update has replaced hands their buffer back for reuse.
+    fn drop(&mut self) {
+        if let Some(Ok(values)) = self.values.take().map(Arc::try_unwrap) {
+            *self.spare.lock() = Some(values);
+        }
+    }
 }
 
 impl ValuesSnapshot {
+    fn values(&self) -> &Values {
+        self.values.as_deref().expect("values are present until drop")
+    }
+
     /// The version these values belong to.
     pub fn version(&self) -> u64 {
         self.version
@@ -448,7 +484,7 @@ impl ValuesSnapshot {
 
     /// Encodes elements `start..end` as `wire` into `out`.
     pub fn encode_range(&self, start: usize, end: usize, wire: DType, out: &mut Vec<u8>) {
-        match &*self.values {
+        match self.values() {
             Values::F32(v) => parasync_tensor::encode_f32(&v[start..end], wire, out),
             Values::Bf16(v) => parasync_tensor::encode_bf16(&v[start..end], wire, out),
         }
@@ -457,7 +493,7 @@ impl ValuesSnapshot {
     /// The values as little-endian f32 bytes, when they are stored as f32 on a
     /// little-endian machine (the data plane writes a pull straight from here).
     pub fn f32_le_bytes(&self) -> Option<&[u8]> {
-        match &*self.values {
+        match self.values() {
             #[cfg(target_endian = "little")]
             Values::F32(v) => Some(parasync_tensor::f32_as_le_bytes(v)),
             _ => None,
@@ -589,6 +625,7 @@ impl VariableStore {
                     unlocked: tokio::sync::Notify::new(),
                     changed,
                     spare,
+                    spare_values: SpareValues::default(),
                 }));
                 self.metrics.variables.fetch_add(1, Relaxed);
                 Ok(Registered { created: true, version: 0, awaiting_values })
@@ -798,8 +835,21 @@ const MEAN_BLOCK: usize = 2048;
 
 fn apply(st: &mut VariableState, var: &Variable, grad: Grad<'_>, lr_scale: f32) {
     let VariableState { values, optimizer, .. } = st;
-    // A copy only while a pull still reads these values.
-    match Arc::make_mut(values) {
+    if Arc::get_mut(values).is_none() {
+        // A pull still reads these values: update a copy (into a buffer a pull handed back, if any).
+        let copy = match var.spare_values.lock().take() {
+            Some(mut spare) => {
+                if spare.copy_from(values) {
+                    spare
+                } else {
+                    Values::clone(values)
+                }
+            }
+            None => Values::clone(values),
+        };
+        *values = Arc::new(copy);
+    }
+    match Arc::get_mut(values).expect("not shared: copied above") {
         Values::F32(p) => optimizer.apply_f32_grad(p, grad, lr_scale),
         Values::Bf16(p) => {
             let rounding = if var.def.stochastic_rounding { Rounding::Stochastic } else { Rounding::NearestEven };
