@@ -25,5 +25,5 @@ echo "== pip install ./python (builds the native module from source)"
 "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps ./python
 
 echo "== pytest python/tests"
-export PARASYNC_BIN="${PARASYNC_BIN:-$PWD/target/debug/parasync}"
+export PARASYNC_BIN="${PARASYNC_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/parasync}"
 "$VENV/bin/python" -m pytest python/tests -q --timeout=600 -p no:cacheprovider
