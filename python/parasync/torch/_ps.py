@@ -84,27 +84,24 @@ class ParameterServerOptimizer(torch.optim.Optimizer):
         named = [(n, p) for n, p in named if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
-        for n, p in named:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"parameter {n!r}: expected a torch tensor, got {type(p).__name__}")
-            _flat_view(p, f"parameter {n!r}")
+        values = [_flat_view(p, f"parameter {n!r}") for n, p in named]  # checks each one
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        pick = optimizer if callable(optimizer) and not hasattr(optimizer, "_native") else (lambda _n, _p: optimizer)
-        chosen = [pick(n, p) for n, p in named]
+        chosen = [optimizer(n, p) if callable(optimizer) else optimizer for n, p in named]
         lr = getattr(chosen[0], "lr", None)
         super().__init__([p for _, p in named], {"lr": lr})
 
         self.client = client
         self.names = [prefix + n for n, _ in named]
         self.chief = client.worker_id == 0 if chief is None else bool(chief)
-        specs = []
-        for (n, p), name, opt in zip(named, self.names, chosen):
-            init = p.detach().reshape(_shape(p)).numpy().copy() if self.chief else Adopt()
-            specs.append(VariableSpec(name, _shape(p), opt, init=init, dtype=storage_dtype))
-        client.register(specs)
+        client.register(
+            [
+                VariableSpec(name, v.shape, opt, init=v if self.chief else Adopt(), dtype=storage_dtype)
+                for name, v, opt in zip(self.names, values, chosen)
+            ]
+        )  # the chief's values are copied here, once
         self._named = named
-        self._values = [_flat_view(p, f"parameter {n!r}") for n, p in named]
+        self._values = values
         self._zeros: list[np.ndarray | None] = [None] * len(named)
         self._step = start_step
         self._lr_sent = lr
