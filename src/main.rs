@@ -16,6 +16,10 @@ enum Cmd {
     Server(ps_server::config::ServerArgs),
     /// Train a 64-128-10 MLP on the digits data with a local cluster of real processes.
     Demo(parasync::demo::DemoArgs),
+    /// Look into checkpoints: `inspect` lists what one holds, `export` joins its parts into
+    /// whole tensors in one safetensors file.
+    #[command(subcommand)]
+    Checkpoint(ps_server::checkpoint::tool::CheckpointCmd),
     /// Allreduce bandwidth / latency table (nccl-tests style) over local ranks, or one rank
     /// of a multi-host run (`--rank I --master HOST:PORT`, or `--from-env`).
     AllreduceBench(parasync_collective::bench::AllreduceBenchArgs),
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Checkpoint(cmd) => ps_server::checkpoint::tool::run(&cmd),
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
         Cmd::AllreduceFollower(args) => parasync_collective::bench::led::run_follower(&args),

@@ -177,6 +177,11 @@ impl Server {
             drain_timeout: Duration::from_secs(2),
             worker_threads: 2,
             data_listen: Some(data.local_addr().unwrap().to_string()),
+            num_shards: None,
+            checkpoint_dir: None,
+            checkpoint_every_steps: 0,
+            keep_checkpoints: 1,
+            restore: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(async move {

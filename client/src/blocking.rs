@@ -131,6 +131,11 @@ impl BlockingClient {
         block_on(self.read().set_learning_rate(lr), stop)
     }
 
+    /// Every shard writes a checkpoint of `step` (see [`Client::checkpoint`]).
+    pub fn checkpoint(&self, step: u64, stop: &mut dyn FnMut() -> bool) -> Result<Vec<crate::CheckpointFile>> {
+        block_on(self.read().checkpoint(step), stop)
+    }
+
     /// Every shard's mode and variables.
     pub fn shard_info(&self, stop: &mut dyn FnMut() -> bool) -> Result<Vec<ShardInfo>> {
         block_on(self.read().shard_info(), stop)

@@ -145,6 +145,21 @@ pub struct ShardInfo {
     /// Address of the shard's data plane when this client moves tensors over it; `None`
     /// when they go over gRPC.
     pub data_plane: Option<String>,
+    /// The step of the checkpoint the shard started from, if it was restored from one.
+    pub restored_step: Option<u64>,
+    /// The shard writes checkpoints.
+    pub checkpoints: bool,
+}
+
+/// One shard's file of a checkpoint (see [`Client::checkpoint`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointFile {
+    pub shard: usize,
+    pub step: u64,
+    /// Where the shard wrote it (a path on the shard's machine).
+    pub path: String,
+    pub bytes: u64,
+    pub seconds: f64,
 }
 
 /// A trainer's connection to every shard of a parameter-server job.
@@ -498,7 +513,28 @@ impl Client {
                 dropped_stale: r.dropped_stale,
                 variables: r.variables.into_iter().map(|v| (v.name, v.version)).collect(),
                 data_plane: s.data.as_ref().map(|d| d.addr().to_string()),
+                restored_step: r.restored.then_some(r.restored_step),
+                checkpoints: r.checkpoints,
             })
+        }))
+        .await
+    }
+
+    /// Has every shard write a checkpoint of `step` and returns once all are on disk.
+    ///
+    /// In sync mode, call it from one worker (the chief) with the step it is about to push,
+    /// i.e. the step whose values it last pulled: every variable is saved exactly as that
+    /// step left it (shards wait for variables still short of it). In async and bounded
+    /// mode each shard saves its variables as they are, under the name `step-<step>`.
+    pub async fn checkpoint(&self, step: u64) -> Result<Vec<CheckpointFile>> {
+        try_join_all(self.shards.iter().enumerate().map(|(i, s)| async move {
+            let r = s
+                .rpc()
+                .checkpoint(ps::CheckpointRequest { step })
+                .await
+                .map_err(|e| Error::from_status(e, &format!("checkpoint on shard {i} ({})", s.addr)))?
+                .into_inner();
+            Ok(CheckpointFile { shard: i, step: r.step, path: r.path, bytes: r.bytes, seconds: r.seconds })
         }))
         .await
     }

@@ -74,6 +74,26 @@ pub struct ServerArgs {
     /// server info); defaults to the gRPC address's host with a free port; `off` disables it.
     #[arg(long, env = "PARASYNC_DATA_LISTEN")]
     pub data_listen: Option<String>,
+    /// Number of shards of the job (default: the `ps` tasks of `TF_CONFIG`, else the shard
+    /// count of the checkpoint restored). Restoring onto another shard count needs it.
+    #[arg(long, env = "PARASYNC_NUM_SHARDS")]
+    pub num_shards: Option<u32>,
+    /// Folder of checkpoints (`DIR/step-<n>/`, a safetensors file and a JSON manifest per
+    /// shard). All shards of a job must see the same folder to restore onto another count.
+    #[arg(long, env = "PARASYNC_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Write a checkpoint every this many steps (sync: completed steps; async / bounded: the
+    /// workers' steps). 0: only when a client asks for one.
+    #[arg(long, env = "PARASYNC_CHECKPOINT_EVERY_STEPS", default_value_t = 0)]
+    pub checkpoint_every_steps: u64,
+    /// Checkpoints kept (the newest); older ones are removed.
+    #[arg(long, env = "PARASYNC_KEEP_CHECKPOINTS", default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Start from a checkpoint: `latest` (the newest complete one in --checkpoint-dir whose
+    /// checksums match; none there starts empty) or a path (a `step-<n>` folder, or a folder
+    /// of them).
+    #[arg(long, env = "PARASYNC_RESTORE")]
+    pub restore: Option<String>,
 }
 
 /// Everything the server needs, resolved from flags and the environment.
@@ -103,6 +123,16 @@ pub struct ServerSettings {
     pub worker_threads: usize,
     /// Where the data plane listens; `None` when disabled.
     pub data_listen: Option<String>,
+    /// See [`ServerArgs::num_shards`] (`None`: not given).
+    pub num_shards: Option<u32>,
+    /// See [`ServerArgs::checkpoint_dir`].
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// See [`ServerArgs::checkpoint_every_steps`].
+    pub checkpoint_every_steps: u64,
+    /// See [`ServerArgs::keep_checkpoints`].
+    pub keep_checkpoints: usize,
+    /// See [`ServerArgs::restore`].
+    pub restore: Option<String>,
 }
 
 /// The parts of `TF_CONFIG` Parasync reads.
@@ -192,7 +222,24 @@ impl ServerArgs {
                 Some(format!("{host}:0"))
             }
         };
+        if self.restore.as_deref() == Some("latest") && self.checkpoint_dir.is_none() {
+            bail!("--restore latest needs --checkpoint-dir");
+        }
+        if self.checkpoint_every_steps > 0 && self.checkpoint_dir.is_none() {
+            bail!("--checkpoint-every-steps needs --checkpoint-dir");
+        }
+        let num_shards = self.num_shards.or(tf.and_then(|t| t.cluster.get("ps")).map(|ps| ps.len() as u32).filter(|&n| n > 0));
+        if let Some(n) = num_shards {
+            if shard_index >= n {
+                bail!("shard index {shard_index} is not below the {n} shards of the job");
+            }
+        }
         Ok(ServerSettings {
+            num_shards,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every_steps: self.checkpoint_every_steps,
+            keep_checkpoints: self.keep_checkpoints.max(1),
+            restore: self.restore.clone(),
             data_listen,
             listen,
             shard_index,

@@ -265,6 +265,29 @@ impl<G> VariableClock<G> {
         }
     }
 
+    /// Bounded mode: each worker's pushed steps (empty in the other modes).
+    pub fn worker_clocks(&self) -> &[u64] {
+        &self.clocks
+    }
+
+    /// Restores the version and, in bounded mode, the workers' clocks (from a checkpoint:
+    /// `clocks` as [`worker_clocks`](Self::worker_clocks) gave them, or empty to start
+    /// every worker at `version`'s step). Drops buffered gradients.
+    pub fn restore(&mut self, version: u64, clocks: &[u64]) -> Result<(), String> {
+        if let Mode::Bounded { num_workers, .. } = self.mode {
+            if clocks.is_empty() {
+                self.clocks = vec![version; num_workers as usize];
+            } else if clocks.len() == num_workers as usize {
+                self.clocks = clocks.to_vec();
+            } else {
+                return Err(format!("the checkpoint has clocks of {} workers, this server runs {num_workers}", clocks.len()));
+            }
+        }
+        self.version = version;
+        self.pending.clear();
+        Ok(())
+    }
+
     /// Restores the version (checkpoint restore or assignment); drops buffered gradients.
     pub fn reset_version(&mut self, version: u64) {
         self.version = version;

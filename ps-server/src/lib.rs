@@ -7,6 +7,7 @@
 //! machines of [`consistency`], which the gRPC layer only feeds and obeys. Tensor bytes
 //! may also travel over the plain-TCP [`dataplane`] beside gRPC, with the same semantics.
 
+pub mod checkpoint;
 pub mod config;
 pub mod consistency;
 pub mod convert;

@@ -10,6 +10,8 @@
 //! storage type once and then runs a loop monomorphised for that pair: the per-element loop
 //! never allocates and never branches on the method.
 
+use std::sync::Arc;
+
 use parasync_tensor::bf16;
 
 /// Hyper-parameters of one variable's optimizer.
@@ -142,6 +144,17 @@ impl OptimizerSpec {
 
     /// Number of `f32` slot vectors (each as long as the variable) the method keeps: SGD 1
     /// with momentum and 0 without, Adagrad 1, Adam 2. Lets callers budget memory.
+    /// Names of the slots, in the order the state keeps them (PyTorch's names where it has
+    /// the same slot): what a checkpoint calls them.
+    pub fn slot_names(&self) -> &'static [&'static str] {
+        match *self {
+            OptimizerSpec::Sgd { momentum, .. } if momentum > 0.0 => &["momentum_buffer"],
+            OptimizerSpec::Sgd { .. } => &[],
+            OptimizerSpec::Adagrad { .. } => &["sum"],
+            OptimizerSpec::Adam { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+
     pub fn num_slots(&self) -> usize {
         match *self {
             OptimizerSpec::Sgd { momentum, .. } => usize::from(momentum > 0.0),
@@ -193,7 +206,20 @@ pub struct OptimizerState {
     /// Number of elements of the variable; every slot has this length.
     len: usize,
     /// `spec.num_slots()` vectors of `len` elements: SGD `[buf]`, Adagrad `[acc]`, Adam `[m, v]`.
-    slots: Vec<Vec<f32>>,
+    /// Shared with a checkpoint being written, and copied by an update only while one is.
+    slots: Vec<Arc<Vec<f32>>>,
+}
+
+/// The optimizer state of one variable as of one update, for a checkpoint: the slots are
+/// shared with the live state until its next update (which copies them first).
+#[derive(Clone, Debug)]
+pub struct OptimizerSnapshot {
+    /// The learning rate the next update would use.
+    pub lr: f32,
+    /// Updates applied so far (Adam's `t`).
+    pub updates: u64,
+    /// The slots, named by [`OptimizerSpec::slot_names`].
+    pub slots: Vec<Arc<Vec<f32>>>,
 }
 
 impl OptimizerState {
@@ -208,7 +234,7 @@ impl OptimizerState {
             } => initial_accumulator,
             _ => 0.0,
         };
-        let slots = (0..spec.num_slots()).map(|_| vec![fill; len]).collect();
+        let slots = (0..spec.num_slots()).map(|_| Arc::new(vec![fill; len])).collect();
         OptimizerState {
             lr: spec.learning_rate(),
             spec,
@@ -216,6 +242,28 @@ impl OptimizerState {
             len,
             slots,
         }
+    }
+
+    /// The state restored from a checkpoint: `slots` in [`OptimizerSpec::slot_names`] order,
+    /// each of `len` elements.
+    pub fn restored(spec: OptimizerSpec, len: usize, snapshot: OptimizerSnapshot) -> Result<Self, String> {
+        let names = spec.slot_names();
+        if snapshot.slots.len() != names.len() {
+            return Err(format!("{} keeps {} slot(s) ({}), the checkpoint has {}", spec.name(), names.len(), names.join(", "), snapshot.slots.len()));
+        }
+        if let Some((i, s)) = snapshot.slots.iter().enumerate().find(|(_, s)| s.len() != len) {
+            return Err(format!("slot {} has {} elements, the variable {len}", names[i], s.len()));
+        }
+        if !snapshot.lr.is_finite() || snapshot.lr < 0.0 {
+            return Err(format!("learning rate {} is not finite and >= 0", snapshot.lr));
+        }
+        Ok(OptimizerState { spec, lr: snapshot.lr, updates: snapshot.updates, len, slots: snapshot.slots })
+    }
+
+    /// The learning rate, update count and slots as they are now (no copy: the slots are
+    /// shared until the next update).
+    pub fn snapshot(&self) -> OptimizerSnapshot {
+        OptimizerSnapshot { lr: self.lr, updates: self.updates, slots: self.slots.clone() }
     }
 
     /// The hyper-parameters as configured (the learning rate in it is the initial one; see
@@ -363,7 +411,9 @@ impl OptimizerState {
     /// One update of every element with learning rate `lr` (the update count already advanced).
     #[inline(always)]
     fn kernels<S: Storage, G: GradValues>(&mut self, storage: S, params: &mut [S::Word], grad: G, lr: f32) {
-        match (&self.spec, self.slots.as_mut_slice()) {
+        // A checkpoint still writing the slots keeps its copy; this update works on another.
+        let mut slots: Vec<&mut [f32]> = self.slots.iter_mut().map(|s| Arc::make_mut(s).as_mut_slice()).collect();
+        match (&self.spec, slots.as_mut_slice()) {
             (OptimizerSpec::Sgd { .. }, []) => sgd(storage, params, grad, lr),
             (
                 &OptimizerSpec::Sgd {

@@ -32,6 +32,24 @@ pub async fn run(
         StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite, spare_buffer_bytes: settings.spare_buffer_bytes },
         Arc::clone(&metrics),
     ));
+    let restored_step = restore(&store, &settings)?;
+    if let Some(dir) = &settings.checkpoint_dir {
+        let num_shards = match (settings.num_shards, &restored_step) {
+            (Some(n), _) => n,
+            (None, Some((_, n))) => *n,
+            (None, None) => anyhow::bail!("--checkpoint-dir needs the job's shard count: pass --num-shards (or TF_CONFIG)"),
+        };
+        let cs = crate::checkpoint::CheckpointSettings {
+            dir: dir.clone(),
+            every_steps: settings.checkpoint_every_steps,
+            keep: settings.keep_checkpoints,
+            shard: settings.shard_index,
+            num_shards,
+        };
+        let step = restored_step.map_or(0, |(s, _)| s);
+        store.set_checkpointer(crate::checkpoint::Checkpointer::start(cs, settings.mode, step)?);
+    }
+    let store_checkpointer = store.checkpointer().cloned();
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = PsService::new(
         store,
@@ -40,9 +58,11 @@ pub async fn run(
             default_pull_timeout: settings.pull_timeout,
             chunk_bytes: settings.chunk_bytes,
             data_port: data_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port()),
+            restored_step: restored_step.map(|(s, _)| s),
         },
         stop_rx.clone(),
     );
+    let checkpointer = store_checkpointer.clone();
     let data_task = data_listener.map(|l| tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone())));
     let ps = ParameterServerServer::new(service)
         .max_decoding_message_size(settings.max_message_bytes)
@@ -135,8 +155,52 @@ pub async fn run(
     for t in [metrics_task, data_task].into_iter().flatten() {
         let _ = tokio::time::timeout(drain_timeout, t).await;
     }
+    if let Some(c) = checkpointer {
+        c.finish(); // checkpoints taken are written before the process exits
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Restores the checkpoint `--restore` names, if any; returns its step and shard count.
+fn restore(store: &VariableStore, settings: &ServerSettings) -> anyhow::Result<Option<(u64, u32)>> {
+    use crate::checkpoint::Checkpoint;
+    let Some(what) = &settings.restore else { return Ok(None) };
+    let started = std::time::Instant::now();
+    let found = match (what.as_str(), &settings.checkpoint_dir) {
+        ("latest", Some(dir)) => Checkpoint::latest(dir, |_, _| {})?,
+        (path, dir) => Some(Checkpoint::find(path, dir.as_deref())?),
+    };
+    let Some(c) = found else {
+        tracing::info!(restore = %what, "no checkpoint to restore: starting empty");
+        return Ok(None);
+    };
+    let (step, old_shards, dir) = (c.step, c.num_shards, c.dir.clone());
+    let num_shards = settings.num_shards.unwrap_or(old_shards);
+    if settings.shard_index >= num_shards {
+        anyhow::bail!(
+            "{} was written by {old_shards} shards, and this is shard {}: pass --num-shards to restore it onto more",
+            dir.display(),
+            settings.shard_index
+        );
+    }
+    if c.mode != settings.mode.name() {
+        tracing::warn!(checkpoint = %dir.display(), "the checkpoint was written in {} mode, this shard runs {}", c.mode, settings.mode.name());
+    }
+    let n = crate::checkpoint::restore_into(store, Arc::new(c), settings.shard_index, num_shards)
+        .with_context(|| format!("restoring {}", dir.display()))?;
+    if num_shards == old_shards {
+        tracing::info!(checkpoint = %dir.display(), step, variables = n, seconds = started.elapsed().as_secs_f64(), "restored");
+    } else {
+        tracing::info!(
+            checkpoint = %dir.display(),
+            step,
+            from_shards = old_shards,
+            to_shards = num_shards,
+            "restoring onto another shard count: variables are cut from the checkpoint as clients register them"
+        );
+    }
+    Ok(Some((step, num_shards)))
 }
 
 /// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called (inside a tokio

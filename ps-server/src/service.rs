@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     pub chunk_bytes: usize,
     /// Port of the data plane beside this service (0: none), announced in server info.
     pub data_port: u16,
+    /// The step of the checkpoint the shard started from, if it was restored.
+    pub restored_step: Option<u64>,
 }
 
 /// The service: shared store plus settings and the shutdown signal.
@@ -321,7 +323,36 @@ impl ParameterServer for PsService {
             variables,
             dropped_stale: self.store.metrics().dropped_stale.load(Relaxed),
             data_port: self.config.data_port.into(),
+            restored_step: self.config.restored_step.unwrap_or(0),
+            restored: self.config.restored_step.is_some(),
+            checkpoints: self.store.checkpointer().is_some(),
         }))
+    }
+
+    async fn checkpoint(&self, request: Request<ps::CheckpointRequest>) -> Result<Response<ps::CheckpointResponse>, Status> {
+        let step = request.into_inner().step;
+        let Some(c) = self.store.checkpointer() else {
+            return Err(Status::failed_precondition(format!(
+                "shard {} writes no checkpoints: start it with --checkpoint-dir",
+                self.config.shard_index
+            )));
+        };
+        let store = Arc::clone(&self.store);
+        // Taking the variables' state waits for their locks: not on a runtime thread.
+        let c2 = Arc::clone(c);
+        let rx = tokio::task::spawn_blocking(move || c2.request(&store, step))
+            .await
+            .map_err(|e| Status::internal(format!("checkpoint request: {e}")))?;
+        let mut shutdown = self.shutdown.clone();
+        let outcome = tokio::select! {
+            r = rx => r.map_err(|_| Status::internal("the checkpoint writer stopped"))?,
+            _ = tokio::time::sleep(crate::checkpoint::REQUEST_TIMEOUT) => {
+                return Err(Status::deadline_exceeded(format!("checkpoint of step {step}: the variables did not reach it in {:?}", crate::checkpoint::REQUEST_TIMEOUT)))
+            }
+            _ = shutdown.wait_for(|&s| s) => return Err(Status::unavailable("the shard is shutting down")),
+        };
+        let o = outcome.map_err(|e| Status::failed_precondition(format!("checkpoint of step {step} on shard {}: {e}", self.config.shard_index)))?;
+        Ok(Response::new(ps::CheckpointResponse { step: o.step, path: o.path.display().to_string(), bytes: o.bytes, seconds: o.seconds }))
     }
 }
 
@@ -339,7 +370,7 @@ mod tests {
 
     fn service(mode: Mode) -> PsService {
         let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::new(Metrics::default())));
-        let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16, data_port: 0 };
+        let config = ServiceConfig { shard_index: 3, default_pull_timeout: Duration::from_millis(50), chunk_bytes: 16, data_port: 0, restored_step: None };
         PsService::new(store, config, watch::channel(false).1)
     }
 

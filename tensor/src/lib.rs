@@ -109,6 +109,13 @@ pub fn f32_as_le_bytes_mut(values: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
+/// The bytes of bf16 words as little-endian data, without copying.
+#[cfg(target_endian = "little")]
+pub fn u16_as_le_bytes(words: &[u16]) -> &[u8] {
+    // SAFETY: as in `f32_as_le_bytes`.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
 /// The storage of bf16 words as bytes to receive little-endian bf16 data into directly.
 #[cfg(target_endian = "little")]
 pub fn u16_as_le_bytes_mut(words: &mut [u16]) -> &mut [u8] {

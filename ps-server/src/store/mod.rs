@@ -13,14 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use parking_lot::RwLock;
-use tokio::sync::watch;
 
 use crate::consistency::{Mode, PushDecision, ReadGate, VariableClock};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::optimizer::{Grad, OptimizerState, Rounding};
 
+mod capture;
 mod def;
 mod gradient;
 mod mean;
@@ -31,9 +30,9 @@ pub use def::{Init, VariableDef, MAX_ELEMENTS};
 pub use gradient::{Gradient, GradientBuffer};
 pub use mean::mean_in_worker_order;
 pub use spare::SpareBudget;
-pub use variable::{ValuesSnapshot, Variable};
-use spare::Spares;
-use variable::{SpareValues, Values, VariableState};
+pub use capture::{RestoredVariable, VariableCapture};
+pub use variable::{Values, ValuesSnapshot, Variable};
+use variable::VariableState;
 
 /// Outcome of a registration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,19 +92,94 @@ impl StoreConfig {
 /// variables in flight, a small fraction of a large shard's memory.
 pub const DEFAULT_SPARE_BUFFER_BYTES: usize = 256 << 20;
 
+/// Where variables come from when a restored shard is asked for one it does not hold yet
+/// (a checkpoint restored onto another shard count: the new placement's parts are cut from
+/// the old files as the clients register them).
+pub trait RestoreSource: Send + Sync {
+    /// The state of `def` in the checkpoint, `None` if it has none, or an error if the
+    /// checkpoint's variable differs from `def` or cannot be read.
+    fn variable(&self, def: &VariableDef) -> Result<Option<RestoredVariable>>;
+}
+
 /// All variables of one shard.
 pub struct VariableStore {
     config: StoreConfig,
     vars: DashMap<String, Arc<Variable>>,
     metrics: Arc<Metrics>,
     spares: Arc<SpareBudget>,
+    /// Takes checkpoints as variables reach their steps (see [`crate::checkpoint`]).
+    checkpointer: std::sync::OnceLock<Arc<crate::checkpoint::Checkpointer>>,
+    restore_source: std::sync::OnceLock<Box<dyn RestoreSource>>,
 }
 
 impl VariableStore {
     /// An empty store. `config.mode` must be valid.
     pub fn new(config: StoreConfig, metrics: Arc<Metrics>) -> Self {
         let spares = Arc::new(SpareBudget::new(config.spare_buffer_bytes, Arc::clone(&metrics)));
-        VariableStore { config, vars: DashMap::new(), metrics, spares }
+        VariableStore {
+            config,
+            vars: DashMap::new(),
+            metrics,
+            spares,
+            checkpointer: std::sync::OnceLock::new(),
+            restore_source: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Has `checkpointer` see every step (once; later calls change nothing).
+    pub fn set_checkpointer(&self, checkpointer: Arc<crate::checkpoint::Checkpointer>) {
+        let _ = self.checkpointer.set(checkpointer);
+    }
+
+    /// The checkpointer, if the shard writes checkpoints.
+    pub fn checkpointer(&self) -> Option<&Arc<crate::checkpoint::Checkpointer>> {
+        self.checkpointer.get()
+    }
+
+    /// Has registrations of variables this shard does not hold look in `source` first.
+    pub fn set_restore_source(&self, source: Box<dyn RestoreSource>) {
+        let _ = self.restore_source.set(source);
+    }
+
+    /// Every variable's state as it is now, each as of one version (variables apart may be
+    /// at different versions).
+    pub fn capture_all(&self) -> Vec<VariableCapture> {
+        self.list()
+            .iter()
+            .map(|v| {
+                let st = v.state.read();
+                VariableCapture::take(v, &st)
+            })
+            .collect()
+    }
+
+    /// `var`'s state if it is at `version` now; `Err(current)` if it is past it.
+    pub fn capture_at(&self, var: &Variable, version: u64) -> std::result::Result<Option<VariableCapture>, u64> {
+        let st = var.state.read();
+        match st.clock.version() {
+            v if v == version => Ok(Some(VariableCapture::take(var, &st))),
+            v if v < version => Ok(None),
+            v => Err(v),
+        }
+    }
+
+    /// Creates a variable from a checkpoint's state. Fails if it exists already.
+    pub fn insert_restored(&self, def: VariableDef, restored: RestoredVariable) -> Result<()> {
+        let len = def.validate()?;
+        restored.check(&def, len)?;
+        let optimizer = OptimizerState::restored(def.optimizer.clone(), len, restored.optimizer)
+            .map_err(|e| Error::invalid(&def.name, format!("checkpoint: {e}")))?;
+        let mut clock = VariableClock::new(self.config.mode);
+        clock.restore(restored.version, &restored.worker_clocks).map_err(|e| Error::invalid(&def.name, e))?;
+        let state = VariableState { values: Arc::new(restored.values), optimizer, clock, step_started: None, awaiting_values: false };
+        match self.vars.entry(def.name.clone()) {
+            dashmap::Entry::Occupied(_) => Err(Error::Conflict { variable: def.name, reason: "restored twice".into() }),
+            dashmap::Entry::Vacant(e) => {
+                e.insert(Arc::new(Variable::new(def, len, state, Arc::clone(&self.spares))));
+                self.metrics.variables.fetch_add(1, Relaxed);
+                Ok(())
+            }
+        }
     }
 
     /// The store's settings.
@@ -134,6 +208,20 @@ impl VariableStore {
         if let Some(existing) = self.vars.get(&def.name) {
             return Self::confirm(&existing, &def);
         }
+        if let Some(source) = self.restore_source.get() {
+            if let Some(restored) = source.variable(&def)? {
+                let name = def.name.clone();
+                return match self.insert_restored(def.clone(), restored) {
+                    Ok(()) => {
+                        let version = self.get(&name)?.state.read().clock.version();
+                        Ok(Registered { created: false, version, awaiting_values: false })
+                    }
+                    // A concurrent registration restored it first.
+                    Err(Error::Conflict { .. }) => Self::confirm(&*self.get(&name)?, &def),
+                    Err(e) => Err(e),
+                };
+            }
+        }
         // Materialise outside the map's shard lock: initialisation of a large variable is slow.
         let values = init.materialize(&def.name, len)?;
         let entry = self.vars.entry(def.name.clone());
@@ -147,20 +235,8 @@ impl VariableStore {
                     step_started: None,
                     awaiting_values: matches!(init, Init::AssignedLater),
                 };
-                let rounding_seed = fnv1a(def.name.as_bytes());
-                let (changed, _) = watch::channel(0);
-                let spare = parking_lot::Mutex::new(Spares::new(Arc::clone(&self.spares)));
                 let awaiting_values = state.awaiting_values;
-                e.insert(Arc::new(Variable {
-                    def,
-                    len,
-                    rounding_seed,
-                    state: RwLock::new(state),
-                    unlocked: tokio::sync::Notify::new(),
-                    changed,
-                    spare,
-                    spare_values: SpareValues::default(),
-                }));
+                e.insert(Arc::new(Variable::new(def, len, state, Arc::clone(&self.spares))));
                 self.metrics.variables.fetch_add(1, Relaxed);
                 Ok(Registered { created: true, version: 0, awaiting_values })
             }
@@ -194,6 +270,10 @@ impl VariableStore {
     pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: impl Into<Gradient>) -> Result<PushResult> {
         let grad = grad.into();
         debug_assert_eq!(grad.len(), var.len);
+        let checkpointer = self.checkpointer.get();
+        if let Some(c) = checkpointer {
+            c.before_push(self, meta.step);
+        }
         let mut st = var.write();
         if st.awaiting_values {
             return Err(Error::AwaitingValues { variable: var.def.name.clone() });
@@ -203,6 +283,7 @@ impl VariableStore {
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: var.def.name.clone(), refusal })?;
         let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0 };
+        let step_done = matches!(decision, PushDecision::ApplyMean { .. });
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let started = Instant::now();
@@ -237,10 +318,17 @@ impl VariableStore {
             }
         }
         result.version = st.clock.version();
+        // A sync step completed here: the checkpoint of this step takes the state now.
+        let capture = checkpointer
+            .filter(|c| step_done && c.wants_step(result.version))
+            .map(|_| VariableCapture::take(var, &st));
         drop(st);
         if result.accepted {
             self.metrics.pushes.fetch_add(1, Relaxed);
             var.changed.send_modify(|c| *c += 1);
+        }
+        if let (Some(c), Some(capture)) = (checkpointer, capture) {
+            c.captured(self, capture);
         }
         Ok(result)
     }
@@ -345,9 +433,6 @@ fn recycle(var: &Variable, buf: Gradient) {
     var.spare.lock().keep(buf);
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-}
 
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::optimizer::OptimizerState;
 
 /// Stored values in the variable's storage dtype.
 #[derive(Clone, Debug)]
-pub(super) enum Values {
+pub enum Values {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
 }
@@ -107,6 +107,19 @@ impl Drop for WriteGuard<'_> {
 
 
 impl Variable {
+    pub(super) fn new(def: VariableDef, len: usize, state: VariableState, spares: Arc<super::SpareBudget>) -> Variable {
+        Variable {
+            rounding_seed: fnv1a(def.name.as_bytes()),
+            def,
+            len,
+            state: RwLock::new(state),
+            unlocked: tokio::sync::Notify::new(),
+            changed: watch::channel(0).0,
+            spare: parking_lot::Mutex::new(Spares::new(spares)),
+            spare_values: SpareValues::default(),
+        }
+    }
+
     /// The registered definition.
     pub fn def(&self) -> &VariableDef {
         &self.def
@@ -224,4 +237,8 @@ impl ValuesSnapshot {
             _ => None,
         }
     }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }

@@ -1,0 +1,201 @@
+//! The JSON manifests of a checkpoint: one per shard file (the record that the file is
+//! complete, and its checksum), and `manifest.json`, the whole checkpoint joined.
+
+use std::collections::BTreeMap;
+
+use parasync_tensor::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::optimizer::OptimizerSpec;
+use crate::store::VariableDef;
+
+/// The `format` every manifest carries.
+pub const FORMAT: &str = "parasync-checkpoint/1";
+
+/// Shard `shard`'s part of a checkpoint: written last, after its safetensors file, so a
+/// shard file without its manifest is a write that did not finish.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardManifest {
+    pub format: String,
+    /// Sync: the step every variable had completed. Async / bounded: the step that triggered
+    /// the checkpoint (each variable's own version is in its entry).
+    pub step: u64,
+    pub mode: String,
+    pub shard: u32,
+    pub num_shards: u32,
+    /// The safetensors file, in the same folder.
+    pub file: String,
+    pub bytes: u64,
+    /// CRC-32 (IEEE) of the whole file, 8 hex digits.
+    pub crc32: String,
+    pub written_unix_ms: u64,
+    pub variables: Vec<VariableEntry>,
+}
+
+/// One variable (or part of a split variable) of a shard file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VariableEntry {
+    /// The name on the shard: the variable's, or `name/part-i-of-n` for a part of a split one.
+    pub name: String,
+    pub shape: Vec<u64>,
+    /// Storage dtype: `f32` or `bf16`.
+    pub dtype: String,
+    pub optimizer: OptimizerEntry,
+    #[serde(default)]
+    pub stochastic_rounding: bool,
+    /// Completed sync steps, or applied updates.
+    pub version: u64,
+    /// The learning rate in use (a schedule may have changed it from the optimizer's).
+    pub learning_rate: f32,
+    /// Updates applied (Adam's step count).
+    pub updates: u64,
+    /// Bounded mode: each worker's pushed steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_clocks: Vec<u64>,
+    /// The tensor holding the values.
+    pub tensor: String,
+    /// Optimizer slot name (`exp_avg`, `momentum_buffer`, …) → its tensor.
+    #[serde(default)]
+    pub slots: BTreeMap<String, String>,
+}
+
+impl VariableEntry {
+    /// The definition this entry was written from.
+    pub fn def(&self) -> anyhow::Result<VariableDef> {
+        Ok(VariableDef {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            dtype: parse_dtype(&self.dtype)?,
+            optimizer: self.optimizer.spec(),
+            stochastic_rounding: self.stochastic_rounding,
+        })
+    }
+}
+
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::Bf16),
+        other => anyhow::bail!("unknown dtype {other:?}"),
+    }
+}
+
+/// An optimizer and its hyper-parameters, as JSON.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerEntry {
+    Sgd { lr: f32, momentum: f32, nesterov: bool },
+    Adagrad { lr: f32, initial_accumulator: f32, epsilon: f32 },
+    Adam { lr: f32, beta1: f32, beta2: f32, epsilon: f32, weight_decay: f32 },
+    Adamw { lr: f32, beta1: f32, beta2: f32, epsilon: f32, weight_decay: f32 },
+}
+
+impl OptimizerEntry {
+    pub fn new(spec: &OptimizerSpec) -> OptimizerEntry {
+        match *spec {
+            OptimizerSpec::Sgd { lr, momentum, nesterov } => OptimizerEntry::Sgd { lr, momentum, nesterov },
+            OptimizerSpec::Adagrad { lr, initial_accumulator, epsilon } => OptimizerEntry::Adagrad { lr, initial_accumulator, epsilon },
+            OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: false } => {
+                OptimizerEntry::Adam { lr, beta1, beta2, epsilon, weight_decay }
+            }
+            OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: true } => {
+                OptimizerEntry::Adamw { lr, beta1, beta2, epsilon, weight_decay }
+            }
+        }
+    }
+
+    pub fn spec(&self) -> OptimizerSpec {
+        match *self {
+            OptimizerEntry::Sgd { lr, momentum, nesterov } => OptimizerSpec::Sgd { lr, momentum, nesterov },
+            OptimizerEntry::Adagrad { lr, initial_accumulator, epsilon } => OptimizerSpec::Adagrad { lr, initial_accumulator, epsilon },
+            OptimizerEntry::Adam { lr, beta1, beta2, epsilon, weight_decay } => {
+                OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: false }
+            }
+            OptimizerEntry::Adamw { lr, beta1, beta2, epsilon, weight_decay } => {
+                OptimizerSpec::Adam { lr, beta1, beta2, epsilon, weight_decay, decoupled: true }
+            }
+        }
+    }
+}
+
+/// `manifest.json`: the checkpoint as a whole, written once every shard's part is there.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub step: u64,
+    pub mode: String,
+    pub num_shards: u32,
+    pub files: Vec<FileEntry>,
+    pub variables: Vec<WholeVariable>,
+}
+
+/// A shard file and its checksum.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub shard: u32,
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: String,
+}
+
+/// A whole variable and where its rows are.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WholeVariable {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: String,
+    pub optimizer: OptimizerEntry,
+    pub parts: Vec<PartEntry>,
+}
+
+/// Rows `rows[0]..rows[1]` of a variable, held by `shard` under the name `name`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartEntry {
+    pub name: String,
+    pub shard: u32,
+    pub rows: [u64; 2],
+}
+
+/// Splits a name on a shard into the variable's name and the part it is: `("w", 1, 3)` for
+/// `w/part-1-of-3` (the client's placement names parts so), `(name, 0, 1)` for a whole one.
+pub fn split_part_name(name: &str) -> (&str, u64, u64) {
+    let parse = || -> Option<(&str, u64, u64)> {
+        let (base, part) = name.rsplit_once("/part-")?;
+        let (i, n) = part.split_once("-of-")?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(i) || !digits(n) {
+            return None;
+        }
+        let (i, n) = (i.parse().ok()?, n.parse().ok()?);
+        (i < n && !base.is_empty()).then_some((base, i, n))
+    };
+    parse().unwrap_or((name, 0, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_names_split_into_variable_and_part() {
+        assert_eq!(split_part_name("emb/part-1-of-3"), ("emb", 1, 3));
+        assert_eq!(split_part_name("l1/w/part-0-of-2"), ("l1/w", 0, 2));
+        assert_eq!(split_part_name("l1/w"), ("l1/w", 0, 1));
+        assert_eq!(split_part_name("x/part-3-of-3"), ("x/part-3-of-3", 0, 1));
+        assert_eq!(split_part_name("x/part-a-of-3"), ("x/part-a-of-3", 0, 1));
+    }
+
+    #[test]
+    fn optimizers_round_trip_through_json() {
+        for spec in [
+            OptimizerSpec::Sgd { lr: 0.1, momentum: 0.9, nesterov: true },
+            OptimizerSpec::Adagrad { lr: 0.01, initial_accumulator: 0.1, epsilon: 1e-10 },
+            OptimizerSpec::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, decoupled: false },
+            OptimizerSpec::Adam { lr: 3e-4, beta1: 0.8, beta2: 0.99, epsilon: 1e-7, weight_decay: 0.01, decoupled: true },
+        ] {
+            let json = serde_json::to_string(&OptimizerEntry::new(&spec)).unwrap();
+            let back: OptimizerEntry = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.spec(), spec, "{json}");
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! Checkpoints of a shard: when they are taken, how they are written, and restore.
+//!
+//! A checkpoint is a folder `DIR/step-<n>/` holding, per shard, `shard-<i>-of-<S>.safetensors`
+//! (each variable's values under its name, each optimizer slot as `<name>:<slot>`) and
+//! `shard-<i>-of-<S>.json`, its manifest (definitions, versions, learning rates, update
+//! counts, the file's size and CRC-32). Once every shard's manifest is there, `manifest.json`
+//! joins them: whole variables and the row ranges of their parts.
+//!
+//! **When.** In sync mode a checkpoint of step `n` holds every variable exactly as step `n`
+//! left it: the state is taken (shared, not copied) the moment a variable completes step
+//! `n`, so pushes for step `n + 1` wait for no more than the copy an update makes of values
+//! a checkpoint still reads. Every shard of a job writes the same steps (every
+//! `--checkpoint-every-steps` steps, or the step a chief asks for). In async and bounded
+//! mode there are no steps to cut at: a checkpoint holds each variable at one version, taken
+//! when the first push of a worker's step `n` arrives (each variable's version is in the
+//! manifest; variables apart are not cut at one instant).
+//!
+//! **Atomic.** Files are written under a temporary name, fsynced and renamed, the manifest
+//! last, then the folder is fsynced: a shard killed at any moment leaves the checkpoints it
+//! finished intact, and a file without its manifest (or whose checksum does not match) is
+//! never restored. Old checkpoints beyond `--keep-checkpoints` are removed.
+
+pub mod manifest;
+pub mod restore;
+pub mod safetensors;
+pub mod tool;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::consistency::Mode;
+use crate::store::{VariableCapture, VariableStore};
+use manifest::{FileEntry, Manifest, OptimizerEntry, PartEntry, ShardManifest, VariableEntry, WholeVariable, FORMAT};
+pub use restore::Checkpoint;
+
+/// Where and how often a shard writes checkpoints.
+#[derive(Clone, Debug)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    /// Every this many steps (0: only when asked).
+    pub every_steps: u64,
+    /// Checkpoints kept (the newest); at least 1.
+    pub keep: usize,
+    pub shard: u32,
+    pub num_shards: u32,
+}
+
+/// A checkpoint written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub step: u64,
+    /// The shard's safetensors file.
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+type Waiter = oneshot::Sender<Result<Outcome, String>>;
+
+/// A checkpoint whose variables are still being taken.
+#[derive(Default)]
+struct Pending {
+    captures: HashMap<String, VariableCapture>,
+    waiters: Vec<Waiter>,
+}
+
+struct Job {
+    step: u64,
+    captures: Vec<VariableCapture>,
+    waiters: Vec<Waiter>,
+}
+
+/// Takes a shard's checkpoints as its variables reach their steps and writes them on a
+/// thread of its own.
+pub struct Checkpointer {
+    settings: CheckpointSettings,
+    mode: Mode,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    /// `pending.len()`, read without the lock on every step.
+    pending_count: AtomicUsize,
+    /// Async / bounded: the worker step whose first push takes the next checkpoint.
+    next_async: AtomicU64,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Checkpoints written, and the last one's outcome (metrics, tests).
+    pub written: AtomicU64,
+    last: Mutex<Option<Outcome>>,
+}
+
+impl Checkpointer {
+    /// A checkpointer for a shard in `mode` whose state is at `step` (0, or the restored step).
+    pub fn start(settings: CheckpointSettings, mode: Mode, step: u64) -> anyhow::Result<Arc<Checkpointer>> {
+        std::fs::create_dir_all(&settings.dir).with_context(|| format!("creating {}", settings.dir.display()))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let every = settings.every_steps;
+        let next = if every > 0 { (step / every + 1) * every } else { u64::MAX };
+        let c = Arc::new(Checkpointer {
+            settings,
+            mode,
+            pending: Mutex::new(BTreeMap::new()),
+            pending_count: AtomicUsize::new(0),
+            next_async: AtomicU64::new(next),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            written: AtomicU64::new(0),
+            last: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&c);
+        let settings = c.settings.clone();
+        let mode_name = c.mode.name();
+        let handle = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
+            for job in rx {
+                let result = write_shard(&settings, mode_name, job.step, &job.captures).map_err(|e| format!("{e:#}"));
+                drop(job.captures);
+                match &result {
+                    Ok(o) => {
+                        tracing::info!(
+                            step = o.step,
+                            path = %o.path.display(),
+                            mib = o.bytes as f64 / (1 << 20) as f64,
+                            seconds = o.seconds,
+                            "checkpoint written"
+                        );
+                        if let Some(c) = weak.upgrade() {
+                            c.written.fetch_add(1, Ordering::Relaxed);
+                            *c.last.lock() = Some(o.clone());
+                        }
+                        if let Err(e) = prune(&settings) {
+                            tracing::warn!("removing old checkpoints: {e:#}");
+                        }
+                    }
+                    Err(e) => tracing::error!(step = job.step, "checkpoint failed: {e}"),
+                }
+                for w in job.waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })?;
+        *c.writer.lock() = Some(handle);
+        Ok(c)
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &CheckpointSettings {
+        &self.settings
+    }
+
+    /// The last checkpoint written.
+    pub fn last(&self) -> Option<Outcome> {
+        self.last.lock().clone()
+    }
+
+    /// Stops taking checkpoints, lets the writer finish those taken, and waits for it.
+    pub fn finish(&self) {
+        self.jobs.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Sync mode: is the state of a variable that just completed `step` wanted?
+    pub fn wants_step(&self, step: u64) -> bool {
+        let every = self.settings.every_steps;
+        (every > 0 && step > 0 && step % every == 0)
+            || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
+    }
+
+    /// Sync mode: a variable's state as of the step it just completed.
+    pub fn captured(&self, store: &VariableStore, capture: VariableCapture) {
+        let step = capture.version;
+        let mut pending = self.pending.lock();
+        pending.entry(step).or_default().captures.insert(capture.def.name.clone(), capture);
+        self.pending_count.store(pending.len(), Ordering::Release);
+        self.complete_if_ready(store, &mut pending, step);
+    }
+
+    /// Hands step `step` to the writer once every variable of the store is in it.
+    fn complete_if_ready(&self, store: &VariableStore, pending: &mut BTreeMap<u64, Pending>, step: u64) {
+        let Some(p) = pending.get(&step) else { return };
+        let vars = store.list();
+        if !vars.iter().all(|v| p.captures.contains_key(&v.def().name)) {
+            return;
+        }
+        let p = pending.remove(&step).expect("present");
+        self.pending_count.store(pending.len(), Ordering::Release);
+        let mut captures: Vec<VariableCapture> = p.captures.into_values().collect();
+        captures.sort_by(|a, b| a.def.name.cmp(&b.def.name));
+        self.send(Job { step, captures, waiters: p.waiters });
+    }
+
+    fn send(&self, job: Job) {
+        let jobs = self.jobs.lock();
+        match jobs.as_ref() {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+                    fail(job.waiters, "the checkpoint writer has stopped");
+                }
+            }
+            None => fail(job.waiters, "the shard is shutting down"),
+        }
+    }
+
+    /// Async / bounded mode: a push of a worker's `step` is about to be applied; the first
+    /// one of a checkpoint step takes every variable's state first.
+    pub fn before_push(&self, store: &VariableStore, step: u64) {
+        if matches!(self.mode, Mode::Sync { .. }) {
+            return;
+        }
+        let every = self.settings.every_steps;
+        let next = self.next_async.load(Ordering::Acquire);
+        if step < next || every == 0 {
+            return;
+        }
+        let at = step / every * every;
+        if self.next_async.compare_exchange(next, at + every, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.send(Job { step: at, captures: store.capture_all(), waiters: Vec::new() });
+        }
+    }
+
+    /// A checkpoint of `step` asked for by a client. Sync: every variable as `step` leaves
+    /// it (now, for those already there; as the others get there); a variable already past
+    /// `step` fails the request. Async / bounded: every variable as it is now, named `step`.
+    pub fn request(&self, store: &VariableStore, step: u64) -> oneshot::Receiver<Result<Outcome, String>> {
+        let (tx, rx) = oneshot::channel();
+        if !matches!(self.mode, Mode::Sync { .. }) {
+            self.send(Job { step, captures: store.capture_all(), waiters: vec![tx] });
+            return rx;
+        }
+        {
+            let mut pending = self.pending.lock();
+            pending.entry(step).or_default().waiters.push(tx);
+            self.pending_count.store(pending.len(), Ordering::Release);
+        }
+        // Registered first: a variable that completes `step` from here on is taken by
+        // `captured`; those already there are taken now.
+        for var in store.list() {
+            match store.capture_at(&var, step) {
+                Ok(Some(c)) => match self.pending.lock().get_mut(&step) {
+                    Some(p) => {
+                        p.captures.insert(c.def.name.clone(), c);
+                    }
+                    None => return rx, // completed meanwhile, by the variables reaching `step`
+                },
+                Ok(None) => {}
+                Err(current) => {
+                    let mut pending = self.pending.lock();
+                    if let Some(p) = pending.remove(&step) {
+                        fail(
+                            p.waiters,
+                            &format!("variable {} has completed step {current} already, past step {step}: ask for a step it has not passed", var.def().name),
+                        );
+                    }
+                    self.pending_count.store(pending.len(), Ordering::Release);
+                    return rx;
+                }
+            }
+        }
+        let mut pending = self.pending.lock();
+        self.complete_if_ready(store, &mut pending, step);
+        rx
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.jobs.get_mut().take();
+    }
+}
+
+fn fail(waiters: Vec<Waiter>, why: &str) {
+    for w in waiters {
+        let _ = w.send(Err(why.to_string()));
+    }
+}
+
+/// The file names of a shard's part of a checkpoint: data and manifest.
+pub fn shard_file_names(shard: u32, num_shards: u32) -> (String, String) {
+    let base = format!("shard-{shard}-of-{num_shards}");
+    (format!("{base}.safetensors"), format!("{base}.json"))
+}
+
+/// The key of a slot's tensor.
+pub fn slot_tensor_name(variable: &str, slot: &str) -> String {
+    format!("{variable}:{slot}")
+}
+
+fn dtype_str(dtype: parasync_tensor::DType) -> &'static str {
+    match dtype {
+        parasync_tensor::DType::F32 => "f32",
+        parasync_tensor::DType::Bf16 => "bf16",
+    }
+}
+
+/// Writes one shard's part of checkpoint `step`: data file, then manifest, each under a
+/// temporary name, fsynced and renamed; then the folder is fsynced.
+pub fn write_shard(settings: &CheckpointSettings, mode: &str, step: u64, captures: &[VariableCapture]) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let dir = settings.dir.join(format!("step-{step}"));
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fsync_dir(&settings.dir)?;
+    }
+    let (data_name, manifest_name) = shard_file_names(settings.shard, settings.num_shards);
+    let slot_tensors: Vec<Vec<(String, String, &[u8])>> = captures
+        .iter()
+        .map(|c| {
+            let names = c.def.optimizer.slot_names();
+            names
+                .iter()
+                .zip(&c.optimizer.slots)
+                .map(|(s, data)| (s.to_string(), slot_tensor_name(&c.def.name, s), parasync_tensor::f32_as_le_bytes(data)))
+                .collect()
+        })
+        .collect();
+    let mut tensors = Vec::new();
+    for (c, slots) in captures.iter().zip(&slot_tensors) {
+        tensors.push(safetensors::TensorOut { name: c.def.name.clone(), dtype: c.def.dtype, shape: c.def.shape.clone(), data: c.values_le_bytes() });
+        for (_, key, data) in slots {
+            tensors.push(safetensors::TensorOut { name: key.clone(), dtype: parasync_tensor::DType::F32, shape: c.def.shape.clone(), data });
+        }
+    }
+    let metadata = BTreeMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("step".to_string(), step.to_string()),
+        ("shard".to_string(), settings.shard.to_string()),
+        ("num_shards".to_string(), settings.num_shards.to_string()),
+    ]);
+    // A manifest of an earlier write of this step would vouch for the new file otherwise.
+    let manifest_path = dir.join(&manifest_name);
+    match std::fs::remove_file(&manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context("removing an older manifest"),
+        _ => {}
+    }
+    let data_tmp = dir.join(format!(".{data_name}.tmp"));
+    let written = safetensors::write(&data_tmp, &tensors, &metadata)?;
+    std::fs::rename(&data_tmp, dir.join(&data_name)).context("renaming the checkpoint file")?;
+
+    let manifest = ShardManifest {
+        format: FORMAT.into(),
+        step,
+        mode: mode.into(),
+        shard: settings.shard,
+        num_shards: settings.num_shards,
+        file: data_name.clone(),
+        bytes: written.bytes,
+        crc32: format!("{:08x}", written.crc32),
+        written_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        variables: captures
+            .iter()
+            .zip(&slot_tensors)
+            .map(|(c, slots)| VariableEntry {
+                name: c.def.name.clone(),
+                shape: c.def.shape.clone(),
+                dtype: dtype_str(c.def.dtype).into(),
+                optimizer: OptimizerEntry::new(&c.def.optimizer),
+                stochastic_rounding: c.def.stochastic_rounding,
+                version: c.version,
+                learning_rate: c.optimizer.lr,
+                updates: c.optimizer.updates,
+                worker_clocks: c.worker_clocks.clone(),
+                tensor: c.def.name.clone(),
+                slots: slots.iter().map(|(s, key, _)| (s.clone(), key.clone())).collect(),
+            })
+            .collect(),
+    };
+    write_json_atomically(&dir, &manifest_name, &manifest)?;
+    fsync_dir(&dir)?;
+    if let Err(e) = write_joined_manifest(&dir) {
+        tracing::warn!("writing {}/manifest.json: {e:#}", dir.display());
+    }
+    Ok(Outcome { step, path: dir.join(data_name), bytes: written.bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+fn write_json_atomically<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        serde_json::to_writer_pretty(&mut f, value)?;
+        std::io::Write::write_all(&mut f, b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("fsync of {}", dir.display()))
+}
+
+/// Writes `manifest.json` in checkpoint folder `dir` once every shard's manifest is there
+/// (whichever shard finishes last writes it; the same content whoever does).
+fn write_joined_manifest(dir: &Path) -> anyhow::Result<()> {
+    let mut shards: BTreeMap<u32, ShardManifest> = BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("shard-") && name.ends_with(".json") {
+            if let Ok(m) = serde_json::from_slice::<ShardManifest>(&std::fs::read(dir.join(name))?) {
+                shards.insert(m.shard, m);
+            }
+        }
+    }
+    let Some(first) = shards.values().next() else { return Ok(()) };
+    let (step, num_shards) = (first.step, first.num_shards);
+    if shards.len() != num_shards as usize || shards.values().any(|m| m.step != step || m.num_shards != num_shards) {
+        return Ok(()); // not complete yet
+    }
+    write_json_atomically(dir, "manifest.json", &joined_manifest(shards.values()))?;
+    fsync_dir(dir)
+}
+
+/// The whole-checkpoint manifest of a complete set of shard manifests.
+pub fn joined_manifest<'a>(shards: impl Iterator<Item = &'a ShardManifest> + Clone) -> Manifest {
+    let first = shards.clone().next().expect("at least one shard");
+    let files =
+        shards.clone().map(|m| FileEntry { shard: m.shard, file: m.file.clone(), bytes: m.bytes, crc32: m.crc32.clone() }).collect();
+    let mut wholes: BTreeMap<String, Vec<(u64, u32, &VariableEntry)>> = BTreeMap::new();
+    for m in shards.clone() {
+        for v in &m.variables {
+            let (base, part, _) = manifest::split_part_name(&v.name);
+            wholes.entry(base.to_string()).or_default().push((part, m.shard, v));
+        }
+    }
+    let variables = wholes
+        .into_iter()
+        .map(|(name, mut parts)| {
+            parts.sort_by_key(|p| p.0);
+            let v0 = parts[0].2;
+            let mut row = 0;
+            let parts: Vec<PartEntry> = parts
+                .iter()
+                .map(|(_, shard, v)| {
+                    let rows = [row, row + v.shape[0]];
+                    row = rows[1];
+                    PartEntry { name: v.name.clone(), shard: *shard, rows }
+                })
+                .collect();
+            let mut shape = v0.shape.clone();
+            shape[0] = row;
+            WholeVariable { name, shape, dtype: v0.dtype.clone(), optimizer: v0.optimizer.clone(), parts }
+        })
+        .collect();
+    Manifest { format: FORMAT.into(), step: first.step, mode: first.mode.clone(), num_shards: first.num_shards, files, variables }
+}
+
+/// Removes this shard's files of all but the newest `keep` checkpoints it wrote, and its
+/// temporary files of writes that never finished in folders older than the newest;
+/// a folder left empty (but for `manifest.json`) goes too.
+fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
+    let (data_name, manifest_name) = shard_file_names(settings.shard, settings.num_shards);
+    let mut kept = 0usize;
+    for (_, dir) in restore::step_dirs(&settings.dir)? {
+        let mine = dir.join(&manifest_name).exists();
+        if mine && kept < settings.keep.max(1) {
+            kept += 1;
+            continue;
+        }
+        if kept == 0 {
+            continue; // newer than every finished checkpoint of this shard: may be in progress
+        }
+        for name in [manifest_name.clone(), data_name.clone(), format!(".{data_name}.tmp"), format!(".{manifest_name}.tmp")] {
+            match std::fs::remove_file(dir.join(&name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {name}")),
+                _ => {}
+            }
+        }
+        let others = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| e.file_name() != "manifest.json");
+        if !others {
+            let _ = std::fs::remove_file(dir.join("manifest.json"));
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+    Ok(())
+}
+
+/// Restores `checkpoint` into `store` for shard `shard` of `num_shards`: on the shard count
+/// it was written with, every variable of the shard's file now; on another, each variable
+/// as a client registers it (its rows cut from the old files). Returns the step and the
+/// number of variables restored now.
+pub fn restore_into(store: &VariableStore, checkpoint: Arc<Checkpoint>, shard: u32, num_shards: u32) -> anyhow::Result<usize> {
+    if num_shards == checkpoint.num_shards {
+        let m = checkpoint.shards.get(shard as usize).with_context(|| format!("the checkpoint has no shard {shard}"))?;
+        for v in &m.variables {
+            let def = v.def()?;
+            let restored = checkpoint.variable_for(&def)?.with_context(|| format!("{} vanished from the checkpoint", v.name))?;
+            store.insert_restored(def, restored).map_err(|e| anyhow::anyhow!("restoring {}: {e}", v.name))?;
+        }
+        Ok(m.variables.len())
+    } else {
+        struct Shared(Arc<Checkpoint>);
+        impl crate::store::RestoreSource for Shared {
+            fn variable(&self, def: &crate::store::VariableDef) -> crate::error::Result<Option<crate::store::RestoredVariable>> {
+                self.0.variable(def)
+            }
+        }
+        store.set_restore_source(Box::new(Shared(checkpoint)));
+        Ok(0)
+    }
+}
+
+/// How long a client's checkpoint request may wait for the variables to reach its step.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);

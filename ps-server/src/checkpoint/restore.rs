@@ -1,0 +1,303 @@
+//! Finding, checking and reading checkpoints: the newest complete one whose checksums
+//! match, and any variable (or part of one, on another shard count) cut from its files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+use parasync_tensor::DType;
+use parking_lot::Mutex;
+
+use super::manifest::{split_part_name, ShardManifest, VariableEntry, FORMAT};
+use super::safetensors::{file_crc32, Reader};
+use crate::error::{Error, Result};
+use crate::optimizer::OptimizerSnapshot;
+use crate::store::{RestoreSource, RestoredVariable, Values, VariableDef};
+
+/// A complete checkpoint: every shard's manifest, each file's checksum verified.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub step: u64,
+    pub num_shards: u32,
+    pub mode: String,
+    /// Indexed by shard.
+    pub shards: Vec<ShardManifest>,
+    readers: Mutex<BTreeMap<u32, std::sync::Arc<Reader>>>,
+}
+
+/// The step of a checkpoint folder's name (`step-<n>`).
+pub fn step_of(name: &str) -> Option<u64> {
+    let n = name.strip_prefix("step-")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| n.parse().ok()).flatten()
+}
+
+/// The checkpoint folders under `root`, newest first.
+pub fn step_dirs(root: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let mut dirs = Vec::new();
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(dirs),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", root.display())),
+    };
+    for e in entries {
+        let e = e?;
+        if let Some(step) = e.file_name().to_str().and_then(step_of) {
+            if e.file_type()?.is_dir() {
+                dirs.push((step, e.path()));
+            }
+        }
+    }
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(dirs)
+}
+
+impl Checkpoint {
+    /// Loads the checkpoint in folder `dir` (`…/step-<n>`): every shard's manifest is there
+    /// and agrees, and every file has the size and checksum its manifest says.
+    pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
+        let mut manifests: BTreeMap<u32, ShardManifest> = BTreeMap::new();
+        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let name = e?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !(name.starts_with("shard-") && name.ends_with(".json")) {
+                continue;
+            }
+            let path = dir.join(name);
+            let m: ShardManifest = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("{} is not a shard manifest", path.display()))?;
+            ensure!(m.format == FORMAT, "{}: format {:?}, expected {FORMAT:?}", path.display(), m.format);
+            manifests.insert(m.shard, m);
+        }
+        let first = manifests.values().next().with_context(|| format!("{} holds no shard manifest", dir.display()))?;
+        let (step, num_shards, mode) = (first.step, first.num_shards, first.mode.clone());
+        for m in manifests.values() {
+            ensure!(
+                m.step == step && m.num_shards == num_shards,
+                "{}: shard {} says step {} of {} shards, shard {} step {step} of {num_shards}",
+                dir.display(),
+                m.shard,
+                m.step,
+                m.num_shards,
+                first.shard
+            );
+        }
+        let missing: Vec<u32> = (0..num_shards).filter(|s| !manifests.contains_key(s)).collect();
+        ensure!(missing.is_empty(), "{}: incomplete, no manifest of shard(s) {missing:?} of {num_shards}", dir.display());
+        ensure!(manifests.len() == num_shards as usize, "{}: manifests of shards beyond {num_shards}", dir.display());
+        for m in manifests.values() {
+            let path = dir.join(&m.file);
+            ensure!(!m.file.contains('/') && !m.file.starts_with('.'), "{}: file name {:?}", dir.display(), m.file);
+            let got = file_crc32(&path)?;
+            let crc = format!("{:08x}", got.crc32);
+            ensure!(
+                got.bytes == m.bytes && crc == m.crc32,
+                "{}: {} bytes with CRC-32 {crc}, the manifest says {} bytes with {}",
+                path.display(),
+                got.bytes,
+                m.bytes,
+                m.crc32
+            );
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            step,
+            num_shards,
+            mode,
+            shards: manifests.into_values().collect(),
+            readers: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The newest complete, intact checkpoint under `root`. Each one passed over is logged
+    /// with the reason (`skipped` gets its folder and the reason too).
+    pub fn latest(root: &Path, mut skipped: impl FnMut(&Path, &anyhow::Error)) -> anyhow::Result<Option<Checkpoint>> {
+        for (_, dir) in step_dirs(root)? {
+            match Checkpoint::load(&dir) {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %dir.display(), "skipping checkpoint: {e:#}");
+                    skipped(&dir, &e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// `what` is `latest` (the newest under `root`) or a path: a checkpoint folder, or a
+    /// folder of checkpoints (its newest).
+    pub fn find(what: &str, root: Option<&Path>) -> anyhow::Result<Checkpoint> {
+        let path = match what {
+            "latest" => root.context("--restore latest needs --checkpoint-dir")?.to_path_buf(),
+            p => PathBuf::from(p),
+        };
+        if path.file_name().and_then(|n| n.to_str()).and_then(step_of).is_some() {
+            return Checkpoint::load(&path);
+        }
+        ensure!(path.is_dir(), "{} is not a folder", path.display());
+        Checkpoint::latest(&path, |_, _| {})?.with_context(|| format!("no complete checkpoint under {}", path.display()))
+    }
+
+    /// Every entry of a variable's parts, in row order, with the shard holding each.
+    pub fn parts_of(&self, base: &str) -> anyhow::Result<Vec<(u32, &VariableEntry)>> {
+        let mut parts: Vec<(u64, u64, u32, &VariableEntry)> = Vec::new();
+        for m in &self.shards {
+            for v in &m.variables {
+                let (b, i, n) = split_part_name(&v.name);
+                if b == base {
+                    parts.push((i, n, m.shard, v));
+                }
+            }
+        }
+        parts.sort_by_key(|p| p.0);
+        if let Some(&(_, n, _, _)) = parts.first() {
+            let ok = parts.len() as u64 == n && parts.iter().enumerate().all(|(k, p)| p.0 == k as u64 && p.1 == n);
+            ensure!(ok, "{}: the parts of {base} are not 0..{n} once each", self.dir.display());
+        }
+        Ok(parts.into_iter().map(|(_, _, s, v)| (s, v)).collect())
+    }
+
+    /// The names of the variables (whole, not parts), sorted.
+    pub fn variable_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.shards.iter().flat_map(|m| m.variables.iter().map(|v| split_part_name(&v.name).0.to_string())).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn reader(&self, shard: u32) -> anyhow::Result<std::sync::Arc<Reader>> {
+        let mut readers = self.readers.lock();
+        if let Some(r) = readers.get(&shard) {
+            return Ok(std::sync::Arc::clone(r));
+        }
+        let m = &self.shards[shard as usize];
+        let r = std::sync::Arc::new(Reader::open(&self.dir.join(&m.file))?);
+        readers.insert(shard, std::sync::Arc::clone(&r));
+        Ok(r)
+    }
+
+    /// Rows `rows` of the variable called `base` (whole), cut from its parts: the values
+    /// and each slot, the largest version and update count of the parts it spans.
+    pub fn read_rows(&self, base: &str, rows: std::ops::Range<u64>) -> anyhow::Result<Option<(Whole, RestoredVariable)>> {
+        let parts = self.parts_of(base)?;
+        let Some(&(_, first)) = parts.first() else { return Ok(None) };
+        let whole = Whole::of(base, &parts)?;
+        ensure!(rows.start <= rows.end && rows.end <= whole.shape[0], "{base}: rows {rows:?} of {}", whole.shape[0]);
+        let row_elems: u64 = whole.shape[1..].iter().product();
+        let n = ((rows.end - rows.start) * row_elems) as usize;
+        let dtype = whole.dtype;
+        let mut values = match dtype {
+            DType::F32 => Values::F32(vec![0.0; n]),
+            DType::Bf16 => Values::Bf16(vec![0; n]),
+        };
+        let slot_names: Vec<String> = first.slots.keys().cloned().collect();
+        let mut slots: Vec<Vec<f32>> = slot_names.iter().map(|_| vec![0.0f32; n]).collect();
+        let (mut version, mut updates, mut clocks) = (0u64, 0u64, Vec::<u64>::new());
+        let mut row = 0u64;
+        for (shard, part) in &parts {
+            let (a, b) = (row, row + part.shape[0]);
+            row = b;
+            let (o0, o1) = (a.max(rows.start), b.min(rows.end));
+            if o0 >= o1 {
+                continue;
+            }
+            let reader = self.reader(*shard)?;
+            let src = (o0 - a) * row_elems..(o1 - a) * row_elems;
+            let dst = ((o0 - rows.start) * row_elems) as usize..((o1 - rows.start) * row_elems) as usize;
+            match &mut values {
+                Values::F32(v) => reader.read_elements(&part.tensor, src.clone(), parasync_tensor::f32_as_le_bytes_mut(&mut v[dst.clone()]))?,
+                Values::Bf16(v) => reader.read_elements(&part.tensor, src.clone(), parasync_tensor::u16_as_le_bytes_mut(&mut v[dst.clone()]))?,
+            }
+            ensure!(part.slots.keys().eq(slot_names.iter()), "{}: parts of {base} keep different slots", self.dir.display());
+            for (slot, out) in part.slots.values().zip(&mut slots) {
+                reader.read_elements(slot, src.clone(), parasync_tensor::f32_as_le_bytes_mut(&mut out[dst.clone()]))?;
+            }
+            version = version.max(part.version);
+            updates = updates.max(part.updates);
+            if clocks.len() < part.worker_clocks.len() {
+                clocks.resize(part.worker_clocks.len(), 0);
+            }
+            for (c, &p) in clocks.iter_mut().zip(&part.worker_clocks) {
+                *c = (*c).max(p);
+            }
+        }
+        // The slots in the optimizer's order (the manifest lists them by name).
+        let spec = first.optimizer.spec();
+        let mut by_name: BTreeMap<String, Vec<f32>> = slot_names.into_iter().zip(slots).collect();
+        let slots = spec
+            .slot_names()
+            .iter()
+            .map(|s| by_name.remove(*s).map(std::sync::Arc::new).with_context(|| format!("{base}: no slot {s} in the checkpoint")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let optimizer = OptimizerSnapshot { lr: first.learning_rate, updates, slots };
+        Ok(Some((whole, RestoredVariable { version, values, optimizer, worker_clocks: clocks })))
+    }
+
+    /// The state of `def` (a whole variable or a part, named as the client's placement names
+    /// them) in this checkpoint, cut from the old parts whatever shard count wrote them.
+    pub fn variable_for(&self, def: &VariableDef) -> anyhow::Result<Option<RestoredVariable>> {
+        let (base, p, n) = split_part_name(&def.name);
+        let parts = self.parts_of(base)?;
+        let Some(&(_, first)) = parts.first() else { return Ok(None) };
+        let whole = Whole::of(base, &parts)?;
+        let old = first.def()?;
+        let mut diff = Vec::new();
+        if old.dtype != def.dtype {
+            diff.push(format!("dtype {} vs {}", old.dtype, def.dtype));
+        }
+        if old.optimizer != def.optimizer {
+            diff.push(format!("optimizer {:?} vs {:?}", old.optimizer, def.optimizer));
+        }
+        if old.stochastic_rounding != def.stochastic_rounding {
+            diff.push("stochastic rounding differs".into());
+        }
+        let rows = whole.shape[0];
+        let (r0, r1) = (p * rows / n, (p + 1) * rows / n);
+        let mut want = whole.shape.clone();
+        want[0] = r1 - r0;
+        if def.shape != want {
+            diff.push(format!("shape {:?} vs {:?} (rows {r0}..{r1} of the checkpoint's {:?})", def.shape, want, whole.shape));
+        }
+        if !diff.is_empty() {
+            bail!("{} holds {base} otherwise: {}", self.dir.display(), diff.join("; "));
+        }
+        Ok(self.read_rows(base, r0..r1)?.map(|(_, r)| r))
+    }
+}
+
+/// A whole variable as its parts describe it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Whole {
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+}
+
+impl Whole {
+    fn of(base: &str, parts: &[(u32, &VariableEntry)]) -> anyhow::Result<Whole> {
+        let first = parts[0].1;
+        let tail = &first.shape[1..];
+        let mut rows = 0u64;
+        for (_, p) in parts {
+            ensure!(
+                p.shape.len() == first.shape.len() && &p.shape[1..] == tail && p.dtype == first.dtype && p.optimizer == first.optimizer,
+                "the parts of {base} disagree: {} {:?} {} vs {} {:?} {}",
+                first.name,
+                first.shape,
+                first.dtype,
+                p.name,
+                p.shape,
+                p.dtype
+            );
+            rows += p.shape[0];
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Ok(Whole { shape, dtype: super::manifest::parse_dtype(&first.dtype)? })
+    }
+}
+
+impl RestoreSource for Checkpoint {
+    fn variable(&self, def: &VariableDef) -> Result<Option<RestoredVariable>> {
+        self.variable_for(def).map_err(|e| Error::Conflict { variable: def.name.clone(), reason: format!("{e:#}") })
+    }
+}
