@@ -68,7 +68,7 @@ impl Checkpoint {
             ensure!(m.format == FORMAT, "{}: format {:?}, expected {FORMAT:?}", path.display(), m.format);
             manifests.insert(m.shard, m);
         }
-        let first = manifests.values().next().with_context(|| format!("{} holds no shard manifest", dir.display()))?;
+        let first = manifests.values().next().with_context(|| format!("{}: incomplete, no shard manifest in it", dir.display()))?;
         let (step, num_shards, mode) = (first.step, first.num_shards, first.mode.clone());
         for m in manifests.values() {
             ensure!(
