@@ -121,8 +121,20 @@ class PsClient:
         self._c.set_learning_rate(lr)
 
     def shard_info(self) -> list[dict]:
-        """Each shard's address, mode, number of workers, dropped gradients, variables."""
+        """Each shard's address, mode, number of workers, dropped gradients, variables,
+        and the step of the checkpoint it was restored from (``restored_step``, or None)."""
         return self._c.shard_info()
+
+    def checkpoint(self, step: int) -> list[dict]:
+        """Has every shard write a checkpoint of ``step`` and returns once all are on
+        disk: one dict per shard (``shard``, ``step``, ``path``, ``bytes``, ``seconds``).
+
+        In sync mode call it from one worker (the chief) with the step it is about to
+        push: every variable is saved exactly as that step left it. In async and bounded
+        mode each shard saves its variables as they are. The shards must run with
+        ``--checkpoint-dir``; ``parasync checkpoint export`` joins the files into one
+        safetensors file of whole tensors."""
+        return self._c.checkpoint(step)
 
     @property
     def num_shards(self) -> int:

@@ -308,6 +308,27 @@ impl PsClient {
             d.set_item("dropped_stale", i.dropped_stale)?;
             d.set_item("variables", i.variables)?;
             d.set_item("data_plane", i.data_plane)?;
+            d.set_item("restored_step", i.restored_step)?;
+            d.set_item("checkpoints", i.checkpoints)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+
+    /// Every shard writes a checkpoint of `step` (sync: the step whose values were last
+    /// pulled, every variable as that step left it); returns each shard's file as a dict
+    /// (shard, step, path, bytes, seconds) once all are on disk.
+    fn checkpoint<'py>(&self, py: Python<'py>, step: u64) -> PyResult<Bound<'py, PyList>> {
+        let c = self.client()?;
+        let files = blocking(py, |stop| c.checkpoint(step, stop))?;
+        let list = PyList::empty(py);
+        for f in files {
+            let d = PyDict::new(py);
+            d.set_item("shard", f.shard)?;
+            d.set_item("step", f.step)?;
+            d.set_item("path", f.path)?;
+            d.set_item("bytes", f.bytes)?;
+            d.set_item("seconds", f.seconds)?;
             list.append(d)?;
         }
         Ok(list)
