@@ -572,6 +572,17 @@ int64_t parasync_last_error_rank(void);
 int64_t parasync_last_error_seq(void);
 
 /**
+ * Has every shard write a checkpoint of `step` and returns once all are on disk (the
+ * shards run with `--checkpoint-dir`). Sync mode: call it from one worker with the step it
+ * is about to push; every variable is saved as that step left it. Async / bounded: each
+ * shard saves its variables as they are, under the name `step-<step>`.
+ *
+ * # Safety
+ * `client` is a live client.
+ */
+ParasyncStatus parasync_ps_checkpoint(const struct ParasyncPsClient *client, uint64_t step);
+
+/**
  * Connects to every shard, retrying until `connect_timeout_ms`, and stores the new client
  * in `*out` (`*out` is set to NULL first, so it stays NULL on failure).
  *

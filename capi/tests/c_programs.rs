@@ -154,7 +154,7 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Server {
+    fn start(checkpoint_dir: Option<std::path::PathBuf>) -> Server {
         use ps_server::config::ServerSettings;
         use ps_server::consistency::Mode;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -177,8 +177,8 @@ impl Server {
             drain_timeout: Duration::from_secs(2),
             worker_threads: 2,
             data_listen: Some(data.local_addr().unwrap().to_string()),
-            num_shards: None,
-            checkpoint_dir: None,
+            num_shards: Some(1),
+            checkpoint_dir,
             checkpoint_every_steps: 0,
             keep_checkpoints: 1,
             restore: None,
@@ -211,12 +211,17 @@ impl Drop for Server {
 
 #[test]
 fn a_c_worker_trains_against_a_real_parameter_server() {
-    let server = Server::start();
+    let dir = std::env::temp_dir().join(format!("parasync-capi-ckpt-{}", std::process::id()));
+    let server = Server::start(Some(dir.clone()));
     let mut cmd = Command::new(program("ps_client"));
     cmd.arg(&server.addr);
     let out = Running::start(cmd, "ps_client").expect_success();
     assert!(out.contains("training steps: every value as expected"), "{out}");
+    assert!(out.contains("checkpoint of step 4 written"), "{out}");
     assert!(out.contains("ps_client: all checks passed"), "{out}");
+    let written = ["shard-0-of-1.safetensors", "shard-0-of-1.json", "manifest.json"].map(|f| dir.join("step-4").join(f).is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(written, [true; 3], "the checkpoint's files");
 }
 
 /// Both ranks of a two-rank job as C processes.
@@ -265,7 +270,7 @@ fn the_readme_example_trains_against_a_real_parameter_server() {
     let src = out_dir().join("readme_example.c");
     std::fs::write(&src, example).unwrap();
     let exe = compile(&src, "readme_example");
-    let server = Server::start();
+    let server = Server::start(None);
     let mut cmd = Command::new(exe);
     cmd.arg(&server.addr);
     Running::start(cmd, "the README's example").expect_success();

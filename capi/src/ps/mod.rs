@@ -365,6 +365,26 @@ unsafe fn ps_set_learning_rate_impl(client: *const ParasyncPsClient, lr: f32) ->
     Ok(client.client.set_learning_rate(lr, &mut never)?)
 }
 
+/// Has every shard write a checkpoint of `step` and returns once all are on disk (the
+/// shards run with `--checkpoint-dir`). Sync mode: call it from one worker with the step it
+/// is about to push; every variable is saved as that step left it. Async / bounded: each
+/// shard saves its variables as they are, under the name `step-<step>`.
+///
+/// # Safety
+/// `client` is a live client.
+#[no_mangle]
+pub unsafe extern "C" fn parasync_ps_checkpoint(client: *const ParasyncPsClient, step: u64) -> ParasyncStatus {
+    // SAFETY: the caller's contract.
+    guard(|| unsafe { ps_checkpoint_impl(client, step) })
+}
+
+unsafe fn ps_checkpoint_impl(client: *const ParasyncPsClient, step: u64) -> Result<()> {
+    // SAFETY: the caller's contract.
+    let client = unsafe { args::handle(client, "client")? };
+    client.client.checkpoint(step, &mut never)?;
+    Ok(())
+}
+
 /// Stores in `*out` the number of registered variables (0 before `parasync_ps_register`):
 /// the `n` that pulls and pushes take.
 ///

@@ -112,6 +112,9 @@ int main(int argc, char **argv) {
     const float w4[W_LEN] = {-3, -2, -1, 0, 1, 2};
     check_floats("w@4", w, w4, W_LEN);
     check_floats("b@4", b, b2, B_LEN);
+    /* The shard writes a checkpoint of step 4 (the test checks its files). */
+    CHECK_OK(parasync_ps_checkpoint(ps, 4));
+    printf("checkpoint of step 4 written\n");
     const float *aliased[] = {w, b};
     CHECK_FAILS(parasync_ps_push_pull(ps, 4, aliased, outs, lens, 2, NULL), PARASYNC_STATUS_USAGE,
                 "overlap in memory");
