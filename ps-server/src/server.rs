@@ -27,12 +27,28 @@ pub async fn run(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let prepared = prepare(&settings)?;
+    run_prepared(prepared, listener, metrics_listener, data_listener, settings, shutdown).await
+}
+
+/// A shard's state before it serves: its store, restored from a checkpoint if `--restore`
+/// asks for one, and its checkpointer.
+pub struct Prepared {
+    metrics: Arc<Metrics>,
+    store: Arc<VariableStore>,
+    /// The restored checkpoint's step and the job's shard count.
+    restored_step: Option<(u64, u32)>,
+}
+
+/// Builds the store of `settings` and restores it (reading the checkpoint: seconds for
+/// large shards, which is why a launcher hears of the address only after this).
+pub fn prepare(settings: &ServerSettings) -> anyhow::Result<Prepared> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(VariableStore::new(
         StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite, spare_buffer_bytes: settings.spare_buffer_bytes },
         Arc::clone(&metrics),
     ));
-    let restored_step = restore(&store, &settings)?;
+    let restored_step = restore(&store, settings)?;
     if let Some(dir) = &settings.checkpoint_dir {
         let num_shards = match (settings.num_shards, &restored_step) {
             (Some(n), _) => n,
@@ -49,6 +65,19 @@ pub async fn run(
         let step = restored_step.map_or(0, |(s, _)| s);
         store.set_checkpointer(crate::checkpoint::Checkpointer::start(cs, settings.mode, step)?);
     }
+    Ok(Prepared { metrics, store, restored_step })
+}
+
+/// [`run`] with the store [`prepare`] made.
+pub async fn run_prepared(
+    prepared: Prepared,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    data_listener: Option<TcpListener>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Prepared { metrics, store, restored_step } = prepared;
     let store_checkpointer = store.checkpointer().cloned();
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = PsService::new(
@@ -162,45 +191,67 @@ pub async fn run(
     Ok(())
 }
 
-/// Restores the checkpoint `--restore` names, if any; returns its step and shard count.
+/// Restores the checkpoint `--restore` names, if any: the newest of those it names that is
+/// complete and intact (each one passed over is logged with the reason). Returns its step
+/// and the job's shard count.
 fn restore(store: &VariableStore, settings: &ServerSettings) -> anyhow::Result<Option<(u64, u32)>> {
     use crate::checkpoint::Checkpoint;
     let Some(what) = &settings.restore else { return Ok(None) };
     let started = std::time::Instant::now();
-    let found = match (what.as_str(), &settings.checkpoint_dir) {
-        ("latest", Some(dir)) => Checkpoint::latest(dir, |_, _| {})?,
-        (path, dir) => Some(Checkpoint::find(path, dir.as_deref())?),
-    };
-    let Some(c) = found else {
-        tracing::info!(restore = %what, "no checkpoint to restore: starting empty");
-        return Ok(None);
-    };
-    let (step, old_shards, dir) = (c.step, c.num_shards, c.dir.clone());
+    let candidates = Checkpoint::candidates(what, settings.checkpoint_dir.as_deref())?;
+    let mut last_error = None;
+    for dir in &candidates {
+        match restore_one(store, settings, dir) {
+            Ok((step, old_shards, num_shards, n)) => {
+                if num_shards == old_shards {
+                    tracing::info!(checkpoint = %dir.display(), step, variables = n, seconds = started.elapsed().as_secs_f64(), "restored");
+                } else {
+                    tracing::info!(
+                        checkpoint = %dir.display(),
+                        step,
+                        from_shards = old_shards,
+                        to_shards = num_shards,
+                        "restoring onto another shard count: variables are cut from the checkpoint as clients register them"
+                    );
+                }
+                return Ok(Some((step, num_shards)));
+            }
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), "skipping checkpoint: {e:#}");
+                last_error = Some(e);
+            }
+        }
+    }
+    match (what.as_str(), last_error) {
+        ("latest", None) => {
+            tracing::info!("no checkpoint to restore: starting empty");
+            Ok(None)
+        }
+        ("latest", Some(e)) => {
+            tracing::warn!("no intact checkpoint to restore (the newest failed with: {e:#}): starting empty");
+            Ok(None)
+        }
+        (_, Some(e)) => Err(e.context(format!("restoring {what}"))),
+        (_, None) => anyhow::bail!("no checkpoint under {what}"),
+    }
+}
+
+/// Restores checkpoint folder `dir`: (step, its shard count, the job's, variables restored now).
+fn restore_one(store: &VariableStore, settings: &ServerSettings, dir: &std::path::Path) -> anyhow::Result<(u64, u32, u32, usize)> {
+    let c = crate::checkpoint::Checkpoint::load_deferring(dir, Some(settings.shard_index))?;
+    let (step, old_shards) = (c.step, c.num_shards);
     let num_shards = settings.num_shards.unwrap_or(old_shards);
     if settings.shard_index >= num_shards {
         anyhow::bail!(
-            "{} was written by {old_shards} shards, and this is shard {}: pass --num-shards to restore it onto more",
-            dir.display(),
+            "written by {old_shards} shards, and this is shard {}: pass --num-shards to restore it onto more",
             settings.shard_index
         );
     }
     if c.mode != settings.mode.name() {
         tracing::warn!(checkpoint = %dir.display(), "the checkpoint was written in {} mode, this shard runs {}", c.mode, settings.mode.name());
     }
-    let n = crate::checkpoint::restore_into(store, Arc::new(c), settings.shard_index, num_shards)
-        .with_context(|| format!("restoring {}", dir.display()))?;
-    if num_shards == old_shards {
-        tracing::info!(checkpoint = %dir.display(), step, variables = n, seconds = started.elapsed().as_secs_f64(), "restored");
-    } else {
-        tracing::info!(
-            checkpoint = %dir.display(),
-            step,
-            from_shards = old_shards,
-            to_shards = num_shards,
-            "restoring onto another shard count: variables are cut from the checkpoint as clients register them"
-        );
-    }
-    Ok(Some((step, num_shards)))
+    let n = crate::checkpoint::restore_into(store, Arc::new(c), settings.shard_index, num_shards)?;
+    Ok((step, old_shards, num_shards, n))
 }
 
 /// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called (inside a tokio
@@ -251,6 +302,9 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
             None => None,
         };
         let data_addr = data_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        // The checkpoint is restored before the address is announced: a launcher (and a
+        // client that retries) then finds the shard serving its restored state.
+        let prepared = prepare(&settings)?;
         // Signals are handled from here on, before the address is announced: a launcher
         // that stops the server right after reading it gets a clean drain and exit 0.
         let shutdown = shutdown_signal().context("installing the SIGTERM / Ctrl-C handlers")?;
@@ -260,7 +314,7 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
             Some(m) => println!("ps-server listening on {addr} metrics {m}"),
             None => println!("ps-server listening on {addr}"),
         }
-        run(listener, metrics_listener, data_listener, settings, shutdown).await
+        run_prepared(prepared, listener, metrics_listener, data_listener, settings, shutdown).await
     })
 }
 

@@ -370,16 +370,18 @@ pub fn write_shard(settings: &CheckpointSettings, mode: &str, step: u64, capture
             })
             .collect(),
     };
-    write_json_atomically(&dir, &manifest_name, &manifest)?;
+    write_json_atomically(&dir, &manifest_name, settings.shard, &manifest)?;
     fsync_dir(&dir)?;
-    if let Err(e) = write_joined_manifest(&dir) {
+    if let Err(e) = write_joined_manifest(&dir, settings.shard) {
         tracing::warn!("writing {}/manifest.json: {e:#}", dir.display());
     }
     Ok(Outcome { step, path: dir.join(data_name), bytes: written.bytes, seconds: started.elapsed().as_secs_f64() })
 }
 
-fn write_json_atomically<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+/// Writes `value` to `dir/name` through the temporary `.{name}.{writer}.tmp` (shards that
+/// write the same file at once each use their own).
+fn write_json_atomically<T: serde::Serialize>(dir: &Path, name: &str, writer: u32, value: &T) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.{writer}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         serde_json::to_writer_pretty(&mut f, value)?;
@@ -396,7 +398,7 @@ fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `manifest.json` in checkpoint folder `dir` once every shard's manifest is there
 /// (whichever shard finishes last writes it; the same content whoever does).
-fn write_joined_manifest(dir: &Path) -> anyhow::Result<()> {
+fn write_joined_manifest(dir: &Path, writer: u32) -> anyhow::Result<()> {
     let mut shards: BTreeMap<u32, ShardManifest> = BTreeMap::new();
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name();
@@ -412,7 +414,7 @@ fn write_joined_manifest(dir: &Path) -> anyhow::Result<()> {
     if shards.len() != num_shards as usize || shards.values().any(|m| m.step != step || m.num_shards != num_shards) {
         return Ok(()); // not complete yet
     }
-    write_json_atomically(dir, "manifest.json", &joined_manifest(shards.values()))?;
+    write_json_atomically(dir, "manifest.json", writer, &joined_manifest(shards.values()))?;
     fsync_dir(dir)
 }
 
@@ -465,7 +467,8 @@ fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
         if kept == 0 {
             continue; // newer than every finished checkpoint of this shard: may be in progress
         }
-        for name in [manifest_name.clone(), data_name.clone(), format!(".{data_name}.tmp"), format!(".{manifest_name}.tmp")] {
+        let tmp_manifest = format!(".{manifest_name}.{}.tmp", settings.shard);
+        for name in [manifest_name.clone(), data_name.clone(), format!(".{data_name}.tmp"), tmp_manifest] {
             match std::fs::remove_file(dir.join(&name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {name}")),
                 _ => {}
@@ -480,20 +483,24 @@ fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Restores `checkpoint` into `store` for shard `shard` of `num_shards`: on the shard count
-/// it was written with, every variable of the shard's file now; on another, each variable
-/// as a client registers it (its rows cut from the old files). Returns the step and the
-/// number of variables restored now.
+/// Restores `checkpoint` into `store` for shard `shard` of `num_shards`. On the shard count
+/// it was written with: every variable of the shard's file now, read in one pass that checks
+/// its checksum (a file that fails it restores nothing). On another: each variable as a
+/// client registers it, its rows cut from the old files (all of them checked first).
+/// Returns the number of variables restored now.
 pub fn restore_into(store: &VariableStore, checkpoint: Arc<Checkpoint>, shard: u32, num_shards: u32) -> anyhow::Result<usize> {
     if num_shards == checkpoint.num_shards {
-        let m = checkpoint.shards.get(shard as usize).with_context(|| format!("the checkpoint has no shard {shard}"))?;
-        for v in &m.variables {
-            let def = v.def()?;
-            let restored = checkpoint.variable_for(&def)?.with_context(|| format!("{} vanished from the checkpoint", v.name))?;
-            store.insert_restored(def, restored).map_err(|e| anyhow::anyhow!("restoring {}: {e}", v.name))?;
+        let vars = checkpoint.read_shard(shard)?;
+        let n = vars.len();
+        for (def, restored) in vars {
+            let name = def.name.clone();
+            store.insert_restored(def, restored).map_err(|e| anyhow::anyhow!("restoring {name}: {e}"))?;
         }
-        Ok(m.variables.len())
+        Ok(n)
     } else {
+        if let Some(s) = checkpoint.deferred {
+            checkpoint.verify(s)?;
+        }
         struct Shared(Arc<Checkpoint>);
         impl crate::store::RestoreSource for Shared {
             fn variable(&self, def: &crate::store::VariableDef) -> crate::error::Result<Option<crate::store::RestoredVariable>> {

@@ -22,6 +22,8 @@ pub struct Checkpoint {
     pub mode: String,
     /// Indexed by shard.
     pub shards: Vec<ShardManifest>,
+    /// The shard whose file's checksum is still to be checked (see [`Checkpoint::load_deferring`]).
+    pub deferred: Option<u32>,
     readers: Mutex<BTreeMap<u32, std::sync::Arc<Reader>>>,
 }
 
@@ -55,6 +57,12 @@ impl Checkpoint {
     /// Loads the checkpoint in folder `dir` (`…/step-<n>`): every shard's manifest is there
     /// and agrees, and every file has the size and checksum its manifest says.
     pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
+        Self::load_deferring(dir, None)
+    }
+
+    /// [`load`](Self::load), leaving the checksum of shard `defer`'s file to be checked as it
+    /// is read (see [`read_shard`](Self::read_shard), [`verify`](Self::verify)).
+    pub fn load_deferring(dir: &Path, defer: Option<u32>) -> anyhow::Result<Checkpoint> {
         let mut manifests: BTreeMap<u32, ShardManifest> = BTreeMap::new();
         for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
             let name = e?.file_name();
@@ -85,18 +93,14 @@ impl Checkpoint {
         ensure!(missing.is_empty(), "{}: incomplete, no manifest of shard(s) {missing:?} of {num_shards}", dir.display());
         ensure!(manifests.len() == num_shards as usize, "{}: manifests of shards beyond {num_shards}", dir.display());
         for m in manifests.values() {
-            let path = dir.join(&m.file);
             ensure!(!m.file.contains('/') && !m.file.starts_with('.'), "{}: file name {:?}", dir.display(), m.file);
-            let got = file_crc32(&path)?;
-            let crc = format!("{:08x}", got.crc32);
-            ensure!(
-                got.bytes == m.bytes && crc == m.crc32,
-                "{}: {} bytes with CRC-32 {crc}, the manifest says {} bytes with {}",
-                path.display(),
-                got.bytes,
-                m.bytes,
-                m.crc32
-            );
+            let path = dir.join(&m.file);
+            if Some(m.shard) == defer {
+                let size = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?.len();
+                ensure!(size == m.bytes, "{}: {size} bytes, the manifest says {}", path.display(), m.bytes);
+            } else {
+                check_file(&path, m, file_crc32(&path)?)?;
+            }
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
@@ -104,8 +108,61 @@ impl Checkpoint {
             num_shards,
             mode,
             shards: manifests.into_values().collect(),
+            deferred: defer.filter(|d| *d < num_shards),
             readers: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Checks the checksum of shard `shard`'s file (one [`load_deferring`](Self::load_deferring) left).
+    pub fn verify(&self, shard: u32) -> anyhow::Result<()> {
+        let m = self.shards.get(shard as usize).with_context(|| format!("no shard {shard}"))?;
+        let path = self.dir.join(&m.file);
+        check_file(&path, m, file_crc32(&path)?)
+    }
+
+    /// Every variable of shard `shard`'s file, read in one pass front to back that also
+    /// checks the file's checksum (nothing is returned from a file that fails it).
+    pub fn read_shard(&self, shard: u32) -> anyhow::Result<Vec<(VariableDef, RestoredVariable)>> {
+        let m = self.shards.get(shard as usize).with_context(|| format!("no shard {shard}"))?;
+        let path = self.dir.join(&m.file);
+        let reader = Reader::open(&path)?;
+        let mut vars = Vec::with_capacity(m.variables.len());
+        for v in &m.variables {
+            let def = v.def()?;
+            let n = usize::try_from(v.shape.iter().product::<u64>())?;
+            let values = match def.dtype {
+                DType::F32 => Values::F32(vec![0.0; n]),
+                DType::Bf16 => Values::Bf16(vec![0; n]),
+            };
+            let names = def.optimizer.slot_names();
+            let slots: Vec<Vec<f32>> = names.iter().map(|_| vec![0.0; n]).collect();
+            for s in names {
+                ensure!(v.slots.contains_key(*s), "{}: {} has no slot {s}", path.display(), v.name);
+            }
+            vars.push((def, values, slots, v));
+        }
+        let mut into: Vec<(&str, &mut [u8])> = Vec::new();
+        for (def, values, slots, v) in &mut vars {
+            into.push((
+                v.tensor.as_str(),
+                match values {
+                    Values::F32(x) => parasync_tensor::f32_as_le_bytes_mut(x),
+                    Values::Bf16(x) => parasync_tensor::u16_as_le_bytes_mut(x),
+                },
+            ));
+            for (name, slot) in def.optimizer.slot_names().iter().zip(slots.iter_mut()) {
+                into.push((v.slots[*name].as_str(), parasync_tensor::f32_as_le_bytes_mut(slot)));
+            }
+        }
+        let got = reader.read_all_into(into)?;
+        check_file(&path, m, got)?;
+        Ok(vars
+            .into_iter()
+            .map(|(def, values, slots, v)| {
+                let optimizer = OptimizerSnapshot { lr: v.learning_rate, updates: v.updates, slots: slots.into_iter().map(std::sync::Arc::new).collect() };
+                (def, RestoredVariable { version: v.version, values, optimizer, worker_clocks: v.worker_clocks.clone() })
+            })
+            .collect())
     }
 
     /// The newest complete, intact checkpoint under `root`. Each one passed over is logged
@@ -121,6 +178,21 @@ impl Checkpoint {
             }
         }
         Ok(None)
+    }
+
+    /// The checkpoint folders `what` names, newest first: `latest` → those under `root`; a
+    /// `step-<n>` folder → itself; another folder → those under it.
+    pub fn candidates(what: &str, root: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+        let path = match what {
+            "latest" => root.context("--restore latest needs --checkpoint-dir")?.to_path_buf(),
+            p => PathBuf::from(p),
+        };
+        if path.file_name().and_then(|n| n.to_str()).and_then(step_of).is_some() {
+            ensure!(path.is_dir(), "{} is not a folder", path.display());
+            return Ok(vec![path]);
+        }
+        ensure!(what == "latest" || path.is_dir(), "{} is not a folder", path.display());
+        Ok(step_dirs(&path)?.into_iter().map(|(_, d)| d).collect())
     }
 
     /// `what` is `latest` (the newest under `root`) or a path: a checkpoint folder, or a
@@ -263,6 +335,20 @@ impl Checkpoint {
         }
         Ok(self.read_rows(base, r0..r1)?.map(|(_, r)| r))
     }
+}
+
+/// A file's size and checksum against its manifest's.
+fn check_file(path: &Path, m: &ShardManifest, got: super::safetensors::Written) -> anyhow::Result<()> {
+    let crc = format!("{:08x}", got.crc32);
+    ensure!(
+        got.bytes == m.bytes && crc == m.crc32,
+        "{}: {} bytes with CRC-32 {crc}, the manifest says {} bytes with {}",
+        path.display(),
+        got.bytes,
+        m.bytes,
+        m.crc32
+    );
+    Ok(())
 }
 
 /// A whole variable as its parts describe it.
