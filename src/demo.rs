@@ -81,6 +81,13 @@ pub struct DemoArgs {
     /// Show the servers' logs.
     #[arg(long)]
     pub server_logs: bool,
+    /// The servers write checkpoints into this folder (`step-<n>/`, a safetensors file and
+    /// a manifest per shard).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// With --checkpoint-dir: a checkpoint every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every_steps: u64,
 }
 
 /// Flags of the hidden `parasync demo-worker` subcommand (one worker of the demo).
@@ -135,6 +142,8 @@ pub struct DemoReport {
     /// variable keeps its own version); async and bounded, all zero in sync.
     pub staleness: BTreeMap<u64, u64>,
     pub dropped_stale: u64,
+    /// Checkpoints written, over all shards (each shard's file counts once).
+    pub checkpoints: u64,
 }
 
 fn model_specs(init_seed: u64, lr: f32) -> Vec<VariableSpec> {
@@ -254,6 +263,16 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         args.max_staleness.to_string(),
     ];
     server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
+    if let Some(dir) = &args.checkpoint_dir {
+        server_args.extend([
+            "--num-shards".into(),
+            args.shards.to_string(),
+            "--checkpoint-dir".into(),
+            dir.display().to_string(),
+            "--checkpoint-every-steps".into(),
+            args.checkpoint_every_steps.to_string(),
+        ]);
+    }
     let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
     let mut opts = ClusterOptions::new(args.shards, &server_args);
     opts.show_logs = args.server_logs;
@@ -350,6 +369,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     let accuracy = mlp::accuracy(&params, &test);
     let bytes_pushed = cluster.metric_sum("parasync_bytes_in_total")? as u64;
     let bytes_pulled = cluster.metric_sum("parasync_bytes_out_total")? as u64;
+    let checkpoints = cluster.metric_sum("parasync_checkpoints_total")? as u64;
     let statuses = cluster.terminate(Duration::from_secs(10))?;
     if let Some(bad) = statuses.iter().find(|s| !s.success()) {
         bail!("a server exited with {bad} on SIGTERM");
@@ -381,6 +401,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         bytes_pulled,
         staleness,
         dropped_stale,
+        checkpoints,
     })
 }
 
@@ -402,6 +423,9 @@ pub fn print_report(r: &DemoReport) {
         .collect();
     println!("  staleness           {} (of {total} variable updates)", dist.join(", "));
     println!("  dropped stale       {}", r.dropped_stale);
+    if r.checkpoints > 0 {
+        println!("  checkpoints         {} shard files written", r.checkpoints);
+    }
 }
 
 /// One demo worker: pull, compute gradients on a mini-batch of its data shard, push.

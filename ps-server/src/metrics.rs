@@ -75,6 +75,13 @@ pub struct Metrics {
     pub step_latency: Histogram,
     /// Staleness (in versions) of applied async / bounded gradients.
     pub staleness: Histogram,
+    /// Checkpoints written, and writes that failed.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_failures: AtomicU64,
+    /// Seconds to write one checkpoint file (data, manifest, fsyncs).
+    pub checkpoint_seconds: Histogram,
+    /// Step of the checkpoint the shard was restored from (0: none).
+    pub restored_step: AtomicU64,
 }
 
 const LATENCY_BOUNDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -93,6 +100,10 @@ impl Default for Metrics {
             spare_buffer_bytes: AtomicU64::new(0),
             step_latency: Histogram::new(LATENCY_BOUNDS),
             staleness: Histogram::new(STALENESS_BOUNDS),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_failures: AtomicU64::new(0),
+            checkpoint_seconds: Histogram::new(LATENCY_BOUNDS),
+            restored_step: AtomicU64::new(0),
         }
     }
 }
@@ -101,20 +112,23 @@ impl Metrics {
     /// Renders all metrics in the Prometheus text format; `shard` becomes a constant label.
     pub fn render(&self, shard: u32) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             ("parasync_pushes_total", "Gradient pushes accepted.", &self.pushes),
             ("parasync_pulls_total", "Pulls served.", &self.pulls),
             ("parasync_bytes_in_total", "Tensor bytes received.", &self.bytes_in),
             ("parasync_bytes_out_total", "Tensor bytes sent.", &self.bytes_out),
             ("parasync_dropped_stale_gradients_total", "Late sync gradients dropped.", &self.dropped_stale),
             ("parasync_rejected_requests_total", "Requests refused with an error.", &self.rejected),
+            ("parasync_checkpoints_total", "Checkpoints written.", &self.checkpoints),
+            ("parasync_checkpoint_failures_total", "Checkpoint writes that failed.", &self.checkpoint_failures),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{shard=\"{shard}\"}} {}", v.load(Relaxed));
         }
-        let gauges: [(&str, &str, &AtomicU64); 2] = [
+        let gauges: [(&str, &str, &AtomicU64); 3] = [
             ("parasync_variables", "Registered variables.", &self.variables),
             ("parasync_spare_buffer_bytes", "Bytes of gradient buffers kept for reuse.", &self.spare_buffer_bytes),
+            ("parasync_restored_step", "Step of the checkpoint this shard started from (0: none).", &self.restored_step),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{shard=\"{shard}\"}} {}", v.load(Relaxed));
@@ -122,6 +136,7 @@ impl Metrics {
         let labels = format!("shard=\"{shard}\",");
         self.step_latency.render(&mut out, "parasync_step_latency_seconds", "Sync step latency (first gradient to update).", &labels);
         self.staleness.render(&mut out, "parasync_staleness", "Staleness of applied gradients, in versions.", &labels);
+        self.checkpoint_seconds.render(&mut out, "parasync_checkpoint_seconds", "Time to write one checkpoint file.", &labels);
         out
     }
 }

@@ -49,6 +49,9 @@ pub fn prepare(settings: &ServerSettings) -> anyhow::Result<Prepared> {
         Arc::clone(&metrics),
     ));
     let restored_step = restore(&store, settings)?;
+    if let Some((step, _)) = restored_step {
+        metrics.restored_step.store(step, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Some(dir) = &settings.checkpoint_dir {
         let num_shards = match (settings.num_shards, &restored_step) {
             (Some(n), _) => n,
@@ -63,7 +66,7 @@ pub fn prepare(settings: &ServerSettings) -> anyhow::Result<Prepared> {
             num_shards,
         };
         let step = restored_step.map_or(0, |(s, _)| s);
-        store.set_checkpointer(crate::checkpoint::Checkpointer::start(cs, settings.mode, step)?);
+        store.set_checkpointer(crate::checkpoint::Checkpointer::start(cs, settings.mode, step, Arc::clone(&metrics))?);
     }
     Ok(Prepared { metrics, store, restored_step })
 }

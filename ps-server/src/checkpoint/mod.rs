@@ -96,7 +96,7 @@ pub struct Checkpointer {
 
 impl Checkpointer {
     /// A checkpointer for a shard in `mode` whose state is at `step` (0, or the restored step).
-    pub fn start(settings: CheckpointSettings, mode: Mode, step: u64) -> anyhow::Result<Arc<Checkpointer>> {
+    pub fn start(settings: CheckpointSettings, mode: Mode, step: u64, metrics: Arc<crate::metrics::Metrics>) -> anyhow::Result<Arc<Checkpointer>> {
         std::fs::create_dir_all(&settings.dir).with_context(|| format!("creating {}", settings.dir.display()))?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let every = settings.every_steps;
@@ -128,6 +128,8 @@ impl Checkpointer {
                             seconds = o.seconds,
                             "checkpoint written"
                         );
+                        metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                        metrics.checkpoint_seconds.observe(o.seconds);
                         if let Some(c) = weak.upgrade() {
                             c.written.fetch_add(1, Ordering::Relaxed);
                             *c.last.lock() = Some(o.clone());
@@ -136,7 +138,10 @@ impl Checkpointer {
                             tracing::warn!("removing old checkpoints: {e:#}");
                         }
                     }
-                    Err(e) => tracing::error!(step = job.step, "checkpoint failed: {e}"),
+                    Err(e) => {
+                        metrics.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(step = job.step, "checkpoint failed: {e}");
+                    }
                 }
                 for w in job.waiters {
                     let _ = w.send(result.clone());

@@ -81,7 +81,8 @@ pub fn write(path: &Path, tensors: &[TensorOut<'_>], metadata: &BTreeMap<String,
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
     json.resize(json.len().next_multiple_of(8), b' ');
 
-    let mut out = FileSink::create(path)?;
+    let total = 8 + json.len() as u64 + offset;
+    let mut out = FileSink::create(path, total)?;
     out.write(&(json.len() as u64).to_le_bytes())?;
     out.write(&json)?;
     for t in tensors {
@@ -106,9 +107,11 @@ enum FileSink {
 }
 
 impl FileSink {
-    fn create(path: &Path) -> anyhow::Result<FileSink> {
+    /// A sink for a file of `size` bytes: small files (a few chunks) go through the page
+    /// cache, where an I/O thread and staging buffers would cost more than they save.
+    fn create(path: &Path, size: u64) -> anyhow::Result<FileSink> {
         #[cfg(target_os = "linux")]
-        {
+        if size >= 4 * DIRECT_CHUNK as u64 {
             use std::os::unix::fs::OpenOptionsExt;
             let direct = std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path);
             if let Ok(file) = direct {
@@ -116,7 +119,8 @@ impl FileSink {
             }
         }
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(FileSink::Buffered(CrcWriter { inner: BufWriter::with_capacity(DIRECT_CHUNK, file), crc: crc32fast::Hasher::new(), bytes: 0 }))
+        let capacity = usize::try_from(size).unwrap_or(DIRECT_CHUNK).clamp(4096, DIRECT_CHUNK);
+        Ok(FileSink::Buffered(CrcWriter { inner: BufWriter::with_capacity(capacity, file), crc: crc32fast::Hasher::new(), bytes: 0 }))
     }
 
     fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
