@@ -302,3 +302,56 @@ async fn unfinished_and_corrupt_checkpoints_are_skipped() {
     })
     .await;
 }
+
+/// Async and bounded mode: a checkpoint every 4 steps is taken when the first push of a
+/// worker's step 4, 8, … arrives, before it is applied; a shard killed and restored from it
+/// has each variable at that version (and, bounded, each worker's clock), and training goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_and_bounded_checkpoints_restore_the_version_a_worker_step_began_with() {
+    common::bounded(240, async {
+        for mode in ["async", "bounded"] {
+            let dir = TempDir::new(mode);
+            let d = dir.0.to_str().unwrap();
+            let base = ["--mode", mode, "--num-workers", "1", "--max-staleness", "1", "--num-shards", "2", "--checkpoint-dir", d];
+            let mut args = base.to_vec();
+            args.extend(["--checkpoint-every-steps", "4"]);
+            let cluster = start(2, &args, None);
+            let mut c = connect(&cluster.addrs(), 0).await;
+            c.register(specs()).await.unwrap();
+            let mut params = c.pull(0).await.unwrap();
+            let mut before_step = Vec::new(); // the values each step's push found
+            for step in 0..10u64 {
+                before_step.push(params.clone());
+                let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(0, step, i, p)).collect();
+                let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                c.push_pull(step, &refs, &mut params).await.unwrap();
+            }
+            // The writer may still be busy with step 8's files: wait for them, bounded.
+            let manifests = ["shard-0-of-2.json", "shard-1-of-2.json"].map(|f| dir.0.join("step-8").join(f));
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !manifests.iter().all(|m| m.is_file()) {
+                assert!(std::time::Instant::now() < deadline, "{mode}: step 8's checkpoint never appeared");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(c);
+            drop(cluster);
+
+            let mut args = base.to_vec();
+            args.extend(["--restore", "latest"]);
+            let cluster = start(2, &args, None);
+            let mut c = connect(&cluster.addrs(), 0).await;
+            c.register(specs()).await.unwrap();
+            let info = c.shard_info().await.unwrap();
+            assert!(info.iter().all(|i| i.restored_step == Some(8)), "{mode}: {info:?}");
+            let mut restored = c.pull(8).await.unwrap();
+            assert_eq!(bits(&restored), bits(&before_step[8]), "{mode}: the values step 8's push found");
+            for step in 8..10u64 {
+                let grads: Vec<Vec<f32>> = restored.iter().enumerate().map(|(i, p)| gradient(0, step, i, p)).collect();
+                let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                c.push_pull(step, &refs, &mut restored).await.unwrap();
+            }
+            assert_eq!(bits(&restored), bits(&params), "{mode}: the same two steps give the same values again");
+        }
+    })
+    .await;
+}

@@ -87,6 +87,8 @@ pub struct Checkpointer {
     pending_count: AtomicUsize,
     /// Async / bounded: the worker step whose first push takes the next checkpoint.
     next_async: AtomicU64,
+    /// Held while an async / bounded checkpoint takes the variables.
+    async_gate: Mutex<()>,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Checkpoints written, and the last one's outcome (metrics, tests).
@@ -107,6 +109,7 @@ impl Checkpointer {
             pending: Mutex::new(BTreeMap::new()),
             pending_count: AtomicUsize::new(0),
             next_async: AtomicU64::new(next),
+            async_gate: Mutex::new(()),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
             written: AtomicU64::new(0),
@@ -215,17 +218,18 @@ impl Checkpointer {
     /// Async / bounded mode: a push of a worker's `step` is about to be applied; the first
     /// one of a checkpoint step takes every variable's state first.
     pub fn before_push(&self, store: &VariableStore, step: u64) {
-        if matches!(self.mode, Mode::Sync { .. }) {
-            return;
-        }
         let every = self.settings.every_steps;
-        let next = self.next_async.load(Ordering::Acquire);
-        if step < next || every == 0 {
+        if every == 0 || matches!(self.mode, Mode::Sync { .. }) || step < self.next_async.load(Ordering::Acquire) {
             return;
         }
-        let at = step / every * every;
-        if self.next_async.compare_exchange(next, at + every, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        // Every push of a checkpoint step waits here until the variables are taken, so
+        // none of them is applied first (pushes of earlier steps go on meanwhile).
+        let _taking = self.async_gate.lock();
+        let next = self.next_async.load(Ordering::Acquire);
+        if step >= next {
+            let at = step / every * every;
             self.send(Job { step: at, captures: store.capture_all(), waiters: Vec::new() });
+            self.next_async.store(at + every, Ordering::Release);
         }
     }
 

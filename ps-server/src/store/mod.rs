@@ -466,6 +466,40 @@ mod tests {
     }
 
     #[test]
+    fn a_capture_keeps_its_version_while_updates_go_on_and_restores_exactly() {
+        let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        let mut d = def("w", &[4], DType::F32);
+        d.optimizer = OptimizerSpec::Adam { lr: 0.1, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, decoupled: false };
+        s.register(d.clone(), &Init::Constant(1.0)).unwrap();
+        let v = s.get("w").unwrap();
+        let push = |g: f32| {
+            let base_version = v.state.read().clock.version();
+            s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version }, vec![g; 4]).unwrap()
+        };
+        push(0.5);
+        let cap = s.capture_all().remove(0);
+        let (values, slots) = (cap.values_f32(), cap.optimizer.slots.iter().map(|x| x.to_vec()).collect::<Vec<_>>());
+        assert_eq!((cap.version, cap.optimizer.updates), (1, 1));
+        push(-2.0);
+        push(0.25);
+        assert_eq!(cap.values_f32(), values, "updates after the capture copied the values");
+        assert_eq!(cap.optimizer.slots.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), slots, "and the slots");
+        assert_ne!(v.snapshot().1, values);
+
+        // Restored into another store, the capture continues as the original did.
+        let r = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        let restored = RestoredVariable { version: cap.version, values: Values::F32(values), optimizer: cap.optimizer.clone(), worker_clocks: vec![] };
+        r.insert_restored(d.clone(), restored).unwrap();
+        let rv = r.get("w").unwrap();
+        for g in [-2.0, 0.25] {
+            let base_version = rv.state.read().clock.version();
+            r.push_gradient(&rv, PushMeta { worker: 0, step: 0, base_version }, vec![g; 4]).unwrap();
+        }
+        assert_eq!(rv.snapshot(), v.snapshot(), "same version, same bits");
+        assert_eq!(r.register(d, &Init::Zeros).unwrap(), (false, 3), "registration confirms the restored variable");
+    }
+
+    #[test]
     fn bad_definitions_are_rejected() {
         let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
         for d in [def("a", &[], DType::F32), def("b", &[0, 2], DType::F32), def("c", &[1 << 20, 1 << 20], DType::F32), def("", &[1], DType::F32)] {
