@@ -227,6 +227,11 @@ async fn a_checkpoint_restores_onto_three_shards_and_then_one() {
         // 3 → 1.
         let restore3 = three.0.join("step-3");
         let cluster = start(1, &["--mode", "sync", "--num-workers", "4", "--num-shards", "1", "--restore", restore3.to_str().unwrap()], None);
+        // A registration that disagrees with the checkpoint is refused, naming the difference.
+        let mut other = specs();
+        other[2].optimizer = Optimizer::adam(0.5);
+        let err = connect(&cluster.addrs(), 0).await.register(other).await.unwrap_err().to_string();
+        assert!(err.contains("holds bias otherwise") && err.contains("optimizer"), "{err}");
         assert_eq!(bits(&pull_at(&cluster.addrs(), 3).await), bits(&v3), "every value equal after 3 → 1");
 
         // Training goes on from the restored state on the new shard count as it went on

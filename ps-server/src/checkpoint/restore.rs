@@ -312,26 +312,21 @@ impl Checkpoint {
         let parts = self.parts_of(base)?;
         let Some(&(_, first)) = parts.first() else { return Ok(None) };
         let whole = Whole::of(base, &parts)?;
-        let old = first.def()?;
-        let mut diff = Vec::new();
-        if old.dtype != def.dtype {
-            diff.push(format!("dtype {} vs {}", old.dtype, def.dtype));
-        }
-        if old.optimizer != def.optimizer {
-            diff.push(format!("optimizer {:?} vs {:?}", old.optimizer, def.optimizer));
-        }
-        if old.stochastic_rounding != def.stochastic_rounding {
-            diff.push("stochastic rounding differs".into());
-        }
         let rows = whole.shape[0];
         let (r0, r1) = (p * rows / n, (p + 1) * rows / n);
-        let mut want = whole.shape.clone();
-        want[0] = r1 - r0;
-        if def.shape != want {
-            diff.push(format!("shape {:?} vs {:?} (rows {r0}..{r1} of the checkpoint's {:?})", def.shape, want, whole.shape));
-        }
+        // What the checkpoint holds for this name, in the shape this part has now.
+        let mut held = first.def()?;
+        held.name = def.name.clone();
+        held.shape = whole.shape.clone();
+        held.shape[0] = r1 - r0;
+        let diff = def.differences(&held);
         if !diff.is_empty() {
-            bail!("{} holds {base} otherwise: {}", self.dir.display(), diff.join("; "));
+            bail!(
+                "{} holds {base} otherwise (registered vs checkpoint, rows {r0}..{r1} of {:?}): {}",
+                self.dir.display(),
+                whole.shape,
+                diff.join("; ")
+            );
         }
         Ok(self.read_rows(base, r0..r1)?.map(|(_, r)| r))
     }

@@ -47,7 +47,7 @@ impl VariableDef {
     }
 
     /// Human-readable differences from `other`, empty if they agree.
-    pub(super) fn differences(&self, other: &VariableDef) -> Vec<String> {
+    pub fn differences(&self, other: &VariableDef) -> Vec<String> {
         let mut d = Vec::new();
         if self.shape != other.shape {
             d.push(format!("shape {:?} vs {:?}", self.shape, other.shape));
