@@ -24,6 +24,8 @@ pub struct ServerProcess {
 pub struct LocalCluster {
     /// One entry per shard, in shard order.
     pub servers: Vec<ServerProcess>,
+    exe: std::path::PathBuf,
+    opts: ClusterOptions,
 }
 
 /// How to start the servers of a local cluster.
@@ -89,45 +91,82 @@ impl LocalCluster {
     /// Starts `opts.shards` servers from `exe` (a binary with a `server` subcommand, i.e.
     /// `parasync`), each on an ephemeral port of 127.0.0.1, and waits until they listen.
     pub fn start(exe: &Path, opts: &ClusterOptions) -> anyhow::Result<LocalCluster> {
-        let mut cluster = LocalCluster { servers: Vec::new() };
+        let mut cluster = LocalCluster { servers: Vec::new(), exe: exe.to_path_buf(), opts: opts.clone() };
         for shard in 0..opts.shards {
-            let mut cmd = Command::new(exe);
-            cmd.arg("server")
-                .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-                .args(["--shard-index", &shard.to_string()])
-                .args(&opts.server_args)
-                .env_remove("TF_CONFIG")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(match &opts.log_dir {
-                    Some(dir) => Stdio::from(
-                        std::fs::File::create(dir.join(format!("shard-{shard}.log"))).context("creating a server log file")?,
-                    ),
-                    None if opts.show_logs => Stdio::inherit(),
-                    None => Stdio::null(),
-                });
-            match (&opts.log_filter, std::env::var_os("RUST_LOG")) {
-                (Some(f), _) => {
-                    cmd.env("RUST_LOG", f);
-                }
-                (None, None) => {
-                    cmd.env("RUST_LOG", "warn");
-                }
-                (None, Some(_)) => {}
-            }
-            die_with_parent(&mut cmd);
-            let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
-            let stdout = child.stdout.take().expect("piped stdout");
-            cluster.servers.push(ServerProcess { child: Some(child), addr: String::new(), metrics_addr: None });
-            let line = read_first_line(stdout, opts.ready_timeout)
-                .with_context(|| format!("shard {shard} did not announce its address"))?;
-            let (addr, metrics) = parse_announcement(&line)
-                .with_context(|| format!("shard {shard} printed an unexpected line: {line:?}"))?;
-            let s = cluster.servers.last_mut().expect("just pushed");
-            s.addr = addr;
-            s.metrics_addr = metrics;
+            let s = cluster.spawn(shard, "127.0.0.1:0", &[])?;
+            cluster.servers.push(s);
         }
         Ok(cluster)
+    }
+
+    /// Starts shard `shard` listening on `listen`, with the cluster's flags and `extra`.
+    fn spawn(&self, shard: usize, listen: &str, extra: &[&str]) -> anyhow::Result<ServerProcess> {
+        let (exe, opts) = (&self.exe, &self.opts);
+        let mut cmd = Command::new(exe);
+        cmd.arg("server")
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+            .args(["--shard-index", &shard.to_string()])
+            .args(&opts.server_args)
+            .args(extra)
+            .env_remove("TF_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(match &opts.log_dir {
+                Some(dir) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(format!("shard-{shard}.log")))
+                        .context("opening a server log file")?,
+                ),
+                None if opts.show_logs => Stdio::inherit(),
+                None => Stdio::null(),
+            });
+        match (&opts.log_filter, std::env::var_os("RUST_LOG")) {
+            (Some(f), _) => {
+                cmd.env("RUST_LOG", f);
+            }
+            (None, None) => {
+                cmd.env("RUST_LOG", "warn");
+            }
+            (None, Some(_)) => {}
+        }
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut server = ServerProcess { child: Some(child), addr: String::new(), metrics_addr: None };
+        let line = match read_first_line(stdout, opts.ready_timeout) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(mut c) = server.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e.context(format!("shard {shard} did not announce its address")));
+            }
+        };
+        let (addr, metrics) =
+            parse_announcement(&line).with_context(|| format!("shard {shard} printed an unexpected line: {line:?}"))?;
+        server.addr = addr;
+        server.metrics_addr = metrics;
+        Ok(server)
+    }
+
+    /// Kills shard `shard` with SIGKILL (as a machine failure would) and waits for it.
+    pub fn kill(&mut self, shard: usize) {
+        if let Some(mut c) = self.servers[shard].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts shard `shard` again on the address it had, with the cluster's flags and
+    /// `extra` (such as `--restore latest`); kills it first if it still runs.
+    pub fn restart(&mut self, shard: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.kill(shard);
+        let addr = self.servers[shard].addr.clone();
+        self.servers[shard] = self.spawn(shard, &addr, extra)?;
+        Ok(())
     }
 
     /// gRPC addresses in shard order.

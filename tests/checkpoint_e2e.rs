@@ -360,3 +360,67 @@ async fn async_and_bounded_checkpoints_restore_the_version_a_worker_step_began_w
     })
     .await;
 }
+
+/// A shard killed with SIGKILL mid-training comes back from its checkpoint; the workers ride
+/// it out without restarting: their push-pulls wait for the shard, re-push the steps the
+/// restored shard lacks, and every worker ends with the same values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_ride_out_a_shard_killed_and_restored_mid_training() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    common::bounded(240, async {
+        let dir = TempDir::new("kill");
+        let d = dir.0.to_str().unwrap();
+        let args = ["--mode", "sync", "--num-workers", "4", "--num-shards", "2", "--checkpoint-dir", d, "--checkpoint-every-steps", "5"];
+        let mut cluster = start(2, &args, None);
+        let addrs = cluster.addrs();
+        let progress = Arc::new(AtomicU64::new(0));
+        let steps = 24u64;
+        let mut tasks = Vec::new();
+        for w in 0..WORKERS {
+            let (addrs, progress) = (addrs.clone(), Arc::clone(&progress));
+            tasks.push(tokio::spawn(async move {
+                let mut c = connect(&addrs, w).await;
+                c.register(specs()).await.unwrap();
+                let mut params = c.pull(0).await.unwrap();
+                for step in 0..steps {
+                    let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
+                    let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                    c.push_pull(step, &refs, &mut params).await.unwrap_or_else(|e| panic!("worker {w}, step {step}: {e}"));
+                    if w == 0 {
+                        progress.store(step + 1, Ordering::Release);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (params, c.shard_info().await.unwrap())
+            }));
+        }
+        while progress.load(Ordering::Acquire) < 13 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Step 10's checkpoint is complete once its manifests are there (written in the background).
+        let step10 = dir.0.join("step-10");
+        while !(step10.join("shard-0-of-2.json").is_file() && step10.join("shard-1-of-2.json").is_file()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let killed_at = std::time::Instant::now();
+        cluster.kill(1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.restart(1, &["--restore", "latest"]).unwrap();
+        let restarted_after = killed_at.elapsed();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let (last, info) = results.pop().unwrap();
+        for (other, _) in &results {
+            assert_eq!(bits(other), bits(&last), "every worker ends with the same values");
+        }
+        assert!(info[1].restored_step.is_some_and(|s| (10..=15).contains(&s)), "{info:?}");
+        assert_eq!(info[0].restored_step, None);
+        assert!(info.iter().all(|i| i.variables.iter().all(|(_, v)| *v == steps)), "every part completed every step: {info:?}");
+        assert!(last.iter().flatten().all(|x| x.is_finite()));
+        eprintln!("shard 1 back {restarted_after:?} after its SIGKILL");
+    })
+    .await;
+}

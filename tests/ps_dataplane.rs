@@ -337,7 +337,9 @@ fn sigterm_releases_a_pull_waiting_on_the_data_plane() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let addrs = cluster.addrs();
     let waiting = rt.spawn(async move {
-        let mut c = Client::connect(&addrs, ClientOptions::default()).await.unwrap();
+        // No waiting for the shard to come back: this is about how the server lets go.
+        let opts = ClientOptions { recovery_timeout: Duration::ZERO, ..Default::default() };
+        let mut c = Client::connect(&addrs, opts).await.unwrap();
         c.register(vec![VariableSpec::new("w", &[64, 1024])]).await.unwrap();
         assert!(c.shard_info().await.unwrap()[0].data_plane.is_some());
         // step 1 needs both workers' gradients for step 0: nobody pushes, so this waits

@@ -57,6 +57,11 @@ pub struct ClientOptions {
     /// (the demo's 6 processes on 2 cores: 0.95 → 1.35 ms per step), so it is off
     /// (`Duration::ZERO`) unless set.
     pub reply_spin: Duration,
+    /// How long a push, pull or push-pull keeps trying a shard that went away (with
+    /// backoff) before it fails: a shard restarted from its checkpoint within this time is
+    /// picked up again, and in sync mode the worker re-pushes the steps the restored shard
+    /// lacks (see [`Client::push_pull`]). Zero fails at once.
+    pub recovery_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -74,6 +79,7 @@ impl Default for ClientOptions {
             data_plane: true,
             data_connections_per_shard: 8,
             reply_spin: Duration::ZERO,
+            recovery_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -87,6 +93,8 @@ struct Shard {
     next: std::sync::atomic::AtomicUsize,
     /// The shard's data plane, when it offers one and the client uses it.
     data: Option<DataPlane>,
+    /// The shard process's incarnation as last seen (it changes when the shard restarts).
+    incarnation: std::sync::atomic::AtomicU64,
 }
 
 impl Shard {
@@ -338,6 +346,18 @@ impl Client {
     }
 
     async fn pull_part(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
+        let started = Instant::now();
+        loop {
+            match self.pull_part_once(part, step, dst).await {
+                Err(e) if self.recoverable(&e, started) => {
+                    self.await_shard(part.shard, e, started).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn pull_part_once(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
         let shard = &self.shards[part.shard];
         let ctx = || format!("pull {:?} for step {step} from shard {} ({})", part.name, part.shard, shard.addr);
         let wire = self.pull_wire();
@@ -366,7 +386,7 @@ impl Client {
             for (pi, part) in parts.iter().enumerate() {
                 let data = &g[part.elements.clone()];
                 let base = bases[vi][pi];
-                calls.push(self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient));
+                calls.push(self.push_part(vi, pi, step, base, data));
             }
         }
         let mut summary = PushSummary::default();
@@ -417,7 +437,6 @@ impl Client {
         check_sizes(model, grads.iter().map(|g| g.len()))?;
         check_sizes(model, out.iter_mut().map(|v| v.as_mut().len()))?;
         let bases = model.versions.lock().expect("versions lock").clone();
-        let (wire, pull_wire) = (self.opts.wire_dtype, self.pull_wire());
         let mut calls = Vec::new();
         for (vi, ((g, buf), parts)) in grads.iter().zip(out.iter_mut()).zip(&model.placement.parts).enumerate() {
             let mut rest: &mut [f32] = buf.as_mut();
@@ -425,27 +444,9 @@ impl Client {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
                 rest = tail;
                 let data = &g[part.elements.clone()];
-                let header = self.push_header(part, step, bases[vi][pi], data.len(), wire, ps::PushKind::Gradient);
+                let base = bases[vi][pi];
                 calls.push(async move {
-                    let shard = &self.shards[part.shard];
-                    let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
-                    if let Some(plane) = &shard.data {
-                        let (version, push) = plane.push_pull(header, data, wire, part, pull_wire, dst, &ctx()).await?;
-                        return Ok::<_, Error>((vi, pi, version, push));
-                    }
-                    let chunk = self.opts.chunk_bytes;
-                    let opened = match single_message(&shard.pool, &header, data, wire, chunk) {
-                        Some(msg) => shard.rpc().push_pull(tokio_stream::once(msg)).await,
-                        None => {
-                            let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
-                            let mut rpc = shard.rpc();
-                            let call = rpc.push_pull(ReceiverStream::new(rx));
-                            tokio::join!(feed_chunks(tx, &shard.pool, header, data, wire, chunk), call).1
-                        }
-                    };
-                    let mut stream = opened.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
-                    let (version, push) = receive_values(&mut stream, part, pull_wire, dst, &ctx()).await?;
-                    let push = push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
+                    let (version, push) = self.push_pull_part(vi, pi, step, base, data, dst).await?;
                     Ok::<_, Error>((vi, pi, version, push))
                 });
             }
@@ -458,6 +459,169 @@ impl Client {
             summary.add(&r);
         }
         Ok(summary)
+    }
+
+    /// One part of a push-pull: push `data` for `step`, receive the values of `step + 1`.
+    async fn push_pull_part_once(&self, part: &Part, step: u64, base: u64, data: &[f32], dst: &mut [f32]) -> Result<(u64, ps::PushResponse)> {
+        let (wire, pull_wire) = (self.opts.wire_dtype, self.pull_wire());
+        let header = self.push_header(part, step, base, data.len(), wire, ps::PushKind::Gradient);
+        let shard = &self.shards[part.shard];
+        let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
+        if let Some(plane) = &shard.data {
+            return plane.push_pull(header, data, wire, part, pull_wire, dst, &ctx()).await;
+        }
+        let chunk = self.opts.chunk_bytes;
+        let opened = match single_message(&shard.pool, &header, data, wire, chunk) {
+            Some(msg) => shard.rpc().push_pull(tokio_stream::once(msg)).await,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(PUSH_QUEUE);
+                let mut rpc = shard.rpc();
+                let call = rpc.push_pull(ReceiverStream::new(rx));
+                tokio::join!(feed_chunks(tx, &shard.pool, header, data, wire, chunk), call).1
+            }
+        };
+        let mut stream = opened.map_err(|s| Error::from_status(s, &ctx()))?.into_inner();
+        let (version, push) = receive_values(&mut stream, part, pull_wire, dst, &ctx()).await?;
+        let push = push.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{}: no push result", ctx())))?;
+        Ok((version, push))
+    }
+
+    /// A push-pull of part `pi` of variable `vi` that rides out a restart of its shard (see
+    /// [`Client::push_pull`]).
+    async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32]) -> Result<(u64, ps::PushResponse)> {
+        let part = &self.model()?.placement.parts[vi][pi];
+        let started = Instant::now();
+        let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        loop {
+            let e = match self.push_pull_part_once(part, step, base, data, dst).await {
+                Err(e) if self.recoverable(&e, started) => e,
+                r => return r,
+            };
+            match self.recover_push(vi, pi, step, data, e, started, &mut seen).await? {
+                Recovered::Retry => continue,
+                Recovered::Applied => {
+                    let version = self.pull_part(part, step + 1, dst).await?;
+                    return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }));
+                }
+            }
+        }
+    }
+
+    /// A gradient push of part `pi` of variable `vi` that rides out a restart of its shard.
+    async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32]) -> Result<ps::PushResponse> {
+        let part = &self.model()?.placement.parts[vi][pi];
+        let started = Instant::now();
+        let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        loop {
+            let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
+                Err(e) if self.recoverable(&e, started) => e,
+                r => return r,
+            };
+            match self.recover_push(vi, pi, step, data, e, started, &mut seen).await? {
+                Recovered::Retry => continue,
+                Recovered::Applied => return Ok(ps::PushResponse { accepted: true, ..Default::default() }),
+            }
+        }
+    }
+
+    /// A push of `data` for `step` failed with `error` because its shard went away: waits
+    /// for the shard, and decides what to do.
+    ///
+    /// - The shard restarted (a new incarnation): a variable it lost is registered again;
+    ///   in sync mode, if the variable is behind `step` (restored from an older checkpoint),
+    ///   this worker pushes `data` for each missing step first, waiting for each to complete
+    ///   (every worker does the same, so each step gets every worker's gradient); if it is
+    ///   past `step`, the push was applied. Then the push is sent again.
+    /// - The same shard came back (a connection broke): in sync and bounded mode the push
+    ///   is sent again (a repeat of an applied one is refused as a duplicate, and counts as
+    ///   applied); in async mode whether it was applied is unknown, and that is the error.
+    #[allow(clippy::too_many_arguments)]
+    async fn recover_push(&self, vi: usize, pi: usize, step: u64, data: &[f32], error: Error, started: Instant, seen: &mut u64) -> Result<Recovered> {
+        let model = self.model()?;
+        let part = &model.placement.parts[vi][pi];
+        let info = self.await_shard(part.shard, error.clone(), started).await?;
+        let restarted = info.incarnation != *seen;
+        *seen = info.incarnation;
+        if !restarted {
+            return match info.mode.as_str() {
+                "async" => Err(Error::new(
+                    error.kind,
+                    format!("{error} (the connection broke mid-push; whether the shard applied it is unknown, so it is not sent again)"),
+                )),
+                _ => Ok(self.repeat_is_applied(part, step, data).await?),
+            };
+        }
+        let version = info.variables.iter().find(|v| v.name == part.name).map(|v| v.version);
+        let version = match version {
+            Some(v) => v,
+            None => {
+                tracing::warn!(shard = part.shard, variable = %part.name, "the restarted shard lost the variable (no checkpoint held it): registering it again from its initializer");
+                self.register_part(&model.specs[vi], part, pi as u64).await?;
+                0
+            }
+        };
+        if info.mode == "sync" {
+            if version > step {
+                return Ok(Recovered::Applied);
+            }
+            if version < step {
+                tracing::warn!(shard = part.shard, variable = %part.name, from = version, to = step, "the restarted shard is behind: pushing this gradient for the steps it lacks");
+                let mut scratch = vec![0f32; part.elements.len()];
+                for s in version..step {
+                    self.push_pull_part_once(part, s, s, data, &mut scratch).await?;
+                }
+            }
+        }
+        Ok(Recovered::Retry)
+    }
+
+    /// Sync / bounded, after a broken connection: sends the push again; a duplicate refusal
+    /// means the first one was applied.
+    async fn repeat_is_applied(&self, part: &Part, step: u64, data: &[f32]) -> Result<Recovered> {
+        match self.send_part(part, step, step, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
+            Ok(_) => Ok(Recovered::Applied),
+            Err(e) if e.kind == ErrorKind::FailedPrecondition && e.message.contains("already pushed") => Ok(Recovered::Applied),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Is `e` a shard that went away, with time left to wait for it?
+    fn recoverable(&self, e: &Error, started: Instant) -> bool {
+        e.kind == ErrorKind::Unavailable && started.elapsed() < self.opts.recovery_timeout
+    }
+
+    /// Waits with backoff until shard `i` answers again (up to `recovery_timeout` after
+    /// `started`); its info, or `error` (with how long it waited) if it never does.
+    async fn await_shard(&self, i: usize, error: Error, started: Instant) -> Result<ps::ServerInfoResponse> {
+        let shard = &self.shards[i];
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match shard.rpc().server_info(ps::ServerInfoRequest {}).await {
+                Ok(r) => {
+                    let info = r.into_inner();
+                    let old = shard.incarnation.swap(info.incarnation, std::sync::atomic::Ordering::AcqRel);
+                    if old != info.incarnation {
+                        tracing::warn!(
+                            shard = i,
+                            addr = %shard.addr,
+                            restored_step = info.restored.then_some(info.restored_step),
+                            "the shard restarted"
+                        );
+                    }
+                    return Ok(info);
+                }
+                Err(_) if started.elapsed() < self.opts.recovery_timeout => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => {
+                    return Err(Error::new(
+                        error.kind,
+                        format!("{error} (shard {i} did not come back within {:?})", self.opts.recovery_timeout),
+                    ))
+                }
+            }
+        }
     }
 
     /// `ClientOptions::pull_timeout` as the wire's milliseconds (0: the server's default).
@@ -538,6 +702,14 @@ impl Client {
         }))
         .await
     }
+}
+
+/// What a push does after its shard came back (see [`Client::recover_push`]).
+enum Recovered {
+    /// Send it again.
+    Retry,
+    /// It is applied: do not send it again.
+    Applied,
 }
 
 /// Chunks queued ahead of the network per push stream.
@@ -699,7 +871,14 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
         true => open_data_plane(index, addr, &conns[0], opts).await?,
         false => None,
     };
-    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default(), data })
+    let incarnation = conns[0]
+        .clone()
+        .server_info(ps::ServerInfoRequest {})
+        .await
+        .map_err(|e| Error::from_status(e, &format!("server info of shard {index} ({addr})")))?
+        .into_inner()
+        .incarnation;
+    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default(), data, incarnation: incarnation.into() })
 }
 
 /// The shard's data plane, if it announces one and it can be reached; gRPC carries the

@@ -54,12 +54,14 @@ pub struct PsService {
     shutdown: watch::Receiver<bool>,
     /// Chunk buffers of pull streams.
     pool: parasync_tensor::BufferPool,
+    /// Drawn at start (see `ServerInfoResponse.incarnation`).
+    incarnation: u64,
 }
 
 impl PsService {
     /// A service over `store`; pulls waiting for a step end when `shutdown` turns true.
     pub fn new(store: Arc<VariableStore>, config: ServiceConfig, shutdown: watch::Receiver<bool>) -> Self {
-        PsService { store, config, shutdown, pool: Default::default() }
+        PsService { store, config, shutdown, pool: Default::default(), incarnation: rand::random::<u64>() | 1 }
     }
 
     /// The store this service serves.
@@ -326,6 +328,7 @@ impl ParameterServer for PsService {
             restored_step: self.config.restored_step.unwrap_or(0),
             restored: self.config.restored_step.is_some(),
             checkpoints: self.store.checkpointer().is_some(),
+            incarnation: self.incarnation,
         }))
     }
 

@@ -31,6 +31,9 @@ class PsClient:
         pull_timeout: seconds the server may hold a pull waiting for its step.
         data_plane: move tensors over the shards' plain-TCP data plane (else gRPC).
         reply_spin: seconds to busy-poll for small replies (lower latency, one busy core).
+        recovery_timeout: seconds a push, pull or push_pull keeps waiting for a shard that
+            went away (a restart from its checkpoint is picked up; in sync mode the worker
+            re-pushes the steps the restored shard lacks); 0 fails at once.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class PsClient:
         reply_spin: float = 0.0,
         split_bytes: int | None = None,
         chunk_bytes: int | None = None,
+        recovery_timeout: float = 60.0,
     ) -> None:
         if addresses is None:
             addresses = _native.ps_addresses_from_env()
@@ -63,6 +67,7 @@ class PsClient:
             reply_spin,
             split_bytes,
             chunk_bytes,
+            recovery_timeout,
         )
         self._shapes: dict[str, tuple[int, ...]] = {}
 
