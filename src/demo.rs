@@ -88,6 +88,15 @@ pub struct DemoArgs {
     /// With --checkpoint-dir: a checkpoint every this many steps.
     #[arg(long, default_value_t = 10)]
     pub checkpoint_every_steps: u64,
+    /// Kill a shard with SIGKILL once worker 0 reaches this step, and start it again at once
+    /// with `--restore latest`: the workers carry on without restarting (checkpoints go to
+    /// a temporary folder unless --checkpoint-dir is given). The report says how long the
+    /// job took to step again.
+    #[arg(long)]
+    pub kill_shard_at: Option<u64>,
+    /// The shard --kill-shard-at kills (default: the last).
+    #[arg(long)]
+    pub kill_shard: Option<usize>,
 }
 
 /// Flags of the hidden `parasync demo-worker` subcommand (one worker of the demo).
@@ -112,6 +121,9 @@ pub struct WorkerArgs {
     pub seed: u64,
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Report progress every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub progress_every: u64,
 }
 
 /// A worker's report line.
@@ -144,6 +156,22 @@ pub struct DemoReport {
     pub dropped_stale: u64,
     /// Checkpoints written, over all shards (each shard's file counts once).
     pub checkpoints: u64,
+    /// What --kill-shard-at did.
+    pub kill: Option<KillReport>,
+}
+
+/// A shard killed and restarted during the demo (`--kill-shard-at`).
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    pub shard: usize,
+    /// Worker 0's step when the shard was killed.
+    pub at_step: u64,
+    /// The step of the checkpoint the shard came back from (0: none; it started empty).
+    pub restored_step: u64,
+    /// From the SIGKILL until the new shard process announced its address (restore included).
+    pub restart_seconds: f64,
+    /// From the SIGKILL until a worker completed a step past every step completed before it.
+    pub recovery_seconds: f64,
 }
 
 fn model_specs(init_seed: u64, lr: f32) -> Vec<VariableSpec> {
@@ -263,7 +291,11 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         args.max_staleness.to_string(),
     ];
     server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
-    if let Some(dir) = &args.checkpoint_dir {
+    let temp_checkpoints = match (&args.checkpoint_dir, args.kill_shard_at) {
+        (None, Some(_)) => Some(TempFolder::new()?),
+        _ => None,
+    };
+    if let Some(dir) = args.checkpoint_dir.as_ref().or(temp_checkpoints.as_ref().map(|t| &t.0)) {
         server_args.extend([
             "--num-shards".into(),
             args.shards.to_string(),
@@ -299,6 +331,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             .args(["--steps", &steps.to_string(), "--batch", &args.batch.to_string()])
             .args(["--lr", &lr.to_string(), "--wire", args.wire.name(), "--seed", &args.seed.to_string()])
             .args(args.data.iter().flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]))
+            .args(["--progress-every", if args.kill_shard_at.is_some() { "1" } else { "10" }])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -321,6 +354,11 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     }
     drop(tx);
 
+    let kill_shard = args.kill_shard.unwrap_or(args.shards - 1);
+    if kill_shard >= args.shards {
+        bail!("--kill-shard {kill_shard}: there are {} shards", args.shards);
+    }
+    let mut kill = KillState { at: args.kill_shard_at, killed: None, max_step: 0, report: None };
     let mut done = Vec::new();
     let mut last_progress = Instant::now();
     while done.len() < args.workers {
@@ -340,6 +378,30 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         };
         match ev {
             WorkerEvent::Progress { worker, step, loss } => {
+                kill.max_step_seen(step);
+                if worker == 0 && kill.at.is_some_and(|at| step >= at) {
+                    kill.at = None;
+                    let t0 = Instant::now();
+                    cluster.restart(kill_shard, &["--restore", "latest"])?;
+                    children.add(cluster.servers[kill_shard].child.as_ref().map_or(0, |c| c.id()));
+                    let restart_seconds = t0.elapsed().as_secs_f64();
+                    let restored_step = crate::cluster::scrape(cluster.servers[kill_shard].metrics_addr.as_deref().unwrap_or_default())
+                        .ok()
+                        .and_then(|m| m.lines().find(|l| l.starts_with("parasync_restored_step{")).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
+                        .unwrap_or(0);
+                    say(format!(
+                        "  step {step:>5}: shard {kill_shard} killed (SIGKILL) and started again with --restore latest in {restart_seconds:.3} s (restored step {restored_step})"
+                    ));
+                    kill.killed = Some((t0, kill.max_step, step, restored_step, restart_seconds));
+                }
+                if let Some((t0, before, at_step, restored_step, restart_seconds)) = kill.killed {
+                    if step > before {
+                        let recovery_seconds = t0.elapsed().as_secs_f64();
+                        say(format!("  step {step:>5}: training goes on, {recovery_seconds:.3} s after the SIGKILL"));
+                        kill.report = Some(KillReport { shard: kill_shard, at_step, restored_step, restart_seconds, recovery_seconds });
+                        kill.killed = None;
+                    }
+                }
                 if worker == 0 && last_progress.elapsed() >= Duration::from_millis(500) {
                     last_progress = Instant::now();
                     say(format!("  step {step:>5}/{steps}  loss {loss:.4}  ({:.1} s)", started.elapsed().as_secs_f64()));
@@ -402,7 +464,46 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         staleness,
         dropped_stale,
         checkpoints,
+        kill: kill.report,
     })
+}
+
+/// Where `--kill-shard-at` stands.
+struct KillState {
+    /// The step still to kill at.
+    at: Option<u64>,
+    /// Since the kill, until a step past `max_step` completes: (when, max step then, worker
+    /// 0's step then, restored step, restart seconds).
+    killed: Option<(Instant, u64, u64, u64, f64)>,
+    /// The highest step any worker reported.
+    max_step: u64,
+    report: Option<KillReport>,
+}
+
+impl KillState {
+    fn max_step_seen(&mut self, step: u64) {
+        if self.killed.is_none() {
+            self.max_step = self.max_step.max(step);
+        }
+    }
+}
+
+/// A temporary folder, removed when dropped.
+struct TempFolder(PathBuf);
+
+impl TempFolder {
+    fn new() -> anyhow::Result<TempFolder> {
+        let d = std::env::temp_dir().join(format!("parasync-demo-checkpoints-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(TempFolder(d))
+    }
+}
+
+impl Drop for TempFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Prints a finished report for people.
@@ -425,6 +526,12 @@ pub fn print_report(r: &DemoReport) {
     println!("  dropped stale       {}", r.dropped_stale);
     if r.checkpoints > 0 {
         println!("  checkpoints         {} shard files written", r.checkpoints);
+    }
+    if let Some(k) = &r.kill {
+        println!(
+            "  shard {} killed     at step {}, back from step {} in {:.3} s; training went on {:.3} s after the SIGKILL",
+            k.shard, k.at_step, k.restored_step, k.restart_seconds, k.recovery_seconds
+        );
     }
 }
 
@@ -469,7 +576,7 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
                 *staleness.entry(s).or_insert(0) += 1;
             }
             dropped += summary.dropped_stale as u64;
-            if step % 10 == 0 || step + 1 == args.steps {
+            if step % args.progress_every.max(1) == 0 || step + 1 == args.steps {
                 emit(&WorkerEvent::Progress { worker: args.worker_id, step: step + 1, loss });
             }
         }

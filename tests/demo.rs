@@ -6,8 +6,13 @@ mod common;
 use std::process::Command;
 
 fn run_demo(mode: &str) -> serde_json::Value {
+    run_demo_with(mode, &[])
+}
+
+fn run_demo_with(mode: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(common::exe())
         .args(["demo", "--json", "--mode", mode])
+        .args(extra)
         .output()
         .expect("running parasync demo");
     assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -30,5 +35,23 @@ fn demo_reaches_target_accuracy_in_sync_and_async_modes() {
         } else {
             assert!(staleness.keys().any(|k| k != "0"), "async workers observe staleness: {staleness:?}");
         }
+    }
+}
+
+/// A shard killed with SIGKILL mid-training and started again from its checkpoint: the
+/// workers ride it out and the model still reaches its accuracy.
+#[test]
+fn demo_survives_a_shard_killed_mid_training() {
+    for (mode, target, shard) in [("sync", 0.95, "1"), ("async", 0.94, "0")] {
+        let r = run_demo_with(mode, &["--kill-shard-at", "120", "--kill-shard", shard]);
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc >= target, "{mode}: held-out accuracy {acc} < {target} after a shard's death");
+        let kill = &r["kill"];
+        assert_eq!(kill["shard"].as_u64().unwrap().to_string(), shard);
+        assert!(kill["at_step"].as_u64().unwrap() >= 120, "{kill}");
+        let restored = kill["restored_step"].as_u64().unwrap();
+        assert!((10..=130).contains(&restored), "{mode}: restored from step {restored}: {kill}");
+        assert!(kill["recovery_seconds"].as_f64().unwrap() > 0.0, "{kill}");
+        assert!(r["checkpoints"].as_u64().unwrap() > 0);
     }
 }

@@ -492,13 +492,14 @@ impl Client {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        let mut base = base;
         loop {
             let e = match self.push_pull_part_once(part, step, base, data, dst).await {
-                Err(e) if self.recoverable(&e, started) => e,
+                Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
                 r => return r,
             };
-            match self.recover_push(vi, pi, step, data, e, started, &mut seen).await? {
-                Recovered::Retry => continue,
+            match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
+                Recovered::Retry(b) => base = b,
                 Recovered::Applied => {
                     let version = self.pull_part(part, step + 1, dst).await?;
                     return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }));
@@ -512,13 +513,14 @@ impl Client {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        let mut base = base;
         loop {
             let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
-                Err(e) if self.recoverable(&e, started) => e,
+                Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
                 r => return r,
             };
-            match self.recover_push(vi, pi, step, data, e, started, &mut seen).await? {
-                Recovered::Retry => continue,
+            match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
+                Recovered::Retry(b) => base = b,
                 Recovered::Applied => return Ok(ps::PushResponse { accepted: true, ..Default::default() }),
             }
         }
@@ -536,7 +538,17 @@ impl Client {
     ///   is sent again (a repeat of an applied one is refused as a duplicate, and counts as
     ///   applied); in async mode whether it was applied is unknown, and that is the error.
     #[allow(clippy::too_many_arguments)]
-    async fn recover_push(&self, vi: usize, pi: usize, step: u64, data: &[f32], error: Error, started: Instant, seen: &mut u64) -> Result<Recovered> {
+    async fn recover_push(
+        &self,
+        vi: usize,
+        pi: usize,
+        step: u64,
+        base: u64,
+        data: &[f32],
+        error: Error,
+        started: Instant,
+        seen: &mut u64,
+    ) -> Result<Recovered> {
         let model = self.model()?;
         let part = &model.placement.parts[vi][pi];
         let info = self.await_shard(part.shard, error.clone(), started).await?;
@@ -548,7 +560,7 @@ impl Client {
                     error.kind,
                     format!("{error} (the connection broke mid-push; whether the shard applied it is unknown, so it is not sent again)"),
                 )),
-                _ => Ok(self.repeat_is_applied(part, step, data).await?),
+                _ => Ok(self.repeat_is_applied(part, step, base, data).await?),
             };
         }
         let version = info.variables.iter().find(|v| v.name == part.name).map(|v| v.version);
@@ -572,16 +584,30 @@ impl Client {
                 }
             }
         }
-        Ok(Recovered::Retry)
+        // Async / bounded: the gradient counts as computed from the restored version at
+        // the latest (a later one is refused as from the future).
+        Ok(Recovered::Retry(base.min(version)))
     }
 
     /// Sync / bounded, after a broken connection: sends the push again; a duplicate refusal
     /// means the first one was applied.
-    async fn repeat_is_applied(&self, part: &Part, step: u64, data: &[f32]) -> Result<Recovered> {
-        match self.send_part(part, step, step, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
+    async fn repeat_is_applied(&self, part: &Part, step: u64, base: u64, data: &[f32]) -> Result<Recovered> {
+        match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
             Ok(_) => Ok(Recovered::Applied),
             Err(e) if e.kind == ErrorKind::FailedPrecondition && e.message.contains("already pushed") => Ok(Recovered::Applied),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Is `e` a refusal (a step or version from the future, an unknown variable) by a shard
+    /// that restarted since incarnation `seen`, so behind what this worker knows?
+    async fn refused_by_a_restarted_shard(&self, e: &Error, shard: usize, seen: u64) -> bool {
+        if self.opts.recovery_timeout.is_zero() || !matches!(e.kind, ErrorKind::OutOfRange | ErrorKind::NotFound) {
+            return false;
+        }
+        match self.shards[shard].rpc().server_info(ps::ServerInfoRequest {}).await {
+            Ok(r) => r.into_inner().incarnation != seen,
+            Err(_) => false,
         }
     }
 
@@ -706,8 +732,9 @@ impl Client {
 
 /// What a push does after its shard came back (see [`Client::recover_push`]).
 enum Recovered {
-    /// Send it again.
-    Retry,
+    /// Send it again, as computed from this version (the restored shard's, when it is older
+    /// than the one the gradient was computed from).
+    Retry(u64),
     /// It is applied: do not send it again.
     Applied,
 }

@@ -461,20 +461,21 @@ pub fn joined_manifest<'a>(shards: impl Iterator<Item = &'a ShardManifest> + Clo
     Manifest { format: FORMAT.into(), step: first.step, mode: first.mode.clone(), num_shards: first.num_shards, files, variables }
 }
 
-/// Removes this shard's files of all but the newest `keep` checkpoints it wrote, and its
-/// temporary files of writes that never finished in folders older than the newest;
-/// a folder left empty (but for `manifest.json`) goes too.
+/// Removes this shard's files from the checkpoints older than the newest `keep` complete
+/// ones (every shard's manifest there), and its temporary files of writes that never
+/// finished in those folders; a folder left empty (but for `manifest.json`) goes too.
+/// Nothing newer than the `keep`-th complete checkpoint is touched, so a shard that runs
+/// ahead never removes the last checkpoint the others have finished.
 fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
     let (data_name, manifest_name) = shard_file_names(settings.shard, settings.num_shards);
+    let complete = |dir: &Path| (0..settings.num_shards).all(|i| dir.join(shard_file_names(i, settings.num_shards).1).is_file());
     let mut kept = 0usize;
     for (_, dir) in restore::step_dirs(&settings.dir)? {
-        let mine = dir.join(&manifest_name).exists();
-        if mine && kept < settings.keep.max(1) {
-            kept += 1;
+        if kept < settings.keep.max(1) {
+            if complete(&dir) {
+                kept += 1;
+            }
             continue;
-        }
-        if kept == 0 {
-            continue; // newer than every finished checkpoint of this shard: may be in progress
         }
         let tmp_manifest = format!(".{manifest_name}.{}.tmp", settings.shard);
         for name in [manifest_name.clone(), data_name.clone(), format!(".{data_name}.tmp"), tmp_manifest] {
