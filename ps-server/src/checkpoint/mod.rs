@@ -60,6 +60,8 @@ pub struct Outcome {
     pub path: PathBuf,
     pub bytes: u64,
     pub seconds: f64,
+    /// Every shard's part of this checkpoint was there once this one's was written.
+    pub complete: bool,
 }
 
 type Waiter = oneshot::Sender<Result<Outcome, String>>;
@@ -137,7 +139,7 @@ impl Checkpointer {
                             c.written.fetch_add(1, Ordering::Relaxed);
                             *c.last.lock() = Some(o.clone());
                         }
-                        if let Err(e) = prune(&settings) {
+                        if let Err(e) = prune(&settings, o.complete) {
                             tracing::warn!("removing old checkpoints: {e:#}");
                         }
                     }
@@ -381,10 +383,11 @@ pub fn write_shard(settings: &CheckpointSettings, mode: &str, step: u64, capture
     };
     write_json_atomically(&dir, &manifest_name, settings.shard, &manifest)?;
     fsync_dir(&dir)?;
-    if let Err(e) = write_joined_manifest(&dir, settings.shard) {
+    let complete = write_joined_manifest(&dir, settings.shard).unwrap_or_else(|e| {
         tracing::warn!("writing {}/manifest.json: {e:#}", dir.display());
-    }
-    Ok(Outcome { step, path: dir.join(data_name), bytes: written.bytes, seconds: started.elapsed().as_secs_f64() })
+        false
+    });
+    Ok(Outcome { step, path: dir.join(data_name), bytes: written.bytes, seconds: started.elapsed().as_secs_f64(), complete })
 }
 
 /// Writes `value` to `dir/name` through the temporary `.{name}.{writer}.tmp` (shards that
@@ -407,7 +410,8 @@ fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `manifest.json` in checkpoint folder `dir` once every shard's manifest is there
 /// (whichever shard finishes last writes it; the same content whoever does).
-fn write_joined_manifest(dir: &Path, writer: u32) -> anyhow::Result<()> {
+/// Returns whether the checkpoint is complete.
+fn write_joined_manifest(dir: &Path, writer: u32) -> anyhow::Result<bool> {
     let mut shards: BTreeMap<u32, ShardManifest> = BTreeMap::new();
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name();
@@ -418,13 +422,14 @@ fn write_joined_manifest(dir: &Path, writer: u32) -> anyhow::Result<()> {
             }
         }
     }
-    let Some(first) = shards.values().next() else { return Ok(()) };
+    let Some(first) = shards.values().next() else { return Ok(false) };
     let (step, num_shards) = (first.step, first.num_shards);
     if shards.len() != num_shards as usize || shards.values().any(|m| m.step != step || m.num_shards != num_shards) {
-        return Ok(()); // not complete yet
+        return Ok(false); // not complete yet
     }
     write_json_atomically(dir, "manifest.json", writer, &joined_manifest(shards.values()))?;
-    fsync_dir(dir)
+    fsync_dir(dir)?;
+    Ok(true)
 }
 
 /// The whole-checkpoint manifest of a complete set of shard manifests.
@@ -461,12 +466,13 @@ pub fn joined_manifest<'a>(shards: impl Iterator<Item = &'a ShardManifest> + Clo
     Manifest { format: FORMAT.into(), step: first.step, mode: first.mode.clone(), num_shards: first.num_shards, files, variables }
 }
 
-/// Removes this shard's files from the checkpoints older than the newest `keep` complete
-/// ones (every shard's manifest there), and its temporary files of writes that never
-/// finished in those folders; a folder left empty (but for `manifest.json`) goes too.
-/// Nothing newer than the `keep`-th complete checkpoint is touched, so a shard that runs
-/// ahead never removes the last checkpoint the others have finished.
-fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
+/// Removes the checkpoints older than the newest `keep` complete ones (every shard's
+/// manifest there): the whole folder when this shard just completed a checkpoint (`all`),
+/// else this shard's files (and its temporary ones of writes that never finished), the
+/// folder too once nothing else is left in it. Nothing newer than the `keep`-th complete
+/// checkpoint is touched, so a shard that runs ahead never removes the last checkpoint the
+/// others have finished.
+fn prune(settings: &CheckpointSettings, all: bool) -> anyhow::Result<()> {
     let (data_name, manifest_name) = shard_file_names(settings.shard, settings.num_shards);
     let complete = |dir: &Path| (0..settings.num_shards).all(|i| dir.join(shard_file_names(i, settings.num_shards).1).is_file());
     let mut kept = 0usize;
@@ -476,6 +482,12 @@ fn prune(settings: &CheckpointSettings) -> anyhow::Result<()> {
                 kept += 1;
             }
             continue;
+        }
+        if all {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", dir.display())),
+                _ => continue,
+            }
         }
         let tmp_manifest = format!(".{manifest_name}.{}.tmp", settings.shard);
         for name in [manifest_name.clone(), data_name.clone(), format!(".{data_name}.tmp"), tmp_manifest] {
