@@ -178,6 +178,11 @@ pub struct Client {
     shards: Vec<Shard>,
     opts: ClientOptions,
     model: Option<Model>,
+    /// Drawn at random when the client connects: with `sequence`, names each push, so a
+    /// shard applies a retried one at most once.
+    incarnation: u64,
+    /// Pushes sent so far (each push call's parts share one number; a retry reuses it).
+    sequence: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
@@ -190,7 +195,10 @@ impl Client {
             return Err(Error::usage("chunk_bytes must be at least 4 and connections_per_shard at least 1"));
         }
         let shards = try_join_all(addrs.iter().enumerate().map(|(i, a)| connect_shard(i, a, &opts))).await?;
-        Ok(Client { shards, opts, model: None })
+        // Random (std's hasher keys are seeded from the OS), mixed with the time for good measure.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let incarnation = (std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), nanos)) | 1;
+        Ok(Client { shards, opts, model: None, incarnation, sequence: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// Number of shards.
@@ -304,7 +312,7 @@ impl Client {
         // values who finds them still missing (the creator died before sending them, or it
         // registered with `Init::Adopt`). The server keeps the first assignment only.
         if let (Some(values), true) = (values, (resp.created && !inline) || resp.awaiting_values) {
-            self.send_part(part, 0, 0, values, DType::F32, ps::PushKind::Assign).await?;
+            self.send_part(part, 0, 0, values, DType::F32, ps::PushKind::Assign, 0).await?;
         }
         Ok(())
     }
@@ -381,12 +389,13 @@ impl Client {
         let model = self.model()?;
         check_sizes(model, grads.iter().map(|g| g.len()))?;
         let bases = model.versions.lock().expect("versions lock").clone();
+        let seq = self.next_sequence();
         let mut calls = Vec::new();
         for (vi, (g, parts)) in grads.iter().zip(&model.placement.parts).enumerate() {
             for (pi, part) in parts.iter().enumerate() {
                 let data = &g[part.elements.clone()];
                 let base = bases[vi][pi];
-                calls.push(self.push_part(vi, pi, step, base, data));
+                calls.push(self.push_part(vi, pi, step, base, data, seq));
             }
         }
         let mut summary = PushSummary::default();
@@ -404,10 +413,11 @@ impl Client {
         data: &[f32],
         wire: DType,
         kind: ps::PushKind,
+        seq: u64,
     ) -> Result<ps::PushResponse> {
         let shard = &self.shards[part.shard];
         let ctx = || format!("push {:?} for step {step} to shard {} ({})", part.name, part.shard, shard.addr);
-        let header = self.push_header(part, step, base_version, data.len(), wire, kind);
+        let header = self.push_header(part, step, base_version, data.len(), wire, kind, seq);
         if let Some(plane) = &shard.data {
             return plane.push(header, data, wire, &ctx()).await;
         }
@@ -437,6 +447,7 @@ impl Client {
         check_sizes(model, grads.iter().map(|g| g.len()))?;
         check_sizes(model, out.iter_mut().map(|v| v.as_mut().len()))?;
         let bases = model.versions.lock().expect("versions lock").clone();
+        let seq = self.next_sequence();
         let mut calls = Vec::new();
         for (vi, ((g, buf), parts)) in grads.iter().zip(out.iter_mut()).zip(&model.placement.parts).enumerate() {
             let mut rest: &mut [f32] = buf.as_mut();
@@ -446,7 +457,7 @@ impl Client {
                 let data = &g[part.elements.clone()];
                 let base = bases[vi][pi];
                 calls.push(async move {
-                    let (version, push) = self.push_pull_part(vi, pi, step, base, data, dst).await?;
+                    let (version, push) = self.push_pull_part(vi, pi, step, base, data, dst, seq).await?;
                     Ok::<_, Error>((vi, pi, version, push))
                 });
             }
@@ -462,9 +473,9 @@ impl Client {
     }
 
     /// One part of a push-pull: push `data` for `step`, receive the values of `step + 1`.
-    async fn push_pull_part_once(&self, part: &Part, step: u64, base: u64, data: &[f32], dst: &mut [f32]) -> Result<(u64, ps::PushResponse)> {
+    async fn push_pull_part_once(&self, part: &Part, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse)> {
         let (wire, pull_wire) = (self.opts.wire_dtype, self.pull_wire());
-        let header = self.push_header(part, step, base, data.len(), wire, ps::PushKind::Gradient);
+        let header = self.push_header(part, step, base, data.len(), wire, ps::PushKind::Gradient, seq);
         let shard = &self.shards[part.shard];
         let ctx = || format!("push-pull {:?} for step {step} on shard {} ({})", part.name, part.shard, shard.addr);
         if let Some(plane) = &shard.data {
@@ -488,13 +499,14 @@ impl Client {
 
     /// A push-pull of part `pi` of variable `vi` that rides out a restart of its shard (see
     /// [`Client::push_pull`]).
-    async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32]) -> Result<(u64, ps::PushResponse)> {
+    #[allow(clippy::too_many_arguments)]
+    async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse)> {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
         loop {
-            let e = match self.push_pull_part_once(part, step, base, data, dst).await {
+            let e = match self.push_pull_part_once(part, step, base, data, dst, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
                 r => return r,
             };
@@ -509,13 +521,13 @@ impl Client {
     }
 
     /// A gradient push of part `pi` of variable `vi` that rides out a restart of its shard.
-    async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32]) -> Result<ps::PushResponse> {
+    async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], seq: u64) -> Result<ps::PushResponse> {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
         loop {
-            let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
+            let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
                 r => return r,
             };
@@ -534,9 +546,9 @@ impl Client {
     ///   this worker pushes `data` for each missing step first, waiting for each to complete
     ///   (every worker does the same, so each step gets every worker's gradient); if it is
     ///   past `step`, the push was applied. Then the push is sent again.
-    /// - The same shard came back (a connection broke): in sync and bounded mode the push
-    ///   is sent again (a repeat of an applied one is refused as a duplicate, and counts as
-    ///   applied); in async mode whether it was applied is unknown, and that is the error.
+    /// - The same shard came back (a connection broke, a reply was lost): the push is sent
+    ///   again under the same number; the shard applies it only if the first never arrived
+    ///   (otherwise it answers with the first one's result).
     #[allow(clippy::too_many_arguments)]
     async fn recover_push(
         &self,
@@ -555,13 +567,9 @@ impl Client {
         let restarted = info.incarnation != *seen;
         *seen = info.incarnation;
         if !restarted {
-            return match info.mode.as_str() {
-                "async" => Err(Error::new(
-                    error.kind,
-                    format!("{error} (the connection broke mid-push; whether the shard applied it is unknown, so it is not sent again)"),
-                )),
-                _ => Ok(self.repeat_is_applied(part, step, base, data).await?),
-            };
+            // The same shard: the push goes again with the same number, and the shard
+            // applies it only if the first one never arrived.
+            return Ok(Recovered::Retry(base));
         }
         let version = info.variables.iter().find(|v| v.name == part.name).map(|v| v.version);
         let version = match version {
@@ -580,23 +588,13 @@ impl Client {
                 tracing::warn!(shard = part.shard, variable = %part.name, from = version, to = step, "the restarted shard is behind: pushing this gradient for the steps it lacks");
                 let mut scratch = vec![0f32; part.elements.len()];
                 for s in version..step {
-                    self.push_pull_part_once(part, s, s, data, &mut scratch).await?;
+                    self.push_pull_part_once(part, s, s, data, &mut scratch, self.next_sequence()).await?;
                 }
             }
         }
         // Async / bounded: the gradient counts as computed from the restored version at
         // the latest (a later one is refused as from the future).
         Ok(Recovered::Retry(base.min(version)))
-    }
-
-    /// Sync / bounded, after a broken connection: sends the push again; a duplicate refusal
-    /// means the first one was applied.
-    async fn repeat_is_applied(&self, part: &Part, step: u64, base: u64, data: &[f32]) -> Result<Recovered> {
-        match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient).await {
-            Ok(_) => Ok(Recovered::Applied),
-            Err(e) if e.kind == ErrorKind::FailedPrecondition && e.message.contains("already pushed") => Ok(Recovered::Applied),
-            Err(e) => Err(e),
-        }
     }
 
     /// Is `e` a refusal (a step or version from the future, an unknown variable) by a shard
@@ -655,7 +653,14 @@ impl Client {
         self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32)
     }
 
-    fn push_header(&self, part: &Part, step: u64, base_version: u64, len: usize, wire: DType, kind: ps::PushKind) -> ps::PushHeader {
+    /// The number of the next push (from 1).
+    fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// The header of push `seq` (0: an assignment, which needs no number: only the first is taken).
+    #[allow(clippy::too_many_arguments)]
+    fn push_header(&self, part: &Part, step: u64, base_version: u64, len: usize, wire: DType, kind: ps::PushKind, seq: u64) -> ps::PushHeader {
         ps::PushHeader {
             variable: part.name.clone(),
             worker_id: self.opts.worker_id,
@@ -666,6 +671,8 @@ impl Client {
             kind: kind as i32,
             pull_timeout_ms: self.pull_timeout_ms(),
             pull_wire_dtype: dtype_to_proto(self.pull_wire()),
+            client_incarnation: if seq == 0 { 0 } else { self.incarnation },
+            sequence: seq,
         }
     }
 

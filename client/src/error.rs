@@ -63,6 +63,9 @@ impl Error {
             Code::OutOfRange => ErrorKind::OutOfRange,
             Code::DeadlineExceeded => ErrorKind::Timeout,
             Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
+            // tonic's "transport error": the connection broke under the call (the status
+            // carries the transport's error as its source; a server's status has none).
+            Code::Unknown | Code::Internal if std::error::Error::source(&status).is_some() => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         };
         Error::new(kind, format!("{context}: {}", status.message()))

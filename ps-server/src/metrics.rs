@@ -75,6 +75,8 @@ pub struct Metrics {
     pub step_latency: Histogram,
     /// Staleness (in versions) of applied async / bounded gradients.
     pub staleness: Histogram,
+    /// Retried pushes answered with their first result instead of being applied again.
+    pub duplicate_pushes: AtomicU64,
     /// Checkpoints written, and writes that failed.
     pub checkpoints: AtomicU64,
     pub checkpoint_failures: AtomicU64,
@@ -100,6 +102,7 @@ impl Default for Metrics {
             spare_buffer_bytes: AtomicU64::new(0),
             step_latency: Histogram::new(LATENCY_BOUNDS),
             staleness: Histogram::new(STALENESS_BOUNDS),
+            duplicate_pushes: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             checkpoint_failures: AtomicU64::new(0),
             checkpoint_seconds: Histogram::new(LATENCY_BOUNDS),
@@ -112,13 +115,14 @@ impl Metrics {
     /// Renders all metrics in the Prometheus text format; `shard` becomes a constant label.
     pub fn render(&self, shard: u32) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             ("parasync_pushes_total", "Gradient pushes accepted.", &self.pushes),
             ("parasync_pulls_total", "Pulls served.", &self.pulls),
             ("parasync_bytes_in_total", "Tensor bytes received.", &self.bytes_in),
             ("parasync_bytes_out_total", "Tensor bytes sent.", &self.bytes_out),
             ("parasync_dropped_stale_gradients_total", "Late sync gradients dropped.", &self.dropped_stale),
             ("parasync_rejected_requests_total", "Requests refused with an error.", &self.rejected),
+            ("parasync_duplicate_pushes_total", "Retried pushes answered with their first result.", &self.duplicate_pushes),
             ("parasync_checkpoints_total", "Checkpoints written.", &self.checkpoints),
             ("parasync_checkpoint_failures_total", "Checkpoint writes that failed.", &self.checkpoint_failures),
         ];

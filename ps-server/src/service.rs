@@ -28,6 +28,8 @@ pub(crate) struct PendingPush {
     pub(crate) pull_wire: DType,
     kind: ps::PushKind,
     meta: PushMeta,
+    /// Which push of which client this is (a retry carries the same).
+    id: Option<crate::store::PushId>,
 }
 
 /// Settings of the service that are not part of the store.
@@ -132,11 +134,13 @@ impl PsService {
         let check_finite = !self.store.config().allow_non_finite && kind == ps::PushKind::Gradient;
         let buf = GradientBuffer::new(&var, wire, header.num_elements, check_finite).map_err(|e| self.reject(e))?;
         let meta = PushMeta { worker: header.worker_id, step: header.step, base_version: header.base_version };
+        let id = (header.client_incarnation != 0)
+            .then_some(crate::store::PushId { incarnation: header.client_incarnation, sequence: header.sequence });
         let pull_wire = match header.pull_wire_dtype {
             0 => wire,
             d => convert::dtype(d, "pull_wire_dtype", &header.variable).map_err(|e| self.reject(e))?,
         };
-        Ok((PendingPush { var, wire, pull_wire, kind, meta }, buf))
+        Ok((PendingPush { var, wire, pull_wire, kind, meta, id }, buf))
     }
 
     /// Applies a push whose values all arrived (large updates on the blocking pool).
@@ -145,14 +149,15 @@ impl PsService {
         let n = values.len();
         let store = Arc::clone(&self.store);
         let target = Arc::clone(&pending.var);
-        let (kind, meta) = (pending.kind, pending.meta);
+        let (kind, meta, id) = (pending.kind, pending.meta, pending.id);
         let run = move || match kind {
-            ps::PushKind::Gradient => store.push_gradient(&target, meta, values),
+            ps::PushKind::Gradient => store.push_gradient_once(&target, meta, id, values),
             ps::PushKind::Assign => store.assign(&target, values.into_f32()).map(|(version, taken)| crate::store::PushResult {
                 accepted: taken,
                 dropped_stale: false,
                 version,
                 staleness: 0,
+                duplicate: false,
             }),
         };
         let result = if n >= BLOCKING_APPLY_ELEMENTS {
@@ -161,7 +166,13 @@ impl PsService {
             run()
         };
         let r = result.map_err(|e| self.reject(e))?;
-        Ok(ps::PushResponse { accepted: r.accepted, dropped_stale: r.dropped_stale, version: r.version, staleness: r.staleness })
+        Ok(ps::PushResponse {
+            accepted: r.accepted,
+            dropped_stale: r.dropped_stale,
+            version: r.version,
+            staleness: r.staleness,
+            duplicate: r.duplicate,
+        })
     }
 
     /// The variable's current values as a stream of (header on the first, data) chunks.

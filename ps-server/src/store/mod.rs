@@ -56,6 +56,15 @@ pub struct PushMeta {
     pub base_version: u64,
 }
 
+/// One push of one client: a retry of it carries the same (see `PushHeader.sequence`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushId {
+    /// Drawn at random by the client when it starts.
+    pub incarnation: u64,
+    /// The client's count of pushes.
+    pub sequence: u64,
+}
+
 /// What a push did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PushResult {
@@ -67,6 +76,8 @@ pub struct PushResult {
     pub version: u64,
     /// Staleness of an applied async / bounded gradient (0 in sync mode).
     pub staleness: u64,
+    /// A retry of a push applied before: this is that push's result, nothing was applied now.
+    pub duplicate: bool,
 }
 
 /// Settings of a store, fixed at start.
@@ -171,7 +182,14 @@ impl VariableStore {
             .map_err(|e| Error::invalid(&def.name, format!("checkpoint: {e}")))?;
         let mut clock = VariableClock::new(self.config.mode);
         clock.restore(restored.version, &restored.worker_clocks).map_err(|e| Error::invalid(&def.name, e))?;
-        let state = VariableState { values: Arc::new(restored.values), optimizer, clock, step_started: None, awaiting_values: false };
+        let state = VariableState {
+            values: Arc::new(restored.values),
+            optimizer,
+            clock,
+            step_started: None,
+            awaiting_values: false,
+            last_push: Default::default(),
+        };
         match self.vars.entry(def.name.clone()) {
             dashmap::Entry::Occupied(_) => Err(Error::Conflict { variable: def.name, reason: "restored twice".into() }),
             dashmap::Entry::Vacant(e) => {
@@ -234,6 +252,7 @@ impl VariableStore {
                     clock: VariableClock::new(self.config.mode),
                     step_started: None,
                     awaiting_values: matches!(init, Init::AssignedLater),
+                    last_push: Default::default(),
                 };
                 let awaiting_values = state.awaiting_values;
                 e.insert(Arc::new(Variable::new(def, len, state, Arc::clone(&self.spares))));
@@ -268,6 +287,14 @@ impl VariableStore {
     /// Hands a complete, validated gradient to the consistency mode and carries out its
     /// decision: apply, buffer, apply the step's mean, or drop.
     pub fn push_gradient(&self, var: &Variable, meta: PushMeta, grad: impl Into<Gradient>) -> Result<PushResult> {
+        self.push_gradient_once(var, meta, None, grad)
+    }
+
+    /// [`push_gradient`](Self::push_gradient) of push `id`: applied at most once. A push
+    /// with the `id` of the last one this worker's client applied to this variable (its
+    /// retry, after a reply that never arrived) gets that push's result back, marked
+    /// duplicate, and changes nothing.
+    pub fn push_gradient_once(&self, var: &Variable, meta: PushMeta, id: Option<PushId>, grad: impl Into<Gradient>) -> Result<PushResult> {
         let grad = grad.into();
         debug_assert_eq!(grad.len(), var.len);
         let checkpointer = self.checkpointer.get();
@@ -278,11 +305,20 @@ impl VariableStore {
         if st.awaiting_values {
             return Err(Error::AwaitingValues { variable: var.def.name.clone() });
         }
+        if let (Some(id), Some((last, result))) = (id, st.last_push.get(&meta.worker)) {
+            if *last == id {
+                let result = PushResult { duplicate: true, ..*result };
+                drop(st);
+                recycle(var, grad);
+                self.metrics.duplicate_pushes.fetch_add(1, Relaxed);
+                return Ok(result);
+            }
+        }
         let decision = st
             .clock
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: var.def.name.clone(), refusal })?;
-        let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0 };
+        let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0, duplicate: false };
         let step_done = matches!(decision, PushDecision::ApplyMean { .. });
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
@@ -318,6 +354,9 @@ impl VariableStore {
             }
         }
         result.version = st.clock.version();
+        if let Some(id) = id {
+            st.last_push.insert(meta.worker, (id, result));
+        }
         // A sync step completed here: the checkpoint of this step takes the state now.
         let capture = checkpointer
             .filter(|c| step_done && c.wants_step(result.version))

@@ -53,6 +53,9 @@ pub(super) struct VariableState {
     pub(super) step_started: Option<Instant>,
     /// Registered with values to follow, and they have not been assigned yet.
     pub(super) awaiting_values: bool,
+    /// Per worker, the last push its client had applied here and its result (a retry of
+    /// it is answered with the result instead of being applied again).
+    pub(super) last_push: std::collections::HashMap<u32, (super::PushId, super::PushResult)>,
 }
 
 /// One variable on this shard.
