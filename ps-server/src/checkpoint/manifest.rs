@@ -52,6 +52,9 @@ pub struct VariableEntry {
     /// Bounded mode: each worker's pushed steps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub worker_clocks: Vec<u64>,
+    /// Per worker, the last push its client had applied here (see `PushHeader.sequence`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_pushes: Vec<LastPush>,
     /// The tensor holding the values.
     pub tensor: String,
     /// Optimizer slot name (`exp_avg`, `momentum_buffer`, …) → its tensor.
@@ -77,6 +80,44 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::Bf16),
         other => anyhow::bail!("unknown dtype {other:?}"),
+    }
+}
+
+/// The last push a worker's client had applied to a variable, and what it did.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LastPush {
+    pub worker: u32,
+    pub incarnation: u64,
+    pub sequence: u64,
+    pub accepted: bool,
+    pub dropped_stale: bool,
+    pub version: u64,
+    pub staleness: u64,
+}
+
+impl LastPush {
+    pub fn new(worker: u32, id: crate::store::PushId, r: crate::store::PushResult) -> LastPush {
+        LastPush {
+            worker,
+            incarnation: id.incarnation,
+            sequence: id.sequence,
+            accepted: r.accepted,
+            dropped_stale: r.dropped_stale,
+            version: r.version,
+            staleness: r.staleness,
+        }
+    }
+
+    pub fn get(&self) -> (u32, crate::store::PushId, crate::store::PushResult) {
+        let id = crate::store::PushId { incarnation: self.incarnation, sequence: self.sequence };
+        let r = crate::store::PushResult {
+            accepted: self.accepted,
+            dropped_stale: self.dropped_stale,
+            version: self.version,
+            staleness: self.staleness,
+            duplicate: false,
+        };
+        (self.worker, id, r)
     }
 }
 

@@ -376,6 +376,7 @@ pub fn write_shard(settings: &CheckpointSettings, mode: &str, step: u64, capture
                 learning_rate: c.optimizer.lr,
                 updates: c.optimizer.updates,
                 worker_clocks: c.worker_clocks.clone(),
+                last_pushes: c.last_pushes.iter().map(|&(w, id, r)| manifest::LastPush::new(w, id, r)).collect(),
                 tensor: c.def.name.clone(),
                 slots: slots.iter().map(|(s, key, _)| (s.clone(), key.clone())).collect(),
             })

@@ -160,7 +160,8 @@ impl Checkpoint {
             .into_iter()
             .map(|(def, values, slots, v)| {
                 let optimizer = OptimizerSnapshot { lr: v.learning_rate, updates: v.updates, slots: slots.into_iter().map(std::sync::Arc::new).collect() };
-                (def, RestoredVariable { version: v.version, values, optimizer, worker_clocks: v.worker_clocks.clone() })
+                let last_pushes = v.last_pushes.iter().map(|p| p.get()).collect();
+                (def, RestoredVariable { version: v.version, values, optimizer, worker_clocks: v.worker_clocks.clone(), last_pushes })
             })
             .collect())
     }
@@ -302,7 +303,13 @@ impl Checkpoint {
             .map(|s| by_name.remove(*s).map(std::sync::Arc::new).with_context(|| format!("{base}: no slot {s} in the checkpoint")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let optimizer = OptimizerSnapshot { lr: first.learning_rate, updates, slots };
-        Ok(Some((whole, RestoredVariable { version, values, optimizer, worker_clocks: clocks })))
+        // A part cut from one old part whole keeps its record of pushes; one joined from
+        // several does not (their sequence numbers belong to other variables).
+        let last_pushes = match parts.as_slice() {
+            [(_, only)] if rows.start == 0 && rows.end == only.shape[0] => only.last_pushes.iter().map(|p| p.get()).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Some((whole, RestoredVariable { version, values, optimizer, worker_clocks: clocks, last_pushes })))
     }
 
     /// The state of `def` (a whole variable or a part, named as the client's placement names

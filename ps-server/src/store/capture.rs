@@ -23,6 +23,9 @@ pub struct VariableCapture {
     pub optimizer: OptimizerSnapshot,
     /// Bounded mode: each worker's pushed steps (empty in the other modes).
     pub worker_clocks: Vec<u64>,
+    /// Per worker, the last push its client had applied and its result (so that a retry
+    /// of it after a restore is still answered, not applied again).
+    pub last_pushes: Vec<(u32, super::PushId, super::PushResult)>,
     values: Arc<Values>,
 }
 
@@ -33,6 +36,11 @@ impl VariableCapture {
             version: st.clock.version(),
             optimizer: st.optimizer.snapshot(),
             worker_clocks: st.clock.worker_clocks().to_vec(),
+            last_pushes: {
+                let mut v: Vec<_> = st.last_push.iter().map(|(w, (id, r))| (*w, *id, *r)).collect();
+                v.sort_by_key(|e| e.0);
+                v
+            },
             values: Arc::clone(&st.values),
         }
     }
@@ -63,6 +71,8 @@ pub struct RestoredVariable {
     pub values: Values,
     pub optimizer: OptimizerSnapshot,
     pub worker_clocks: Vec<u64>,
+    /// As [`VariableCapture::last_pushes`] (empty for a part cut from several old ones).
+    pub last_pushes: Vec<(u32, super::PushId, super::PushResult)>,
 }
 
 impl RestoredVariable {

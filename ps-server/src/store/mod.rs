@@ -188,7 +188,7 @@ impl VariableStore {
             clock,
             step_started: None,
             awaiting_values: false,
-            last_push: Default::default(),
+            last_push: restored.last_pushes.iter().map(|(w, id, r)| (*w, (*id, *r))).collect(),
         };
         match self.vars.entry(def.name.clone()) {
             dashmap::Entry::Occupied(_) => Err(Error::Conflict { variable: def.name, reason: "restored twice".into() }),
@@ -515,7 +515,10 @@ mod tests {
             let base_version = v.state.read().clock.version();
             s.push_gradient(&v, PushMeta { worker: 0, step: 0, base_version }, vec![g; 4]).unwrap()
         };
-        push(0.5);
+        let id = PushId { incarnation: 7, sequence: 1 };
+        let first = s.push_gradient_once(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, Some(id), vec![0.5; 4]).unwrap();
+        let again = s.push_gradient_once(&v, PushMeta { worker: 0, step: 0, base_version: 0 }, Some(id), vec![0.5; 4]).unwrap();
+        assert_eq!(again, PushResult { duplicate: true, ..first }, "a retry is answered, not applied");
         let cap = s.capture_all().remove(0);
         let (values, slots) = (cap.values_f32(), cap.optimizer.slots.iter().map(|x| x.to_vec()).collect::<Vec<_>>());
         assert_eq!((cap.version, cap.optimizer.updates), (1, 1));
@@ -527,9 +530,17 @@ mod tests {
 
         // Restored into another store, the capture continues as the original did.
         let r = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
-        let restored = RestoredVariable { version: cap.version, values: Values::F32(values), optimizer: cap.optimizer.clone(), worker_clocks: vec![] };
+        let restored = RestoredVariable {
+            version: cap.version,
+            values: Values::F32(values),
+            optimizer: cap.optimizer.clone(),
+            worker_clocks: vec![],
+            last_pushes: cap.last_pushes.clone(),
+        };
         r.insert_restored(d.clone(), restored).unwrap();
         let rv = r.get("w").unwrap();
+        let retried = r.push_gradient_once(&rv, PushMeta { worker: 0, step: 0, base_version: 0 }, Some(id), vec![0.5; 4]).unwrap();
+        assert!(retried.duplicate && rv.snapshot().0 == 1, "the restored shard still knows the push it had applied");
         for g in [-2.0, 0.25] {
             let base_version = rv.state.read().clock.version();
             r.push_gradient(&rv, PushMeta { worker: 0, step: 0, base_version }, vec![g; 4]).unwrap();
