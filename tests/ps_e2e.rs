@@ -254,7 +254,13 @@ fn sigterm_while_clients_push_exits_cleanly() {
         let addrs = cluster.addrs();
         let stop = Arc::clone(&stop);
         tasks.push(rt.spawn(async move {
-            let opts = parasync_client::ClientOptions { worker_id: w, chunk_bytes: 64 << 10, ..Default::default() };
+            // The shard does not come back: no waiting for it (recovery_timeout) once it left.
+            let opts = parasync_client::ClientOptions {
+                worker_id: w,
+                chunk_bytes: 64 << 10,
+                recovery_timeout: Duration::ZERO,
+                ..Default::default()
+            };
             let mut c = parasync_client::Client::connect(&addrs, opts).await.unwrap();
             let mut v = VariableSpec::new("w", &[256, 1024]);
             v.dtype = DType::Bf16;

@@ -901,38 +901,32 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
             }
         }
     }
-    let data = match opts.data_plane {
-        true => open_data_plane(index, addr, &conns[0], opts).await?,
-        false => None,
-    };
-    let incarnation = conns[0]
-        .clone()
-        .server_info(ps::ServerInfoRequest {})
-        .await
-        .map_err(|e| Error::from_status(e, &format!("server info of shard {index} ({addr})")))?
-        .into_inner()
-        .incarnation;
-    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default(), data, incarnation: incarnation.into() })
-}
-
-/// The shard's data plane, if it announces one and it can be reached; gRPC carries the
-/// tensors otherwise (a warning says why).
-async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptions) -> Result<Option<DataPlane>> {
-    // The data plane listens on the host the client reached gRPC on.
-    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string();
-    let info = rpc
+    let info = conns[0]
         .clone()
         .server_info(ps::ServerInfoRequest {})
         .await
         .map_err(|e| Error::from_status(e, &format!("server info of shard {index} ({addr})")))?
         .into_inner();
-    if info.data_port == 0 {
-        return Ok(None);
+    let data = match opts.data_plane {
+        true => open_data_plane(index, addr, info.data_port, &conns[0], opts).await,
+        false => None,
+    };
+    let incarnation = info.incarnation;
+    Ok(Shard { addr: addr.to_string(), pool: Default::default(), conns, next: Default::default(), data, incarnation: incarnation.into() })
+}
+
+/// The shard's data plane, if it announces one and it can be reached; gRPC carries the
+/// tensors otherwise (a warning says why).
+async fn open_data_plane(index: usize, addr: &str, data_port: u32, rpc: &Rpc, opts: &ClientOptions) -> Option<DataPlane> {
+    // The data plane listens on the host the client reached gRPC on.
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string();
+    if data_port == 0 {
+        return None;
     }
-    let Some(sockaddr) = resolve_data_port(&host, info.data_port).await else {
-        tracing::warn!(shard = index, %host, port = info.data_port, "cannot resolve the shard's data plane; tensors go over gRPC");
-        return Ok(None);
+    let Some(sockaddr) = resolve_data_port(&host, data_port).await else {
+        tracing::warn!(shard = index, %host, port = data_port, "cannot resolve the shard's data plane; tensors go over gRPC");
+        return None;
     };
     let (rpc, host_again) = (rpc.clone(), host.clone());
     let resolve: crate::dataplane::Resolve = Box::new(move || {
@@ -945,11 +939,11 @@ async fn open_data_plane(index: usize, addr: &str, rpc: &Rpc, opts: &ClientOptio
     match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin).await {
         Ok(plane) => {
             tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
-            Ok(Some(plane))
+            Some(plane)
         }
         Err(e) => {
             tracing::warn!(shard = index, %sockaddr, error = %e, "the shard's data plane is unreachable; tensors go over gRPC");
-            Ok(None)
+            None
         }
     }
 }

@@ -198,49 +198,26 @@ pub async fn run_prepared(
 /// complete and intact (each one passed over is logged with the reason). Returns its step
 /// and the job's shard count.
 fn restore(store: &VariableStore, settings: &ServerSettings) -> anyhow::Result<Option<(u64, u32)>> {
-    use crate::checkpoint::Checkpoint;
     let Some(what) = &settings.restore else { return Ok(None) };
-    let started = std::time::Instant::now();
-    let candidates = Checkpoint::candidates(what, settings.checkpoint_dir.as_deref())?;
-    let mut last_error = None;
-    for dir in &candidates {
-        match restore_one(store, settings, dir) {
-            Ok((step, old_shards, num_shards, n)) => {
-                if num_shards == old_shards {
-                    tracing::info!(checkpoint = %dir.display(), step, variables = n, seconds = started.elapsed().as_secs_f64(), "restored");
-                } else {
-                    tracing::info!(
-                        checkpoint = %dir.display(),
-                        step,
-                        from_shards = old_shards,
-                        to_shards = num_shards,
-                        "restoring onto another shard count: variables are cut from the checkpoint as clients register them"
-                    );
-                }
-                return Ok(Some((step, num_shards)));
-            }
-            Err(e) => {
-                tracing::warn!(checkpoint = %dir.display(), "skipping checkpoint: {e:#}");
-                last_error = Some(e);
-            }
-        }
-    }
-    match (what.as_str(), last_error) {
-        ("latest", None) => {
+    let restored = crate::checkpoint::Checkpoint::first_usable(what, settings.checkpoint_dir.as_deref(), |dir| restore_one(store, settings, dir));
+    match (restored, what.as_str()) {
+        (Ok(Some(r)), _) => Ok(Some(r)),
+        (Ok(None), "latest") => {
             tracing::info!("no checkpoint to restore: starting empty");
             Ok(None)
         }
-        ("latest", Some(e)) => {
-            tracing::warn!("no intact checkpoint to restore (the newest failed with: {e:#}): starting empty");
+        (Err(e), "latest") => {
+            tracing::warn!("no intact checkpoint to restore (the oldest failed with: {e:#}): starting empty");
             Ok(None)
         }
-        (_, Some(e)) => Err(e.context(format!("restoring {what}"))),
-        (_, None) => anyhow::bail!("no checkpoint under {what}"),
+        (Ok(None), _) => anyhow::bail!("no checkpoint in {what}"),
+        (Err(e), _) => Err(e.context(format!("restoring {what}"))),
     }
 }
 
-/// Restores checkpoint folder `dir`: (step, its shard count, the job's, variables restored now).
-fn restore_one(store: &VariableStore, settings: &ServerSettings, dir: &std::path::Path) -> anyhow::Result<(u64, u32, u32, usize)> {
+/// Restores checkpoint folder `dir`; returns its step and the job's shard count.
+fn restore_one(store: &VariableStore, settings: &ServerSettings, dir: &std::path::Path) -> anyhow::Result<(u64, u32)> {
+    let started = std::time::Instant::now();
     let c = crate::checkpoint::Checkpoint::load_deferring(dir, Some(settings.shard_index))?;
     let (step, old_shards) = (c.step, c.num_shards);
     let num_shards = settings.num_shards.unwrap_or(old_shards);
@@ -254,7 +231,18 @@ fn restore_one(store: &VariableStore, settings: &ServerSettings, dir: &std::path
         tracing::warn!(checkpoint = %dir.display(), "the checkpoint was written in {} mode, this shard runs {}", c.mode, settings.mode.name());
     }
     let n = crate::checkpoint::restore_into(store, Arc::new(c), settings.shard_index, num_shards)?;
-    Ok((step, old_shards, num_shards, n))
+    if num_shards == old_shards {
+        tracing::info!(checkpoint = %dir.display(), step, variables = n, seconds = started.elapsed().as_secs_f64(), "restored");
+    } else {
+        tracing::info!(
+            checkpoint = %dir.display(),
+            step,
+            from_shards = old_shards,
+            to_shards = num_shards,
+            "restoring onto another shard count: variables are cut from the checkpoint as clients register them"
+        );
+    }
+    Ok((step, num_shards))
 }
 
 /// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called (inside a tokio

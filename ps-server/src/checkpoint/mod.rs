@@ -93,9 +93,6 @@ pub struct Checkpointer {
     async_gate: Mutex<()>,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Checkpoints written, and the last one's outcome (metrics, tests).
-    pub written: AtomicU64,
-    last: Mutex<Option<Outcome>>,
 }
 
 impl Checkpointer {
@@ -114,10 +111,7 @@ impl Checkpointer {
             async_gate: Mutex::new(()),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
-            written: AtomicU64::new(0),
-            last: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&c);
         let settings = c.settings.clone();
         let mode_name = c.mode.name();
         let handle = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
@@ -135,10 +129,6 @@ impl Checkpointer {
                         );
                         metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         metrics.checkpoint_seconds.observe(o.seconds);
-                        if let Some(c) = weak.upgrade() {
-                            c.written.fetch_add(1, Ordering::Relaxed);
-                            *c.last.lock() = Some(o.clone());
-                        }
                         if let Err(e) = prune(&settings, o.complete) {
                             tracing::warn!("removing old checkpoints: {e:#}");
                         }
@@ -155,16 +145,6 @@ impl Checkpointer {
         })?;
         *c.writer.lock() = Some(handle);
         Ok(c)
-    }
-
-    /// The settings it runs with.
-    pub fn settings(&self) -> &CheckpointSettings {
-        &self.settings
-    }
-
-    /// The last checkpoint written.
-    pub fn last(&self) -> Option<Outcome> {
-        self.last.lock().clone()
     }
 
     /// Stops taking checkpoints, lets the writer finish those taken, and waits for it.
@@ -194,8 +174,8 @@ impl Checkpointer {
     /// Hands step `step` to the writer once every variable of the store is in it.
     fn complete_if_ready(&self, store: &VariableStore, pending: &mut BTreeMap<u64, Pending>, step: u64) {
         let Some(p) = pending.get(&step) else { return };
-        let vars = store.list();
-        if !vars.iter().all(|v| p.captures.contains_key(&v.def().name)) {
+        // Counted first: listing the variables for every one taken would be quadratic.
+        if p.captures.len() < store.len() || !store.list().iter().all(|v| p.captures.contains_key(&v.def().name)) {
             return;
         }
         let p = pending.remove(&step).expect("present");
@@ -524,13 +504,7 @@ pub fn restore_into(store: &VariableStore, checkpoint: Arc<Checkpoint>, shard: u
         if let Some(s) = checkpoint.deferred {
             checkpoint.verify(s)?;
         }
-        struct Shared(Arc<Checkpoint>);
-        impl crate::store::RestoreSource for Shared {
-            fn variable(&self, def: &crate::store::VariableDef) -> crate::error::Result<Option<crate::store::RestoredVariable>> {
-                self.0.variable(def)
-            }
-        }
-        store.set_restore_source(Box::new(Shared(checkpoint)));
+        store.set_restore_source(checkpoint);
         Ok(0)
     }
 }

@@ -166,21 +166,6 @@ impl Checkpoint {
             .collect())
     }
 
-    /// The newest complete, intact checkpoint under `root`. Each one passed over is logged
-    /// with the reason (`skipped` gets its folder and the reason too).
-    pub fn latest(root: &Path, mut skipped: impl FnMut(&Path, &anyhow::Error)) -> anyhow::Result<Option<Checkpoint>> {
-        for (_, dir) in step_dirs(root)? {
-            match Checkpoint::load(&dir) {
-                Ok(c) => return Ok(Some(c)),
-                Err(e) => {
-                    tracing::warn!(checkpoint = %dir.display(), "skipping checkpoint: {e:#}");
-                    skipped(&dir, &e);
-                }
-            }
-        }
-        Ok(None)
-    }
-
     /// The checkpoint folders `what` names, newest first: `latest` → those under `root`; a
     /// `step-<n>` folder → itself; another folder → those under it.
     pub fn candidates(what: &str, root: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
@@ -196,18 +181,28 @@ impl Checkpoint {
         Ok(step_dirs(&path)?.into_iter().map(|(_, d)| d).collect())
     }
 
-    /// `what` is `latest` (the newest under `root`) or a path: a checkpoint folder, or a
-    /// folder of checkpoints (its newest).
-    pub fn find(what: &str, root: Option<&Path>) -> anyhow::Result<Checkpoint> {
-        let path = match what {
-            "latest" => root.context("--restore latest needs --checkpoint-dir")?.to_path_buf(),
-            p => PathBuf::from(p),
-        };
-        if path.file_name().and_then(|n| n.to_str()).and_then(step_of).is_some() {
-            return Checkpoint::load(&path);
+    /// Tries `use_it` on the checkpoint folders `what` names (see
+    /// [`candidates`](Self::candidates)), newest first, and returns the first success; each
+    /// folder passed over is logged with the reason. `Ok(None)`: there were none; `Err`: every
+    /// one failed (the last reason).
+    pub fn first_usable<T>(what: &str, root: Option<&Path>, mut use_it: impl FnMut(&Path) -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+        let mut last_error = None;
+        for dir in Self::candidates(what, root)? {
+            match use_it(&dir) {
+                Ok(t) => return Ok(Some(t)),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %dir.display(), "skipping checkpoint: {e:#}");
+                    last_error = Some(e);
+                }
+            }
         }
-        ensure!(path.is_dir(), "{} is not a folder", path.display());
-        Checkpoint::latest(&path, |_, _| {})?.with_context(|| format!("no complete checkpoint under {}", path.display()))
+        last_error.map_or(Ok(None), Err)
+    }
+
+    /// `what` is `latest` (the newest under `root`) or a path: a checkpoint folder, or a
+    /// folder of checkpoints (its newest complete and intact one).
+    pub fn find(what: &str, root: Option<&Path>) -> anyhow::Result<Checkpoint> {
+        Self::first_usable(what, root, Checkpoint::load)?.with_context(|| format!("no checkpoint in {what}"))
     }
 
     /// Every entry of a variable's parts, in row order, with the shard holding each.

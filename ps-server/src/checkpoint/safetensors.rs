@@ -376,11 +376,6 @@ impl Reader {
         Ok(TensorInfo { dtype, shape: e.shape, start: data_start + a, end: data_start + b })
     }
 
-    /// The path this reader opened.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The tensor called `name`.
     pub fn info(&self, name: &str) -> anyhow::Result<&TensorInfo> {
         self.tensors.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))

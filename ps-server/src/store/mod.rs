@@ -120,7 +120,7 @@ pub struct VariableStore {
     spares: Arc<SpareBudget>,
     /// Takes checkpoints as variables reach their steps (see [`crate::checkpoint`]).
     checkpointer: std::sync::OnceLock<Arc<crate::checkpoint::Checkpointer>>,
-    restore_source: std::sync::OnceLock<Box<dyn RestoreSource>>,
+    restore_source: std::sync::OnceLock<Arc<dyn RestoreSource>>,
 }
 
 impl VariableStore {
@@ -148,7 +148,7 @@ impl VariableStore {
     }
 
     /// Has registrations of variables this shard does not hold look in `source` first.
-    pub fn set_restore_source(&self, source: Box<dyn RestoreSource>) {
+    pub fn set_restore_source(&self, source: Arc<dyn RestoreSource>) {
         let _ = self.restore_source.set(source);
     }
 
@@ -275,6 +275,16 @@ impl VariableStore {
     /// Looks a variable up.
     pub fn get(&self, name: &str) -> Result<Arc<Variable>> {
         self.vars.get(name).map(|v| Arc::clone(&v)).ok_or_else(|| Error::NotFound { variable: name.to_string() })
+    }
+
+    /// Number of variables.
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// True when no variable is registered.
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
     }
 
     /// All variables, sorted by name.
