@@ -88,6 +88,10 @@ pub struct DemoArgs {
     /// With --checkpoint-dir: a checkpoint every this many steps.
     #[arg(long, default_value_t = 10)]
     pub checkpoint_every_steps: u64,
+    /// With --checkpoint-dir: a checkpoint about every this many seconds instead (the
+    /// shards agree on the step through the workers' pushes).
+    #[arg(long)]
+    pub checkpoint_every_s: Option<f64>,
     /// Kill a shard with SIGKILL once worker 0 reaches this step, and start it again at once
     /// with `--restore latest`: the workers carry on without restarting (checkpoints go to
     /// a temporary folder unless --checkpoint-dir is given). The report says how long the
@@ -301,9 +305,11 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             args.shards.to_string(),
             "--checkpoint-dir".into(),
             dir.display().to_string(),
-            "--checkpoint-every-steps".into(),
-            args.checkpoint_every_steps.to_string(),
         ]);
+        server_args.extend(match args.checkpoint_every_s {
+            Some(s) => ["--checkpoint-every-s".into(), s.to_string()],
+            None => ["--checkpoint-every-steps".into(), args.checkpoint_every_steps.to_string()],
+        });
     }
     let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
     let mut opts = ClusterOptions::new(args.shards, &server_args);

@@ -424,3 +424,85 @@ async fn workers_ride_out_a_shard_killed_and_restored_mid_training() {
     })
     .await;
 }
+
+/// The complete checkpoints in `dir` (every shard's manifest and the joined one), by step,
+/// once the writers are done with those of steps up to `last` (bounded wait).
+async fn complete_checkpoints(dir: &Path, shards: usize) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut complete = Vec::new();
+        let mut unfinished = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) else { continue };
+            let have = (0..shards).filter(|i| e.path().join(format!("shard-{i}-of-{shards}.json")).is_file()).count();
+            if have == shards && e.path().join("manifest.json").is_file() {
+                complete.push(step);
+            } else {
+                unfinished.push(step);
+            }
+        }
+        complete.sort();
+        if unfinished.is_empty() {
+            return complete;
+        }
+        assert!(std::time::Instant::now() < deadline, "checkpoints {unfinished:?} never got every shard's part (complete: {complete:?})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--checkpoint-every-s`: shards with their own timers agree on the steps they write
+/// through the workers' pushes. Sync: every shard writes the same steps, each exactly the
+/// state that step left (as the workers pulled it). Async: every shard writes each step
+/// named, so every checkpoint is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_based_checkpoints_are_taken_at_the_same_step_on_every_shard() {
+    common::bounded(240, async {
+        for mode in ["sync", "async"] {
+            let dir = TempDir::new(&format!("timed-{mode}"));
+            let d = dir.0.to_str().unwrap();
+            let workers = 2u32;
+            let args = [
+                "--mode", mode, "--num-workers", "2", "--num-shards", "2", "--checkpoint-dir", d,
+                "--checkpoint-every-s", "0.25", "--keep-checkpoints", "1000",
+            ];
+            let cluster = start(2, &args, None);
+            let steps = 40u64;
+            let mut tasks = Vec::new();
+            for w in 0..workers {
+                let addrs = cluster.addrs();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = connect(&addrs, w).await;
+                    c.register(specs()).await.unwrap();
+                    let mut params = c.pull(0).await.unwrap();
+                    let mut after = vec![params.clone()]; // after[s]: the values step s found
+                    for step in 0..steps {
+                        let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
+                        let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                        c.push_pull(step, &refs, &mut params).await.unwrap();
+                        after.push(params.clone());
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                    after
+                }));
+            }
+            let mut seen = Vec::new();
+            for t in tasks {
+                seen.push(t.await.unwrap());
+            }
+            let steps_written = complete_checkpoints(&dir.0, 2).await;
+            eprintln!("{mode}: complete checkpoints at steps {steps_written:?}");
+            assert!(steps_written.len() >= 2, "{mode}: about one checkpoint per 0.25 s of a ≥ 1 s run: {steps_written:?}");
+            if mode == "sync" {
+                for &s in &steps_written {
+                    let tensors = exported(&dir.0.join(format!("step-{s}")), &dir.0.join(format!("step-{s}.safetensors")));
+                    let big = &tensors.iter().find(|t| t.0 == "big").unwrap().1;
+                    let big: Vec<f32> = big.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                    assert_eq!(bits(&[big]), bits(&seen[0][s as usize][..1]), "sync: step {s}'s checkpoint holds what step {s} left");
+                }
+            }
+            drop(cluster);
+        }
+    })
+    .await;
+}

@@ -180,6 +180,7 @@ impl Server {
             num_shards: Some(1),
             checkpoint_dir,
             checkpoint_every_steps: 0,
+            checkpoint_every: None,
             keep_checkpoints: 1,
             restore: None,
         };

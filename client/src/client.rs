@@ -183,6 +183,9 @@ pub struct Client {
     incarnation: u64,
     /// Pushes sent so far (each push call's parts share one number; a retry reuses it).
     sequence: std::sync::atomic::AtomicU64,
+    /// The newest checkpoint step a shard named in a push reply (time-based checkpoints):
+    /// passed on to every shard in this worker's pushes of the steps up to it.
+    checkpoint_step: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
@@ -198,7 +201,7 @@ impl Client {
         // Random (std's hasher keys are seeded from the OS), mixed with the time for good measure.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let incarnation = (std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), nanos)) | 1;
-        Ok(Client { shards, opts, model: None, incarnation, sequence: std::sync::atomic::AtomicU64::new(0) })
+        Ok(Client { shards, opts, model: None, incarnation, sequence: std::sync::atomic::AtomicU64::new(0), checkpoint_step: Default::default() })
     }
 
     /// Number of shards.
@@ -400,6 +403,7 @@ impl Client {
         }
         let mut summary = PushSummary::default();
         for r in try_join_all(calls).await? {
+            self.note_reply(&r);
             summary.add(&r);
         }
         Ok(summary)
@@ -467,6 +471,7 @@ impl Client {
         let mut stored = model.versions.lock().expect("versions lock");
         for (vi, pi, version, r) in results {
             stored[vi][pi] = version;
+            self.note_reply(&r);
             summary.add(&r);
         }
         Ok(summary)
@@ -673,6 +678,17 @@ impl Client {
             pull_wire_dtype: dtype_to_proto(self.pull_wire()),
             client_incarnation: if seq == 0 { 0 } else { self.incarnation },
             sequence: seq,
+            checkpoint_step: match self.checkpoint_step.load(std::sync::atomic::Ordering::Relaxed) {
+                c if c >= step && kind == ps::PushKind::Gradient => c,
+                _ => 0,
+            },
+        }
+    }
+
+    /// Keeps the checkpoint step a shard's push reply names, to pass it on.
+    fn note_reply(&self, r: &ps::PushResponse) {
+        if r.checkpoint_due > 0 {
+            self.checkpoint_step.fetch_max(r.checkpoint_due, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -86,6 +86,13 @@ pub struct ServerArgs {
     /// workers' steps). 0: only when a client asks for one.
     #[arg(long, env = "PARASYNC_CHECKPOINT_EVERY_STEPS", default_value_t = 0)]
     pub checkpoint_every_steps: u64,
+    /// Write a checkpoint about every this many seconds. Shards agree on what they write
+    /// through the workers: a shard that is due names a step in its push replies, the
+    /// workers pass it on with their next pushes to every shard, and each shard writes that
+    /// step (sync: the state the step leaves; async / bounded: every variable as the first
+    /// such push finds it). 0: off.
+    #[arg(long, env = "PARASYNC_CHECKPOINT_EVERY_S", default_value_t = 0.0, conflicts_with = "checkpoint_every_steps")]
+    pub checkpoint_every_s: f64,
     /// Checkpoints kept (the newest); older ones are removed.
     #[arg(long, env = "PARASYNC_KEEP_CHECKPOINTS", default_value_t = 3)]
     pub keep_checkpoints: usize,
@@ -129,6 +136,8 @@ pub struct ServerSettings {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// See [`ServerArgs::checkpoint_every_steps`].
     pub checkpoint_every_steps: u64,
+    /// See [`ServerArgs::checkpoint_every_s`] (`None`: off).
+    pub checkpoint_every: Option<std::time::Duration>,
     /// See [`ServerArgs::keep_checkpoints`].
     pub keep_checkpoints: usize,
     /// See [`ServerArgs::restore`].
@@ -228,6 +237,12 @@ impl ServerArgs {
         if self.checkpoint_every_steps > 0 && self.checkpoint_dir.is_none() {
             bail!("--checkpoint-every-steps needs --checkpoint-dir");
         }
+        if !(self.checkpoint_every_s.is_finite() && self.checkpoint_every_s >= 0.0) {
+            bail!("--checkpoint-every-s must be a number of seconds ≥ 0, got {}", self.checkpoint_every_s);
+        }
+        if self.checkpoint_every_s > 0.0 && self.checkpoint_dir.is_none() {
+            bail!("--checkpoint-every-s needs --checkpoint-dir");
+        }
         let num_shards = self.num_shards.or(tf.and_then(|t| t.cluster.get("ps")).map(|ps| ps.len() as u32).filter(|&n| n > 0));
         if let Some(n) = num_shards {
             if shard_index >= n {
@@ -238,6 +253,7 @@ impl ServerArgs {
             num_shards,
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every_steps: self.checkpoint_every_steps,
+            checkpoint_every: (self.checkpoint_every_s > 0.0).then(|| std::time::Duration::from_secs_f64(self.checkpoint_every_s)),
             keep_checkpoints: self.keep_checkpoints.max(1),
             restore: self.restore.clone(),
             data_listen,
@@ -305,5 +321,19 @@ mod tests {
         let e = args(&["--num-workers", "2", "--replicas-to-aggregate", "3"]).resolve(None).unwrap_err();
         assert!(e.to_string().contains("replicas_to_aggregate"), "{e}");
         assert!(TfConfig::parse("{").is_err());
+    }
+
+    #[test]
+    fn time_based_checkpoints_need_a_folder_and_exclude_step_based_ones() {
+        let e = args(&["--checkpoint-every-s", "30"]).resolve(None).unwrap_err();
+        assert!(e.to_string().contains("needs --checkpoint-dir"), "{e}");
+        let e = args(&["--checkpoint-dir", "/tmp/x", "--checkpoint-every-s=-1"]).resolve(None).unwrap_err();
+        assert!(e.to_string().contains("≥ 0"), "{e}");
+        let both = ["ps-server", "--checkpoint-dir", "/tmp/x", "--checkpoint-every-s", "30", "--checkpoint-every-steps", "5"];
+        let e = Cli::try_parse_from(both).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let s = args(&["--checkpoint-dir", "/tmp/x", "--checkpoint-every-s", "0.5"]).resolve(None).unwrap();
+        assert_eq!(s.checkpoint_every, Some(std::time::Duration::from_millis(500)));
+        assert_eq!(args(&[]).resolve(None).unwrap().checkpoint_every, None);
     }
 }

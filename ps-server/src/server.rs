@@ -61,6 +61,7 @@ pub fn prepare(settings: &ServerSettings) -> anyhow::Result<Prepared> {
         let cs = crate::checkpoint::CheckpointSettings {
             dir: dir.clone(),
             every_steps: settings.checkpoint_every_steps,
+            every: settings.checkpoint_every,
             keep: settings.keep_checkpoints,
             shard: settings.shard_index,
             num_shards,

@@ -30,6 +30,8 @@ pub(crate) struct PendingPush {
     meta: PushMeta,
     /// Which push of which client this is (a retry carries the same).
     id: Option<crate::store::PushId>,
+    /// A time-based checkpoint step the worker passes on (0: none).
+    checkpoint_step: u64,
 }
 
 /// Settings of the service that are not part of the store.
@@ -140,7 +142,7 @@ impl PsService {
             0 => wire,
             d => convert::dtype(d, "pull_wire_dtype", &header.variable).map_err(|e| self.reject(e))?,
         };
-        Ok((PendingPush { var, wire, pull_wire, kind, meta, id }, buf))
+        Ok((PendingPush { var, wire, pull_wire, kind, meta, id, checkpoint_step: header.checkpoint_step }, buf))
     }
 
     /// Applies a push whose values all arrived (large updates on the blocking pool).
@@ -150,6 +152,11 @@ impl PsService {
         let store = Arc::clone(&self.store);
         let target = Arc::clone(&pending.var);
         let (kind, meta, id) = (pending.kind, pending.meta, pending.id);
+        let checkpointer = self.store.checkpointer();
+        if let (Some(c), true) = (checkpointer, pending.checkpoint_step > 0 && kind == ps::PushKind::Gradient) {
+            // Before this push is applied: it may be the one that completes that step.
+            c.passed_on(&self.store, pending.checkpoint_step);
+        }
         let run = move || match kind {
             ps::PushKind::Gradient => store.push_gradient_once(&target, meta, id, values),
             ps::PushKind::Assign => store.assign(&target, values.into_f32()).map(|(version, taken)| crate::store::PushResult {
@@ -172,6 +179,7 @@ impl PsService {
             version: r.version,
             staleness: r.staleness,
             duplicate: r.duplicate,
+            checkpoint_due: checkpointer.map_or(0, |c| c.on_push(meta.step)),
         })
     }
 

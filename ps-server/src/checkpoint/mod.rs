@@ -15,6 +15,18 @@
 //! when the first push of a worker's step `n` arrives (each variable's version is in the
 //! manifest; variables apart are not cut at one instant).
 //!
+//! **Every S seconds** (`--checkpoint-every-s`): shards share no clock and no step counter
+//! they could cut at on their own, so they agree through the workers. A shard whose time
+//! has come names a step in its push replies (`checkpoint_due`: two steps past the newest
+//! it has seen in sync mode, one in async and bounded); each worker passes it on in its
+//! pushes of the steps up to it (`checkpoint_step`), which reach every shard. In sync mode
+//! no variable can complete that step before a push of every worker arrives, so every
+//! shard takes the same step; in async and bounded mode each shard takes its variables
+//! when the first push passing the step on arrives. Every shard restarts its timer then.
+//! (With `--replicas-to-aggregate` below the worker count a step can complete without the
+//! push that passes it on: a shard whose variables are past the step logs that it skips
+//! it, and that checkpoint stays incomplete.)
+//!
 //! **Atomic.** Files are written under a temporary name, fsynced and renamed, the manifest
 //! last, then the folder is fsynced: a shard killed at any moment leaves the checkpoints it
 //! finished intact, and a file without its manifest (or whose checksum does not match) is
@@ -46,6 +58,8 @@ pub struct CheckpointSettings {
     pub dir: PathBuf,
     /// Every this many steps (0: only when asked).
     pub every_steps: u64,
+    /// About every this long (see the module's docs); `None`: off.
+    pub every: Option<Duration>,
     /// Checkpoints kept (the newest); at least 1.
     pub keep: usize,
     pub shard: u32,
@@ -93,7 +107,25 @@ pub struct Checkpointer {
     async_gate: Mutex<()>,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Time-based checkpoints: the highest step a push carried.
+    newest_step: AtomicU64,
+    /// Time-based checkpoints: nanoseconds after `epoch` when the next one is due.
+    due_at: AtomicU64,
+    epoch: Instant,
+    timed: Mutex<Timed>,
 }
+
+/// The state of time-based checkpoints.
+#[derive(Default)]
+struct Timed {
+    /// The step this shard names in its replies while it is due (0: not named yet).
+    proposed: u64,
+    /// Steps passed on by workers and taken (the newest few), so each is taken once.
+    taken: std::collections::BTreeSet<u64>,
+}
+
+/// Steps remembered as taken: far more than can be in flight at once.
+const TAKEN_KEPT: usize = 64;
 
 impl Checkpointer {
     /// A checkpointer for a shard in `mode` whose state is at `step` (0, or the restored step).
@@ -111,7 +143,12 @@ impl Checkpointer {
             async_gate: Mutex::new(()),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
+            newest_step: AtomicU64::new(step),
+            due_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            timed: Mutex::new(Timed::default()),
         });
+        c.restart_timer();
         let settings = c.settings.clone();
         let mode_name = c.mode.name();
         let handle = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
@@ -222,11 +259,20 @@ impl Checkpointer {
         let (tx, rx) = oneshot::channel();
         if !matches!(self.mode, Mode::Sync { .. }) {
             self.send(Job { step, captures: store.capture_all(), waiters: vec![tx] });
-            return rx;
+        } else if let Err(why) = self.take_at(store, step, Some(tx)) {
+            tracing::debug!(step, "checkpoint request refused: {why}");
         }
+        rx
+    }
+
+    /// Sync mode: takes every variable of the store as `step` leaves it, handing the
+    /// checkpoint (and `waiter`) to the writer once all are taken. Fails (and fails the
+    /// waiters) if a variable has completed a later step already.
+    fn take_at(&self, store: &VariableStore, step: u64, waiter: Option<Waiter>) -> Result<(), String> {
         {
             let mut pending = self.pending.lock();
-            pending.entry(step).or_default().waiters.push(tx);
+            let p = pending.entry(step).or_default();
+            p.waiters.extend(waiter);
             self.pending_count.store(pending.len(), Ordering::Release);
         }
         // Registered first: a variable that completes `step` from here on is taken by
@@ -237,25 +283,79 @@ impl Checkpointer {
                     Some(p) => {
                         p.captures.insert(c.def.name.clone(), c);
                     }
-                    None => return rx, // completed meanwhile, by the variables reaching `step`
+                    None => return Ok(()), // completed meanwhile, by the variables reaching `step`
                 },
                 Ok(None) => {}
                 Err(current) => {
+                    let why = format!(
+                        "variable {} has completed step {current} already, past step {step}: ask for a step it has not passed",
+                        var.def().name
+                    );
                     let mut pending = self.pending.lock();
                     if let Some(p) = pending.remove(&step) {
-                        fail(
-                            p.waiters,
-                            &format!("variable {} has completed step {current} already, past step {step}: ask for a step it has not passed", var.def().name),
-                        );
+                        fail(p.waiters, &why);
                     }
                     self.pending_count.store(pending.len(), Ordering::Release);
-                    return rx;
+                    return Err(why);
                 }
             }
         }
         let mut pending = self.pending.lock();
         self.complete_if_ready(store, &mut pending, step);
-        rx
+        Ok(())
+    }
+
+    /// Time-based checkpoints: notes a push of `step` and returns the step this shard asks
+    /// the worker to pass on (its reply's `checkpoint_due`), 0 while it is not due.
+    pub fn on_push(&self, step: u64) -> u64 {
+        let Some(_) = self.settings.every else { return 0 };
+        self.newest_step.fetch_max(step, Ordering::AcqRel);
+        if (self.epoch.elapsed().as_nanos() as u64) < self.due_at.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut t = self.timed.lock();
+        if t.proposed == 0 {
+            // Sync: two steps on, so that no worker can have pushed it anywhere before it
+            // hears of it (a worker's next step needs this one complete on every shard).
+            let ahead = if matches!(self.mode, Mode::Sync { .. }) { 2 } else { 1 };
+            let after_taken = t.taken.last().map_or(0, |&s| s + 1);
+            t.proposed = (self.newest_step.load(Ordering::Acquire) + ahead).max(after_taken);
+        }
+        t.proposed
+    }
+
+    /// A push passes on checkpoint `step` (named by some shard's reply): the first time
+    /// this shard hears of it, it takes it (sync: as the step leaves each variable; async
+    /// / bounded: every variable now, before the push is applied) and restarts its timer.
+    pub fn passed_on(&self, store: &VariableStore, step: u64) {
+        {
+            let mut t = self.timed.lock();
+            if !t.taken.insert(step) {
+                return;
+            }
+            while t.taken.len() > TAKEN_KEPT {
+                t.taken.pop_first();
+            }
+            if t.proposed <= step {
+                t.proposed = 0;
+            }
+            self.restart_timer();
+        }
+        if matches!(self.mode, Mode::Sync { .. }) {
+            if let Err(why) = self.take_at(store, step, None) {
+                tracing::warn!(step, "timed checkpoint skipped on this shard: {why}");
+            }
+        } else {
+            let _taking = self.async_gate.lock();
+            self.send(Job { step, captures: store.capture_all(), waiters: Vec::new() });
+        }
+    }
+
+    fn restart_timer(&self) {
+        if let Some(every) = self.settings.every {
+            let at = self.epoch.elapsed() + every;
+            self.due_at.store(at.as_nanos() as u64, Ordering::Release);
+        }
     }
 }
 
