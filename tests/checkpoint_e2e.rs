@@ -383,15 +383,21 @@ async fn workers_ride_out_a_shard_killed_and_restored_mid_training() {
                 let mut c = connect(&addrs, w).await;
                 c.register(specs()).await.unwrap();
                 let mut params = c.pull(0).await.unwrap();
+                let mut retried_on = std::collections::BTreeSet::new();
                 for step in 0..steps {
                     let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
                     let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-                    c.push_pull(step, &refs, &mut params).await.unwrap_or_else(|e| panic!("worker {w}, step {step}: {e}"));
+                    let s = c.push_pull(step, &refs, &mut params).await.unwrap_or_else(|e| panic!("worker {w}, step {step}: {e}"));
+                    // big and emb are split over both shards, bias and scale are whole.
+                    assert_eq!(s.parts.len(), 6, "{s:?}");
+                    assert!(s.parts.iter().all(|p| p.applied), "{s:?}");
+                    retried_on.extend(s.parts.iter().filter(|p| p.attempts > 1).map(|p| p.shard));
                     if w == 0 {
                         progress.store(step + 1, Ordering::Release);
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                assert_eq!(retried_on, [1].into(), "worker {w}: the summaries name the parts of shard 1 as sent again");
                 (params, c.shard_info().await.unwrap())
             }));
         }

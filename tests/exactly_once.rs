@@ -120,7 +120,8 @@ const PUSHES: u64 = 30;
 
 /// One worker pushes gradient k + 1 at step k through `proxy` (gRPC, no data plane), lr 1
 /// from zeros: exactly once each, the values end at -(1 + 2 + … + PUSHES).
-async fn run(mode: &str, fault: Fault) -> (f64, Vec<f32>, Vec<(String, u64)>) {
+/// Also returns the parts the push summaries say were sent again, and answered as duplicates.
+async fn run(mode: &str, fault: Fault) -> (f64, Vec<f32>, Vec<(String, u64)>, (usize, usize)) {
     let cluster = common::cluster(1, &["--mode", mode, "--num-workers", "1"]);
     let target: SocketAddr = cluster.addrs()[0].parse().unwrap();
     // About a third of the way through (each push is ~4 KB of values).
@@ -137,14 +138,20 @@ async fn run(mode: &str, fault: Fault) -> (f64, Vec<f32>, Vec<(String, u64)>) {
     w.init = Init::Zeros;
     c.register(vec![w]).await.unwrap();
     let mut values = vec![vec![0f32; LEN]];
+    let (mut retried, mut duplicate) = (0, 0);
     for k in 0..PUSHES {
         let grad = vec![(k + 1) as f32; LEN];
-        c.push_pull(k, &[&grad], &mut values).await.unwrap_or_else(|e| panic!("{mode} {fault:?}, push {k}: {e}"));
+        let s = c.push_pull(k, &[&grad], &mut values).await.unwrap_or_else(|e| panic!("{mode} {fault:?}, push {k}: {e}"));
+        assert_eq!(s.parts.len(), 1);
+        assert!(s.parts[0].applied && s.accepted == 1 && s.duplicate <= 1, "{mode} {fault:?}, push {k}: {s:?}");
+        assert_eq!((s.retried, s.parts[0].attempts > 1), (usize::from(s.parts[0].attempts > 1), s.retried == 1), "{s:?}");
+        retried += s.retried;
+        duplicate += s.duplicate;
     }
     assert!(proxy.fired.load(Ordering::Acquire), "{mode} {fault:?}: the fault was injected");
     let duplicates = cluster.metric_sum("parasync_duplicate_pushes_total").unwrap();
     let info = c.shard_info().await.unwrap().remove(0);
-    (duplicates, values.remove(0), info.variables)
+    (duplicates, values.remove(0), info.variables, (retried, duplicate))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,9 +159,10 @@ async fn a_push_whose_reply_is_lost_is_applied_once() {
     common::bounded(120, async {
         let want = -((PUSHES * (PUSHES + 1) / 2) as f32);
         for mode in ["async", "sync"] {
-            let (duplicates, values, vars) = run(mode, Fault::DropReply).await;
+            let (duplicates, values, vars, (retried, duplicate)) = run(mode, Fault::DropReply).await;
             assert!(values.iter().all(|&v| v == want), "{mode}: {} instead of {want}: a push counted twice or not at all", values[0]);
             assert!(duplicates >= 1.0, "{mode}: the retry reached the shard and was answered from its first result");
+            assert!(retried >= 1 && duplicate >= 1, "{mode}: the summaries say so too: {retried} retried, {duplicate} duplicate");
             assert_eq!(vars, vec![("w".to_string(), PUSHES)], "{mode}: one version per push");
         }
     })
@@ -166,8 +174,9 @@ async fn a_push_cut_off_halfway_is_applied_once() {
     common::bounded(120, async {
         let want = -((PUSHES * (PUSHES + 1) / 2) as f32);
         for mode in ["async", "sync"] {
-            let (_, values, vars) = run(mode, Fault::CutRequest).await;
+            let (_, values, vars, (retried, duplicate)) = run(mode, Fault::CutRequest).await;
             assert!(values.iter().all(|&v| v == want), "{mode}: {} instead of {want}", values[0]);
+            assert!(retried >= 1 && duplicate == 0, "{mode}: sent again, applied by the retry: {retried} retried, {duplicate} duplicate");
             assert_eq!(vars, vec![("w".to_string(), PUSHES)], "{mode}");
         }
     })

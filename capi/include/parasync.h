@@ -192,6 +192,15 @@ typedef struct ParasyncPushSummary {
    * Parts dropped as late gradients for a sync step that had already completed.
    */
   size_t dropped_stale;
+  /**
+   * Parts sent more than once (a broken connection, a shard that restarted).
+   */
+  size_t retried;
+  /**
+   * Of the accepted parts, those an earlier attempt had applied (its reply was lost):
+   * applied once, not twice.
+   */
+  size_t duplicate;
 } ParasyncPushSummary;
 
 /**

@@ -121,10 +121,36 @@ pub struct PushSummary {
     pub dropped_stale: usize,
     /// Staleness of every applied async / bounded part.
     pub staleness: Vec<u64>,
+    /// Parts sent more than once (a broken connection, a shard that restarted).
+    pub retried: usize,
+    /// Of the accepted parts, those an earlier attempt had applied (its reply was lost):
+    /// the shard answered the retry with that attempt's result and applied nothing again.
+    pub duplicate: usize,
+    /// What became of each part, in registration order.
+    pub parts: Vec<PartOutcome>,
+}
+
+/// What became of one part of a push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartOutcome {
+    /// The variable's index (registration order).
+    pub variable: usize,
+    /// The part's index within the variable.
+    pub part: usize,
+    /// The shard holding the part.
+    pub shard: usize,
+    /// Applied exactly once (or accepted for its sync step), by this call's first attempt
+    /// or a retry; false: dropped as stale.
+    pub applied: bool,
+    /// Times the part was sent (1: no retry).
+    pub attempts: u32,
+    /// Applied by an earlier attempt, whose reply was lost (the shard answered the retry
+    /// with that attempt's result).
+    pub duplicate: bool,
 }
 
 impl PushSummary {
-    fn add(&mut self, r: &ps::PushResponse) {
+    fn add(&mut self, variable: usize, part: &Part, index: usize, r: &ps::PushResponse, attempts: u32) {
         if r.accepted {
             self.accepted += 1;
             self.staleness.push(r.staleness);
@@ -132,6 +158,16 @@ impl PushSummary {
         if r.dropped_stale {
             self.dropped_stale += 1;
         }
+        self.retried += usize::from(attempts > 1);
+        self.duplicate += usize::from(r.duplicate);
+        self.parts.push(PartOutcome {
+            variable,
+            part: index,
+            shard: part.shard,
+            applied: r.accepted,
+            attempts,
+            duplicate: r.duplicate,
+        });
     }
 }
 
@@ -398,13 +434,13 @@ impl Client {
             for (pi, part) in parts.iter().enumerate() {
                 let data = &g[part.elements.clone()];
                 let base = bases[vi][pi];
-                calls.push(self.push_part(vi, pi, step, base, data, seq));
+                calls.push(async move { Ok::<_, Error>((vi, pi, self.push_part(vi, pi, step, base, data, seq).await?)) });
             }
         }
         let mut summary = PushSummary::default();
-        for r in try_join_all(calls).await? {
+        for (vi, pi, (r, attempts)) in try_join_all(calls).await? {
             self.note_reply(&r);
-            summary.add(&r);
+            summary.add(vi, &model.placement.parts[vi][pi], pi, &r, attempts);
         }
         Ok(summary)
     }
@@ -461,18 +497,18 @@ impl Client {
                 let data = &g[part.elements.clone()];
                 let base = bases[vi][pi];
                 calls.push(async move {
-                    let (version, push) = self.push_pull_part(vi, pi, step, base, data, dst, seq).await?;
-                    Ok::<_, Error>((vi, pi, version, push))
+                    let (version, push, attempts) = self.push_pull_part(vi, pi, step, base, data, dst, seq).await?;
+                    Ok::<_, Error>((vi, pi, version, push, attempts))
                 });
             }
         }
         let results = try_join_all(calls).await?;
         let mut summary = PushSummary::default();
         let mut stored = model.versions.lock().expect("versions lock");
-        for (vi, pi, version, r) in results {
+        for (vi, pi, version, r, attempts) in results {
             stored[vi][pi] = version;
             self.note_reply(&r);
-            summary.add(&r);
+            summary.add(vi, &model.placement.parts[vi][pi], pi, &r, attempts);
         }
         Ok(summary)
     }
@@ -505,42 +541,47 @@ impl Client {
     /// A push-pull of part `pi` of variable `vi` that rides out a restart of its shard (see
     /// [`Client::push_pull`]).
     #[allow(clippy::too_many_arguments)]
-    async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse)> {
+    /// Returns the version received, the push's reply and how many times it was sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse, u32)> {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
-        loop {
+        for attempts in 1.. {
             let e = match self.push_pull_part_once(part, step, base, data, dst, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
-                r => return r,
+                r => return r.map(|(v, push)| (v, push, attempts)),
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
                 Recovered::Applied => {
                     let version = self.pull_part(part, step + 1, dst).await?;
-                    return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }));
+                    return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }, attempts));
                 }
             }
         }
+        unreachable!("the attempts run out only after u32::MAX tries")
     }
 
     /// A gradient push of part `pi` of variable `vi` that rides out a restart of its shard.
-    async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], seq: u64) -> Result<ps::PushResponse> {
+    /// Returns the reply and how many times the push was sent.
+    async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], seq: u64) -> Result<(ps::PushResponse, u32)> {
         let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
-        loop {
+        for attempts in 1.. {
             let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
-                r => return r,
+                r => return r.map(|push| (push, attempts)),
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
-                Recovered::Applied => return Ok(ps::PushResponse { accepted: true, ..Default::default() }),
+                Recovered::Applied => return Ok((ps::PushResponse { accepted: true, ..Default::default() }, attempts)),
             }
         }
+        unreachable!("the attempts run out only after u32::MAX tries")
     }
 
     /// A push of `data` for `step` failed with `error` because its shard went away: waits

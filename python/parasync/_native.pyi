@@ -13,9 +13,26 @@ class PushSummary:
     """What the shards did with a push."""
 
     accepted: int
+    """Parts applied now, or accepted for their sync step."""
     dropped_stale: int
+    """Parts dropped as late gradients for a completed sync step."""
     staleness: list[int]
-    def __init__(self, accepted: int, dropped_stale: int = 0, staleness: list[int] = ...) -> None: ...
+    """Staleness of every applied async / bounded part."""
+    retried: int
+    """Parts sent more than once (a broken connection, a shard that restarted)."""
+    duplicate: int
+    """Of the accepted parts, those an earlier attempt had applied (its reply was lost)."""
+    parts: list[tuple[str, int, int, bool, int, bool]]
+    """Per part: (variable, part index, shard, applied, attempts, duplicate)."""
+    def __init__(
+        self,
+        accepted: int,
+        dropped_stale: int = 0,
+        staleness: list[int] = ...,
+        retried: int = 0,
+        duplicate: int = 0,
+        parts: list[tuple[str, int, int, bool, int, bool]] = ...,
+    ) -> None: ...
 
 class PsClient:
     def __init__(

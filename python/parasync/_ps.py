@@ -112,7 +112,10 @@ class PsClient:
     def push(self, step: int, grads: Arrays) -> PushSummary:
         """Pushes one gradient per variable for ``step``. Returns a ``PushSummary``: parts
         applied or accepted for their sync step (``accepted``), parts dropped as late
-        gradients (``dropped_stale``), the staleness of each applied async part (``staleness``)."""
+        gradients (``dropped_stale``), the staleness of each applied async part (``staleness``),
+        parts sent again after a broken connection or a shard's restart (``retried``), retries
+        an earlier attempt had applied (``duplicate``), and per part ``(variable, part, shard,
+        applied, attempts, duplicate)`` (``parts``)."""
         return self._c.push(step, grads)
 
     def push_pull(self, step: int, grads: Arrays, out: Arrays) -> PushSummary:

@@ -50,32 +50,53 @@ class LocalCluster:
         binary: str | None = None,
         ready_timeout: float = 30.0,
     ) -> None:
-        exe = find_server_binary(binary)
+        self._exe = find_server_binary(binary)
+        self._base = ["--mode", mode, "--num-workers", str(num_workers), *args]
+        self._ready_timeout = ready_timeout
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
         self.metrics_addresses: list[str] = []
         try:
             for i in range(shards):
-                cmd = [
-                    exe, "server",
-                    "--listen", "127.0.0.1:0",
-                    "--metrics-listen", "127.0.0.1:0",
-                    "--shard-index", str(i),
-                    "--mode", mode,
-                    "--num-workers", str(num_workers),
-                    *args,
-                ]
-                env = dict(os.environ)
-                env.setdefault("RUST_LOG", "warn")
-                env.pop("TF_CONFIG", None)
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True)
+                p, addr, metrics = self._launch(i, "127.0.0.1:0", "127.0.0.1:0", ())
                 self.procs.append(p)
-                addr, metrics = self._announcement(p, ready_timeout)
                 self.addresses.append(addr)
                 self.metrics_addresses.append(metrics)
         except BaseException:
             self.close()
             raise
+
+    def _launch(self, shard: int, listen: str, metrics: str, extra: Sequence[str]) -> tuple[subprocess.Popen, str, str]:
+        cmd = [self._exe, "server", "--listen", listen, "--metrics-listen", metrics, "--shard-index", str(shard),
+               *self._base, *extra]
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "warn")
+        env.pop("TF_CONFIG", None)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True)
+        try:
+            addr, metrics_addr = self._announcement(p, self._ready_timeout)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        return p, addr, metrics_addr
+
+    def kill(self, shard: int) -> None:
+        """SIGKILLs one shard (as a machine dying would) and waits for it."""
+        p = self.procs[shard]
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p.stdout:
+            p.stdout.close()
+
+    def restart(self, shard: int, args: Sequence[str] = ()) -> None:
+        """Starts a killed (or exited) shard again on the same addresses, with ``args`` added
+        (``["--restore", "latest"]``); clients connected to the job find it there."""
+        if self.procs[shard].poll() is None:
+            raise RuntimeError(f"shard {shard} is still running: kill it first")
+        p, _, _ = self._launch(shard, self.addresses[shard], self.metrics_addresses[shard], args)
+        self.procs[shard] = p
 
     @staticmethod
     def _announcement(p: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -185,24 +185,48 @@ pub struct PushSummary {
     accepted: usize,
     dropped_stale: usize,
     staleness: Vec<u64>,
+    retried: usize,
+    duplicate: usize,
+    /// Per part: (variable, part index, shard, applied, attempts, duplicate).
+    parts: Vec<(String, usize, usize, bool, u32, bool)>,
 }
 
-impl From<parasync_client::PushSummary> for PushSummary {
-    fn from(s: parasync_client::PushSummary) -> Self {
-        PushSummary { accepted: s.accepted, dropped_stale: s.dropped_stale, staleness: s.staleness }
+impl PushSummary {
+    fn new_of(s: parasync_client::PushSummary, specs: &[Shape]) -> Self {
+        let parts = s
+            .parts
+            .iter()
+            .map(|p| (specs[p.variable].name.clone(), p.part, p.shard, p.applied, p.attempts, p.duplicate))
+            .collect();
+        PushSummary { accepted: s.accepted, dropped_stale: s.dropped_stale, staleness: s.staleness, retried: s.retried, duplicate: s.duplicate, parts }
     }
 }
 
 #[pymethods]
 impl PushSummary {
     #[new]
-    #[pyo3(signature = (accepted, dropped_stale=0, staleness=Vec::new()))]
-    fn new(accepted: usize, dropped_stale: usize, staleness: Vec<u64>) -> Self {
-        PushSummary { accepted, dropped_stale, staleness }
+    #[pyo3(signature = (accepted, dropped_stale=0, staleness=Vec::new(), retried=0, duplicate=0, parts=Vec::new()))]
+    fn new(
+        accepted: usize,
+        dropped_stale: usize,
+        staleness: Vec<u64>,
+        retried: usize,
+        duplicate: usize,
+        parts: Vec<(String, usize, usize, bool, u32, bool)>,
+    ) -> Self {
+        PushSummary { accepted, dropped_stale, staleness, retried, duplicate, parts }
     }
 
     fn __repr__(&self) -> String {
-        format!("PushSummary(accepted={}, dropped_stale={}, staleness={:?})", self.accepted, self.dropped_stale, self.staleness)
+        format!(
+            "PushSummary(accepted={}, dropped_stale={}, staleness={:?}, retried={}, duplicate={}, parts=[{} parts])",
+            self.accepted,
+            self.dropped_stale,
+            self.staleness,
+            self.retried,
+            self.duplicate,
+            self.parts.len()
+        )
     }
 }
 
@@ -275,7 +299,7 @@ impl PsClient {
         let objs = per_variable(grads, &specs, "push")?;
         let borrowed = inputs(&objs, &specs)?;
         let slices: Vec<&[f32]> = borrowed.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
-        blocking(py, |stop| c.push(step, &slices, stop)).map(PushSummary::from)
+        blocking(py, |stop| c.push(step, &slices, stop)).map(|s| PushSummary::new_of(s, &specs))
     }
 
     /// Pushes the gradients of `step` and receives the values of `step + 1` into `out`.
@@ -287,7 +311,7 @@ impl PsClient {
         let mut ob = outputs(&oobjs, &specs)?;
         let gs: Vec<&[f32]> = gb.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
         let mut os: Vec<&mut [f32]> = ob.iter_mut().map(|a| a.as_slice_mut().expect("checked contiguous")).collect();
-        blocking(py, |stop| c.push_pull(step, &gs, &mut os, stop)).map(PushSummary::from)
+        blocking(py, |stop| c.push_pull(step, &gs, &mut os, stop)).map(|s| PushSummary::new_of(s, &specs))
     }
 
     /// Sets the learning rate of every variable on every shard.

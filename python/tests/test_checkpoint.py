@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +83,34 @@ def test_checkpoint_on_a_shard_without_a_folder_says_what_is_missing(cluster):
         with pytest.raises(parasync.ParasyncError, match="--checkpoint-dir"):
             c.checkpoint(0)
         assert c.pull(0)["bias"].tolist() == [0.5] * 10, "the shard keeps serving"
+
+
+def test_a_push_rides_out_a_shard_killed_and_restored_and_its_summary_says_so(cluster, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cl = cluster(shards=2, mode="sync", num_workers=1,
+                 args=["--num-shards", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every-steps", "1"])
+    with parasync.PsClient(cl.addresses, split_bytes=4096, recovery_timeout=30.0) as c:
+        c.register(_specs())
+        values = _train(c, 3)
+        s = c.push_pull(3, [np.ones_like(values[sp.name]) for sp in _specs()], values)
+        # emb is split over both shards (split_bytes), head and bias are whole.
+        assert len(s.parts) == 4 and s.retried == 0 and s.duplicate == 0
+        assert sorted({p[2] for p in s.parts}) == [0, 1] and all(p[3] and p[4] == 1 for p in s.parts)
+
+        # Step 4's checkpoint is complete once shard 1 has written its part (in the background).
+        deadline = time.monotonic() + 30
+        while not (ckpt / "step-4" / "shard-1-of-2.json").is_file():
+            assert time.monotonic() < deadline, "step 4's checkpoint was never written"
+            time.sleep(0.01)
+        cl.kill(1)
+        restarter = threading.Timer(0.3, cl.restart, args=(1, ["--restore", "latest"]))
+        restarter.start()
+        try:
+            s = c.push_pull(4, [np.ones_like(values[sp.name]) for sp in _specs()], values)
+        finally:
+            restarter.join()
+        assert s.accepted == 4 and s.retried >= 1, s
+        again = [p for p in s.parts if p[4] > 1]
+        assert again and all(p[2] == 1 for p in again), s.parts
+        assert c.shard_info()[1]["restored_step"] == 4
+        assert all(np.isfinite(v).all() for v in values.values())

@@ -31,11 +31,16 @@ pub struct ParasyncPushSummary {
     pub accepted: usize,
     /// Parts dropped as late gradients for a sync step that had already completed.
     pub dropped_stale: usize,
+    /// Parts sent more than once (a broken connection, a shard that restarted).
+    pub retried: usize,
+    /// Of the accepted parts, those an earlier attempt had applied (its reply was lost):
+    /// applied once, not twice.
+    pub duplicate: usize,
 }
 
 impl From<PushSummary> for ParasyncPushSummary {
     fn from(s: PushSummary) -> Self {
-        ParasyncPushSummary { accepted: s.accepted, dropped_stale: s.dropped_stale }
+        ParasyncPushSummary { accepted: s.accepted, dropped_stale: s.dropped_stale, retried: s.retried, duplicate: s.duplicate }
     }
 }
 

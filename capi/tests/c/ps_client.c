@@ -63,10 +63,11 @@ int main(int argc, char **argv) {
     /* Step 0's gradients give step 1: value - 1 * gradient. */
     const float gw0[W_LEN] = {1, 1, 1, 1, 1, 1}, gb0[B_LEN] = {1, 2, 3, 4};
     const float *grads0[] = {gw0, gb0};
-    ParasyncPushSummary summary = {0, 0};
+    ParasyncPushSummary summary = {0};
     CHECK_OK(parasync_ps_push(ps, 0, grads0, lens, 2, &summary));
-    CHECK(summary.accepted == 2 && summary.dropped_stale == 0, "summary %zu accepted, %zu dropped",
-          summary.accepted, summary.dropped_stale);
+    CHECK(summary.accepted == 2 && summary.dropped_stale == 0 && summary.retried == 0 && summary.duplicate == 0,
+          "summary %zu accepted, %zu dropped, %zu retried, %zu duplicate", summary.accepted, summary.dropped_stale,
+          summary.retried, summary.duplicate);
     CHECK_OK(parasync_ps_pull(ps, 1, outs, lens, 2));
     const float w1[W_LEN] = {0, 1, 2, 3, 4, 5}, b1[B_LEN] = {9, 18, 27, 36};
     check_floats("w@1", w, w1, W_LEN);
