@@ -363,72 +363,93 @@ async fn async_and_bounded_checkpoints_restore_the_version_a_worker_step_began_w
 
 /// A shard killed with SIGKILL mid-training comes back from its checkpoint; the workers ride
 /// it out without restarting: their push-pulls wait for the shard, re-push the steps the
-/// restored shard lacks, and every worker ends with the same values.
+/// restored shard lacks, and (sync) every worker ends with the same values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_ride_out_a_shard_killed_and_restored_mid_training() {
+    common::bounded(240, ride_out_a_killed_shard(&["--mode", "sync"])).await;
+}
+
+/// The same in bounded mode: each worker re-pushes the steps the restored shard lacks of it,
+/// each once the slowest worker lets it through, and every worker's clock gets to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_workers_ride_out_a_shard_killed_and_restored_mid_training() {
+    common::bounded(240, ride_out_a_killed_shard(&["--mode", "bounded", "--max-staleness", "2"])).await;
+}
+
+async fn ride_out_a_killed_shard(mode: &[&str]) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    common::bounded(240, async {
-        let dir = TempDir::new("kill");
-        let d = dir.0.to_str().unwrap();
-        let args = ["--mode", "sync", "--num-workers", "4", "--num-shards", "2", "--checkpoint-dir", d, "--checkpoint-every-steps", "5"];
-        let mut cluster = start(2, &args, None);
-        let addrs = cluster.addrs();
-        let progress = Arc::new(AtomicU64::new(0));
-        let steps = 24u64;
-        let mut tasks = Vec::new();
-        for w in 0..WORKERS {
-            let (addrs, progress) = (addrs.clone(), Arc::clone(&progress));
-            tasks.push(tokio::spawn(async move {
-                let mut c = connect(&addrs, w).await;
-                c.register(specs()).await.unwrap();
-                let mut params = c.pull(0).await.unwrap();
-                let mut retried_on = std::collections::BTreeSet::new();
-                for step in 0..steps {
-                    let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
-                    let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-                    let s = c.push_pull(step, &refs, &mut params).await.unwrap_or_else(|e| panic!("worker {w}, step {step}: {e}"));
-                    // big and emb are split over both shards, bias and scale are whole.
-                    assert_eq!(s.parts.len(), 6, "{s:?}");
-                    assert!(s.parts.iter().all(|p| p.applied), "{s:?}");
-                    retried_on.extend(s.parts.iter().filter(|p| p.attempts > 1).map(|p| p.shard));
-                    if w == 0 {
-                        progress.store(step + 1, Ordering::Release);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+    let sync = mode[1] == "sync";
+    let dir = TempDir::new(&format!("kill-{}", mode[1]));
+    let d = dir.0.to_str().unwrap();
+    let mut args = mode.to_vec();
+    args.extend(["--num-workers", "4", "--num-shards", "2", "--checkpoint-dir", d, "--checkpoint-every-steps", "5"]);
+    let mut cluster = start(2, &args, None);
+    let addrs = cluster.addrs();
+    let progress = Arc::new(AtomicU64::new(0));
+    // Workers wait at step 14 for the kill, so that it lands mid-training in every mode.
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steps = 24u64;
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let (addrs, progress, killed) = (addrs.clone(), Arc::clone(&progress), Arc::clone(&killed));
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(&addrs, w).await;
+            c.register(specs()).await.unwrap();
+            let mut params = c.pull(0).await.unwrap();
+            let mut retried_on = std::collections::BTreeSet::new();
+            for step in 0..steps {
+                while step == 14 && !killed.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                assert_eq!(retried_on, [1].into(), "worker {w}: the summaries name the parts of shard 1 as sent again");
-                (params, c.shard_info().await.unwrap())
-            }));
-        }
-        while progress.load(Ordering::Acquire) < 13 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        // Step 10's checkpoint is complete once its manifests are there (written in the background).
-        let step10 = dir.0.join("step-10");
-        while !(step10.join("shard-0-of-2.json").is_file() && step10.join("shard-1-of-2.json").is_file()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let killed_at = std::time::Instant::now();
-        cluster.kill(1);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.restart(1, &["--restore", "latest"]).unwrap();
-        let restarted_after = killed_at.elapsed();
-        let mut results = Vec::new();
-        for t in tasks {
-            results.push(t.await.unwrap());
-        }
-        let (last, info) = results.pop().unwrap();
-        for (other, _) in &results {
-            assert_eq!(bits(other), bits(&last), "every worker ends with the same values");
-        }
-        assert!(info[1].restored_step.is_some_and(|s| (10..=15).contains(&s)), "{info:?}");
-        assert_eq!(info[0].restored_step, None);
+                let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(w, step, i, p)).collect();
+                let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                let s = c.push_pull(step, &refs, &mut params).await.unwrap_or_else(|e| panic!("worker {w}, step {step}: {e}"));
+                // big and emb are split over both shards, bias and scale are whole.
+                assert_eq!(s.parts.len(), 6, "{s:?}");
+                assert!(s.parts.iter().all(|p| p.applied), "{s:?}");
+                retried_on.extend(s.parts.iter().filter(|p| p.attempts > 1).map(|p| p.shard));
+                if w == 0 {
+                    progress.store(step + 1, Ordering::Release);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(retried_on, [1].into(), "worker {w}: the summaries name the parts of shard 1 as sent again");
+            // Bounded: a pull of the last step passes the gate once every worker has pushed
+            // its steps up to the bound, on both shards.
+            let last = c.pull(steps).await.unwrap_or_else(|e| panic!("worker {w}: the last pull: {e}"));
+            (if sync { params } else { last }, c.shard_info().await.unwrap())
+        }));
+    }
+    while progress.load(Ordering::Acquire) < 13 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Step 10's checkpoint is complete once its manifests are there (written in the background).
+    let step10 = dir.0.join("step-10");
+    while !(step10.join("shard-0-of-2.json").is_file() && step10.join("shard-1-of-2.json").is_file()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed_at = std::time::Instant::now();
+    cluster.kill(1);
+    killed.store(true, Ordering::Release);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.restart(1, &["--restore", "latest"]).unwrap();
+    let restarted_after = killed_at.elapsed();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let (last, info) = results.pop().unwrap();
+    for (other, _) in &results {
+        assert_eq!(bits(other), bits(&last), "every worker ends with the same values");
+    }
+    assert!(info[1].restored_step.is_some_and(|s| (10..=15).contains(&s)), "{info:?}");
+    assert_eq!(info[0].restored_step, None);
+    if sync {
         assert!(info.iter().all(|i| i.variables.iter().all(|(_, v)| *v == steps)), "every part completed every step: {info:?}");
-        assert!(last.iter().flatten().all(|x| x.is_finite()));
-        eprintln!("shard 1 back {restarted_after:?} after its SIGKILL");
-    })
-    .await;
+    }
+    assert!(last.iter().flatten().all(|x| x.is_finite()));
+    eprintln!("{}: shard 1 back {restarted_after:?} after its SIGKILL", mode[1]);
 }
 
 /// The complete checkpoints in `dir` (every shard's manifest and the joined one), by step,
@@ -509,6 +530,51 @@ async fn time_based_checkpoints_are_taken_at_the_same_step_on_every_shard() {
             }
             drop(cluster);
         }
+    })
+    .await;
+}
+
+/// Sync mode, `push` then `pull`: a pull that finds its shard restored to an older step
+/// fails at once, saying which steps to push again (a pull has no gradient to re-push);
+/// pushing them lets the same pull through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_from_a_shard_restored_to_an_older_step_says_what_to_push() {
+    common::bounded(240, async {
+        let dir = TempDir::new("pull-restart");
+        let d = dir.0.to_str().unwrap();
+        let args = ["--mode", "sync", "--num-workers", "1", "--num-shards", "2", "--checkpoint-dir", d];
+        let mut cluster = start(2, &args, None);
+        let mut c = connect(&cluster.addrs(), 0).await;
+        c.register(specs()).await.unwrap();
+        let mut params = c.pull(0).await.unwrap();
+        let mut step_grads = Vec::new();
+        for step in 0..4u64 {
+            let grads: Vec<Vec<f32>> = params.iter().enumerate().map(|(i, p)| gradient(0, step, i, p)).collect();
+            let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+            c.push(step, &refs).await.unwrap();
+            params = c.pull(step + 1).await.unwrap();
+            step_grads.push(grads);
+            if step == 1 {
+                c.checkpoint(2).await.unwrap();
+            }
+        }
+        cluster.kill(1);
+        let pulling = tokio::spawn(async move {
+            let r = c.pull(4).await;
+            (c, r)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.restart(1, &["--restore", "latest"]).unwrap();
+        let (c, r) = pulling.await.unwrap();
+        let e = r.expect_err("step 4 is not on the restored shard");
+        assert_eq!(e.kind, parasync_client::ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.message.contains("restarted from its checkpoint of step 2") && e.message.contains("steps 2..3"), "{e}");
+        for step in 2..4u64 {
+            let refs: Vec<&[f32]> = step_grads[step as usize].iter().map(|g| g.as_slice()).collect();
+            c.push(step, &refs).await.unwrap();
+        }
+        let again = c.pull(4).await.unwrap();
+        assert_eq!(bits(&again), bits(&params), "the same gradients give the same step 4");
     })
     .await;
 }

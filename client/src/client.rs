@@ -395,13 +395,49 @@ impl Client {
     async fn pull_part(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
         let started = Instant::now();
         loop {
+            let seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
             match self.pull_part_once(part, step, dst).await {
                 Err(e) if self.recoverable(&e, started) => {
-                    self.await_shard(part.shard, e, started).await?;
+                    let info = self.await_shard(part.shard, e, started).await?;
+                    if info.incarnation != seen {
+                        self.pull_after_restart(part, step, &info).await?;
+                    }
                 }
                 r => return r,
             }
         }
+    }
+
+    /// A pull of `part` for `step` found its shard restarted: registers the variable again
+    /// if the shard lost it; fails if, in sync mode, the shard restored an older step than
+    /// `step`: only pushes of the steps it lacks can take it there, and a pull has no
+    /// gradient to push (a push-pull does, and re-pushes them on its own).
+    async fn pull_after_restart(&self, part: &Part, step: u64, info: &ps::ServerInfoResponse) -> Result<()> {
+        let version = match info.variables.iter().find(|v| v.name == part.name) {
+            Some(v) => v.version,
+            None => {
+                let model = self.model()?;
+                let found = model.placement.parts.iter().enumerate().find_map(|(vi, parts)| {
+                    parts.iter().position(|p| p.name == part.name && p.shard == part.shard && p.elements == part.elements).map(|pi| (vi, pi))
+                });
+                let Some((vi, pi)) = found else { return Ok(()) };
+                tracing::warn!(shard = part.shard, variable = %part.name, "the restarted shard lost the variable (no checkpoint held it): registering it again from its initializer");
+                self.register_part(&model.specs[vi], part, pi as u64).await?;
+                0
+            }
+        };
+        if info.mode == "sync" && version < step {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "pull {:?} for step {step}: shard {} restarted from its checkpoint of step {version}, so steps {version}..{} must be pushed again before step {step} can be pulled; push them (push() of each step), or train with push_pull, which re-pushes them on its own",
+                    part.name,
+                    part.shard,
+                    step - 1
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn pull_part_once(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
@@ -555,9 +591,9 @@ impl Client {
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
-                Recovered::Applied => {
+                Recovered::Applied { resent } => {
                     let version = self.pull_part(part, step + 1, dst).await?;
-                    return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }, attempts));
+                    return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)));
                 }
             }
         }
@@ -578,7 +614,9 @@ impl Client {
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
-                Recovered::Applied => return Ok((ps::PushResponse { accepted: true, ..Default::default() }, attempts)),
+                Recovered::Applied { resent } => {
+                    return Ok((ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)))
+                }
             }
         }
         unreachable!("the attempts run out only after u32::MAX tries")
@@ -626,9 +664,25 @@ impl Client {
                 0
             }
         };
+        if info.mode == "bounded" {
+            let clocks = info.variables.iter().find(|v| v.name == part.name).map(|v| v.worker_clocks.as_slice()).unwrap_or(&[]);
+            let clock = clocks.get(self.opts.worker_id as usize).copied().unwrap_or(0);
+            if clock > step {
+                return Ok(Recovered::Applied { resent: false });
+            }
+            if clock < step {
+                tracing::warn!(shard = part.shard, variable = %part.name, from = clock, to = step, "the restarted shard lacks steps of this worker: pushing this gradient for them");
+            }
+            // This worker's steps the shard lacks, then this one, each once the slowest
+            // worker lets it through (the others are catching up the same way).
+            for s in clock..=step {
+                self.push_when_within_bound(part, s, version, data, started).await?;
+            }
+            return Ok(Recovered::Applied { resent: true });
+        }
         if info.mode == "sync" {
             if version > step {
-                return Ok(Recovered::Applied);
+                return Ok(Recovered::Applied { resent: false });
             }
             if version < step {
                 tracing::warn!(shard = part.shard, variable = %part.name, from = version, to = step, "the restarted shard is behind: pushing this gradient for the steps it lacks");
@@ -641,6 +695,22 @@ impl Client {
         // Async / bounded: the gradient counts as computed from the restored version at
         // the latest (a later one is refused as from the future).
         Ok(Recovered::Retry(base.min(version)))
+    }
+
+    /// Bounded mode, after a restart: pushes `data` for `step` (computed from `base`),
+    /// waiting while the shard refuses it as too far ahead of the slowest worker, until
+    /// `recovery_timeout` after `started`.
+    async fn push_when_within_bound(&self, part: &Part, step: u64, base: u64, data: &[f32], started: Instant) -> Result<()> {
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient, self.next_sequence()).await {
+                Err(e) if e.kind == ErrorKind::OutOfRange && started.elapsed() < self.opts.recovery_timeout => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                r => return r.map(|_| ()),
+            }
+        }
     }
 
     /// Is `e` a refusal (a step or version from the future, an unknown variable) by a shard
@@ -799,8 +869,8 @@ enum Recovered {
     /// Send it again, as computed from this version (the restored shard's, when it is older
     /// than the one the gradient was computed from).
     Retry(u64),
-    /// It is applied: do not send it again.
-    Applied,
+    /// It is applied (`resent`: by the recovery, which sent it again): do not send it again.
+    Applied { resent: bool },
 }
 
 /// Chunks queued ahead of the network per push stream.

@@ -328,11 +328,13 @@ impl ParameterServer for PsService {
         };
         let mut variables = Vec::new();
         for v in self.store.list() {
+            let (version, worker_clocks) = v.version_and_clocks().await;
             variables.push(ps::VariableInfo {
                 name: v.def().name.clone(),
                 shape: v.def().shape.clone(),
                 storage_dtype: convert::dtype_to_proto(v.def().dtype),
-                version: v.version().await,
+                version,
+                worker_clocks,
             });
         }
         Ok(Response::new(ps::ServerInfoResponse {

@@ -165,6 +165,11 @@ impl Variable {
         self.read_async(|st| st.clock.version()).await
     }
 
+    /// The version and, in bounded mode, each worker's pushed steps.
+    pub async fn version_and_clocks(&self) -> (u64, Vec<u64>) {
+        self.read_async(|st| (st.clock.version(), st.clock.worker_clocks().to_vec())).await
+    }
+
     /// The current values and their version, for a pull: later updates leave them as they
     /// are (they copy the values first while a snapshot is alive).
     pub async fn values_snapshot(&self) -> ValuesSnapshot {
