@@ -650,7 +650,7 @@ impl Client {
         let info = self.await_shard(part.shard, error.clone(), started).await?;
         let restarted = info.incarnation != *seen;
         *seen = info.incarnation;
-        if !restarted {
+        if !restarted && info.mode != "bounded" {
             // The same shard: the push goes again with the same number, and the shard
             // applies it only if the first one never arrived.
             return Ok(Recovered::Retry(base));
@@ -665,6 +665,9 @@ impl Client {
             }
         };
         if info.mode == "bounded" {
+            // The shard's clock of this worker says what it has (whether it restarted, or
+            // another part of this worker noticed the restart first): steps below it were
+            // applied, and the shard refuses a step twice.
             let clocks = info.variables.iter().find(|v| v.name == part.name).map(|v| v.worker_clocks.as_slice()).unwrap_or(&[]);
             let clock = clocks.get(self.opts.worker_id as usize).copied().unwrap_or(0);
             if clock > step {
@@ -714,13 +717,20 @@ impl Client {
     }
 
     /// Is `e` a refusal (a step or version from the future, an unknown variable) by a shard
-    /// that restarted since incarnation `seen`, so behind what this worker knows?
+    /// that restarted since incarnation `seen` (or, in bounded mode, at all), so behind what
+    /// this worker knows?
     async fn refused_by_a_restarted_shard(&self, e: &Error, shard: usize, seen: u64) -> bool {
         if self.opts.recovery_timeout.is_zero() || !matches!(e.kind, ErrorKind::OutOfRange | ErrorKind::NotFound) {
             return false;
         }
         match self.shards[shard].rpc().server_info(ps::ServerInfoRequest {}).await {
-            Ok(r) => r.into_inner().incarnation != seen,
+            // Bounded mode: a step past the slowest worker's bound can only come after a
+            // restart lost steps (a worker pulls only what the bound allows), even when
+            // another part of this worker saw the new incarnation first.
+            Ok(r) => {
+                let info = r.into_inner();
+                info.incarnation != seen || (info.mode == "bounded" && e.kind == ErrorKind::OutOfRange)
+            }
             Err(_) => false,
         }
     }
