@@ -8,3 +8,4 @@
 pub mod cluster;
 pub mod demo;
 pub mod model;
+pub mod netlab;

@@ -23,6 +23,11 @@ enum Cmd {
     /// Allreduce bandwidth / latency table (nccl-tests style) over local ranks, or one rank
     /// of a multi-host run (`--rank I --master HOST:PORT`, or `--from-env`).
     AllreduceBench(parasync_collective::bench::AllreduceBenchArgs),
+    /// An emulated cluster network (root only): one network namespace per host on a switch,
+    /// each host's link shaped to a rate (and, with netem, a delay). `up` creates it, `down`
+    /// removes it.
+    #[command(subcommand)]
+    ClusterNet(parasync::netlab::ClusterNetCmd),
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Checkpoint(cmd) => ps_server::checkpoint::tool::run(&cmd),
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
+        Cmd::ClusterNet(cmd) => parasync::netlab::run_cmd(&cmd),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
         Cmd::AllreduceFollower(args) => parasync_collective::bench::led::run_follower(&args),
     }
