@@ -145,6 +145,12 @@ pub struct VariableClock<G> {
     pending: BTreeMap<u32, G>,
     /// Bounded: per worker, the number of steps it has pushed (its last step + 1).
     clocks: Vec<u64>,
+    /// Bounded, after a restore: workers that have not pushed to this variable since. Their
+    /// clocks (from the checkpoint) lag by the steps the restore lost, which they push again
+    /// only when they next push this variable; a worker may first have to finish a step whose
+    /// other parts wait on the workers that are catching up here. So until a worker shows
+    /// up, neither gate counts it (the bound is looser for that while).
+    absent: Vec<bool>,
 }
 
 impl<G> VariableClock<G> {
@@ -154,7 +160,8 @@ impl<G> VariableClock<G> {
             Mode::Bounded { num_workers, .. } => vec![0; num_workers as usize],
             _ => Vec::new(),
         };
-        VariableClock { mode, version: 0, pending: BTreeMap::new(), clocks }
+        let absent = vec![false; clocks.len()];
+        VariableClock { mode, version: 0, pending: BTreeMap::new(), clocks, absent }
     }
 
     /// Current version (completed sync steps, or applied updates).
@@ -207,9 +214,10 @@ impl<G> VariableClock<G> {
                     // A retry of a push that was applied: applying it again would count twice.
                     return Err(PushRefusal::Duplicate { worker, step });
                 }
+                self.absent[worker as usize] = false;
                 // A worker pushes for a step it was allowed to read: at most `max_staleness`
                 // past the slowest worker (or a lying step would lift it out of the gate).
-                let limit = self.clocks.iter().min().copied().unwrap_or(0).saturating_add(max_staleness);
+                let limit = self.slowest_present().saturating_add(max_staleness);
                 if step > limit {
                     return Err(PushRefusal::FutureStep { step, current: limit });
                 }
@@ -254,8 +262,9 @@ impl<G> VariableClock<G> {
             Mode::Async { .. } => ReadGate::Ready,
             Mode::Bounded { max_staleness, .. } => {
                 let need = step.saturating_sub(max_staleness);
-                let missing: Vec<u32> =
-                    (0..self.clocks.len() as u32).filter(|&w| self.clocks[w as usize] < need).collect();
+                let missing: Vec<u32> = (0..self.clocks.len() as u32)
+                    .filter(|&w| !self.absent[w as usize] && self.clocks[w as usize] < need)
+                    .collect();
                 if missing.is_empty() {
                     ReadGate::Ready
                 } else {
@@ -265,6 +274,11 @@ impl<G> VariableClock<G> {
         }
     }
 
+    /// Bounded: the lowest clock of the workers that count (see `absent`).
+    fn slowest_present(&self) -> u64 {
+        self.clocks.iter().zip(&self.absent).filter(|(_, &a)| !a).map(|(&c, _)| c).min().unwrap_or(0)
+    }
+
     /// Bounded mode: each worker's pushed steps (empty in the other modes).
     pub fn worker_clocks(&self) -> &[u64] {
         &self.clocks
@@ -272,7 +286,8 @@ impl<G> VariableClock<G> {
 
     /// Restores the version and, in bounded mode, the workers' clocks (from a checkpoint:
     /// `clocks` as [`worker_clocks`](Self::worker_clocks) gave them, or empty to start
-    /// every worker at `version`'s step). Drops buffered gradients.
+    /// every worker at `version`'s step); in bounded mode no worker counts in the gates
+    /// until it pushes again (see `absent`). Drops buffered gradients.
     pub fn restore(&mut self, version: u64, clocks: &[u64]) -> Result<(), String> {
         if let Mode::Bounded { num_workers, .. } = self.mode {
             if clocks.is_empty() {
@@ -282,6 +297,7 @@ impl<G> VariableClock<G> {
             } else {
                 return Err(format!("the checkpoint has clocks of {} workers, this server runs {num_workers}", clocks.len()));
             }
+            self.absent = vec![true; num_workers as usize];
         }
         self.version = version;
         self.pending.clear();
@@ -484,5 +500,24 @@ mod tests {
         for (mode, ok) in table {
             assert_eq!(mode.validate().is_ok(), ok, "{mode:?}");
         }
+    }
+
+    /// After a restore, a bounded variable counts in its gates only the workers that have
+    /// pushed to it since: one catching up is not held back by one that has not come back
+    /// to this variable yet (it may be waiting on the first elsewhere).
+    #[test]
+    fn a_restored_bounded_variable_gates_only_on_workers_that_came_back() {
+        let mut c: VariableClock<()> = VariableClock::new(Mode::Bounded { num_workers: 3, max_staleness: 2, lr_div_staleness: false });
+        c.restore(30, &[10, 10, 11]).unwrap();
+        assert_eq!(c.read_gate(14), ReadGate::Ready, "nobody has come back: nobody holds a pull");
+        assert!(matches!(c.on_push(1, 13, 30, ()), Err(PushRefusal::FutureStep { step: 13, current: 12 })), "a worker's own lost steps first");
+        for step in 10..=13 {
+            assert!(matches!(c.on_push(1, step, 30, ()), Ok(PushDecision::Apply { .. })), "step {step}");
+        }
+        assert_eq!(c.read_gate(16), ReadGate::Ready, "workers 0 and 2 have not come back yet");
+        assert!(matches!(c.on_push(0, 10, 30, ()), Ok(PushDecision::Apply { .. })));
+        assert_eq!(c.read_gate(14), ReadGate::Wait { missing: vec![0] }, "worker 0 counts again, at 11");
+        assert!(matches!(c.on_push(1, 14, 30, ()), Err(PushRefusal::FutureStep { step: 14, current: 13 })), "and bounds the others again");
+        assert!(matches!(c.on_push(0, 9, 30, ()), Err(PushRefusal::Duplicate { worker: 0, step: 9 })));
     }
 }
