@@ -8,4 +8,6 @@
 pub mod cluster;
 pub mod demo;
 pub mod model;
+pub mod netbench;
 pub mod netlab;
+pub mod svgplot;

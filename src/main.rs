@@ -28,6 +28,9 @@ enum Cmd {
     /// removes it.
     #[command(subcommand)]
     ClusterNet(parasync::netlab::ClusterNetCmd),
+    /// Benchmarks over an emulated cluster network (root): `bandwidth`.
+    #[command(subcommand)]
+    Bench(parasync::netbench::BenchCmd),
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Checkpoint(cmd) => ps_server::checkpoint::tool::run(&cmd),
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::ClusterNet(cmd) => parasync::netlab::run_cmd(&cmd),
+        Cmd::Bench(cmd) => parasync::netbench::run_cmd(&cmd),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
         Cmd::AllreduceFollower(args) => parasync_collective::bench::led::run_follower(&args),
     }

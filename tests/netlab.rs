@@ -170,3 +170,35 @@ fn an_allreduce_and_a_push_pull_cross_the_emulated_switch() {
     });
     assert!(values.iter().all(|&v| v == -0.5), "one SGD step of lr 1 from zeros");
 }
+
+#[test]
+fn bench_bandwidth_in_a_small_configuration_writes_its_table_and_plots() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the emulated-network tests need root (network namespaces, tc): run the suite as root");
+    let dir = std::env::temp_dir().join(format!("parasync-bw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let name = format!("pstest-bw-{}", std::process::id());
+    let out = std::process::Command::new(common::exe())
+        .args(["bench", "bandwidth", "--models", "synthetic:4MiB", "--workers", "2", "--shards", "1", "--rates", "1gbit"])
+        .args(["--steps", "1", "--net-name", &name, "--out"])
+        .arg(dir.join("bw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(netlab::namespaces_of(&name).unwrap().is_empty(), "the bench removes its network");
+    let table = std::fs::read_to_string(dir.join("bw.md")).unwrap();
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ps") || l.starts_with("| allreduce")).collect();
+    assert_eq!(rows.len(), 4, "ps and allreduce, f32 and bf16:\n{table}");
+    let lines = std::fs::read_to_string(dir.join("bw.jsonl")).unwrap();
+    for l in lines.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        let (t, f) = (r["seconds"].as_f64().unwrap(), r["formula_seconds"].as_f64().unwrap());
+        assert!(t > 0.0 && f > 0.0 && (r["ratio"].as_f64().unwrap() - t / f).abs() < 1e-9, "{l}");
+    }
+    assert_eq!(lines.lines().count(), 4);
+    for wire in ["f32", "bf16"] {
+        let svg = std::fs::read_to_string(dir.join(format!("bw-synthetic-4MiB-{wire}-1-Gbit-s.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("ring allreduce: measured") && svg.contains("parameter server, 1 shard(s): formula"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
