@@ -110,6 +110,9 @@ struct Model {
     placement: Placement,
     /// Version of each part at the last pull (base of the next async push).
     versions: Mutex<Vec<Vec<u64>>>,
+    /// The incarnation of its shard each part was last pushed to: a refusal by a shard that
+    /// restarted since is recognised even when another part noticed the restart first.
+    pushed_to: Vec<Vec<std::sync::atomic::AtomicU64>>,
 }
 
 /// Outcome of pushing a whole model's gradients for one step.
@@ -299,7 +302,12 @@ impl Client {
         }
         try_join_all(calls).await?;
         let versions = placement.parts.iter().map(|p| vec![0; p.len()]).collect();
-        self.model = Some(Model { specs, placement, versions: Mutex::new(versions) });
+        let pushed_to = placement
+            .parts
+            .iter()
+            .map(|p| p.iter().map(|part| self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire).into()).collect())
+            .collect();
+        self.model = Some(Model { specs, placement, versions: Mutex::new(versions), pushed_to });
         Ok(())
     }
 
@@ -580,18 +588,24 @@ impl Client {
     /// Returns the version received, the push's reply and how many times it was sent.
     #[allow(clippy::too_many_arguments)]
     async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse, u32)> {
-        let part = &self.model()?.placement.parts[vi][pi];
+        let model = self.model()?;
+        let part = &model.placement.parts[vi][pi];
         let started = Instant::now();
-        let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        let pushed_to = &model.pushed_to[vi][pi];
+        let mut seen = pushed_to.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
         for attempts in 1.. {
             let e = match self.push_pull_part_once(part, step, base, data, dst, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
-                r => return r.map(|(v, push)| (v, push, attempts)),
+                r => {
+                    pushed_to.store(seen, std::sync::atomic::Ordering::Release);
+                    return r.map(|(v, push)| (v, push, attempts));
+                }
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
                 Recovered::Applied { resent } => {
+                    pushed_to.store(seen, std::sync::atomic::Ordering::Release);
                     let version = self.pull_part(part, step + 1, dst).await?;
                     return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)));
                 }
@@ -603,19 +617,25 @@ impl Client {
     /// A gradient push of part `pi` of variable `vi` that rides out a restart of its shard.
     /// Returns the reply and how many times the push was sent.
     async fn push_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], seq: u64) -> Result<(ps::PushResponse, u32)> {
-        let part = &self.model()?.placement.parts[vi][pi];
+        let model = self.model()?;
+        let part = &model.placement.parts[vi][pi];
         let started = Instant::now();
-        let mut seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
+        let pushed_to = &model.pushed_to[vi][pi];
+        let mut seen = pushed_to.load(std::sync::atomic::Ordering::Acquire);
         let mut base = base;
         for attempts in 1.. {
             let e = match self.send_part(part, step, base, data, self.opts.wire_dtype, ps::PushKind::Gradient, seq).await {
                 Err(e) if self.recoverable(&e, started) || self.refused_by_a_restarted_shard(&e, part.shard, seen).await => e,
-                r => return r.map(|push| (push, attempts)),
+                r => {
+                    pushed_to.store(seen, std::sync::atomic::Ordering::Release);
+                    return r.map(|push| (push, attempts));
+                }
             };
             match self.recover_push(vi, pi, step, base, data, e, started, &mut seen).await? {
                 Recovered::Retry(b) => base = b,
                 Recovered::Applied { resent } => {
-                    return Ok((ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)))
+                    pushed_to.store(seen, std::sync::atomic::Ordering::Release);
+                    return Ok((ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)));
                 }
             }
         }
