@@ -47,30 +47,25 @@ impl fmt::Display for LinkShape {
 
 /// Parses a rate: `1gbit`, `100mbit`, `25Gbit`, `500kbit`, or bits per second.
 pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = [("gbit", 1_000_000_000u64), ("mbit", 1_000_000), ("kbit", 1_000), ("bit", 1)]
-        .iter()
-        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
-        .unwrap_or((t.clone(), 1));
-    let v: f64 = num.parse().with_context(|| format!("rate {s:?}: expected a number with gbit, mbit, kbit or bit"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        bail!("rate {s:?}: must be ≥ 0");
-    }
-    Ok((v * mult as f64).round() as u64)
+    let units = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)];
+    Ok(parse_with_units(s, "rate", &units, "gbit, mbit, kbit or bit")?.round() as u64)
 }
 
 /// Parses a delay: `0.5ms`, `50us`, `1s`, or `0`.
 pub fn parse_delay(s: &str) -> anyhow::Result<Duration> {
+    let units = [("ms", 1e-3), ("us", 1e-6), ("s", 1.0)];
+    Ok(Duration::from_secs_f64(parse_with_units(s, "delay", &units, "ms, us or s")?))
+}
+
+/// A number ≥ 0 with one of `units` (suffix, factor; none: factor 1), times its factor.
+fn parse_with_units(s: &str, what: &str, units: &[(&str, f64)], hint: &str) -> anyhow::Result<f64> {
     let t = s.trim().to_ascii_lowercase();
-    let (num, unit) = [("ms", 1e-3), ("us", 1e-6), ("s", 1.0)]
-        .iter()
-        .find_map(|(suffix, u)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *u)))
-        .unwrap_or((t.clone(), 1.0));
-    let v: f64 = num.parse().with_context(|| format!("delay {s:?}: expected a number with ms, us or s"))?;
+    let (num, factor) = units.iter().find_map(|(suffix, f)| t.strip_suffix(suffix).map(|n| (n.trim(), *f))).unwrap_or((t.as_str(), 1.0));
+    let v: f64 = num.parse().with_context(|| format!("{what} {s:?}: expected a number with {hint}"))?;
     if !(v.is_finite() && v >= 0.0) {
-        bail!("delay {s:?}: must be ≥ 0");
+        bail!("{what} {s:?}: must be ≥ 0");
     }
-    Ok(Duration::from_secs_f64(v * unit))
+    Ok(v * factor)
 }
 
 /// One emulated host.

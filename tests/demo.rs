@@ -50,7 +50,15 @@ fn demo_survives_a_shard_killed_mid_training() {
         assert_eq!(kill["shard"].as_u64().unwrap().to_string(), shard);
         assert!(kill["at_step"].as_u64().unwrap() >= 120, "{kill}");
         let restored = kill["restored_step"].as_u64().unwrap();
-        assert!((10..=130).contains(&restored), "{mode}: restored from step {restored}: {kill}");
+        let at = kill["at_step"].as_u64().unwrap();
+        if mode == "sync" {
+            // The shard had completed at most the step worker 0 was at.
+            assert!((10..=at).contains(&restored), "{mode}: restored from step {restored}: {kill}");
+        } else {
+            // Async checkpoints are named by the step of the worker whose push took them, and
+            // another worker may be well ahead of worker 0 (every 10 steps, 330 in all).
+            assert!(restored >= 10 && restored <= 330 && restored % 10 == 0, "{mode}: restored from step {restored}: {kill}");
+        }
         assert!(kill["recovery_seconds"].as_f64().unwrap() > 0.0, "{kill}");
         assert!(r["checkpoints"].as_u64().unwrap() > 0);
     }
