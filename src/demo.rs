@@ -101,6 +101,20 @@ pub struct DemoArgs {
     /// The shard --kill-shard-at kills (default: the last).
     #[arg(long)]
     pub kill_shard: Option<usize>,
+    /// Make the last worker a straggler: it takes this many milliseconds longer per step.
+    #[arg(long, default_value_t = 0.0)]
+    pub straggler_delay_ms: f64,
+    /// Worker 0 measures held-out accuracy every this many steps (the report's accuracy
+    /// curve and time to 0.95); 0: only at the end.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Sync mode: gradients a step waits for (k of n: the step completes with the first k
+    /// workers' gradients and drops the others'); default: every worker's.
+    #[arg(long)]
+    pub replicas_to_aggregate: Option<u32>,
+    /// Async and bounded mode: divide each gradient's learning rate by its staleness.
+    #[arg(long)]
+    pub lr_div_staleness: bool,
 }
 
 /// Flags of the hidden `parasync demo-worker` subcommand (one worker of the demo).
@@ -128,6 +142,12 @@ pub struct WorkerArgs {
     /// Report progress every this many steps.
     #[arg(long, default_value_t = 10)]
     pub progress_every: u64,
+    /// Extra milliseconds of compute per step (a straggler).
+    #[arg(long, default_value_t = 0.0)]
+    pub step_delay_ms: f64,
+    /// Measure held-out accuracy every this many steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
 }
 
 /// A worker's report line.
@@ -135,8 +155,20 @@ pub struct WorkerArgs {
 #[serde(tag = "event", rename_all = "lowercase")]
 enum WorkerEvent {
     Progress { worker: u32, step: u64, loss: f32 },
+    /// Held-out accuracy of the values the worker holds after `step` steps, `seconds` after
+    /// it started.
+    Eval { worker: u32, step: u64, seconds: f64, accuracy: f64 },
     /// `staleness` as (staleness, count) pairs: JSON maps cannot have integer keys.
-    Done { worker: u32, steps: u64, seconds: f64, staleness: Vec<(u64, u64)>, dropped_stale: u64 },
+    /// `compute_seconds`: gradients (and any straggler delay); `wait_seconds`: in push_pull.
+    Done { worker: u32, steps: u64, seconds: f64, staleness: Vec<(u64, u64)>, dropped_stale: u64, compute_seconds: f64, wait_seconds: f64 },
+}
+
+/// One point of the accuracy curve.
+#[derive(Clone, Debug, Serialize)]
+pub struct AccuracyPoint {
+    pub step: u64,
+    pub seconds: f64,
+    pub accuracy: f64,
 }
 
 /// What the demo reports (also its `--json` output).
@@ -162,6 +194,12 @@ pub struct DemoReport {
     pub checkpoints: u64,
     /// What --kill-shard-at did.
     pub kill: Option<KillReport>,
+    /// Per worker: the share of its time spent waiting in push_pull (the rest computing).
+    pub wait_fraction: Vec<f64>,
+    /// Worker 0's held-out accuracy along the way (`--eval-every`).
+    pub accuracy_curve: Vec<AccuracyPoint>,
+    /// Seconds until worker 0 first measured a held-out accuracy of at least 0.95.
+    pub seconds_to_095: Option<f64>,
 }
 
 /// A shard killed and restarted during the demo (`--kill-shard-at`).
@@ -295,6 +333,12 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         args.max_staleness.to_string(),
     ];
     server_args.extend(["--pull-timeout-ms".into(), "60000".into()]);
+    if let Some(k) = args.replicas_to_aggregate {
+        server_args.extend(["--replicas-to-aggregate".into(), k.to_string()]);
+    }
+    if args.lr_div_staleness {
+        server_args.push("--lr-staleness-scaling".into());
+    }
     let temp_checkpoints = match (&args.checkpoint_dir, args.kill_shard_at) {
         (None, Some(_)) => Some(TempFolder::new()?),
         _ => None,
@@ -338,6 +382,8 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             .args(["--lr", &lr.to_string(), "--wire", args.wire.name(), "--seed", &args.seed.to_string()])
             .args(args.data.iter().flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]))
             .args(["--progress-every", if args.kill_shard_at.is_some() { "1" } else { "10" }])
+            .args(["--eval-every", &(if w == 0 { args.eval_every } else { 0 }).to_string()])
+            .args(["--step-delay-ms", &(if w + 1 == args.workers { args.straggler_delay_ms } else { 0.0 }).to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -366,6 +412,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     }
     let mut kill = KillState { at: args.kill_shard_at, killed: None, max_step: 0, report: None };
     let mut done = Vec::new();
+    let mut curve = Vec::new();
     let mut last_progress = Instant::now();
     while done.len() < args.workers {
         let ev = match rx.recv_timeout(Duration::from_millis(500)) {
@@ -413,6 +460,9 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
                     say(format!("  step {step:>5}/{steps}  loss {loss:.4}  ({:.1} s)", started.elapsed().as_secs_f64()));
                 }
             }
+            WorkerEvent::Eval { step, seconds, accuracy, .. } => {
+                curve.push(AccuracyPoint { step, seconds, accuracy });
+            }
             done_ev @ WorkerEvent::Done { .. } => done.push(done_ev),
         }
     }
@@ -446,8 +496,10 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
     let mut staleness = BTreeMap::new();
     let mut dropped_stale = 0;
     let mut rate = 0.0;
+    let mut wait_fraction = vec![0.0; args.workers];
     for ev in &done {
-        if let WorkerEvent::Done { staleness: s, dropped_stale: d, seconds, steps, .. } = ev {
+        if let WorkerEvent::Done { worker, staleness: s, dropped_stale: d, seconds, steps, compute_seconds, wait_seconds } = ev {
+            wait_fraction[*worker as usize] = wait_seconds / (compute_seconds + wait_seconds).max(1e-12);
             for (k, v) in s {
                 *staleness.entry(*k).or_insert(0) += v;
             }
@@ -471,6 +523,9 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         dropped_stale,
         checkpoints,
         kill: kill.report,
+        wait_fraction,
+        seconds_to_095: curve.iter().find(|p| p.accuracy >= 0.95).map(|p| p.seconds),
+        accuracy_curve: curve,
     })
 }
 
@@ -539,13 +594,22 @@ pub fn print_report(r: &DemoReport) {
             k.shard, k.at_step, k.restored_step, k.restart_seconds, k.recovery_seconds
         );
     }
+    let waits: Vec<String> = r.wait_fraction.iter().map(|w| format!("{:.0}%", w * 100.0)).collect();
+    println!("  waiting             {} of each worker's time (the rest computing)", waits.join(", "));
+    if !r.accuracy_curve.is_empty() {
+        match r.seconds_to_095 {
+            Some(t) => println!("  reached 0.95        after {t:.2} s (worker 0's held-out accuracy, {} checks)", r.accuracy_curve.len()),
+            None => println!("  reached 0.95        not within the run ({} checks)", r.accuracy_curve.len()),
+        }
+    }
 }
 
 /// One demo worker: pull, compute gradients on a mini-batch of its data shard, push.
 pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     let data = Dataset::load_or_built_in(args.data.as_deref())?;
-    let (train, _) = data.split(0.2, args.seed);
+    let (train, test) = data.split(0.2, args.seed);
     let shard = train.shard(args.worker_id as usize, args.num_workers);
+    let delay = Duration::from_secs_f64(args.step_delay_ms.max(0.0) / 1e3);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let opts = ClientOptions {
@@ -559,6 +623,7 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut staleness: BTreeMap<u64, u64> = BTreeMap::new();
         let mut dropped = 0u64;
+        let (mut compute_seconds, mut wait_seconds) = (0.0, 0.0);
         let mut batches = Vec::new().into_iter();
         let mut epoch = 0u64;
         // One round trip per step: each push returns the values for the next step.
@@ -575,9 +640,20 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
                     batches.next().context("the data shard holds no full batch")?
                 }
             };
+            let computing = Instant::now();
             let (loss, grads) = mlp::loss_and_grads(&params, &shard.rows(&idx));
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
             let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+            let waiting = Instant::now();
+            compute_seconds += (waiting - computing).as_secs_f64();
             let summary = client.push_pull(step, &refs, &mut params).await?;
+            wait_seconds += waiting.elapsed().as_secs_f64();
+            if args.eval_every > 0 && (step + 1) % args.eval_every == 0 {
+                let seconds = started.elapsed().as_secs_f64();
+                emit(&WorkerEvent::Eval { worker: args.worker_id, step: step + 1, seconds, accuracy: mlp::accuracy(&params, &test) });
+            }
             for s in summary.staleness {
                 *staleness.entry(s).or_insert(0) += 1;
             }
@@ -592,6 +668,8 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
             seconds: started.elapsed().as_secs_f64(),
             staleness: staleness.into_iter().collect(),
             dropped_stale: dropped,
+            compute_seconds,
+            wait_seconds,
         });
         anyhow::Ok(())
     })
