@@ -104,6 +104,13 @@ pub struct DemoArgs {
     /// Make the last worker a straggler: it takes this many milliseconds longer per step.
     #[arg(long, default_value_t = 0.0)]
     pub straggler_delay_ms: f64,
+    /// The straggler's delay hits each of its steps with this probability (seeded; 1: every step).
+    #[arg(long, default_value_t = 1.0)]
+    pub straggler_probability: f64,
+    /// Every worker gets the straggler's delay (each with its own random draws), not just
+    /// the last: workers equally fast on average, each sometimes slow.
+    #[arg(long)]
+    pub delay_every_worker: bool,
     /// Worker 0 measures held-out accuracy every this many steps (the report's accuracy
     /// curve and time to 0.95); 0: only at the end.
     #[arg(long, default_value_t = 0)]
@@ -145,6 +152,9 @@ pub struct WorkerArgs {
     /// Extra milliseconds of compute per step (a straggler).
     #[arg(long, default_value_t = 0.0)]
     pub step_delay_ms: f64,
+    /// The probability that a step takes the extra time.
+    #[arg(long, default_value_t = 1.0)]
+    pub step_delay_probability: f64,
     /// Measure held-out accuracy every this many steps (0: never).
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
@@ -383,7 +393,8 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
             .args(args.data.iter().flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]))
             .args(["--progress-every", if args.kill_shard_at.is_some() { "1" } else { "10" }])
             .args(["--eval-every", &(if w == 0 { args.eval_every } else { 0 }).to_string()])
-            .args(["--step-delay-ms", &(if w + 1 == args.workers { args.straggler_delay_ms } else { 0.0 }).to_string()])
+            .args(["--step-delay-ms", &(if w + 1 == args.workers || args.delay_every_worker { args.straggler_delay_ms } else { 0.0 }).to_string()])
+            .args(["--step-delay-probability", &args.straggler_probability.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -624,6 +635,7 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
         let mut staleness: BTreeMap<u64, u64> = BTreeMap::new();
         let mut dropped = 0u64;
         let (mut compute_seconds, mut wait_seconds) = (0.0, 0.0);
+        let mut delay_draws = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed ^ 0x5742_4147_4c45_52 ^ (u64::from(args.worker_id) << 40));
         let mut batches = Vec::new().into_iter();
         let mut epoch = 0u64;
         // One round trip per step: each push returns the values for the next step.
@@ -642,7 +654,7 @@ pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
             };
             let computing = Instant::now();
             let (loss, grads) = mlp::loss_and_grads(&params, &shard.rows(&idx));
-            if !delay.is_zero() {
+            if !delay.is_zero() && (args.step_delay_probability >= 1.0 || rand::Rng::gen::<f64>(&mut delay_draws) < args.step_delay_probability) {
                 std::thread::sleep(delay);
             }
             let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();

@@ -10,4 +10,5 @@ pub mod demo;
 pub mod model;
 pub mod netbench;
 pub mod netlab;
+pub mod stalebench;
 pub mod svgplot;

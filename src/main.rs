@@ -28,7 +28,7 @@ enum Cmd {
     /// removes it.
     #[command(subcommand)]
     ClusterNet(parasync::netlab::ClusterNetCmd),
-    /// Benchmarks over an emulated cluster network (root): `bandwidth`.
+    /// Benchmarks: `bandwidth` (over an emulated cluster network, root), `staleness`.
     #[command(subcommand)]
     Bench(parasync::netbench::BenchCmd),
     /// One worker of the demo job (started by `parasync demo`).

@@ -449,12 +449,15 @@ mod tests {
     }
 }
 
-/// `parasync bench …`: benchmarks over an emulated network (root).
+/// `parasync bench …`: `bandwidth` over an emulated network (root), `staleness`.
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCmd {
     /// One training step's gradient exchange of real models, parameter server and ring
     /// allreduce, f32 and bf16 on the wire, beside the schemes' textbook times.
     Bandwidth(BandwidthArgs),
+    /// The demo's model under every consistency mode with randomly slow steps: time to 0.95
+    /// accuracy, wait / compute split, staleness (loopback; no root needed).
+    Staleness(crate::stalebench::StalenessArgs),
 }
 
 /// Runs `parasync bench …`.
@@ -462,5 +465,6 @@ pub fn run_cmd(cmd: &BenchCmd) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     match cmd {
         BenchCmd::Bandwidth(a) => run(a, &exe).map(|_| ()),
+        BenchCmd::Staleness(a) => crate::stalebench::run(a, &exe).map(|_| ()),
     }
 }

@@ -81,3 +81,31 @@ fn a_straggler_makes_the_others_wait_in_sync_mode_and_the_curve_shows_progress()
     assert_eq!(r["seconds_to_095"].as_f64(), first_good);
     assert!(curve.last().unwrap()["accuracy"].as_f64().unwrap() > curve[0]["accuracy"].as_f64().unwrap() - 0.05);
 }
+
+#[test]
+fn bench_staleness_in_a_small_configuration_writes_its_table_and_plots() {
+    let dir = std::env::temp_dir().join(format!("parasync-staleness-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(common::exe())
+        .args(["bench", "staleness", "--epochs", "3", "--staleness", "1,4", "--delay-ms", "1", "--eval-every", "5", "--out"])
+        .arg(dir.join("st"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = std::fs::read_to_string(dir.join("st.md")).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.split('|').nth(1).unwrap().trim()).collect();
+    assert_eq!(names, ["sync", "sync, 3 of 4", "bounded, S=1", "bounded, S=4", "async", "async, lr ÷ staleness"], "{table}");
+    let lines = std::fs::read_to_string(dir.join("st.jsonl")).unwrap();
+    for l in lines.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        let w = r["wait_fraction"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&w) && r["final_accuracy"].as_f64().unwrap() > 0.5, "{l}");
+        assert!(!r["curve"].as_array().unwrap().is_empty(), "{l}");
+    }
+    for plot in ["st-accuracy.svg", "st-wait.svg"] {
+        let svg = std::fs::read_to_string(dir.join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{plot}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
