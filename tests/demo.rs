@@ -68,15 +68,16 @@ fn demo_survives_a_shard_killed_mid_training() {
 /// step, the straggler computing; worker 0's accuracy curve shows when the model got good.
 #[test]
 fn a_straggler_makes_the_others_wait_in_sync_mode_and_the_curve_shows_progress() {
-    let r = run_demo_with("sync", &["--straggler-delay-ms", "3", "--eval-every", "30", "--epochs", "10"]);
+    // 10 ms a step is far more than a step's own work, even on a loaded machine.
+    let r = run_demo_with("sync", &["--straggler-delay-ms", "10", "--eval-every", "10", "--epochs", "5"]);
     let wait: Vec<f64> = r["wait_fraction"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
     assert_eq!(wait.len(), 4);
     let straggler = wait[3];
-    assert!(wait[..3].iter().all(|&w| w > straggler + 0.3), "the others wait for the straggler: {wait:?}");
+    assert!(wait[..3].iter().all(|&w| w > straggler + 0.2) && straggler < 0.5, "the others wait for the straggler: {wait:?}");
     let curve = r["accuracy_curve"].as_array().unwrap();
     let steps = r["steps_per_worker"].as_u64().unwrap();
-    assert_eq!(curve.len() as u64, steps / 30, "{curve:?}");
-    assert!(curve.iter().enumerate().all(|(i, p)| p["step"].as_u64() == Some(30 * (i as u64 + 1))));
+    assert_eq!(curve.len() as u64, steps / 10, "{curve:?}");
+    assert!(curve.iter().enumerate().all(|(i, p)| p["step"].as_u64() == Some(10 * (i as u64 + 1))));
     let first_good = curve.iter().find(|p| p["accuracy"].as_f64().unwrap() >= 0.95).map(|p| p["seconds"].as_f64().unwrap());
     assert_eq!(r["seconds_to_095"].as_f64(), first_good);
     assert!(curve.last().unwrap()["accuracy"].as_f64().unwrap() > curve[0]["accuracy"].as_f64().unwrap() - 0.05);
