@@ -364,12 +364,7 @@ impl Output {
         print!("{table}");
         if let Some(md) = &self.md {
             std::fs::write(md, &table).with_context(|| format!("writing {}", md.display()))?;
-            for (name, svg) in plots(rows) {
-                let stem = md.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let path = md.with_file_name(format!("{stem}-{name}.svg"));
-                std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
-                eprintln!("# plot: {}", path.display());
-            }
+            crate::svgplot::write_beside(md, plots(rows))?;
         }
         Ok(())
     }
@@ -380,7 +375,6 @@ impl Output {
 pub fn plots(rows: &[Row]) -> Vec<(String, String)> {
     use crate::svgplot::{line_chart, Series};
     let mut groups: Vec<(String, &'static str, u64)> = rows.iter().map(|r| (r.model.clone(), r.wire, r.rate_bits)).collect();
-    groups.dedup();
     groups.sort();
     groups.dedup();
     let mut out = Vec::new();

@@ -145,12 +145,7 @@ pub fn run(args: &StalenessArgs, exe: &Path) -> anyhow::Result<Vec<Row>> {
         std::fs::write(base.with_extension("md"), &table)?;
         let lines: Vec<String> = rows.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
         std::fs::write(base.with_extension("jsonl"), lines.join("\n") + "\n")?;
-        let stem = base.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        for (name, svg) in plots(&rows, args) {
-            let path = base.with_file_name(format!("{stem}-{name}.svg"));
-            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("# plot: {}", path.display());
-        }
+        crate::svgplot::write_beside(&base.with_extension("md"), plots(&rows, args))?;
     }
     Ok(rows)
 }

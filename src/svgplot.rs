@@ -114,6 +114,18 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     s
 }
 
+/// Writes each (name, SVG) of `plots` beside the results file `results` as
+/// `<its stem>-<name>.svg`, saying where.
+pub fn write_beside(results: &std::path::Path, plots: Vec<(String, String)>) -> anyhow::Result<()> {
+    let stem = results.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    for (name, svg) in plots {
+        let path = results.with_file_name(format!("{stem}-{name}.svg"));
+        std::fs::write(&path, svg).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        eprintln!("# plot: {}", path.display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

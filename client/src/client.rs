@@ -389,7 +389,7 @@ impl Client {
             for (pi, part) in parts.iter().enumerate() {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(part.elements.len());
                 rest = tail;
-                calls.push(async move { self.pull_part(part, step, dst).await.map(|v| (vi, pi, v)) });
+                calls.push(async move { self.pull_part(vi, pi, step, dst).await.map(|v| (vi, pi, v)) });
             }
         }
         let versions = try_join_all(calls).await?;
@@ -400,7 +400,8 @@ impl Client {
         Ok(())
     }
 
-    async fn pull_part(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
+    async fn pull_part(&self, vi: usize, pi: usize, step: u64, dst: &mut [f32]) -> Result<u64> {
+        let part = &self.model()?.placement.parts[vi][pi];
         let started = Instant::now();
         loop {
             let seen = self.shards[part.shard].incarnation.load(std::sync::atomic::Ordering::Acquire);
@@ -408,7 +409,7 @@ impl Client {
                 Err(e) if self.recoverable(&e, started) => {
                     let info = self.await_shard(part.shard, e, started).await?;
                     if info.incarnation != seen {
-                        self.pull_after_restart(part, step, &info).await?;
+                        self.pull_after_restart(vi, pi, step, &info).await?;
                     }
                 }
                 r => return r,
@@ -416,25 +417,14 @@ impl Client {
         }
     }
 
-    /// A pull of `part` for `step` found its shard restarted: registers the variable again
-    /// if the shard lost it; fails if, in sync mode, the shard restored an older step than
-    /// `step`: only pushes of the steps it lacks can take it there, and a pull has no
-    /// gradient to push (a push-pull does, and re-pushes them on its own).
-    async fn pull_after_restart(&self, part: &Part, step: u64, info: &ps::ServerInfoResponse) -> Result<()> {
-        let version = match info.variables.iter().find(|v| v.name == part.name) {
-            Some(v) => v.version,
-            None => {
-                let model = self.model()?;
-                let found = model.placement.parts.iter().enumerate().find_map(|(vi, parts)| {
-                    parts.iter().position(|p| p.name == part.name && p.shard == part.shard && p.elements == part.elements).map(|pi| (vi, pi))
-                });
-                let Some((vi, pi)) = found else { return Ok(()) };
-                tracing::warn!(shard = part.shard, variable = %part.name, "the restarted shard lost the variable (no checkpoint held it): registering it again from its initializer");
-                self.register_part(&model.specs[vi], part, pi as u64).await?;
-                0
-            }
-        };
+    /// A pull of part `pi` of variable `vi` for `step` found its shard restarted: registers
+    /// the variable again if the shard lost it; fails if, in sync mode, the shard restored an
+    /// older step than `step`: only pushes of the steps it lacks can take it there, and a
+    /// pull has no gradient to push (a push-pull does, and re-pushes them on its own).
+    async fn pull_after_restart(&self, vi: usize, pi: usize, step: u64, info: &ps::ServerInfoResponse) -> Result<()> {
+        let (version, _) = self.part_on_restarted_shard(vi, pi, info).await?;
         if info.mode == "sync" && version < step {
+            let part = &self.model()?.placement.parts[vi][pi];
             return Err(Error::new(
                 ErrorKind::FailedPrecondition,
                 format!(
@@ -446,6 +436,22 @@ impl Client {
             ));
         }
         Ok(())
+    }
+
+    /// What a restarted shard (`info`) holds of part `pi` of variable `vi`: its version and
+    /// this worker's clock (bounded mode; 0 otherwise). A part the shard lost (no checkpoint
+    /// held it) is registered again from its initializer, at version 0.
+    async fn part_on_restarted_shard(&self, vi: usize, pi: usize, info: &ps::ServerInfoResponse) -> Result<(u64, u64)> {
+        let model = self.model()?;
+        let part = &model.placement.parts[vi][pi];
+        match info.variables.iter().find(|v| v.name == part.name) {
+            Some(v) => Ok((v.version, v.worker_clocks.get(self.opts.worker_id as usize).copied().unwrap_or(0))),
+            None => {
+                tracing::warn!(shard = part.shard, variable = %part.name, "the restarted shard lost the variable (no checkpoint held it): registering it again from its initializer");
+                self.register_part(&model.specs[vi], part, pi as u64).await?;
+                Ok((0, 0))
+            }
+        }
     }
 
     async fn pull_part_once(&self, part: &Part, step: u64, dst: &mut [f32]) -> Result<u64> {
@@ -583,9 +589,8 @@ impl Client {
     }
 
     /// A push-pull of part `pi` of variable `vi` that rides out a restart of its shard (see
-    /// [`Client::push_pull`]).
-    #[allow(clippy::too_many_arguments)]
-    /// Returns the version received, the push's reply and how many times it was sent.
+    /// [`Client::push_pull`]). Returns the version received, the push's reply and how many
+    /// times it was sent.
     #[allow(clippy::too_many_arguments)]
     async fn push_pull_part(&self, vi: usize, pi: usize, step: u64, base: u64, data: &[f32], dst: &mut [f32], seq: u64) -> Result<(u64, ps::PushResponse, u32)> {
         let model = self.model()?;
@@ -606,7 +611,7 @@ impl Client {
                 Recovered::Retry(b) => base = b,
                 Recovered::Applied { resent } => {
                     pushed_to.store(seen, std::sync::atomic::Ordering::Release);
-                    let version = self.pull_part(part, step + 1, dst).await?;
+                    let version = self.pull_part(vi, pi, step + 1, dst).await?;
                     return Ok((version, ps::PushResponse { accepted: true, ..Default::default() }, attempts + u32::from(resent)));
                 }
             }
@@ -675,21 +680,11 @@ impl Client {
             // applies it only if the first one never arrived.
             return Ok(Recovered::Retry(base));
         }
-        let version = info.variables.iter().find(|v| v.name == part.name).map(|v| v.version);
-        let version = match version {
-            Some(v) => v,
-            None => {
-                tracing::warn!(shard = part.shard, variable = %part.name, "the restarted shard lost the variable (no checkpoint held it): registering it again from its initializer");
-                self.register_part(&model.specs[vi], part, pi as u64).await?;
-                0
-            }
-        };
+        let (version, clock) = self.part_on_restarted_shard(vi, pi, &info).await?;
         if info.mode == "bounded" {
             // The shard's clock of this worker says what it has (whether it restarted, or
             // another part of this worker noticed the restart first): steps below it were
             // applied, and the shard refuses a step twice.
-            let clocks = info.variables.iter().find(|v| v.name == part.name).map(|v| v.worker_clocks.as_slice()).unwrap_or(&[]);
-            let clock = clocks.get(self.opts.worker_id as usize).copied().unwrap_or(0);
             if clock > step {
                 return Ok(Recovered::Applied { resent: false });
             }

@@ -308,7 +308,9 @@ impl Checkpointer {
     /// Time-based checkpoints: notes a push of `step` and returns the step this shard asks
     /// the worker to pass on (its reply's `checkpoint_due`), 0 while it is not due.
     pub fn on_push(&self, step: u64) -> u64 {
-        let Some(_) = self.settings.every else { return 0 };
+        if self.settings.every.is_none() {
+            return 0;
+        }
         self.newest_step.fetch_max(step, Ordering::AcqRel);
         if (self.epoch.elapsed().as_nanos() as u64) < self.due_at.load(Ordering::Acquire) {
             return 0;
