@@ -146,6 +146,10 @@ def cmd_allreduce(a: argparse.Namespace) -> int:
         # Rust harness allocates without --huge-pages.
         core = getattr(np, "_core", None) or np.core
         core.multiarray._set_madvise_hugepage(False)
+    if a.pin_cores:
+        # as `parasync allreduce-bench --pin-cores`: rank r on the r-th usable CPU (modulo)
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(os.environ["RANK"]) % len(cpus)]})
     comm = parasync.init()
     n, rank = comm.size, comm.rank
     sizes = [parse_size(s) for s in a.sizes.split(",")]
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--target-s", type=float, default=0.2, help="seconds per timed repetition")
     p.add_argument("--no-hugepage", action="store_true", help="turn off numpy's MADV_HUGEPAGE for large arrays")
+    p.add_argument("--pin-cores", action="store_true", help="pin rank r to the r-th usable CPU (modulo)")
     p.set_defaults(fn=cmd_allreduce)
     p = sub.add_parser("summary", help="medians and Python/Rust ratios of a run-python-bench.sh log")
     p.add_argument("log")

@@ -14,7 +14,8 @@
 #   - with $GLOO_PYTHON (a Python with torch), PyTorch's Gloo in every allreduce round, N=2
 #     and N=4 at the same sizes (../shared/peers/gloo_allreduce.py, one fresh run a round).
 # Needs: the `parasync` Python package importable by $PYTHON (default python3), cargo.
-# Knobs: ROUNDS, PS_ROUNDS, REPS (allreduce repetitions), SIZES, SMALL_SIZES, PYTHON, CARGO_TARGET_DIR.
+# With PIN=1 every allreduce run pins rank r to CPU r mod the CPU count (both sides alike).
+# Knobs: ROUNDS, PS_ROUNDS, REPS (allreduce repetitions), PIN, SIZES, SMALL_SIZES, PYTHON, CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -34,6 +35,7 @@ echo "# parasync Python binding vs Rust, $(date -u +%FT%TZ), commit $(git rev-pa
 echo "# nproc: $(nproc)"
 lscpu | head -n 20 | sed 's/^/# lscpu: /'
 echo "# python: $($py -c 'import sys, numpy, parasync; print(sys.version.split()[0], "numpy", numpy.__version__, "parasync", parasync.__version__, parasync._native.__file__)')"
+echo "# pinned ranks (PIN): ${PIN:-0}"
 echo "# THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo n/a)"
 echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 cargo build --release -q --bin parasync
@@ -77,12 +79,14 @@ PY
 rust_ar() {  # round N variant [sizes]
   local flags=()
   [ "$3" = huge ] && flags=(--huge-pages)
+  [ "${PIN:-0}" = 1 ] && flags+=(--pin-cores)
   echo "## [r$1] rust allreduce N=$2 $3"
   "$bin" allreduce-bench --ranks "$2" --dtypes f32 --sizes "${4:-$sizes}" --reps "$reps" "${flags[@]}"
 }
 py_ar() {  # round N variant [sizes]
   local flags=()
   [ "$3" = plain ] && flags=(--no-hugepage)
+  [ "${PIN:-0}" = 1 ] && flags+=(--pin-cores)
   echo "## [r$1] python allreduce N=$2 $3"
   PARASYNC_BIN="$bin" "$py" -m parasync.launch -n "$2" benches/python_bench.py allreduce --sizes "${4:-$sizes}" --reps "$reps" "${flags[@]}"
 }

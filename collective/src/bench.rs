@@ -90,6 +90,11 @@ pub struct AllreduceBenchArgs {
     /// Job token (every rank must use the same).
     #[arg(long, env = "PARASYNC_JOB_TOKEN", default_value = "parasync-bench")]
     pub token: String,
+    /// Pin rank r's threads to CPU r mod (CPUs this process may use), so that runs compare
+    /// with the same placement (the scheduler's own placement of oversubscribed ranks varies
+    /// from run to run).
+    #[arg(long)]
+    pub pin_cores: bool,
 }
 
 /// Parses `4KiB`, `64MiB`, `1GiB`, `100B` or a plain byte count.
@@ -238,6 +243,26 @@ pub fn connect_options(
     }
 }
 
+/// Pins the calling thread (and the threads it starts later) to the `rank`-th CPU, modulo the
+/// CPUs it may run on.
+fn pin_to_core(rank: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the libc calls get its true size.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &allowed)).collect();
+        anyhow::ensure!(!cpus.is_empty(), "no CPU to pin to");
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[rank % cpus.len()], &mut one);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
 /// Connects this process as one rank of the benchmark (printing the rendezvous address
 /// first when it is rank 0 on an ephemeral port).
 fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
@@ -256,6 +281,9 @@ fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
             args.token.clone(),
         )
     };
+    if args.pin_cores {
+        pin_to_core(rank)?;
+    }
     let opts = connect_options(args, rank, world, master.clone(), token);
     if rank == 0 && master.ends_with(":0") {
         let host = RendezvousHost::bind(&master)?;
