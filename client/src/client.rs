@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
+use parasync_proto::names::{self, Quoted};
 use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
 use parasync_tensor::DType;
 use tokio_stream::wrappers::ReceiverStream;
@@ -269,21 +270,23 @@ impl Client {
         let mut names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::usage(format!("variable {:?} is listed twice", w[0])));
+            return Err(Error::usage(format!("variable {} is listed twice", Quoted(w[0]))));
         }
         for s in &specs {
+            names::check_name(&s.name, names::MAX_NAME_BYTES)
+                .map_err(|reason| Error::usage(format!("variable {}: {reason}", Quoted(&s.name))))?;
             let bytes = s.shape.iter().try_fold(s.dtype.size(), |acc, &d| acc.checked_mul(d));
             if bytes.is_none_or(|b| b > isize::MAX as usize) {
-                return Err(Error::usage(format!("variable {:?}: shape {:?} is too large to hold", s.name, s.shape)));
+                return Err(Error::usage(format!("variable {}: shape {:?} is too large to hold", Quoted(&s.name), s.shape)));
             }
             if s.is_empty() {
-                return Err(Error::usage(format!("variable {:?} has an empty shape {:?}", s.name, s.shape)));
+                return Err(Error::usage(format!("variable {} has an empty shape {:?}", Quoted(&s.name), s.shape)));
             }
             if let Init::Values(v) = &s.init {
                 if v.len() != s.len() {
                     return Err(Error::usage(format!(
-                        "variable {:?}: {} initial values for shape {:?} ({} elements)",
-                        s.name,
+                        "variable {}: {} initial values for shape {:?} ({} elements)",
+                        Quoted(&s.name),
                         v.len(),
                         s.shape,
                         s.len()
@@ -837,7 +840,7 @@ impl Client {
     pub async fn set_learning_rate(&self, lr: f32) -> Result<()> {
         try_join_all(self.shards.iter().enumerate().map(|(i, s)| async move {
             s.rpc()
-                .set_learning_rate(ps::SetLearningRateRequest { variable: String::new(), learning_rate: lr })
+                .set_learning_rate(ps::SetLearningRateRequest { variable: String::new(), learning_rate: Some(lr), all_variables: true })
                 .await
                 .map_err(|e| Error::from_status(e, &format!("set learning rate on shard {i} ({})", s.addr)))
         }))

@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod data;
+pub mod names;
 
 /// `parasync.ps.v1`: the parameter-server service.
 pub mod ps {

@@ -54,6 +54,15 @@ pub struct ServerArgs {
     /// reused buffer skips the page faults of a fresh one. 0 keeps none.
     #[arg(long, env = "PARASYNC_SPARE_BUFFER_BYTES", default_value_t = crate::store::DEFAULT_SPARE_BUFFER_BYTES)]
     pub spare_buffer_bytes: usize,
+    /// Most memory this shard's variables and optimizer slots may hold (bytes, or with a
+    /// KiB/MiB/GiB/TiB suffix); a registration past it is refused with `resource_exhausted`
+    /// before anything is allocated. Default: the machine's physical memory.
+    #[arg(long, env = "PARASYNC_MAX_SHARD_BYTES", value_parser = parse_bytes)]
+    pub max_shard_bytes: Option<u64>,
+    /// Most elements one variable part may have on this shard (the client splits larger
+    /// variables into parts).
+    #[arg(long, env = "PARASYNC_MAX_VARIABLE_ELEMENTS", default_value_t = crate::store::MAX_ELEMENTS)]
+    pub max_variable_elements: u64,
     /// Address of the Prometheus endpoint (`GET /metrics`); none when unset.
     #[arg(long, env = "PARASYNC_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -118,6 +127,10 @@ pub struct ServerSettings {
     pub allow_non_finite: bool,
     /// See [`ServerArgs::spare_buffer_bytes`].
     pub spare_buffer_bytes: usize,
+    /// See [`ServerArgs::max_shard_bytes`] (resolved: the physical memory by default).
+    pub max_shard_bytes: u64,
+    /// See [`ServerArgs::max_variable_elements`].
+    pub max_variable_elements: u64,
     /// See [`ServerArgs::metrics_listen`].
     pub metrics_listen: Option<String>,
     /// See [`ServerArgs::chunk_bytes`].
@@ -220,6 +233,9 @@ impl ServerArgs {
             },
         };
         mode.validate().map_err(anyhow::Error::msg)?;
+        if self.max_variable_elements == 0 {
+            bail!("--max-variable-elements must be at least 1");
+        }
         if self.chunk_bytes < 1024 || self.chunk_bytes + 4096 > self.max_message_bytes {
             bail!("--chunk-bytes must be at least 1024 and leave 4 KiB below --max-message-bytes");
         }
@@ -263,12 +279,39 @@ impl ServerArgs {
             pull_timeout: Duration::from_millis(self.pull_timeout_ms),
             allow_non_finite: self.allow_non_finite,
             spare_buffer_bytes: self.spare_buffer_bytes,
+            max_shard_bytes: self.max_shard_bytes.unwrap_or_else(physical_memory),
+            max_variable_elements: self.max_variable_elements,
             metrics_listen: self.metrics_listen.clone(),
             chunk_bytes: self.chunk_bytes,
             max_message_bytes: self.max_message_bytes,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             worker_threads: self.worker_threads,
         })
+    }
+}
+
+/// Parses a byte count: digits, optionally followed by B, KiB, MiB, GiB or TiB.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, mult) = [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)]
+        .into_iter()
+        .find_map(|(unit, m)| t.strip_suffix(unit).map(|d| (d.trim(), m)))
+        .unwrap_or((t, 1));
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 17179869184, 16GiB, 512MiB)"))
+}
+
+/// The machine's physical memory in bytes (unlimited when the system does not say).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        u64::MAX
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use parasync_proto::names::Quoted;
+
 use crate::consistency::PushRefusal;
 
 /// A request the server could not carry out. Every variant names the variable involved;
@@ -9,28 +11,32 @@ use crate::consistency::PushRefusal;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No variable of that name is registered on this shard.
-    #[error("variable {variable:?} is not registered on this shard")]
+    #[error("variable {} is not registered on this shard", Quoted(.variable))]
     NotFound { variable: String },
     /// The request itself is malformed: shape, dtype, byte length, non-finite values, …
-    #[error("variable {variable:?}: {reason}")]
+    #[error("variable {}: {reason}", Quoted(.variable))]
     InvalidArgument { variable: String, reason: String },
+    /// The shard cannot take it: past its memory or size limits.
+    #[error("variable {}: {reason}", Quoted(.variable))]
+    ResourceExhausted { variable: String, reason: String },
     /// A registration that disagrees with the existing variable of the same name.
-    #[error("variable {variable:?} is already registered with a different definition: {reason}")]
+    #[error("variable {} is already registered with a different definition: {reason}", Quoted(.variable))]
     Conflict { variable: String, reason: String },
     /// The consistency mode refused the push (unknown worker, future step, duplicate).
-    #[error("variable {variable:?}: {refusal}")]
+    #[error("variable {}: {refusal}", Quoted(.variable))]
     Refused { variable: String, refusal: PushRefusal },
     /// A pull waited for its step longer than allowed.
     #[error(
-        "variable {variable:?}: step {step} not reached after {waited:?} (variable is at version {version}); \
-         waiting for gradients from worker(s) {missing:?}"
+        "variable {}: step {step} not reached after {waited:?} (variable is at version {version}); \
+         waiting for gradients from worker(s) {missing:?}",
+        Quoted(.variable)
     )]
     StepTimeout { variable: String, step: u64, version: u64, waited: Duration, missing: Vec<u32> },
     /// The variable's initial values are still to be assigned by the client that created it.
-    #[error("variable {variable:?} is waiting for its initial values (registered with values to follow)")]
+    #[error("variable {} is waiting for its initial values (registered with values to follow)", Quoted(.variable))]
     AwaitingValues { variable: String },
     /// A pull waited longer than allowed for the variable's initial values.
-    #[error("variable {variable:?}: its initial values were not assigned within {waited:?}")]
+    #[error("variable {}: its initial values were not assigned within {waited:?}", Quoted(.variable))]
     ValuesTimeout { variable: String, waited: Duration },
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
@@ -54,6 +60,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound { .. } => tonic::Status::not_found(msg),
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
             Error::Conflict { .. } => tonic::Status::already_exists(msg),
+            Error::ResourceExhausted { .. } => tonic::Status::resource_exhausted(msg),
             Error::Refused { refusal, .. } => match refusal {
                 PushRefusal::UnknownWorker { .. } => tonic::Status::invalid_argument(msg),
                 PushRefusal::FutureStep { .. } | PushRefusal::FutureVersion { .. } => {

@@ -13,6 +13,7 @@ pub mod consistency;
 pub mod convert;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod optimizer;
 pub mod server;

@@ -45,7 +45,13 @@ pub struct Prepared {
 pub fn prepare(settings: &ServerSettings) -> anyhow::Result<Prepared> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(VariableStore::new(
-        StoreConfig { mode: settings.mode, allow_non_finite: settings.allow_non_finite, spare_buffer_bytes: settings.spare_buffer_bytes },
+        StoreConfig {
+            mode: settings.mode,
+            allow_non_finite: settings.allow_non_finite,
+            spare_buffer_bytes: settings.spare_buffer_bytes,
+            max_shard_bytes: settings.max_shard_bytes,
+            max_variable_elements: settings.max_variable_elements,
+        },
         Arc::clone(&metrics),
     ));
     let restored_step = restore(&store, settings)?;
@@ -101,7 +107,7 @@ pub async fn run_prepared(
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let (health_reporter, health) = crate::health::health_reporter(stop_rx.clone());
     health_reporter.set_serving::<ParameterServerServer<PsService>>().await;
     // Reflection lists the services this server offers (the descriptor set also holds the
     // collectives' rendezvous service, which it does not), in both protocol versions:

@@ -313,9 +313,28 @@ impl ParameterServer for PsService {
         request: Request<ps::SetLearningRateRequest>,
     ) -> Result<Response<ps::SetLearningRateResponse>, Status> {
         let r = request.into_inner();
-        let name = (!r.variable.is_empty()).then_some(r.variable.as_str());
-        let updated = self.store.set_learning_rate(name, r.learning_rate).map_err(|e| self.reject(e))?;
-        tracing::info!(variable = name.unwrap_or("*"), lr = r.learning_rate, "learning rate changed");
+        let target = match (r.all_variables, r.variable.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(r.variable),
+            (true, false) => {
+                return Err(self.reject(Error::invalid(&r.variable, "name a variable or set all_variables, not both")));
+            }
+            (false, true) => {
+                return Err(self.reject(Error::invalid("", "name a variable, or set all_variables to change every variable")));
+            }
+        };
+        let Some(lr) = r.learning_rate else {
+            return Err(self.reject(Error::invalid(target.as_deref().unwrap_or("*"), "learning_rate is required")));
+        };
+        // The update takes each variable's write lock, which a long update may hold: off
+        // the runtime threads.
+        let store = self.store.clone();
+        let name = target.clone();
+        let updated = tokio::task::spawn_blocking(move || store.set_learning_rate(name.as_deref(), lr))
+            .await
+            .map_err(|e| Status::internal(format!("setting the learning rate failed: {e}")))?
+            .map_err(|e| self.reject(e))?;
+        tracing::info!(variable = target.as_deref().unwrap_or("*"), lr, updated, "learning rate changed");
         Ok(Response::new(ps::SetLearningRateResponse { updated }))
     }
 
@@ -335,6 +354,8 @@ impl ParameterServer for PsService {
                 storage_dtype: convert::dtype_to_proto(v.def().dtype),
                 version,
                 worker_clocks,
+                optimizer: v.def().optimizer.name().into(),
+                learning_rate: v.learning_rate().await,
             });
         }
         Ok(Response::new(ps::ServerInfoResponse {
@@ -451,11 +472,33 @@ mod tests {
         let svc = service(Mode::Async { num_workers: 1, lr_div_staleness: false });
         svc.register(Request::new(register_req("a", &[1], &[0.0]))).await.unwrap();
         svc.register(Request::new(register_req("b", &[1], &[0.0]))).await.unwrap();
-        let all = ps::SetLearningRateRequest { variable: String::new(), learning_rate: 0.5 };
+        let all = ps::SetLearningRateRequest { variable: String::new(), learning_rate: Some(0.5), all_variables: true };
         assert_eq!(svc.set_learning_rate(Request::new(all)).await.unwrap().into_inner().updated, 2);
-        let bad = ps::SetLearningRateRequest { variable: "a".into(), learning_rate: f32::NAN };
+        let bad = ps::SetLearningRateRequest { variable: "a".into(), learning_rate: Some(f32::NAN), all_variables: false };
         assert_eq!(svc.set_learning_rate(Request::new(bad)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-        let missing = ps::SetLearningRateRequest { variable: "zz".into(), learning_rate: 0.1 };
+        let missing = ps::SetLearningRateRequest { variable: "zz".into(), learning_rate: Some(0.1), all_variables: false };
         assert_eq!(svc.set_learning_rate(Request::new(missing)).await.unwrap_err().code(), tonic::Code::NotFound);
+
+        // What a client built from the .proto sends by default: refused, nothing changed.
+        let empty = ps::SetLearningRateRequest::default();
+        let err = svc.set_learning_rate(Request::new(empty)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("all_variables"), "{}", err.message());
+        let no_rate = ps::SetLearningRateRequest { variable: String::new(), learning_rate: None, all_variables: true };
+        let err = svc.set_learning_rate(Request::new(no_rate)).await.unwrap_err();
+        assert!(err.message().contains("learning_rate is required"), "{}", err.message());
+        let both = ps::SetLearningRateRequest { variable: "a".into(), learning_rate: Some(0.1), all_variables: true };
+        assert_eq!(svc.set_learning_rate(Request::new(both)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let negative = ps::SetLearningRateRequest { variable: "a".into(), learning_rate: Some(-1.0), all_variables: false };
+        assert_eq!(svc.set_learning_rate(Request::new(negative)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let one = ps::SetLearningRateRequest { variable: "b".into(), learning_rate: Some(0.25), all_variables: false };
+        assert_eq!(svc.set_learning_rate(Request::new(one)).await.unwrap().into_inner().updated, 1);
+
+        // ServerInfo shows each variable's optimizer and current rate: only the valid changes took.
+        let info = svc.server_info(Request::new(ps::ServerInfoRequest {})).await.unwrap().into_inner();
+        let mut rates: Vec<(String, String, f32)> =
+            info.variables.iter().map(|v| (v.name.clone(), v.optimizer.clone(), v.learning_rate)).collect();
+        rates.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(rates, vec![("a".into(), "sgd".into(), 0.5), ("b".into(), "sgd".into(), 0.25)]);
     }
 }

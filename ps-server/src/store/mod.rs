@@ -8,6 +8,7 @@
 //! state behind its lock, value snapshots), [`gradient`] (collecting and holding pushed
 //! gradients), [`spare`] (spare gradient buffers), [`mean`] (sync-mode aggregation).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,13 +90,24 @@ pub struct StoreConfig {
     pub allow_non_finite: bool,
     /// Bytes of gradient buffers kept for reuse over all variables (see [`SpareBudget`]).
     pub spare_buffer_bytes: usize,
+    /// Most bytes of values and optimizer slots this shard holds over all its variables;
+    /// a registration past it is refused (`resource_exhausted`) before anything is allocated.
+    pub max_shard_bytes: u64,
+    /// Most elements one variable (or part) may have.
+    pub max_variable_elements: u64,
 }
 
 impl StoreConfig {
     /// Settings for `mode` with the defaults otherwise: non-finite gradients rejected, a
     /// spare-buffer budget of [`DEFAULT_SPARE_BUFFER_BYTES`].
     pub fn new(mode: Mode) -> Self {
-        StoreConfig { mode, allow_non_finite: false, spare_buffer_bytes: DEFAULT_SPARE_BUFFER_BYTES }
+        StoreConfig {
+            mode,
+            allow_non_finite: false,
+            spare_buffer_bytes: DEFAULT_SPARE_BUFFER_BYTES,
+            max_shard_bytes: u64::MAX,
+            max_variable_elements: def::MAX_ELEMENTS,
+        }
     }
 }
 
@@ -112,6 +124,27 @@ pub trait RestoreSource: Send + Sync {
     fn variable(&self, def: &VariableDef) -> Result<Option<RestoredVariable>>;
 }
 
+/// Bytes reserved for a variable being created, given back on drop unless kept.
+struct Reservation<'a> {
+    held: &'a AtomicU64,
+    bytes: u64,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.held.fetch_sub(self.bytes, Relaxed);
+        }
+    }
+}
+
 /// All variables of one shard.
 pub struct VariableStore {
     config: StoreConfig,
@@ -121,6 +154,9 @@ pub struct VariableStore {
     /// Takes checkpoints as variables reach their steps (see [`crate::checkpoint`]).
     checkpointer: std::sync::OnceLock<Arc<crate::checkpoint::Checkpointer>>,
     restore_source: std::sync::OnceLock<Arc<dyn RestoreSource>>,
+    /// Bytes of values and slots of the variables held or being created (see
+    /// [`StoreConfig::max_shard_bytes`]).
+    held_bytes: AtomicU64,
 }
 
 impl VariableStore {
@@ -134,6 +170,7 @@ impl VariableStore {
             spares,
             checkpointer: std::sync::OnceLock::new(),
             restore_source: std::sync::OnceLock::new(),
+            held_bytes: AtomicU64::new(0),
         }
     }
 
@@ -176,7 +213,8 @@ impl VariableStore {
 
     /// Creates a variable from a checkpoint's state. Fails if it exists already.
     pub fn insert_restored(&self, def: VariableDef, restored: RestoredVariable) -> Result<()> {
-        let len = def.validate()?;
+        let len = def.validate(self.config.max_variable_elements)?;
+        let reservation = self.reserve(&def, len)?;
         restored.check(&def, len)?;
         let optimizer = OptimizerState::restored(def.optimizer.clone(), len, restored.optimizer)
             .map_err(|e| Error::invalid(&def.name, format!("checkpoint: {e}")))?;
@@ -195,6 +233,7 @@ impl VariableStore {
             dashmap::Entry::Vacant(e) => {
                 e.insert(Arc::new(Variable::new(def, len, state, Arc::clone(&self.spares))));
                 self.metrics.variables.fetch_add(1, Relaxed);
+                reservation.keep();
                 Ok(())
             }
         }
@@ -222,7 +261,7 @@ impl VariableStore {
 
     /// [`VariableStore::register`], also saying whether the variable still awaits its values.
     pub fn register_full(&self, def: VariableDef, init: &Init) -> Result<Registered> {
-        let len = def.validate()?;
+        let len = def.validate(self.config.max_variable_elements)?;
         if let Some(existing) = self.vars.get(&def.name) {
             return Self::confirm(&existing, &def);
         }
@@ -240,6 +279,8 @@ impl VariableStore {
                 };
             }
         }
+        // Before anything is allocated: the shard's memory limit.
+        let reservation = self.reserve(&def, len)?;
         // Materialise outside the map's shard lock: initialisation of a large variable is slow.
         let values = init.materialize(&def.name, len)?;
         let entry = self.vars.entry(def.name.clone());
@@ -257,9 +298,33 @@ impl VariableStore {
                 let awaiting_values = state.awaiting_values;
                 e.insert(Arc::new(Variable::new(def, len, state, Arc::clone(&self.spares))));
                 self.metrics.variables.fetch_add(1, Relaxed);
+                reservation.keep();
                 Ok(Registered { created: true, version: 0, awaiting_values })
             }
         }
+    }
+
+    /// Reserves the bytes of `def`'s values and slots against `max_shard_bytes`; the
+    /// reservation is given back unless kept (the variable was created).
+    fn reserve(&self, def: &VariableDef, len: usize) -> Result<Reservation<'_>> {
+        let bytes = def.bytes_held(len);
+        let max = self.config.max_shard_bytes;
+        self.held_bytes
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_add(bytes).filter(|&after| after <= max))
+            .map_err(|held| Error::ResourceExhausted {
+                variable: def.name.clone(),
+                reason: format!(
+                    "it needs {bytes} bytes (values and {} optimizer slot(s)); this shard holds {held} of its \
+                     --max-shard-bytes {max}",
+                    def.optimizer.num_slots()
+                ),
+            })?;
+        Ok(Reservation { held: &self.held_bytes, bytes, kept: false })
+    }
+
+    /// Bytes of values and optimizer slots held by the variables of this shard.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes.load(Relaxed)
     }
 
     fn confirm(existing: &Variable, def: &VariableDef) -> Result<Registered> {
@@ -562,11 +627,37 @@ mod tests {
     #[test]
     fn bad_definitions_are_rejected() {
         let s = store(Mode::Async { num_workers: 1, lr_div_staleness: false });
-        for d in [def("a", &[], DType::F32), def("b", &[0, 2], DType::F32), def("c", &[1 << 20, 1 << 20], DType::F32), def("", &[1], DType::F32)] {
+        for d in [def("a", &[], DType::F32), def("b", &[0, 2], DType::F32), def("", &[1], DType::F32)] {
             assert!(matches!(s.register(d, &Init::Zeros), Err(Error::InvalidArgument { .. })));
         }
+        let huge = s.register(def("c", &[1 << 20, 1 << 20], DType::F32), &Init::Zeros);
+        assert!(matches!(huge, Err(Error::ResourceExhausted { .. })), "{huge:?}");
         assert!(s.register(def("v", &[3], DType::F32), &Init::Values(vec![1.0])).is_err());
         assert!(s.list().is_empty());
+        assert_eq!(s.held_bytes(), 0, "refused registrations hold nothing");
+    }
+
+    #[test]
+    fn registrations_past_the_shard_limit_are_refused_and_failures_give_their_bytes_back() {
+        let mut config = StoreConfig::new(Mode::Async { num_workers: 1, lr_div_staleness: false });
+        config.max_shard_bytes = 900;
+        let s = VariableStore::new(config, Arc::new(Metrics::default()));
+        // 100 f32 = 400 bytes (SGD without momentum keeps no slot)
+        s.register(def("a", &[100], DType::F32), &Init::Zeros).unwrap();
+        s.register(def("a", &[100], DType::F32), &Init::Zeros).unwrap(); // the same again: no new bytes
+        assert_eq!(s.held_bytes(), 400);
+        // a failing initializer gives its reservation back
+        let bad = Init::Uniform { low: 1.0, high: 0.0, seed: 0 };
+        assert!(s.register(def("b", &[100], DType::F32), &bad).is_err());
+        assert_eq!(s.held_bytes(), 400);
+        s.register(def("b", &[100], DType::Bf16), &Init::Zeros).unwrap(); // 200 bytes
+        let err = s.register(def("c", &[100], DType::F32), &Init::Zeros).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::ResourceExhausted { .. }), "{err:?}");
+        assert!(msg.contains("needs 400 bytes") && msg.contains("holds 600 of its --max-shard-bytes 900"), "{msg}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+        s.register(def("c", &[100], DType::Bf16), &Init::Zeros).unwrap();
+        assert_eq!((s.len(), s.held_bytes()), (3, 800));
     }
 
     #[test]

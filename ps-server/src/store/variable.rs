@@ -170,6 +170,11 @@ impl Variable {
         self.read_async(|st| (st.clock.version(), st.clock.worker_clocks().to_vec())).await
     }
 
+    /// The optimizer's current learning rate.
+    pub async fn learning_rate(&self) -> f32 {
+        self.read_async(|st| st.optimizer.learning_rate()).await
+    }
+
     /// The current values and their version, for a pull: later updates leave them as they
     /// are (they copy the values first while a snapshot is alive).
     pub async fn values_snapshot(&self) -> ValuesSnapshot {
