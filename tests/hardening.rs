@@ -182,3 +182,78 @@ async fn registrations_past_the_shard_limit_are_refused_before_anything_is_alloc
     })
     .await;
 }
+
+/// Raises this process's open-file limit to at least `want` (up to the hard limit).
+fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Whether the server closed `s` (end of file or reset) rather than keeping it open.
+fn closed(s: &std::net::TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_data_connections_is_capped_and_timed_out_while_clients_go_on() {
+    assert!(raise_fd_limit(4096) >= 2200, "this test needs 2 200 open files");
+    common::bounded(90, async {
+        let cluster = common::cluster(
+            1,
+            &["--mode", "async", "--num-workers", "1", "--data-max-connections", "64", "--data-idle-timeout-s", "3"],
+        );
+        let mut c = common::client(&cluster, 0, 1 << 20).await;
+        let mut spec = parasync_client::VariableSpec::new("w", &[1 << 16]);
+        spec.optimizer = parasync_client::Optimizer::sgd(1.0);
+        c.register(vec![spec]).await.unwrap();
+        c.push(0, &[&vec![1.0f32; 1 << 16]]).await.unwrap(); // its data-plane connection is open
+
+        let mut raw = connect(&cluster).await;
+        let port = raw.server_info(ps::ServerInfoRequest {}).await.unwrap().into_inner().data_port;
+        assert!(port > 0, "the shard runs a data plane");
+        let flood: Vec<std::net::TcpStream> = tokio::task::spawn_blocking(move || {
+            (0..2000)
+                .map(|_| {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+                    let _ = std::io::Write::write_all(&mut s, parasync_proto::data::MAGIC);
+                    s.set_nonblocking(true).unwrap();
+                    s
+                })
+                .collect()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let open = flood.iter().filter(|s| !closed(s)).count();
+        assert!(open <= 64, "{open} of 2000 flood connections stayed open past --data-max-connections 64");
+        assert!(open > 0, "connections under the limit are served");
+
+        // The registered client goes on over its own connection.
+        for step in 1..=5 {
+            c.push(step, &[&vec![1.0f32; 1 << 16]]).await.unwrap();
+        }
+        assert_eq!(c.pull(0).await.unwrap()[0][..4], [-6.0; 4], "six pushes of 1.0 with lr 1");
+
+        // Past the idle timeout every flood connection is closed; the client reconnects.
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let open = flood.iter().filter(|s| !closed(s)).count();
+        assert_eq!(open, 0, "idle connections outlived --data-idle-timeout-s 3");
+        c.push(6, &[&vec![1.0f32; 1 << 16]]).await.unwrap();
+        assert_eq!(c.pull(0).await.unwrap()[0][..4], [-7.0; 4]);
+        assert!(cluster.metric_sum("parasync_rejected_requests_total").unwrap() >= 1900.0, "refused connections are counted");
+    })
+    .await;
+}

@@ -83,6 +83,14 @@ pub struct ServerArgs {
     /// server info); defaults to the gRPC address's host with a free port; `off` disables it.
     #[arg(long, env = "PARASYNC_DATA_LISTEN")]
     pub data_listen: Option<String>,
+    /// Data-plane connections open at once; past it, new ones are closed at once (and
+    /// counted as rejected). Each worker opens up to 8 per shard.
+    #[arg(long, env = "PARASYNC_DATA_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub data_max_connections: usize,
+    /// Seconds a data-plane connection may stay without a request before the shard closes
+    /// it (clients open a new one when they need it).
+    #[arg(long, env = "PARASYNC_DATA_IDLE_TIMEOUT_S", default_value_t = 300.0)]
+    pub data_idle_timeout_s: f64,
     /// Number of shards of the job (default: the `ps` tasks of `TF_CONFIG`, else the shard
     /// count of the checkpoint restored). Restoring onto another shard count needs it.
     #[arg(long, env = "PARASYNC_NUM_SHARDS")]
@@ -143,6 +151,8 @@ pub struct ServerSettings {
     pub worker_threads: usize,
     /// Where the data plane listens; `None` when disabled.
     pub data_listen: Option<String>,
+    /// See [`ServerArgs::data_max_connections`] and [`ServerArgs::data_idle_timeout_s`].
+    pub data_limits: crate::dataplane::Limits,
     /// See [`ServerArgs::num_shards`] (`None`: not given).
     pub num_shards: Option<u32>,
     /// See [`ServerArgs::checkpoint_dir`].
@@ -233,6 +243,12 @@ impl ServerArgs {
             },
         };
         mode.validate().map_err(anyhow::Error::msg)?;
+        if self.data_max_connections == 0 {
+            bail!("--data-max-connections must be at least 1");
+        }
+        if !(self.data_idle_timeout_s.is_finite() && self.data_idle_timeout_s > 0.0) {
+            bail!("--data-idle-timeout-s must be a number of seconds > 0, got {}", self.data_idle_timeout_s);
+        }
         if self.max_variable_elements == 0 {
             bail!("--max-variable-elements must be at least 1");
         }
@@ -273,6 +289,10 @@ impl ServerArgs {
             keep_checkpoints: self.keep_checkpoints.max(1),
             restore: self.restore.clone(),
             data_listen,
+            data_limits: crate::dataplane::Limits {
+                max_connections: self.data_max_connections,
+                idle_timeout: Duration::from_secs_f64(self.data_idle_timeout_s),
+            },
             listen,
             shard_index,
             mode,

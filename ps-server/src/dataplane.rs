@@ -43,17 +43,43 @@ const IDLE_BUFFER_BYTES: usize = 64 << 10;
 /// How long a new connection may take to send its greeting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bounds on the data plane's connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// A connection with no request for this long is closed (the client opens a new one
+    /// when it needs one).
+    pub idle_timeout: Duration,
+}
+
 /// Accepts data-plane connections on `listener` until `stop` turns true; then waits for the
 /// requests in flight to finish (a pull waiting for its step is released by `stop`).
-pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits) {
     let mut conns = JoinSet::new();
     let mut stopped = stop.clone();
+    let mut refused: u64 = 0;
+    let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stopped_signal(&mut stopped) => break,
             accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) if conns.len() >= limits.max_connections => {
+                    drop(sock);
+                    refused += 1;
+                    service.store().metrics().rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // One line per 10 s at most: a flood must not flood the log too.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        last_warning = Some(tokio::time::Instant::now());
+                        tracing::warn!(
+                            %peer, open = conns.len(), refused,
+                            "data plane: at its connection limit (--data-max-connections {}); closing new connections",
+                            limits.max_connections
+                        );
+                    }
+                }
                 Ok((sock, peer)) => {
-                    conns.spawn(connection(sock, peer, service.clone(), stop.clone()));
+                    conns.spawn(connection(sock, peer, service.clone(), stop.clone(), limits.idle_timeout));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -84,7 +110,13 @@ pub fn tune_socket(sock: &TcpStream) {
     let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&keepalive);
 }
 
-async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, mut stop: watch::Receiver<bool>) {
+async fn connection(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    service: PsService,
+    mut stop: watch::Receiver<bool>,
+    idle_timeout: Duration,
+) {
     tune_socket(&sock);
     let mut hello = [0u8; 8];
     match tokio::time::timeout(HELLO_TIMEOUT, sock.read_exact(&mut hello)).await {
@@ -95,6 +127,7 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, m
         }
     }
     let mut conn = Conn { sock, service, scratch: Vec::new(), out: Vec::new() };
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         // Between requests a connection closes at shutdown; a request already under way
         // runs to its end. A connection idle for a while gives its buffers back, so many
@@ -116,6 +149,10 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, m
                 conn.out = Vec::new();
                 continue;
             }
+            _ = tokio::time::sleep_until(idle_since + idle_timeout) => {
+                tracing::debug!(%peer, ?idle_timeout, "data plane: closing an idle connection");
+                return;
+            }
         }
         if conn.sock.read_exact(&mut prefix[1..]).await.is_err() {
             return; // closed by the client
@@ -124,6 +161,7 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, service: PsService, m
             tracing::debug!(%peer, error = %e, "data plane: connection closed");
             return;
         }
+        idle_since = tokio::time::Instant::now();
     }
 }
 

@@ -102,7 +102,7 @@ pub async fn run_prepared(
         stop_rx.clone(),
     );
     let checkpointer = store_checkpointer.clone();
-    let data_task = data_listener.map(|l| tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone())));
+    let data_task = data_listener.map(|l| tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone(), settings.data_limits)));
     let ps = ParameterServerServer::new(service)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
