@@ -181,7 +181,9 @@ impl DataPlane {
             Ok(reply) => {
                 self.idle.lock().expect("pool lock").push(conn);
                 if reply.code != 0 {
-                    let status = tonic::Status::new(tonic::Code::from(reply.code as i32), reply.message);
+                    let mut status = tonic::Status::new(tonic::Code::from(reply.code as i32), reply.message);
+                    // The shard's own answer, never tonic's size limit.
+                    parasync_proto::codec::mark_service_status(&mut status);
                     return Err(Error::from_status(status, ctx));
                 }
                 Ok(reply)

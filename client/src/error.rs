@@ -94,8 +94,13 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
         assert!(e.message.starts_with("register \"w\": Error, decoded message length too large"), "{e}");
         assert!(e.message.contains("--max-message-bytes"), "{e}");
-        let step = Error::from_status(tonic::Status::out_of_range("step 9 is ahead"), "pull");
+        let mut ahead = tonic::Status::out_of_range("step 9 is ahead");
+        parasync_proto::codec::mark_service_status(&mut ahead); // as the server sends it
+        let step = Error::from_status(ahead, "pull");
         assert_eq!((step.kind, step.message.as_str()), (ErrorKind::OutOfRange, "pull: step 9 is ahead"));
+        // the size check does not depend on tonic's wording
+        let reworded = Error::from_status(tonic::Status::out_of_range("message exceeds 8192 bytes"), "push");
+        assert_eq!(reworded.kind, ErrorKind::InvalidArgument, "{reworded}");
         let limit = Error::from_status(tonic::Status::resource_exhausted("a chunk is larger than this server accepts"), "push");
         assert_eq!(limit.kind, ErrorKind::InvalidArgument);
     }

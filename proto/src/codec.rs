@@ -8,11 +8,23 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
+/// Metadata key the parameter server sets on every status its service code produces
+/// (see [`mark_service_status`]).
+pub const SERVICE_STATUS_KEY: &str = "parasync-service-status";
+
+/// Marks `status` as the parameter server's own answer (not the transport's): the server
+/// marks every error it returns, the client marks data-plane replies.
+pub fn mark_service_status(status: &mut Status) {
+    status.metadata_mut().insert(SERVICE_STATUS_KEY, tonic::metadata::MetadataValue::from_static("1"));
+}
+
 /// True for tonic's refusal of a message over the receiver's size limit. tonic reports it
-/// as `out_of_range` ("decoded message length too large"), before any service code runs;
-/// the server and the client each turn it into an error that says what to change.
+/// as `out_of_range`, before any service code runs; the service's own `out_of_range`
+/// answers (a step ahead of the variable) carry the [`SERVICE_STATUS_KEY`] mark, so an
+/// unmarked one is the size limit, whatever tonic's wording. The server and the client
+/// each turn it into an error that says what to change.
 pub fn is_oversized_message(status: &Status) -> bool {
-    status.code() == Code::OutOfRange && status.message().contains("message length too large")
+    status.code() == Code::OutOfRange && !status.metadata().contains_key(SERVICE_STATUS_KEY)
 }
 
 /// Buffer settings for tensor chunks: fewer, larger buffer growths per message.

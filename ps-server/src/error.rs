@@ -55,22 +55,29 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e {
-            Error::NotFound { .. } => tonic::Status::not_found(msg),
-            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
-            Error::Conflict { .. } => tonic::Status::already_exists(msg),
-            Error::ResourceExhausted { .. } => tonic::Status::resource_exhausted(msg),
-            Error::Refused { refusal, .. } => match refusal {
-                PushRefusal::UnknownWorker { .. } => tonic::Status::invalid_argument(msg),
-                PushRefusal::FutureStep { .. } | PushRefusal::FutureVersion { .. } => {
-                    tonic::Status::out_of_range(msg)
-                }
-                PushRefusal::Duplicate { .. } => tonic::Status::failed_precondition(msg),
-            },
-            Error::StepTimeout { .. } | Error::ValuesTimeout { .. } => tonic::Status::deadline_exceeded(msg),
-            Error::AwaitingValues { .. } => tonic::Status::failed_precondition(msg),
-            Error::ShuttingDown => tonic::Status::unavailable(msg),
-        }
+        let mut status = to_status(e);
+        parasync_proto::codec::mark_service_status(&mut status);
+        status
+    }
+}
+
+/// The status of `e`, before it is marked as the service's own.
+fn to_status(e: Error) -> tonic::Status {
+    let msg = e.to_string();
+    match e {
+        Error::NotFound { .. } => tonic::Status::not_found(msg),
+        Error::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+        Error::Conflict { .. } => tonic::Status::already_exists(msg),
+        Error::ResourceExhausted { .. } => tonic::Status::resource_exhausted(msg),
+        Error::Refused { refusal, .. } => match refusal {
+            PushRefusal::UnknownWorker { .. } => tonic::Status::invalid_argument(msg),
+            PushRefusal::FutureStep { .. } | PushRefusal::FutureVersion { .. } => {
+                tonic::Status::out_of_range(msg)
+            }
+            PushRefusal::Duplicate { .. } => tonic::Status::failed_precondition(msg),
+        },
+        Error::StepTimeout { .. } | Error::ValuesTimeout { .. } => tonic::Status::deadline_exceeded(msg),
+        Error::AwaitingValues { .. } => tonic::Status::failed_precondition(msg),
+        Error::ShuttingDown => tonic::Status::unavailable(msg),
     }
 }
