@@ -347,7 +347,7 @@ impl ParameterServer for PsService {
         };
         let mut variables = Vec::new();
         for v in self.store.list() {
-            let (version, worker_clocks) = v.version_and_clocks().await;
+            let (version, worker_clocks, learning_rate) = v.version_clocks_and_rate().await;
             variables.push(ps::VariableInfo {
                 name: v.def().name.clone(),
                 shape: v.def().shape.clone(),
@@ -355,7 +355,7 @@ impl ParameterServer for PsService {
                 version,
                 worker_clocks,
                 optimizer: v.def().optimizer.name().into(),
-                learning_rate: v.learning_rate().await,
+                learning_rate,
             });
         }
         Ok(Response::new(ps::ServerInfoResponse {

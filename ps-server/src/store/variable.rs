@@ -165,14 +165,10 @@ impl Variable {
         self.read_async(|st| st.clock.version()).await
     }
 
-    /// The version and, in bounded mode, each worker's pushed steps.
-    pub async fn version_and_clocks(&self) -> (u64, Vec<u64>) {
-        self.read_async(|st| (st.clock.version(), st.clock.worker_clocks().to_vec())).await
-    }
-
-    /// The optimizer's current learning rate.
-    pub async fn learning_rate(&self) -> f32 {
-        self.read_async(|st| st.optimizer.learning_rate()).await
+    /// The version, in bounded mode each worker's pushed steps, and the optimizer's
+    /// current learning rate, from one read.
+    pub async fn version_clocks_and_rate(&self) -> (u64, Vec<u64>, f32) {
+        self.read_async(|st| (st.clock.version(), st.clock.worker_clocks().to_vec(), st.optimizer.learning_rate())).await
     }
 
     /// The current values and their version, for a pull: later updates leave them as they
