@@ -17,7 +17,7 @@
  * `parasync_last_error()`).
  *
  * A parameter-server call fails with one of the codes from `INVALID_ARGUMENT` to
- * `INTERNAL`, or with `USAGE`; a collective with `USAGE`, `PEER`, `RENDEZVOUS`, `ENV`,
+ * `INTERNAL`, `UNAUTHENTICATED`, or with `USAGE`; a collective with `USAGE`, `PEER`, `RENDEZVOUS`, `ENV`,
  * `POISONED`, `IO` or `INTERNAL`. `PANIC` is a bug in this library.
  */
 enum ParasyncStatus
@@ -101,6 +101,11 @@ enum ParasyncStatus
    * A panic inside the library was caught at the boundary (a bug: please report it).
    */
   PARASYNC_STATUS_PANIC = 16,
+  /**
+   * The parameter server requires an auth token and the client presented none, or a
+   * wrong one (`options.auth_token`, `PARASYNC_AUTH_TOKEN`).
+   */
+  PARASYNC_STATUS_UNAUTHENTICATED = 17,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -177,6 +182,11 @@ typedef struct ParasyncPsOptions {
    * default); gRPC otherwise. Same results either way.
    */
   bool data_plane;
+  /**
+   * The secret the shards require (their `--auth-token-file`), NUL-terminated; NULL (the
+   * default): `PARASYNC_AUTH_TOKEN`, or the file `PARASYNC_AUTH_TOKEN_FILE` names, if set.
+   */
+  const char *auth_token;
 } ParasyncPsOptions;
 
 /**

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_void};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use parasync_collective::{connect, with_element, CommConfig, Communicator, ConnectOptions, JoinSpec, TcpOptions};
+use parasync_collective::{connect, AuthToken, with_element, CommConfig, Communicator, ConnectOptions, JoinSpec, TcpOptions};
 
 use crate::args::{self, Region};
 use crate::dtype::{ParasyncDtype, ParasyncReduceOp};
@@ -96,7 +96,14 @@ unsafe fn comm_connect_impl(
     };
     let timeout = timeout(timeout_ms);
     let opts = ConnectOptions {
-        spec: JoinSpec { rank, world_size, master: master.to_string(), token: token.to_string(), timeout },
+        spec: JoinSpec {
+            rank,
+            world_size,
+            master: master.to_string(),
+            token: token.to_string(),
+            auth_token: AuthToken::from_env().map_err(|e| Error::usage(e))?,
+            timeout,
+        },
         comm: CommConfig { timeout, ..CommConfig::default() },
         tcp: TcpOptions::default(),
         data_host: None,

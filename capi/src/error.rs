@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `parasync_last_error()`).
 ///
 /// A parameter-server call fails with one of the codes from `INVALID_ARGUMENT` to
-/// `INTERNAL`, or with `USAGE`; a collective with `USAGE`, `PEER`, `RENDEZVOUS`, `ENV`,
+/// `INTERNAL`, `UNAUTHENTICATED`, or with `USAGE`; a collective with `USAGE`, `PEER`, `RENDEZVOUS`, `ENV`,
 /// `POISONED`, `IO` or `INTERNAL`. `PANIC` is a bug in this library.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,11 +58,14 @@ pub enum ParasyncStatus {
     Io = 15,
     /// A panic inside the library was caught at the boundary (a bug: please report it).
     Panic = 16,
+    /// The parameter server requires an auth token and the client presented none, or a
+    /// wrong one (`options.auth_token`, `PARASYNC_AUTH_TOKEN`).
+    Unauthenticated = 17,
 }
 
 impl ParasyncStatus {
     /// Every status, in code order.
-    const ALL: [ParasyncStatus; 17] = [
+    const ALL: [ParasyncStatus; 18] = [
         ParasyncStatus::Ok,
         ParasyncStatus::InvalidArgument,
         ParasyncStatus::NotFound,
@@ -80,6 +83,7 @@ impl ParasyncStatus {
         ParasyncStatus::Poisoned,
         ParasyncStatus::Io,
         ParasyncStatus::Panic,
+        ParasyncStatus::Unauthenticated,
     ];
 
     /// The constant's name in the header, NUL-terminated.
@@ -102,6 +106,7 @@ impl ParasyncStatus {
             ParasyncStatus::Poisoned => c"PARASYNC_STATUS_POISONED",
             ParasyncStatus::Io => c"PARASYNC_STATUS_IO",
             ParasyncStatus::Panic => c"PARASYNC_STATUS_PANIC",
+            ParasyncStatus::Unauthenticated => c"PARASYNC_STATUS_UNAUTHENTICATED",
         }
     }
 }
@@ -160,6 +165,7 @@ impl From<parasync_client::Error> for Error {
             K::Usage => ParasyncStatus::Usage,
             K::Interrupted => ParasyncStatus::Interrupted,
             K::Internal => ParasyncStatus::Internal,
+            K::Unauthenticated => ParasyncStatus::Unauthenticated,
         };
         Error::new(status, e.message)
     }

@@ -155,6 +155,10 @@ struct Server {
 
 impl Server {
     fn start(checkpoint_dir: Option<std::path::PathBuf>) -> Server {
+        Server::start_with(checkpoint_dir, None)
+    }
+
+    fn start_with(checkpoint_dir: Option<std::path::PathBuf>, auth_token: Option<&str>) -> Server {
         use ps_server::config::ServerSettings;
         use ps_server::consistency::Mode;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -186,6 +190,7 @@ impl Server {
             checkpoint_every: None,
             keep_checkpoints: 1,
             restore: None,
+            auth_token: auth_token.map(|t| parasync_client::AuthToken::new(t).unwrap()),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(async move {
@@ -226,6 +231,17 @@ fn a_c_worker_trains_against_a_real_parameter_server() {
     let written = ["shard-0-of-1.safetensors", "shard-0-of-1.json", "manifest.json"].map(|f| dir.join("step-4").join(f).is_file());
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(written, [true; 3], "the checkpoint's files");
+}
+
+#[test]
+fn a_shard_with_a_token_refuses_c_clients_without_it() {
+    let server = Server::start_with(None, Some("c-s3cret"));
+    let mut cmd = Command::new(program("auth"));
+    cmd.args([&server.addr, "c-s3cret"]);
+    cmd.env_remove("PARASYNC_AUTH_TOKEN").env_remove("PARASYNC_AUTH_TOKEN_FILE");
+    let out = Running::start(cmd, "auth").expect_success();
+    assert!(out.contains("-> PARASYNC_STATUS_UNAUTHENTICATED: ") && out.contains("wrong auth token"), "{out}");
+    assert!(out.contains("auth: all checks passed"), "{out}");
 }
 
 /// Both ranks of a two-rank job as C processes.

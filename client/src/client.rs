@@ -8,6 +8,8 @@ use parasync_proto::names::{self, Quoted};
 use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
 use parasync_tensor::DType;
 use tokio_stream::wrappers::ReceiverStream;
+use parasync_proto::auth::{AuthToken, PresentToken};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::dataplane::DataPlane;
@@ -15,7 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{place, Part, Placement};
 use crate::spec::{dtype_to_proto, Init, VariableSpec};
 
-type Rpc = ParameterServerClient<Channel>;
+type Rpc = ParameterServerClient<InterceptedService<Channel, PresentToken>>;
 
 /// Explicit values above this many bytes are sent after registration as an assignment
 /// stream, so no single message gets large.
@@ -63,6 +65,9 @@ pub struct ClientOptions {
     /// picked up again, and in sync mode the worker re-pushes the steps the restored shard
     /// lacks (see [`Client::push_pull`]). Zero fails at once.
     pub recovery_timeout: Duration,
+    /// The token the shards require (their `--auth-token-file`). `None`: the one
+    /// `PARASYNC_AUTH_TOKEN` (or the file `PARASYNC_AUTH_TOKEN_FILE` names) gives, if any.
+    pub auth_token: Option<AuthToken>,
 }
 
 impl Default for ClientOptions {
@@ -81,6 +86,7 @@ impl Default for ClientOptions {
             data_connections_per_shard: 8,
             reply_spin: Duration::ZERO,
             recovery_timeout: Duration::from_secs(60),
+            auth_token: None,
         }
     }
 }
@@ -236,6 +242,10 @@ impl Client {
         }
         if opts.chunk_bytes < 4 || opts.connections_per_shard == 0 {
             return Err(Error::usage("chunk_bytes must be at least 4 and connections_per_shard at least 1"));
+        }
+        let mut opts = opts;
+        if opts.auth_token.is_none() {
+            opts.auth_token = AuthToken::from_env().map_err(Error::usage)?;
         }
         let shards = try_join_all(addrs.iter().enumerate().map(|(i, a)| connect_shard(i, a, &opts))).await?;
         // Random (std's hasher keys are seeded from the OS), mixed with the time for good measure.
@@ -1028,7 +1038,7 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
     while conns.len() < opts.connections_per_shard {
         match endpoint.connect().await {
             Ok(ch) => conns.push(
-                ParameterServerClient::new(ch)
+                ParameterServerClient::with_interceptor(ch, PresentToken(opts.auth_token.clone()))
                     // Replies are cut by the server's chunk size, not this client's: take
                     // whatever the shard sends (it is the data asked for).
                     .max_decoding_message_size(usize::MAX)
@@ -1091,7 +1101,7 @@ async fn open_data_plane(index: usize, addr: &str, data_port: u32, rpc: &Rpc, op
             resolve_data_port(&host, port).await
         })
     });
-    match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin).await {
+    match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin, opts.auth_token.clone()).await {
         Ok(plane) => {
             tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
             Some(plane)

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use parasync_proto::auth::AuthToken;
 use parasync_proto::data::{frame_len, put_frame, MAGIC};
 use parasync_proto::ps::{self, data_request::Op};
 use parasync_tensor::DType;
@@ -65,12 +66,20 @@ pub(crate) struct DataPlane {
     sending: tokio::sync::Mutex<()>,
     /// How long to busy-poll for the reply of a small request before sleeping.
     spin: Duration,
+    /// Presented in every connection's hello.
+    token: Option<AuthToken>,
 }
 
 impl DataPlane {
     /// Opens a first connection to `addr`, to learn early whether the port is reachable.
-    pub async fn connect(addr: SocketAddr, resolve: Resolve, max_connections: usize, spin: Duration) -> std::io::Result<DataPlane> {
-        let conn = dial(addr).await?;
+    pub async fn connect(
+        addr: SocketAddr,
+        resolve: Resolve,
+        max_connections: usize,
+        spin: Duration,
+        token: Option<AuthToken>,
+    ) -> std::io::Result<DataPlane> {
+        let conn = dial(addr, token.as_ref()).await?;
         Ok(DataPlane {
             addr: Mutex::new(addr),
             resolve,
@@ -78,6 +87,7 @@ impl DataPlane {
             in_flight: Semaphore::new(max_connections.max(1)),
             sending: tokio::sync::Mutex::new(()),
             spin,
+            token,
         })
     }
 
@@ -154,8 +164,15 @@ impl DataPlane {
             return Ok((permit, c));
         }
         let addr = self.addr();
-        let unavailable = |a: SocketAddr, e: std::io::Error| Error::new(ErrorKind::Unavailable, format!("{ctx}: data plane {a}: {e}"));
-        match dial(addr).await {
+        let unavailable = |a: SocketAddr, e: std::io::Error| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => ErrorKind::Unauthenticated,
+                _ => ErrorKind::Unavailable,
+            };
+            Error::new(kind, format!("{ctx}: data plane {a}: {e}"))
+        };
+        match dial(addr, self.token.as_ref()).await {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(unavailable(addr, e)),
             Ok(c) => Ok((permit, c)),
             Err(e) => {
                 // Nothing was sent, so trying elsewhere is safe: the shard may have restarted
@@ -164,7 +181,7 @@ impl DataPlane {
                     Some(fresh) if fresh != addr => {
                         tracing::info!(old = %addr, new = %fresh, "the shard's data plane moved");
                         *self.addr.lock().expect("address lock") = fresh;
-                        let c = dial(fresh).await.map_err(|e| unavailable(fresh, e))?;
+                        let c = dial(fresh, self.token.as_ref()).await.map_err(|e| unavailable(fresh, e))?;
                         Ok((permit, c))
                     }
                     _ => Err(unavailable(addr, e)),
@@ -234,8 +251,9 @@ fn protocol(ctx: &str, why: &str) -> Error {
     Error::new(ErrorKind::Internal, format!("{ctx}: data plane protocol error: {why}"))
 }
 
-/// Opens a data connection: connect, socket options, greeting.
-async fn dial(addr: SocketAddr) -> std::io::Result<Conn> {
+/// Opens a data connection: connect, socket options, greeting, and a hello with the token
+/// (a refused one is a `PermissionDenied` error carrying the shard's message).
+async fn dial(addr: SocketAddr, token: Option<&AuthToken>) -> std::io::Result<Conn> {
     let mut sock = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting took over {DIAL_TIMEOUT:?}")))??;
@@ -243,8 +261,24 @@ async fn dial(addr: SocketAddr) -> std::io::Result<Conn> {
     // Keepalive probes notice a server whose machine died, instead of waiting forever.
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(5));
     socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive.with_retries(3))?;
-    sock.write_all(MAGIC).await?;
-    Ok(Conn { sock, scratch: Vec::new() })
+    let hello = ps::DataRequest {
+        op: Some(Op::Hello(ps::DataHello { auth_token: token.map_or_else(String::new, |t| t.expose().to_string()) })),
+        payload_bytes: 0,
+    };
+    let mut greeting = MAGIC.to_vec();
+    put_frame(&hello, &mut greeting);
+    sock.write_all(&greeting).await?;
+    let mut conn = Conn { sock, scratch: Vec::new() };
+    let answered = tokio::time::timeout(DIAL_TIMEOUT, conn.reply()).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the shard did not answer the hello within {DIAL_TIMEOUT:?}"))
+    })?;
+    match answered {
+        Ok(r) if r.code == 0 => Ok(conn),
+        Ok(r) if r.code == tonic::Code::Unauthenticated as u32 => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, r.message)),
+        Ok(r) => Err(std::io::Error::other(format!("the shard refused the connection: {}", r.message))),
+        Err(Failure::Io(e)) => Err(e),
+        Err(Failure::Protocol(why)) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)),
+    }
 }
 
 impl Conn {

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Usage,
     /// The caller abandoned a blocking call (see [`crate::blocking`]).
     Interrupted,
+    /// The server wants an auth token this client did not present, or presented wrong.
+    Unauthenticated,
     /// Anything else the server reported.
     Internal,
 }
@@ -62,6 +64,7 @@ impl Error {
             }
             Code::OutOfRange => ErrorKind::OutOfRange,
             Code::DeadlineExceeded => ErrorKind::Timeout,
+            Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
             Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
             // tonic's "transport error": the connection broke under the call (the status
             // carries the transport's error as its source; a server's status has none).

@@ -231,6 +231,7 @@ pub fn connect_options(
             world_size: world,
             master,
             token,
+            auth_token: None,
             timeout: Duration::from_secs(args.timeout_s),
         },
         comm: comm_config(args),

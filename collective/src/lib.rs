@@ -34,3 +34,5 @@ pub use rendezvous::{
     connect, connect_hosting, connect_with_blob, ConnectOptions, JoinSpec, RendezvousHost,
 };
 pub use transport::tcp::TcpOptions;
+/// The shared secret of authenticated jobs (see [`JoinSpec::auth_token`]).
+pub use parasync_proto::auth::AuthToken;

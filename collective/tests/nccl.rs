@@ -17,6 +17,7 @@ fn opts(rank: usize, world: usize, master: &str) -> ConnectOptions {
             world_size: world,
             master: master.into(),
             token: "nccl-test".into(),
+            auth_token: None,
             timeout: t,
         },
         comm: CommConfig {

@@ -52,6 +52,7 @@ fn steady_state_operations_do_not_allocate() {
                         world_size: 3,
                         master: master.clone(),
                         token: "alloc".into(),
+                        auth_token: None,
                         timeout: t,
                     },
                     comm: CommConfig {

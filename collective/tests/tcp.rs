@@ -13,6 +13,7 @@ fn opts(rank: usize, world: usize, master: &str, timeout: Duration) -> ConnectOp
             world_size: world,
             master: master.into(),
             token: "tcp-test".into(),
+            auth_token: None,
             timeout,
         },
         comm: CommConfig {

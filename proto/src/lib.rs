@@ -3,6 +3,7 @@
 //! Only the crates that convert to and from their own domain types use this crate
 //! (`ps-server` and `client`); proto types never appear in their public APIs.
 
+pub mod auth;
 pub mod codec;
 pub mod data;
 pub mod names;

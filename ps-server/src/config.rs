@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::consistency::Mode;
+use parasync_proto::auth::AuthToken;
 
 /// Consistency mode as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +119,11 @@ pub struct ServerArgs {
     /// of them).
     #[arg(long, env = "PARASYNC_RESTORE")]
     pub restore: Option<String>,
+    /// File holding the shared secret every call and data-plane connection must present
+    /// (health checks excepted); without it, `PARASYNC_AUTH_TOKEN` gives the token itself.
+    /// Neither: no authentication.
+    #[arg(long, env = "PARASYNC_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
 }
 
 /// Everything the server needs, resolved from flags and the environment.
@@ -165,6 +171,8 @@ pub struct ServerSettings {
     pub keep_checkpoints: usize,
     /// See [`ServerArgs::restore`].
     pub restore: Option<String>,
+    /// See [`ServerArgs::auth_token_file`] (`None`: calls need no token).
+    pub auth_token: Option<AuthToken>,
 }
 
 /// The parts of `TF_CONFIG` Parasync reads.
@@ -281,7 +289,13 @@ impl ServerArgs {
                 bail!("shard index {shard_index} is not below the {n} shards of the job");
             }
         }
+        let auth_token = match &self.auth_token_file {
+            Some(path) => Some(AuthToken::from_file(path).map_err(anyhow::Error::msg)?),
+            None => AuthToken::from_lookup(|k| (k == parasync_proto::auth::ENV_TOKEN).then(|| std::env::var(k).ok()).flatten())
+                .map_err(anyhow::Error::msg)?,
+        };
         Ok(ServerSettings {
+            auth_token,
             num_shards,
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every_steps: self.checkpoint_every_steps,

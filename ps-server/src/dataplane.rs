@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parasync_proto::auth::AuthToken;
 use parasync_proto::data::{frame_len, put_frame, MAGIC};
 use parasync_proto::ps::{self, data_request::Op};
 use parasync_tensor::DType;
@@ -55,7 +56,7 @@ pub struct Limits {
 
 /// Accepts data-plane connections on `listener` until `stop` turns true; then waits for the
 /// requests in flight to finish (a pull waiting for its step is released by `stop`).
-pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits) {
+pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits, token: Option<AuthToken>) {
     let mut conns = JoinSet::new();
     let mut stopped = stop.clone();
     let mut refused: u64 = 0;
@@ -79,7 +80,7 @@ pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Recei
                     }
                 }
                 Ok((sock, peer)) => {
-                    conns.spawn(connection(sock, peer, service.clone(), stop.clone(), limits.idle_timeout));
+                    conns.spawn(connection(sock, peer, service.clone(), stop.clone(), limits.idle_timeout, token.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -116,6 +117,7 @@ async fn connection(
     service: PsService,
     mut stop: watch::Receiver<bool>,
     idle_timeout: Duration,
+    token: Option<AuthToken>,
 ) {
     tune_socket(&sock);
     let mut hello = [0u8; 8];
@@ -126,7 +128,7 @@ async fn connection(
             return;
         }
     }
-    let mut conn = Conn { sock, service, scratch: Vec::new(), out: Vec::new() };
+    let mut conn = Conn { sock, service, scratch: Vec::new(), out: Vec::new(), authenticated: token.is_none(), token };
     let mut idle_since = tokio::time::Instant::now();
     loop {
         // Between requests a connection closes at shutdown; a request already under way
@@ -173,6 +175,10 @@ struct Conn {
     scratch: Vec<u8>,
     /// Outgoing reply frames.
     out: Vec<u8>,
+    /// The shard's token, which a `hello` must present before any other request.
+    token: Option<AuthToken>,
+    /// Whether the connection may make requests (a right `hello`, or the shard has no token).
+    authenticated: bool,
 }
 
 /// An error after which the byte stream cannot be followed: the connection closes.
@@ -225,7 +231,19 @@ impl Conn {
             self.reply(&status_reply(&self.refuse(&why), None)).await?;
             return Err(broken(why));
         }
+        if let Some(Op::Hello(hello)) = &req.op {
+            self.discard(payload).await?;
+            return self.hello(hello).await;
+        }
+        if !self.authenticated {
+            let why = "this shard requires an auth token: open the connection with a hello presenting it \
+                       (set PARASYNC_AUTH_TOKEN, or the client's auth_token option)";
+            self.service.store().metrics().rejected.fetch_add(1, Relaxed);
+            self.reply(&status_reply(&Status::unauthenticated(why), None)).await?;
+            return Err(broken(why.into()));
+        }
         match req.op {
+            Some(Op::Hello(_)) => unreachable!("answered above"),
             Some(Op::Push(header)) => match self.push(&header, payload).await? {
                 Ok((push, ..)) => self.reply(&ps::DataReply { push: Some(push), ..Default::default() }).await,
                 Err(s) => self.reply(&status_reply(&s, None)).await,
@@ -392,6 +410,27 @@ impl Conn {
 
     /// An `invalid_argument` status for a request that names no variable, counted with the
     /// other refusals.
+    /// Answers a connection's `hello`: OK when it presents the shard's token (or the shard
+    /// has none); otherwise `unauthenticated`, and the connection closes.
+    async fn hello(&mut self, hello: &ps::DataHello) -> io::Result<()> {
+        match &self.token {
+            Some(t) if !t.matches(hello.auth_token.as_bytes()) => {
+                let why = if hello.auth_token.is_empty() {
+                    "this shard requires an auth token and the connection presented none (set PARASYNC_AUTH_TOKEN, or the client's auth_token option)"
+                } else {
+                    "wrong auth token"
+                };
+                self.service.store().metrics().rejected.fetch_add(1, Relaxed);
+                self.reply(&status_reply(&Status::unauthenticated(why), None)).await?;
+                Err(broken(why.into()))
+            }
+            _ => {
+                self.authenticated = true;
+                self.reply(&ps::DataReply::default()).await
+            }
+        }
+    }
+
     fn refuse(&self, why: &str) -> Status {
         self.service.store().metrics().rejected.fetch_add(1, Relaxed);
         tracing::debug!(error = why, "data request rejected");

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use parasync_proto::ps::parameter_server_server::ParameterServerServer;
+use parasync_proto::auth::RequireToken;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tokio::sync::watch;
 
 use crate::config::ServerSettings;
@@ -102,10 +104,16 @@ pub async fn run_prepared(
         stop_rx.clone(),
     );
     let checkpointer = store_checkpointer.clone();
-    let data_task = data_listener.map(|l| tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone(), settings.data_limits)));
+    let data_task = data_listener.map(|l| {
+        let limits = settings.data_limits;
+        tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone(), limits, settings.auth_token.clone()))
+    });
+    // Every service but health needs the token (when the shard has one).
+    let auth = RequireToken(settings.auth_token.clone());
     let ps = ParameterServerServer::new(service)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
+    let ps = InterceptedService::new(ps, auth.clone());
 
     let (health_reporter, health) = crate::health::health_reporter(stop_rx.clone());
     health_reporter.set_serving::<ParameterServerServer<PsService>>().await;
@@ -130,8 +138,9 @@ pub async fn run_prepared(
             |b, name| b.with_service_name(name),
         )
     };
-    let reflection = reflection_builder().build_v1().context("building the reflection service")?;
-    let reflection_v1alpha = reflection_builder().build_v1alpha().context("building the v1alpha reflection service")?;
+    let reflection = InterceptedService::new(reflection_builder().build_v1().context("building the reflection service")?, auth.clone());
+    let reflection_v1alpha =
+        InterceptedService::new(reflection_builder().build_v1alpha().context("building the v1alpha reflection service")?, auth);
 
     let metrics_task = metrics_listener.map(|l| {
         let metrics = Arc::clone(&metrics);
@@ -306,7 +315,8 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
         // Signals are handled from here on, before the address is announced: a launcher
         // that stops the server right after reading it gets a clean drain and exit 0.
         let shutdown = shutdown_signal().context("installing the SIGTERM / Ctrl-C handlers")?;
-        tracing::info!(%addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(), "listening");
+        tracing::info!(%addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(), auth = settings.auth_token.is_some(), "listening");
+        warn_if_open(&settings, [Some(addr), metrics_addr, data_addr].into_iter().flatten());
         // The launcher (demo, tests) reads this line to learn an ephemeral port.
         match metrics_addr {
             Some(m) => println!("ps-server listening on {addr} metrics {m}"),
@@ -314,6 +324,22 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
         }
         run_prepared(prepared, listener, metrics_listener, data_listener, settings, shutdown).await
     })
+}
+
+/// A shard that others can reach and that asks for no token lets anyone on the network
+/// read the model and change it: say so at start.
+fn warn_if_open(settings: &ServerSettings, bound: impl IntoIterator<Item = std::net::SocketAddr>) {
+    if settings.auth_token.is_some() {
+        return;
+    }
+    let exposed: Vec<String> = bound.into_iter().filter(|a| !a.ip().is_loopback()).map(|a| a.to_string()).collect();
+    if !exposed.is_empty() {
+        tracing::warn!(
+            addresses = %exposed.join(", "),
+            "listening beyond loopback without authentication: anyone who reaches these ports can read and change \
+             the variables; set PARASYNC_AUTH_TOKEN or --auth-token-file"
+        );
+    }
 }
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).

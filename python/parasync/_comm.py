@@ -23,10 +23,15 @@ class Communicator:
 
     ``Communicator(rank, size, master="host:port")`` joins explicitly (rank 0 hosts the
     rendezvous there); ``parasync.init()`` reads the launcher's environment instead.
+    ``token`` names the job (ranks of another job are refused); ``auth_token`` is the
+    secret every rank must present (default: ``PARASYNC_AUTH_TOKEN``, or the file
+    ``PARASYNC_AUTH_TOKEN_FILE`` names; none: no authentication).
     """
 
-    def __init__(self, rank: int, size: int, master: str, timeout: float = 60.0, token: str | None = None) -> None:
-        self._c = _native.Communicator(rank, size, master, timeout, token)
+    def __init__(
+        self, rank: int, size: int, master: str, timeout: float = 60.0, token: str | None = None, auth_token: str | None = None
+    ) -> None:
+        self._c = _native.Communicator(rank, size, master, timeout, token, auth_token)
 
     @classmethod
     def from_env(cls, timeout: float = 60.0) -> "Communicator":

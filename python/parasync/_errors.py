@@ -44,6 +44,10 @@ class PsOutOfRangeError(PsError):
     """A step or version outside the accepted range."""
 
 
+class PsAuthenticationError(PsError, PermissionError):
+    """The shards require an auth token and this client presented none, or a wrong one."""
+
+
 # -- collectives --------------------------------------------------------------------------
 
 
@@ -84,6 +88,7 @@ __all__ = [
     "PsAlreadyExistsError",
     "PsFailedPreconditionError",
     "PsOutOfRangeError",
+    "PsAuthenticationError",
     "PeerError",
     "PeerTimeoutError",
     "RendezvousError",

@@ -34,6 +34,8 @@ class PsClient:
         recovery_timeout: seconds a push, pull or push_pull keeps waiting for a shard that
             went away (a restart from its checkpoint is picked up; in sync mode the worker
             re-pushes the steps the restored shard lacks); 0 fails at once.
+        auth_token: the secret the shards require (their ``--auth-token-file``); default:
+            ``PARASYNC_AUTH_TOKEN``, or the file ``PARASYNC_AUTH_TOKEN_FILE`` names.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class PsClient:
         split_bytes: int | None = None,
         chunk_bytes: int | None = None,
         recovery_timeout: float = 60.0,
+        auth_token: str | None = None,
     ) -> None:
         if addresses is None:
             addresses = _native.ps_addresses_from_env()
@@ -68,6 +71,7 @@ class PsClient:
             split_bytes,
             chunk_bytes,
             recovery_timeout,
+            auth_token,
         )
         self._shapes: dict[str, tuple[int, ...]] = {}
 

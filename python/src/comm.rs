@@ -4,6 +4,7 @@
 //! started with an `_async` call ([`BackgroundCommunicator::run`]); `_async` calls run on the
 //! communicator's thread and return a [`Work`] that holds the arrays until it is waited for.
 
+use parasync_collective::AuthToken;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -150,12 +151,24 @@ impl Communicator {
     /// Joins the job: rank 0 hosts the rendezvous at `master` (`host:port`), every rank
     /// meets there and connects to the others.
     #[new]
-    #[pyo3(signature = (rank, size, master, timeout=60.0, token=None))]
-    fn new(py: Python<'_>, rank: usize, size: usize, master: String, timeout: f64, token: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (rank, size, master, timeout=60.0, token=None, auth_token=None))]
+    fn new(
+        py: Python<'_>,
+        rank: usize,
+        size: usize,
+        master: String,
+        timeout: f64,
+        token: Option<String>,
+        auth_token: Option<&str>,
+    ) -> PyResult<Self> {
         let t = self::timeout(timeout)?;
         let token = token.or_else(|| std::env::var("PARASYNC_JOB_TOKEN").ok()).unwrap_or_default();
+        let auth_token = match crate::errors::auth_token(auth_token)? {
+            Some(a) => Some(a),
+            None => AuthToken::from_env().map_err(PyValueError::new_err)?,
+        };
         let opts = ConnectOptions {
-            spec: JoinSpec { rank, world_size: size, master, token, timeout: t },
+            spec: JoinSpec { rank, world_size: size, master, token, auth_token, timeout: t },
             comm: CommConfig { timeout: t, ..CommConfig::default() },
             tcp: TcpOptions::default(),
             data_host: None,

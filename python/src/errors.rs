@@ -23,6 +23,11 @@ fn raise(py: Python<'_>, class: &str, message: String, attrs: &[(&str, Option<u6
     make().unwrap_or_else(|e| PyRuntimeError::new_err(format!("{message} (and raising it failed: {e})")))
 }
 
+/// An `auth_token` argument, checked (`ValueError` saying what is wrong); `None` when absent.
+pub fn auth_token(token: Option<&str>) -> PyResult<Option<parasync_client::AuthToken>> {
+    token.map(parasync_client::AuthToken::new).transpose().map_err(|e| PyValueError::new_err(format!("auth_token: {e}")))
+}
+
 /// A parameter-server client error. `Interrupted` becomes the pending signal's exception
 /// when there is one (the caller passes it), else `KeyboardInterrupt`.
 pub fn client_error(py: Python<'_>, e: parasync_client::Error, signal: Option<PyErr>) -> PyErr {
@@ -36,6 +41,7 @@ pub fn client_error(py: Python<'_>, e: parasync_client::Error, signal: Option<Py
         ErrorKind::AlreadyExists => "PsAlreadyExistsError",
         ErrorKind::FailedPrecondition => "PsFailedPreconditionError",
         ErrorKind::OutOfRange => "PsOutOfRangeError",
+        ErrorKind::Unauthenticated => "PsAuthenticationError",
         ErrorKind::Internal => "PsError",
     };
     raise(py, class, e.message, &[])

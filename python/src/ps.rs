@@ -233,7 +233,7 @@ impl PushSummary {
 #[pymethods]
 impl PsClient {
     #[new]
-    #[pyo3(signature = (addresses, worker_id=0, wire_dtype="f32", pull_wire_dtype=None, connect_timeout=30.0, pull_timeout=None, data_plane=true, reply_spin=0.0, split_bytes=None, chunk_bytes=None, recovery_timeout=60.0))]
+    #[pyo3(signature = (addresses, worker_id=0, wire_dtype="f32", pull_wire_dtype=None, connect_timeout=30.0, pull_timeout=None, data_plane=true, reply_spin=0.0, split_bytes=None, chunk_bytes=None, recovery_timeout=60.0, auth_token=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -248,6 +248,7 @@ impl PsClient {
         split_bytes: Option<usize>,
         chunk_bytes: Option<usize>,
         recovery_timeout: f64,
+        auth_token: Option<&str>,
     ) -> PyResult<Self> {
         let defaults = ClientOptions::default();
         let opts = ClientOptions {
@@ -261,6 +262,7 @@ impl PsClient {
             split_bytes: split_bytes.unwrap_or(defaults.split_bytes),
             chunk_bytes: chunk_bytes.unwrap_or(defaults.chunk_bytes),
             recovery_timeout: seconds(recovery_timeout, "recovery_timeout")?,
+            auth_token: crate::errors::auth_token(auth_token)?,
             ..defaults
         };
         let client = blocking(py, |stop| BlockingClient::connect_interruptible(&addresses, opts, stop))?;

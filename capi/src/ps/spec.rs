@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
-use parasync_client::{ClientOptions, Init, Optimizer, VariableSpec};
+use parasync_client::{AuthToken, ClientOptions, Init, Optimizer, VariableSpec};
 
 use crate::args;
 use crate::dtype::ParasyncDtype;
@@ -31,6 +31,9 @@ pub struct ParasyncPsOptions {
     /// Move tensor bytes over each shard's plain-TCP data plane when it offers one (the
     /// default); gRPC otherwise. Same results either way.
     pub data_plane: bool,
+    /// The secret the shards require (their `--auth-token-file`), NUL-terminated; NULL (the
+    /// default): `PARASYNC_AUTH_TOKEN`, or the file `PARASYNC_AUTH_TOKEN_FILE` names, if set.
+    pub auth_token: *const c_char,
 }
 
 impl ParasyncPsOptions {
@@ -43,12 +46,25 @@ impl ParasyncPsOptions {
             connect_timeout_ms: millis(o.connect_timeout),
             pull_timeout_ms: o.pull_timeout.map_or(0, millis),
             data_plane: o.data_plane,
+            auth_token: std::ptr::null(),
         }
     }
 
     /// The client's options: the client's defaults, with every field of this struct applied.
-    pub(crate) fn to_client(self) -> Result<ClientOptions> {
+    ///
+    /// # Safety
+    /// `auth_token` is NULL or a NUL-terminated string.
+    pub(crate) unsafe fn to_client(self) -> Result<ClientOptions> {
+        let auth_token = match self.auth_token.is_null() {
+            true => None,
+            // SAFETY: the caller's contract.
+            false => Some(
+                AuthToken::new(unsafe { args::string(self.auth_token, "options.auth_token")? })
+                    .map_err(|e| Error::usage(format!("options.auth_token: {e}")))?,
+            ),
+        };
         Ok(ClientOptions {
+            auth_token,
             worker_id: self.worker_id,
             wire_dtype: self.wire_dtype.to_ps("options.wire_dtype")?,
             pull_wire_dtype: match self.pull_wire_dtype {
@@ -295,12 +311,20 @@ mod tests {
         let c = ParasyncPsOptions::from_client(&ClientOptions::default());
         assert_eq!((c.wire_dtype, c.pull_wire_dtype, c.pull_timeout_ms, c.data_plane), (PARASYNC_DTYPE_F32, ParasyncDtype(0), 0, true));
         assert_eq!(c.connect_timeout_ms, 30_000);
-        let back = ParasyncPsOptions { worker_id: 3, pull_wire_dtype: PARASYNC_DTYPE_BF16, pull_timeout_ms: 250, ..c }.to_client().unwrap();
+        assert!(c.auth_token.is_null());
+        let opts = ParasyncPsOptions { worker_id: 3, pull_wire_dtype: PARASYNC_DTYPE_BF16, pull_timeout_ms: 250, auth_token: c"s3cret".as_ptr(), ..c };
+        // SAFETY: the token is a C string literal.
+        let back = unsafe { opts.to_client() }.unwrap();
         assert_eq!(back.worker_id, 3);
         assert_eq!(back.pull_wire_dtype, Some(DType::Bf16));
         assert_eq!(back.pull_timeout, Some(Duration::from_millis(250)));
-        let bad = ParasyncPsOptions { wire_dtype: ParasyncDtype(9), ..c }.to_client().unwrap_err();
+        assert_eq!(back.auth_token.as_ref().map(|t| t.expose()), Some("s3cret"));
+        // SAFETY: no pointers.
+        let bad = unsafe { ParasyncPsOptions { wire_dtype: ParasyncDtype(9), ..c }.to_client() }.unwrap_err();
         assert!(format!("{bad:?}").contains("options.wire_dtype is 9"), "{bad:?}");
+        // SAFETY: a C string literal.
+        let spaced = unsafe { ParasyncPsOptions { auth_token: c"two words".as_ptr(), ..c }.to_client() }.unwrap_err();
+        assert!(format!("{spaced:?}").contains("options.auth_token"), "{spaced:?}");
     }
 
     #[test]

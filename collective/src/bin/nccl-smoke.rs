@@ -116,6 +116,7 @@ fn run_rank(args: &Args, rank: usize) -> anyhow::Result<()> {
             world_size: world,
             master: master.clone(),
             token: "nccl-smoke".into(),
+            auth_token: None,
             timeout,
         },
         comm: CommConfig {

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::transport::tcp::{bind_listener, TcpOptions, TcpTransport};
 use parasync_proto::collective::rendezvous_client::RendezvousClient;
 use parasync_proto::collective::rendezvous_server::RendezvousServer;
+use parasync_proto::auth::{AuthToken, PresentToken, RequireToken};
 use parasync_proto::collective::JoinRequest;
 use service::{RendezvousService, Shared, Table};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -26,8 +27,12 @@ pub struct JoinSpec {
     pub world_size: usize,
     /// `host:port` of rank 0's rendezvous service.
     pub master: String,
-    /// Shared secret of the job.
+    /// Identifies the job: processes of another job are refused (not a secret: by default
+    /// the launcher's job id).
     pub token: String,
+    /// The secret every rank must present (to the rendezvous and to each other's data
+    /// plane); `None`: no authentication.
+    pub auth_token: Option<AuthToken>,
     /// How long to wait for every rank to show up.
     pub timeout: Duration,
 }
@@ -102,9 +107,12 @@ pub fn host(
         host.listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(host.listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = RendezvousServer::new(RendezvousService {
-            shared: shared.clone(),
-        });
+        let svc = RendezvousServer::with_interceptor(
+            RendezvousService {
+                shared: shared.clone(),
+            },
+            RequireToken(spec.auth_token.clone()),
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
@@ -154,7 +162,7 @@ pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
         let mut last = String::from("not tried");
         while Instant::now() < until {
             let mut client = match endpoint.connect().await {
-                Ok(ch) => RendezvousClient::new(ch),
+                Ok(ch) => RendezvousClient::with_interceptor(ch, PresentToken(spec.auth_token.clone())),
                 Err(e) => {
                     last = format!("cannot reach {}: {e}", spec.master);
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -189,7 +197,7 @@ pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
                         blob: resp.shared_blob.to_vec(),
                     });
                 }
-                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                Err(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => {
                     return Err(Error::TokenRefused(format!(
                         "the rendezvous at {} says: {}",
                         spec.master,
@@ -242,6 +250,7 @@ impl ConnectOptions {
                 world_size: l.world_size,
                 master: l.master,
                 token: l.token,
+                auth_token: AuthToken::from_env().map_err(Error::Env)?,
                 timeout,
             },
             comm: CommConfig {
@@ -347,6 +356,7 @@ pub fn connect_with_blob(
         &meeting.addrs,
         listener,
         &spec.token,
+        spec.auth_token.as_ref(),
         deadline,
         opts.tcp,
     )?;

@@ -57,6 +57,7 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
             world_size: a.world,
             master: a.master.clone(),
             token: a.token.clone(),
+            auth_token: parasync_proto::auth::AuthToken::from_env().map_err(anyhow::Error::msg)?,
             timeout: Duration::from_millis(a.timeout_ms),
         },
         comm: CommConfig {

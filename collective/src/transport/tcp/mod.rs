@@ -4,7 +4,9 @@
 //!
 //! Connections are set up after the rendezvous: rank `r` connects to every lower rank and
 //! accepts every higher one; the connecting side opens with a hello that carries the job
-//! token, so processes of another job (or stray port scanners) are refused.
+//! token (and the auth token, when the job has one), so processes of another job (or stray
+//! port scanners) are refused. The accepting side answers with one byte: [`ACK_OK`],
+//! [`ACK_REFUSED`] or [`ACK_AUTH`] (wrong or missing auth token).
 
 mod multi;
 mod peer;
@@ -14,13 +16,19 @@ mod waiting;
 
 use crate::error::{Error, Result};
 use crate::frame::{OpDesc, HEADER_LEN};
+use parasync_proto::auth::AuthToken;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use sys::{recv_some, would_block};
 
-const HELLO_MAGIC: [u8; 4] = *b"PSCH";
+const HELLO_MAGIC: [u8; 4] = *b"PSC2";
+/// A hello's answers: accepted; refused (not this job, or a rank that does not fit); the
+/// auth token is wrong or missing.
+const ACK_OK: u8 = 1;
+const ACK_REFUSED: u8 = 0;
+const ACK_AUTH: u8 = 2;
 /// Longest job token accepted in a hello.
 const MAX_TOKEN: usize = 1024;
 /// How long a wait busy-polls in spin mode before it sleeps in `poll(2)`.
@@ -119,49 +127,64 @@ pub struct TcpTransport {
     peer_copied: u64,
 }
 
-fn hello_bytes(token: &str, rank: usize, n: usize, stream: usize) -> Vec<u8> {
+/// A hello: magic, rank, world size, connection index, the lengths of the job token and
+/// of the auth token (u32 little-endian each), then the two tokens.
+fn hello_bytes(token: &str, auth: Option<&AuthToken>, rank: usize, n: usize, stream: usize) -> Vec<u8> {
     let t = token.as_bytes();
-    let mut b = Vec::with_capacity(20 + t.len());
+    let a = auth.map_or(&b""[..], |a| a.expose().as_bytes());
+    let mut b = Vec::with_capacity(24 + t.len() + a.len());
     b.extend_from_slice(&HELLO_MAGIC);
-    b.extend_from_slice(&(rank as u32).to_le_bytes());
-    b.extend_from_slice(&(n as u32).to_le_bytes());
-    b.extend_from_slice(&(stream as u32).to_le_bytes());
-    b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    for word in [rank, n, stream, t.len(), a.len()] {
+        b.extend_from_slice(&(word as u32).to_le_bytes());
+    }
     b.extend_from_slice(t);
+    b.extend_from_slice(a);
     b
 }
+
+/// Why a hello was refused, and the answer it gets.
+type Refusal = (u8, String);
 
 /// Reads and checks a hello: returns the peer's rank and connection index, or why it is
 /// refused.
 fn read_hello(
     s: &mut TcpStream,
     token: &str,
+    auth: Option<&AuthToken>,
     me: usize,
     n: usize,
-) -> std::result::Result<(usize, usize), String> {
-    let mut fixed = [0u8; 20];
+) -> std::result::Result<(usize, usize), Refusal> {
+    let refused = |why: String| (ACK_REFUSED, why);
+    let mut fixed = [0u8; 24];
     s.read_exact(&mut fixed)
-        .map_err(|e| format!("no hello: {e}"))?;
+        .map_err(|e| refused(format!("no hello: {e}")))?;
     if fixed[..4] != HELLO_MAGIC {
-        return Err("not a parasync collective peer".into());
+        return Err(refused("not a parasync collective peer (or one of another version)".into()));
     }
     let word = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes")) as usize;
-    let (rank, world, stream, tlen) = (word(4), word(8), word(12), word(16));
-    if tlen > MAX_TOKEN {
-        return Err("job token too long".into());
+    let (rank, world, stream, tlen, alen) = (word(4), word(8), word(12), word(16), word(20));
+    if tlen > MAX_TOKEN || alen > parasync_proto::auth::MAX_TOKEN_BYTES {
+        return Err(refused("token too long".into()));
     }
-    let mut t = vec![0u8; tlen];
+    let mut t = vec![0u8; tlen + alen];
     s.read_exact(&mut t)
-        .map_err(|e| format!("truncated hello: {e}"))?;
-    if t != token.as_bytes() {
-        return Err(format!(
+        .map_err(|e| refused(format!("truncated hello: {e}")))?;
+    let (t, a) = t.split_at(tlen);
+    if let Some(auth) = auth {
+        if !auth.matches(a) {
+            let how = if a.is_empty() { "no auth token" } else { "a wrong auth token" };
+            return Err((ACK_AUTH, format!("{how} from a process claiming rank {rank}")));
+        }
+    }
+    if !parasync_proto::auth::constant_time_eq(token.as_bytes(), t) {
+        return Err(refused(format!(
             "wrong job token from a process claiming rank {rank}"
-        ));
+        )));
     }
     if world != n || rank >= n || rank <= me {
-        return Err(format!(
+        return Err(refused(format!(
             "hello from rank {rank} of {world} does not fit rank {me} of {n}"
-        ));
+        )));
     }
     Ok((rank, stream))
 }
@@ -181,6 +204,7 @@ impl TcpTransport {
         addrs: &[SocketAddr],
         listener: TcpListener,
         token: &str,
+        auth: Option<&AuthToken>,
         deadline: Instant,
         opts: TcpOptions,
     ) -> Result<TcpTransport> {
@@ -190,7 +214,7 @@ impl TcpTransport {
         let mut extra: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
         for (p, c) in (0..rank).flat_map(|p| (0..k).map(move |c| (p, c))) {
             let addr = &addrs[p];
-            let hello = hello_bytes(token, rank, n, c);
+            let hello = hello_bytes(token, auth, rank, n, c);
             let mut s = loop {
                 match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
@@ -208,10 +232,19 @@ impl TcpTransport {
             s.read_exact(&mut ack).map_err(|e| {
                 Error::Rendezvous(format!("rank {p} at {addr} refused rank {rank}: {e}"))
             })?;
-            if ack[0] != 1 {
-                return Err(Error::TokenRefused(format!(
-                    "rank {p} at {addr} refused the connection"
-                )));
+            match ack[0] {
+                ACK_OK => {}
+                ACK_AUTH => {
+                    return Err(Error::TokenRefused(format!(
+                        "rank {p} at {addr} refused the connection: the auth token is wrong or missing \
+                         (every rank needs the same PARASYNC_AUTH_TOKEN)"
+                    )))
+                }
+                _ => {
+                    return Err(Error::TokenRefused(format!(
+                        "rank {p} at {addr} refused the connection"
+                    )))
+                }
             }
             let link = Link {
                 fd: s.as_raw_fd(),
@@ -231,9 +264,9 @@ impl TcpTransport {
                 Ok((mut s, from)) => {
                     s.set_nonblocking(false)?;
                     configure(&s)?;
-                    match read_hello(&mut s, token, rank, n) {
+                    match read_hello(&mut s, token, auth, rank, n) {
                         Ok((p, c)) if c == 0 && links[p].is_none() => {
-                            s.write_all(&[1])?;
+                            s.write_all(&[ACK_OK])?;
                             links[p] = Some(Link {
                                 fd: s.as_raw_fd(),
                                 stream: s,
@@ -243,7 +276,7 @@ impl TcpTransport {
                         }
                         // Connections of one peer arrive in order (it waits for each ack).
                         Ok((p, c)) if c < k && c == extra[p].len() + 1 && links[p].is_some() => {
-                            s.write_all(&[1])?;
+                            s.write_all(&[ACK_OK])?;
                             extra[p].push(Link {
                                 fd: s.as_raw_fd(),
                                 stream: s,
@@ -254,11 +287,11 @@ impl TcpTransport {
                         Ok((p, _)) => tracing::warn!(
                             "rank {rank}: duplicate connection from rank {p} ({from}) refused"
                         ),
-                        Err(why) => {
+                        Err((ack, why)) => {
                             tracing::warn!(
                                 "rank {rank}: refused data connection from {from}: {why}"
                             );
-                            let _ = s.write_all(&[0]);
+                            let _ = s.write_all(&[ack]);
                         }
                     }
                 }
