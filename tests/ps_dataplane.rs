@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
 use parasync_client::{Client, ClientOptions, DType, Init, Optimizer, VariableSpec};
-use parasync_proto::data::{put_frame, MAGIC};
-use parasync_proto::ps::{self, data_request::Op};
-use prost::Message;
+use common::raw::{f32_bytes, pull_op, push_op, Raw};
+use parasync_proto::data::put_frame;
+use parasync_proto::ps;
 use tonic::Code;
 
 fn spec(name: &str, dtype: DType) -> VariableSpec {
@@ -152,71 +152,6 @@ async fn a_shard_without_a_reachable_data_plane_is_served_over_grpc() {
         }
     })
     .await;
-}
-
-/// A raw data-plane connection, for sending what no client would.
-struct Raw(TcpStream);
-
-impl Raw {
-    fn open(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = Raw(s);
-        r.0.write_all(MAGIC).unwrap();
-        r
-    }
-
-    fn send(&mut self, op: Option<Op>, payload: &[u8]) {
-        let mut out = Vec::new();
-        put_frame(&ps::DataRequest { op, payload_bytes: payload.len() as u64 }, &mut out);
-        out.extend_from_slice(payload);
-        self.0.write_all(&out).unwrap();
-    }
-
-    /// The next reply and the values that follow it.
-    fn reply(&mut self) -> (ps::DataReply, Vec<u8>) {
-        let mut prefix = [0u8; 4];
-        self.0.read_exact(&mut prefix).unwrap();
-        let mut msg = vec![0u8; u32::from_le_bytes(prefix) as usize];
-        self.0.read_exact(&mut msg).unwrap();
-        let reply = ps::DataReply::decode(msg.as_slice()).unwrap();
-        let mut values = vec![0u8; reply.payload_bytes as usize];
-        self.0.read_exact(&mut values).unwrap();
-        (reply, values)
-    }
-
-    fn expect(&mut self, code: Code, needle: &str, what: &str) {
-        let (r, _) = self.reply();
-        assert_eq!(r.code, code as u32, "{what}: {}", r.message);
-        assert!(r.message.contains(needle), "{what}: message {:?} should mention {needle:?}", r.message);
-    }
-
-    /// True when the server closed the connection.
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.0.read(&mut b), Ok(0) | Err(_))
-    }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn push_op(variable: &str, n: u64, wire: ps::Dtype) -> Option<Op> {
-    Some(Op::Push(ps::PushHeader {
-        variable: variable.into(),
-        worker_id: 0,
-        step: 0,
-        base_version: 0,
-        wire_dtype: wire as i32,
-        num_elements: n,
-        kind: ps::PushKind::Gradient as i32,
-        ..Default::default()
-    }))
-}
-
-fn pull_op(variable: &str) -> Option<Op> {
-    Some(Op::Pull(ps::PullRequest { variable: variable.into(), worker_id: 0, step: 0, wire_dtype: ps::Dtype::F32 as i32, timeout_ms: 1000 }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: real `parasync server` processes on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

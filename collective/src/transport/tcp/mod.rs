@@ -417,3 +417,39 @@ impl Drop for TcpTransport {
 pub fn bind_listener(host: std::net::IpAddr) -> Result<TcpListener> {
     Ok(TcpListener::bind(SocketAddr::new(host, 0))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hello written by a client socket and read by the accepted end.
+    fn exchange(hello: &[u8], token: &str, auth: Option<&AuthToken>) -> std::result::Result<(usize, usize), Refusal> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(hello).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        configure(&accepted).unwrap();
+        read_hello(&mut accepted, token, auth, 0, 2)
+    }
+
+    #[test]
+    fn hellos_must_carry_the_job_token_and_the_auth_token() {
+        let secret = AuthToken::new("s3cret").unwrap();
+        let guess = AuthToken::new("s3crex").unwrap();
+        assert_eq!(exchange(&hello_bytes("job", Some(&secret), 1, 2, 0), "job", Some(&secret)), Ok((1, 0)));
+        assert_eq!(exchange(&hello_bytes("job", None, 1, 2, 0), "job", None), Ok((1, 0)));
+        let (ack, why) = exchange(&hello_bytes("job", None, 1, 2, 0), "job", Some(&secret)).unwrap_err();
+        assert_eq!((ack, why.as_str()), (ACK_AUTH, "no auth token from a process claiming rank 1"));
+        let (ack, why) = exchange(&hello_bytes("job", Some(&guess), 1, 2, 0), "job", Some(&secret)).unwrap_err();
+        assert_eq!((ack, why.as_str()), (ACK_AUTH, "a wrong auth token from a process claiming rank 1"));
+        // The right secret does not make up for another job's token.
+        let (ack, why) = exchange(&hello_bytes("other", Some(&secret), 1, 2, 0), "job", Some(&secret)).unwrap_err();
+        assert_eq!(ack, ACK_REFUSED, "{why}");
+        // A hello announcing an oversized token is refused before anything is allocated.
+        let mut huge = hello_bytes("job", None, 1, 2, 0);
+        huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(exchange(&huge, "job", Some(&secret)).unwrap_err().1, "token too long");
+        let (ack, _) = exchange(b"PSCH\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", "job", None).unwrap_err();
+        assert_eq!(ack, ACK_REFUSED, "an older version's hello");
+    }
+}
