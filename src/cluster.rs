@@ -174,6 +174,11 @@ impl LocalCluster {
         self.servers.iter().map(|s| s.addr.clone()).collect()
     }
 
+    /// Process id of shard `shard` (`None` once it was killed or stopped).
+    pub fn pid(&self, shard: usize) -> Option<u32> {
+        self.servers.get(shard)?.child.as_ref().map(|c| c.id())
+    }
+
     /// Sends SIGTERM to every server and waits (up to `timeout`) for each to exit;
     /// returns their exit statuses. Servers still running after `timeout` are killed.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Vec<ExitStatus>> {

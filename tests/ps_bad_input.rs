@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
+use common::raw::RawCodec;
 use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -60,41 +60,6 @@ fn expect(r: Result<impl std::fmt::Debug, Status>, code: Code, needle: &str, wha
             assert_eq!(s.code(), code, "{what}: {}", s.message());
             assert!(s.message().contains(needle), "{what}: message {:?} should mention {needle:?}", s.message());
         }
-    }
-}
-
-/// Sends arbitrary bytes as a gRPC message.
-#[derive(Clone, Default)]
-struct RawCodec;
-struct RawEnc;
-struct RawDec;
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEnc;
-    type Decoder = RawDec;
-    fn encoder(&mut self) -> RawEnc {
-        RawEnc
-    }
-    fn decoder(&mut self) -> RawDec {
-        RawDec
-    }
-}
-impl Encoder for RawEnc {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-impl Decoder for RawDec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let v = src.chunk().to_vec();
-        src.advance(v.len());
-        Ok(Some(v))
     }
 }
 

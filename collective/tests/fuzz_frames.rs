@@ -1,10 +1,14 @@
-//! Fuzzing of the collective data plane's frame headers, the first bytes a peer's socket
-//! delivers: random and mutated headers either decode to a header that encodes back to
-//! itself, or are refused with a message; never a panic. Seeded, so a failure reproduces;
-//! `PARASYNC_FUZZ_CASES` (default 10 000 per test) runs longer.
+//! Fuzzing of what a collective rank reads from the network: the data plane's frame
+//! headers (random and mutated headers either decode to a header that encodes back to
+//! itself, or are refused with a message) and the rendezvous's `Join` messages (decoded,
+//! then checked against the job's table: accepted or refused with a message). Never a
+//! panic. Seeded, so a failure reproduces; `PARASYNC_FUZZ_CASES` (default 10 000 per test)
+//! runs longer.
 
 use parasync_collective::frame::{FrameHeader, FrameKind, OpDesc, HEADER_LEN};
+use parasync_collective::rendezvous::service::{resolve_addr, Table};
 use parasync_collective::{DType, OpKind, ReduceOp};
+use parasync_proto::collective::JoinRequest;
 
 fn cases() -> usize {
     std::env::var("PARASYNC_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
@@ -100,4 +104,67 @@ fn random_headers_are_refused_or_decode() {
         }
         check(&b);
     }
+}
+
+/// Valid `Join` messages, encoded, to mutate.
+fn join_seeds() -> Vec<Vec<u8>> {
+    use prost::Message;
+    [(1, 4, "127.0.0.1:4000"), (3, 4, "0.0.0.0:5000"), (2, 4, "[::1]:6000"), (0, 1, "10.0.0.1:1")]
+        .into_iter()
+        .map(|(rank, world, addr)| {
+            JoinRequest { job_token: "job".into(), rank, world_size: world, data_addr: addr.into() }.encode_to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn mutated_join_messages_are_decoded_and_accepted_or_refused() {
+    use prost::Message;
+    let seeds = join_seeds();
+    let mut rng = Rng(0x10_1_4e55_a6e5);
+    let from: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let (mut joined, mut refused, mut undecodable) = (0, 0, 0);
+    let mut table = Table::new("job".into(), 4);
+    for i in 0..cases() {
+        let mut b = seeds[rng.below(seeds.len())].clone();
+        for _ in 0..1 + rng.below(4) {
+            match rng.below(5) {
+                0 if !b.is_empty() => {
+                    let i = rng.below(b.len());
+                    b[i] ^= 1 << rng.below(8);
+                }
+                1 if !b.is_empty() => {
+                    let i = rng.below(b.len());
+                    b[i] = rng.next() as u8;
+                }
+                2 => {
+                    let i = rng.below(b.len() + 1);
+                    b.insert(i, rng.next() as u8);
+                }
+                3 if !b.is_empty() => {
+                    let cut = rng.below(b.len());
+                    b.truncate(cut);
+                }
+                _ => b.extend((0..rng.below(8)).map(|_| rng.next() as u8)),
+            }
+        }
+        let Ok(req) = JoinRequest::decode(b.as_slice()) else {
+            undecodable += 1;
+            continue;
+        };
+        let outcome = resolve_addr(&req.data_addr, Some(from)).map_err(|s| s.message().to_string()).and_then(|addr| {
+            table.join(&req.job_token, req.rank as usize, req.world_size as usize, addr).map_err(|r| format!("{r:?}"))
+        });
+        match outcome {
+            Ok(()) => joined += 1,
+            Err(why) => {
+                assert!(!why.is_empty() && why.len() < 4096, "{b:02x?}: {why:?}");
+                refused += 1;
+            }
+        }
+        if i % 64 == 0 {
+            table = Table::new("job".into(), 4); // room for more joins
+        }
+    }
+    assert!(joined > 0 && refused > 0 && undecodable > 0, "{joined} joined, {refused} refused, {undecodable} undecodable");
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use parasync_proto::data::{put_frame, MAGIC};
 use parasync_proto::ps::{self, data_request::Op};
 use prost::Message;
-use tonic::Code;
+use bytes::{Buf, BufMut};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
 
 /// A raw data-plane connection, for sending what no client would.
 pub struct Raw(pub TcpStream);
@@ -76,4 +78,39 @@ pub fn pull_op(variable: &str) -> Option<Op> {
 
 pub fn hello_op(auth_token: &str) -> Option<Op> {
     Some(Op::Hello(ps::DataHello { auth_token: auth_token.into() }))
+}
+
+/// Sends arbitrary bytes as a gRPC message.
+#[derive(Clone, Default)]
+pub struct RawCodec;
+pub struct RawEnc;
+pub struct RawDec;
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+impl Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+impl Decoder for RawDec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let v = src.chunk().to_vec();
+        src.advance(v.len());
+        Ok(Some(v))
+    }
 }

@@ -116,7 +116,7 @@ pub(crate) struct RendezvousService {
 }
 
 /// Replaces an unspecified host (0.0.0.0 / [::]) by the address the call came from.
-fn resolve_addr(announced: &str, seen_from: Option<SocketAddr>) -> Result<String, Status> {
+pub fn resolve_addr(announced: &str, seen_from: Option<SocketAddr>) -> Result<String, Status> {
     let addr: SocketAddr = announced.parse().map_err(|_| {
         Status::invalid_argument(format!("data address {announced:?} is not ip:port"))
     })?;
