@@ -10,5 +10,6 @@ pub mod demo;
 pub mod model;
 pub mod netbench;
 pub mod netlab;
+pub mod soak;
 pub mod stalebench;
 pub mod svgplot;

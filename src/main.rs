@@ -31,6 +31,10 @@ enum Cmd {
     /// Benchmarks: `bandwidth` (over an emulated cluster network, root), `staleness`.
     #[command(subcommand)]
     Bench(parasync::netbench::BenchCmd),
+    /// A long run of a local cluster under valid and bad traffic and connection drops,
+    /// reporting each process's memory, file descriptors and threads; fails on a failed
+    /// valid request, a wrong answer to a bad one, or growth after warm-up.
+    Soak(parasync::soak::SoakArgs),
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Soak(args) => parasync::soak::run(&args, &std::env::current_exe()?),
         Cmd::Checkpoint(cmd) => ps_server::checkpoint::tool::run(&cmd),
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::ClusterNet(cmd) => parasync::netlab::run_cmd(&cmd),
