@@ -5,6 +5,7 @@
 //! end-to-end tests and benchmarks. The pieces live in their own crates:
 //! `ps-server` (the daemon), `client` (what a trainer calls), `proto`, `tensor`.
 
+pub mod certs;
 pub mod cluster;
 pub mod demo;
 pub mod model;

@@ -35,6 +35,9 @@ enum Cmd {
     /// reporting each process's memory, file descriptors and threads; fails on a failed
     /// valid request, a wrong answer to a bad one, or growth after warm-up.
     Soak(parasync::soak::SoakArgs),
+    /// A private certificate authority with a server and a client certificate, for shards
+    /// started with `--tls-cert` / `--tls-key` (and `--tls-client-ca`).
+    TlsCerts(parasync::certs::CertsArgs),
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
@@ -69,6 +72,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Soak(args) => parasync::soak::run(&args, &std::env::current_exe()?),
+        Cmd::TlsCerts(args) => {
+            for path in parasync::certs::run(&args)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Cmd::Checkpoint(cmd) => ps_server::checkpoint::tool::run(&cmd),
         Cmd::AllreduceBench(args) => parasync_collective::bench::run(&args),
         Cmd::ClusterNet(cmd) => parasync::netlab::run_cmd(&cmd),

@@ -187,6 +187,23 @@ typedef struct ParasyncPsOptions {
    * default): `PARASYNC_AUTH_TOKEN`, or the file `PARASYNC_AUTH_TOKEN_FILE` names, if set.
    */
   const char *auth_token;
+  /**
+   * Path of the PEM file of the authority the shards' certificates chain to: talk TLS to
+   * shards started with `--tls-cert`. NULL (the default): `PARASYNC_TLS_CA` if set, else
+   * plain TCP.
+   */
+  const char *tls_ca;
+  /**
+   * Paths of this client's PEM certificate and key, for shards that require one
+   * (`--tls-client-ca`); NULL: none.
+   */
+  const char *tls_cert;
+  const char *tls_key;
+  /**
+   * The name the shards' certificates carry, when it is not the host dialled; NULL: the
+   * host.
+   */
+  const char *tls_domain;
 } ParasyncPsOptions;
 
 /**

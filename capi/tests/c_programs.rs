@@ -191,6 +191,7 @@ impl Server {
             keep_checkpoints: 1,
             restore: None,
             auth_token: auth_token.map(|t| parasync_client::AuthToken::new(t).unwrap()),
+            tls: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(async move {

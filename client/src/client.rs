@@ -9,6 +9,7 @@ use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
 use parasync_tensor::DType;
 use tokio_stream::wrappers::ReceiverStream;
 use parasync_proto::auth::{AuthToken, PresentToken};
+use parasync_proto::tls::ClientTls;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -68,6 +69,11 @@ pub struct ClientOptions {
     /// The token the shards require (their `--auth-token-file`). `None`: the one
     /// `PARASYNC_AUTH_TOKEN` (or the file `PARASYNC_AUTH_TOKEN_FILE` names) gives, if any.
     pub auth_token: Option<AuthToken>,
+    /// TLS to the shards (their `--tls-cert`): the authority their certificates chain to,
+    /// and a client certificate for shards that ask for one. `None`: plain TCP, unless
+    /// `PARASYNC_TLS_CA` names a CA file (with `PARASYNC_TLS_CERT`, `PARASYNC_TLS_KEY` and
+    /// `PARASYNC_TLS_DOMAIN` when needed).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -87,6 +93,7 @@ impl Default for ClientOptions {
             reply_spin: Duration::ZERO,
             recovery_timeout: Duration::from_secs(60),
             auth_token: None,
+            tls: None,
         }
     }
 }
@@ -246,6 +253,9 @@ impl Client {
         let mut opts = opts;
         if opts.auth_token.is_none() {
             opts.auth_token = AuthToken::from_env().map_err(Error::usage)?;
+        }
+        if opts.tls.is_none() {
+            opts.tls = tls_from_env().map_err(Error::usage)?;
         }
         let shards = try_join_all(addrs.iter().enumerate().map(|(i, a)| connect_shard(i, a, &opts))).await?;
         // Random (std's hasher keys are seeded from the OS), mixed with the time for good measure.
@@ -1023,10 +1033,39 @@ fn check_sizes(model: &Model, sizes: impl ExactSizeIterator<Item = usize>) -> Re
     Ok(())
 }
 
+/// TLS settings from `PARASYNC_TLS_CA` (and `PARASYNC_TLS_CERT`, `PARASYNC_TLS_KEY`,
+/// `PARASYNC_TLS_DOMAIN`); `None` when no CA is named.
+fn tls_from_env() -> std::result::Result<Option<ClientTls>, String> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let Some(ca) = var("PARASYNC_TLS_CA") else { return Ok(None) };
+    let (cert, key) = (var("PARASYNC_TLS_CERT"), var("PARASYNC_TLS_KEY"));
+    let domain = var("PARASYNC_TLS_DOMAIN").map(|d| d.to_string_lossy().into_owned());
+    ClientTls::from_files(ca.as_ref(), cert.as_deref().map(AsRef::as_ref), key.as_deref().map(AsRef::as_ref), domain)
+        .map(Some)
+        .map_err(|e| format!("PARASYNC_TLS_CA: {e}"))
+}
+
+/// `host` of a shard address (`host:port`, `[v6]:port`, with or without a scheme).
+fn host_of(addr: &str) -> &str {
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    hostport.rsplit_once(':').map_or(hostport, |(h, _)| h)
+}
+
 async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result<Shard> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| Error::usage(format!("shard {index}: bad address {addr:?}: {e}")))?
+    let bare = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let uri = match (&opts.tls, addr.split_once("://").map(|(scheme, _)| scheme)) {
+        (Some(_), Some("http")) => {
+            return Err(Error::usage(format!("shard {index}: {addr:?} says http://, but TLS is configured (use https:// or a bare host:port)")))
+        }
+        (Some(_), _) => format!("https://{bare}"),
+        (None, Some(_)) => addr.to_string(),
+        (None, None) => format!("http://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| Error::usage(format!("shard {index}: bad address {addr:?}: {e}")))?;
+    if let Some(tls) = &opts.tls {
+        endpoint = endpoint.tls_config(tls.grpc(host_of(addr))).map_err(|e| Error::usage(format!("shard {index}: TLS settings: {e}")))?;
+    }
+    let endpoint = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .initial_stream_window_size(64 << 20)
@@ -1070,7 +1109,19 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
         .clone()
         .server_info(ps::ServerInfoRequest {})
         .await
-        .map_err(|e| Error::from_status(e, &format!("server info of shard {index} ({addr})")))?
+        .map_err(|e| {
+            let mut e = Error::from_status(e, &format!("server info of shard {index} ({addr})"));
+            match &opts.tls {
+                None if e.kind == ErrorKind::Unavailable => {
+                    e.message.push_str(" (if the shard serves TLS, give this client its authority: ClientOptions::tls or PARASYNC_TLS_CA)")
+                }
+                Some(t) if e.kind == ErrorKind::Unavailable && !t.has_identity() => e.message.push_str(
+                    " (if the shard requires client certificates, --tls-client-ca, give this client one: PARASYNC_TLS_CERT and PARASYNC_TLS_KEY)",
+                ),
+                _ => {}
+            }
+            e
+        })?
         .into_inner();
     let data = match opts.data_plane {
         true => open_data_plane(index, addr, info.data_port, &conns[0], opts).await,
@@ -1084,8 +1135,7 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
 /// tensors otherwise (a warning says why).
 async fn open_data_plane(index: usize, addr: &str, data_port: u32, rpc: &Rpc, opts: &ClientOptions) -> Option<DataPlane> {
     // The data plane listens on the host the client reached gRPC on.
-    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h).to_string();
+    let host = host_of(addr).to_string();
     if data_port == 0 {
         return None;
     }
@@ -1101,7 +1151,18 @@ async fn open_data_plane(index: usize, addr: &str, data_port: u32, rpc: &Rpc, op
             resolve_data_port(&host, port).await
         })
     });
-    match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin, opts.auth_token.clone()).await {
+    let tls = match &opts.tls {
+        Some(t) => match t.server_name(&host) {
+            Ok(name) => Some((t.connector(), name)),
+            Err(e) => {
+                tracing::warn!(shard = index, error = %e, "cannot use TLS on the shard's data plane; tensors go over gRPC");
+                return None;
+            }
+        },
+        None => None,
+    };
+    let access = crate::dataplane::Access { token: opts.auth_token.clone(), tls };
+    match DataPlane::connect(sockaddr, resolve, opts.data_connections_per_shard, opts.reply_spin, access).await {
         Ok(plane) => {
             tracing::debug!(shard = index, addr = %plane.addr(), "using the shard's data plane");
             Some(plane)

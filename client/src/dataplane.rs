@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use parasync_proto::auth::AuthToken;
+use parasync_proto::tls::DataStream;
+use tokio_rustls::rustls::pki_types::ServerName;
 use parasync_proto::data::{frame_len, put_frame, MAGIC};
 use parasync_proto::ps::{self, data_request::Op};
 use parasync_tensor::DType;
@@ -30,7 +32,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads exactly `n` bytes from `sock` into `buf` (replacing its contents) through its spare
 /// capacity, so that a reused buffer is not zeroed before every read.
-async fn fill(sock: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> std::io::Result<()> {
+async fn fill(sock: &mut DataStream, buf: &mut Vec<u8>, n: usize) -> std::io::Result<()> {
     buf.clear();
     buf.reserve(n);
     while buf.len() < n {
@@ -44,7 +46,7 @@ async fn fill(sock: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> std::io::Res
 
 /// One open connection and its scratch buffer.
 struct Conn {
-    sock: TcpStream,
+    sock: DataStream,
     scratch: Vec<u8>,
 }
 
@@ -66,8 +68,16 @@ pub(crate) struct DataPlane {
     sending: tokio::sync::Mutex<()>,
     /// How long to busy-poll for the reply of a small request before sleeping.
     spin: Duration,
-    /// Presented in every connection's hello.
-    token: Option<AuthToken>,
+    /// The token and TLS settings of every connection.
+    access: Access,
+}
+
+/// What a connection presents: the shard's auth token in its hello, and TLS (a connector
+/// and the name the shard's certificate must carry).
+#[derive(Clone, Default)]
+pub(crate) struct Access {
+    pub token: Option<AuthToken>,
+    pub tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
 }
 
 impl DataPlane {
@@ -77,9 +87,9 @@ impl DataPlane {
         resolve: Resolve,
         max_connections: usize,
         spin: Duration,
-        token: Option<AuthToken>,
+        access: Access,
     ) -> std::io::Result<DataPlane> {
-        let conn = dial(addr, token.as_ref()).await?;
+        let conn = dial(addr, &access).await?;
         Ok(DataPlane {
             addr: Mutex::new(addr),
             resolve,
@@ -87,7 +97,7 @@ impl DataPlane {
             in_flight: Semaphore::new(max_connections.max(1)),
             sending: tokio::sync::Mutex::new(()),
             spin,
-            token,
+            access,
         })
     }
 
@@ -171,7 +181,7 @@ impl DataPlane {
             };
             Error::new(kind, format!("{ctx}: data plane {a}: {e}"))
         };
-        match dial(addr, self.token.as_ref()).await {
+        match dial(addr, &self.access).await {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(unavailable(addr, e)),
             Ok(c) => Ok((permit, c)),
             Err(e) => {
@@ -181,7 +191,7 @@ impl DataPlane {
                     Some(fresh) if fresh != addr => {
                         tracing::info!(old = %addr, new = %fresh, "the shard's data plane moved");
                         *self.addr.lock().expect("address lock") = fresh;
-                        let c = dial(fresh, self.token.as_ref()).await.map_err(|e| unavailable(fresh, e))?;
+                        let c = dial(fresh, &self.access).await.map_err(|e| unavailable(fresh, e))?;
                         Ok((permit, c))
                     }
                     _ => Err(unavailable(addr, e)),
@@ -217,8 +227,8 @@ impl DataPlane {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some(c) = idle.pop() {
             // Between requests nothing may arrive: readable means closed (or broken).
-            let mut probe = [0u8; 1];
-            match c.sock.try_read(&mut probe) {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            match socket2::SockRef::from(c.sock.tcp()).peek(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(c),
                 _ => continue,
             }
@@ -251,16 +261,27 @@ fn protocol(ctx: &str, why: &str) -> Error {
     Error::new(ErrorKind::Internal, format!("{ctx}: data plane protocol error: {why}"))
 }
 
-/// Opens a data connection: connect, socket options, greeting, and a hello with the token
-/// (a refused one is a `PermissionDenied` error carrying the shard's message).
-async fn dial(addr: SocketAddr, token: Option<&AuthToken>) -> std::io::Result<Conn> {
-    let mut sock = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+/// Opens a data connection: connect, socket options, TLS, greeting, and a hello with the
+/// token (a refused one is a `PermissionDenied` error carrying the shard's message).
+async fn dial(addr: SocketAddr, access: &Access) -> std::io::Result<Conn> {
+    let token = access.token.as_ref();
+    let sock = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting took over {DIAL_TIMEOUT:?}")))??;
     sock.set_nodelay(true)?;
     // Keepalive probes notice a server whose machine died, instead of waiting forever.
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(5));
     socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive.with_retries(3))?;
+    let mut sock = match &access.tls {
+        None => DataStream::Plain(sock),
+        Some((connector, name)) => {
+            let tls = tokio::time::timeout(DIAL_TIMEOUT, connector.connect(name.clone(), sock)).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no TLS handshake within {DIAL_TIMEOUT:?}"))
+            })?;
+            let tls = tls.map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+            DataStream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls)))
+        }
+    };
     let hello = ps::DataRequest {
         op: Some(Op::Hello(ps::DataHello { auth_token: token.map_or_else(String::new, |t| t.expose().to_string()) })),
         payload_bytes: 0,
@@ -268,6 +289,7 @@ async fn dial(addr: SocketAddr, token: Option<&AuthToken>) -> std::io::Result<Co
     let mut greeting = MAGIC.to_vec();
     put_frame(&hello, &mut greeting);
     sock.write_all(&greeting).await?;
+    sock.flush().await?;
     let mut conn = Conn { sock, scratch: Vec::new() };
     let answered = tokio::time::timeout(DIAL_TIMEOUT, conn.reply()).await.map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the shard did not answer the hello within {DIAL_TIMEOUT:?}"))
@@ -291,6 +313,8 @@ impl Conn {
         if payload <= COALESCE_BYTES {
             parasync_tensor::encode_f32(data, wire, &mut self.scratch);
             self.sock.write_all(&self.scratch).await?;
+            // (TLS keeps the last record until flushed; plain TCP has nothing to flush.)
+            self.sock.flush().await?;
             return Ok(());
         }
         let _turn = sending.lock().await;
@@ -298,6 +322,7 @@ impl Conn {
         #[cfg(target_endian = "little")]
         if wire == DType::F32 {
             self.sock.write_all(parasync_tensor::f32_as_le_bytes(data)).await?;
+            self.sock.flush().await?;
             return Ok(());
         }
         for piece in data.chunks(PIECE_BYTES / wire.size()) {
@@ -305,6 +330,7 @@ impl Conn {
             parasync_tensor::encode_f32(piece, wire, &mut self.scratch);
             self.sock.write_all(&self.scratch).await?;
         }
+        self.sock.flush().await?;
         Ok(())
     }
 
@@ -321,7 +347,7 @@ impl Conn {
         loop {
             // The socket is non-blocking: WouldBlock means nothing yet. Anything else
             // (data, end of stream, an error) is for the normal read to take.
-            match socket2::SockRef::from(&self.sock).peek(&mut probe) {
+            match socket2::SockRef::from(self.sock.tcp()).peek(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 _ => return,
             }

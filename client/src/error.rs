@@ -71,7 +71,20 @@ impl Error {
             Code::Unknown | Code::Internal if std::error::Error::source(&status).is_some() => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         };
-        Error::new(kind, format!("{context}: {}", status.message()))
+        // A transport error says only "transport error": name its causes too (a refused
+        // TLS handshake, a certificate the client does not trust, a reset connection).
+        let mut message = format!("{context}: {}", status.message());
+        let mut cause = std::error::Error::source(&status);
+        let mut last = status.message().to_string();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if text != last {
+                message.push_str(&format!(": {text}"));
+            }
+            last = text;
+            cause = c.source();
+        }
+        Error::new(kind, message)
     }
 }
 

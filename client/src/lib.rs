@@ -29,5 +29,6 @@ pub use blocking::BlockingClient;
 pub use client::{ps_addresses_from_env, ps_addresses_from_tf_config, CheckpointFile, Client, ClientOptions, PartOutcome, PushSummary, ShardInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use parasync_proto::auth::AuthToken;
+pub use parasync_proto::tls::ClientTls;
 pub use parasync_tensor::DType;
 pub use spec::{Init, Optimizer, VariableSpec};

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::consistency::Mode;
 use parasync_proto::auth::AuthToken;
+use parasync_proto::tls::ServerTls;
 
 /// Consistency mode as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +125,16 @@ pub struct ServerArgs {
     /// Neither: no authentication.
     #[arg(long, env = "PARASYNC_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain (leaf first): serve gRPC and the data plane over TLS.
+    #[arg(long, env = "PARASYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "PARASYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM certificate authority that clients' certificates must chain to: with it, every
+    /// client must present a certificate (mutual TLS).
+    #[arg(long, env = "PARASYNC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 /// Everything the server needs, resolved from flags and the environment.
@@ -173,6 +184,8 @@ pub struct ServerSettings {
     pub restore: Option<String>,
     /// See [`ServerArgs::auth_token_file`] (`None`: calls need no token).
     pub auth_token: Option<AuthToken>,
+    /// See [`ServerArgs::tls_cert`] (`None`: plain TCP).
+    pub tls: Option<ServerTls>,
 }
 
 /// The parts of `TF_CONFIG` Parasync reads.
@@ -294,7 +307,13 @@ impl ServerArgs {
             None => AuthToken::from_lookup(|k| (k == parasync_proto::auth::ENV_TOKEN).then(|| std::env::var(k).ok()).flatten())
                 .map_err(anyhow::Error::msg)?,
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key, self.tls_client_ca.as_deref()).map_err(anyhow::Error::msg)?),
+            (None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together"),
+        };
         Ok(ServerSettings {
+            tls,
             auth_token,
             num_shards,
             checkpoint_dir: self.checkpoint_dir.clone(),

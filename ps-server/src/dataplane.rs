@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parasync_proto::auth::AuthToken;
+use parasync_proto::tls::DataStream;
 use parasync_proto::data::{frame_len, put_frame, MAGIC};
 use parasync_proto::ps::{self, data_request::Op};
 use parasync_tensor::DType;
@@ -56,7 +57,17 @@ pub struct Limits {
 
 /// Accepts data-plane connections on `listener` until `stop` turns true; then waits for the
 /// requests in flight to finish (a pull waiting for its step is released by `stop`).
-pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits, token: Option<AuthToken>) {
+/// Who may use the data plane: the token a connection's hello must present, and TLS.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// The shard's auth token (`None`: none needed).
+    pub token: Option<AuthToken>,
+    /// Terminates TLS on every connection when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits, access: Access) {
+    let access = Arc::new(access);
     let mut conns = JoinSet::new();
     let mut stopped = stop.clone();
     let mut refused: u64 = 0;
@@ -80,7 +91,7 @@ pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Recei
                     }
                 }
                 Ok((sock, peer)) => {
-                    conns.spawn(connection(sock, peer, service.clone(), stop.clone(), limits.idle_timeout, token.clone()));
+                    conns.spawn(connection(sock, peer, service.clone(), stop.clone(), limits.idle_timeout, Arc::clone(&access)));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -112,14 +123,29 @@ pub fn tune_socket(sock: &TcpStream) {
 }
 
 async fn connection(
-    mut sock: TcpStream,
+    sock: TcpStream,
     peer: SocketAddr,
     service: PsService,
     mut stop: watch::Receiver<bool>,
     idle_timeout: Duration,
-    token: Option<AuthToken>,
+    access: Arc<Access>,
 ) {
     tune_socket(&sock);
+    let mut sock = match &access.tls {
+        None => DataStream::Plain(sock),
+        Some(acceptor) => match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(sock)).await {
+            Ok(Ok(tls)) => DataStream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "data plane: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "data plane: no TLS handshake within {HELLO_TIMEOUT:?}");
+                return;
+            }
+        },
+    };
+    let token = access.token.clone();
     let mut hello = [0u8; 8];
     match tokio::time::timeout(HELLO_TIMEOUT, sock.read_exact(&mut hello)).await {
         Ok(Ok(_)) if &hello == MAGIC => {}
@@ -163,13 +189,17 @@ async fn connection(
             tracing::debug!(%peer, error = %e, "data plane: connection closed");
             return;
         }
+        // TLS keeps the last record of a reply until flushed.
+        if conn.sock.flush().await.is_err() {
+            return;
+        }
         idle_since = tokio::time::Instant::now();
     }
 }
 
 /// One accepted connection and its reusable buffers.
 struct Conn {
-    sock: TcpStream,
+    sock: DataStream,
     service: PsService,
     /// Incoming header bytes, bf16 payload pieces, discarded bytes, encoded pull pieces.
     scratch: Vec<u8>,
@@ -440,7 +470,8 @@ impl Conn {
     async fn reply(&mut self, reply: &ps::DataReply) -> io::Result<()> {
         self.out.clear();
         put_frame(reply, &mut self.out);
-        self.sock.write_all(&self.out).await
+        self.sock.write_all(&self.out).await?;
+        self.sock.flush().await
     }
 }
 

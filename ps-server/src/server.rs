@@ -106,7 +106,8 @@ pub async fn run_prepared(
     let checkpointer = store_checkpointer.clone();
     let data_task = data_listener.map(|l| {
         let limits = settings.data_limits;
-        tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone(), limits, settings.auth_token.clone()))
+        let access = crate::dataplane::Access { token: settings.auth_token.clone(), tls: settings.tls.as_ref().map(|t| t.acceptor()) };
+        tokio::spawn(crate::dataplane::serve(l, service.clone(), stop_rx.clone(), limits, access))
     });
     // Every service but health needs the token (when the shard has one).
     let auth = RequireToken(settings.auth_token.clone());
@@ -179,7 +180,11 @@ pub async fn run_prepared(
             let _ = s.set_nodelay(true);
         })
     });
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(tls.grpc()).context("configuring TLS")?;
+    }
+    let serve = builder
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -315,7 +320,10 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
         // Signals are handled from here on, before the address is announced: a launcher
         // that stops the server right after reading it gets a clean drain and exit 0.
         let shutdown = shutdown_signal().context("installing the SIGTERM / Ctrl-C handlers")?;
-        tracing::info!(%addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(), auth = settings.auth_token.is_some(), "listening");
+        tracing::info!(
+            %addr, ?data_addr, shard = settings.shard_index, mode = settings.mode.name(),
+            auth = settings.auth_token.is_some(), tls = settings.tls.is_some(), "listening"
+        );
         warn_if_open(&settings, [Some(addr), metrics_addr, data_addr].into_iter().flatten());
         // The launcher (demo, tests) reads this line to learn an ephemeral port.
         match metrics_addr {
@@ -329,15 +337,22 @@ pub fn main_with(args: crate::config::ServerArgs) -> anyhow::Result<()> {
 /// A shard that others can reach and that asks for no token lets anyone on the network
 /// read the model and change it: say so at start.
 fn warn_if_open(settings: &ServerSettings, bound: impl IntoIterator<Item = std::net::SocketAddr>) {
-    if settings.auth_token.is_some() {
+    let exposed: Vec<String> = bound.into_iter().filter(|a| !a.ip().is_loopback()).map(|a| a.to_string()).collect();
+    if exposed.is_empty() {
         return;
     }
-    let exposed: Vec<String> = bound.into_iter().filter(|a| !a.ip().is_loopback()).map(|a| a.to_string()).collect();
-    if !exposed.is_empty() {
+    if settings.auth_token.is_none() {
         tracing::warn!(
             addresses = %exposed.join(", "),
             "listening beyond loopback without authentication: anyone who reaches these ports can read and change \
              the variables; set PARASYNC_AUTH_TOKEN or --auth-token-file"
+        );
+    }
+    if settings.tls.is_none() {
+        tracing::warn!(
+            addresses = %exposed.join(", "),
+            "listening beyond loopback without TLS: the variables (and the auth token) cross the network in clear; \
+             set --tls-cert and --tls-key"
         );
     }
 }

@@ -49,6 +49,10 @@ class PsClient:
         chunk_bytes: int | None = None,
         recovery_timeout: float = 60.0,
         auth_token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_domain: str | None = None,
     ) -> None: ...
     def register(self, specs: list[tuple[Any, ...]]) -> None: ...
     def variables(self) -> list[tuple[str, list[int]]]: ...

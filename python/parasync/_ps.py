@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence, Union
 
 import numpy as np
@@ -36,6 +37,11 @@ class PsClient:
             re-pushes the steps the restored shard lacks); 0 fails at once.
         auth_token: the secret the shards require (their ``--auth-token-file``); default:
             ``PARASYNC_AUTH_TOKEN``, or the file ``PARASYNC_AUTH_TOKEN_FILE`` names.
+        tls_ca: PEM file of the authority the shards' certificates chain to: talk TLS to
+            shards started with ``--tls-cert`` (default: ``PARASYNC_TLS_CA``, else plain TCP).
+        tls_cert, tls_key: this client's certificate and key, for shards that require one
+            (``--tls-client-ca``).
+        tls_domain: the name the shards' certificates carry, when it is not the host dialled.
     """
 
     def __init__(
@@ -52,6 +58,10 @@ class PsClient:
         chunk_bytes: int | None = None,
         recovery_timeout: float = 60.0,
         auth_token: str | None = None,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        tls_domain: str | None = None,
     ) -> None:
         if addresses is None:
             addresses = _native.ps_addresses_from_env()
@@ -72,6 +82,10 @@ class PsClient:
             chunk_bytes,
             recovery_timeout,
             auth_token,
+            None if tls_ca is None else os.fspath(tls_ca),
+            None if tls_cert is None else os.fspath(tls_cert),
+            None if tls_key is None else os.fspath(tls_key),
+            tls_domain,
         )
         self._shapes: dict[str, tuple[int, ...]] = {}
 

@@ -233,7 +233,7 @@ impl PushSummary {
 #[pymethods]
 impl PsClient {
     #[new]
-    #[pyo3(signature = (addresses, worker_id=0, wire_dtype="f32", pull_wire_dtype=None, connect_timeout=30.0, pull_timeout=None, data_plane=true, reply_spin=0.0, split_bytes=None, chunk_bytes=None, recovery_timeout=60.0, auth_token=None))]
+    #[pyo3(signature = (addresses, worker_id=0, wire_dtype="f32", pull_wire_dtype=None, connect_timeout=30.0, pull_timeout=None, data_plane=true, reply_spin=0.0, split_bytes=None, chunk_bytes=None, recovery_timeout=60.0, auth_token=None, tls_ca=None, tls_cert=None, tls_key=None, tls_domain=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -249,8 +249,22 @@ impl PsClient {
         chunk_bytes: Option<usize>,
         recovery_timeout: f64,
         auth_token: Option<&str>,
+        tls_ca: Option<std::path::PathBuf>,
+        tls_cert: Option<std::path::PathBuf>,
+        tls_key: Option<std::path::PathBuf>,
+        tls_domain: Option<String>,
     ) -> PyResult<Self> {
         let defaults = ClientOptions::default();
+        let tls = match tls_ca {
+            Some(ca) => Some(
+                parasync_client::ClientTls::from_files(&ca, tls_cert.as_deref(), tls_key.as_deref(), tls_domain)
+                    .map_err(|e| PyValueError::new_err(format!("tls_ca: {e}")))?,
+            ),
+            None if tls_cert.is_some() || tls_key.is_some() || tls_domain.is_some() => {
+                return Err(PyValueError::new_err("tls_cert, tls_key and tls_domain need tls_ca (the shards' certificate authority)"))
+            }
+            None => None,
+        };
         let opts = ClientOptions {
             worker_id,
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
@@ -263,6 +277,7 @@ impl PsClient {
             chunk_bytes: chunk_bytes.unwrap_or(defaults.chunk_bytes),
             recovery_timeout: seconds(recovery_timeout, "recovery_timeout")?,
             auth_token: crate::errors::auth_token(auth_token)?,
+            tls,
             ..defaults
         };
         let client = blocking(py, |stop| BlockingClient::connect_interruptible(&addresses, opts, stop))?;

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
-use parasync_client::{AuthToken, ClientOptions, Init, Optimizer, VariableSpec};
+use parasync_client::{AuthToken, ClientOptions, ClientTls, Init, Optimizer, VariableSpec};
 
 use crate::args;
 use crate::dtype::ParasyncDtype;
@@ -34,6 +34,17 @@ pub struct ParasyncPsOptions {
     /// The secret the shards require (their `--auth-token-file`), NUL-terminated; NULL (the
     /// default): `PARASYNC_AUTH_TOKEN`, or the file `PARASYNC_AUTH_TOKEN_FILE` names, if set.
     pub auth_token: *const c_char,
+    /// Path of the PEM file of the authority the shards' certificates chain to: talk TLS to
+    /// shards started with `--tls-cert`. NULL (the default): `PARASYNC_TLS_CA` if set, else
+    /// plain TCP.
+    pub tls_ca: *const c_char,
+    /// Paths of this client's PEM certificate and key, for shards that require one
+    /// (`--tls-client-ca`); NULL: none.
+    pub tls_cert: *const c_char,
+    pub tls_key: *const c_char,
+    /// The name the shards' certificates carry, when it is not the host dialled; NULL: the
+    /// host.
+    pub tls_domain: *const c_char,
 }
 
 impl ParasyncPsOptions {
@@ -47,14 +58,36 @@ impl ParasyncPsOptions {
             pull_timeout_ms: o.pull_timeout.map_or(0, millis),
             data_plane: o.data_plane,
             auth_token: std::ptr::null(),
+            tls_ca: std::ptr::null(),
+            tls_cert: std::ptr::null(),
+            tls_key: std::ptr::null(),
+            tls_domain: std::ptr::null(),
         }
     }
 
     /// The client's options: the client's defaults, with every field of this struct applied.
     ///
     /// # Safety
-    /// `auth_token` is NULL or a NUL-terminated string.
+    /// `auth_token` and the `tls_*` fields are NULL or NUL-terminated strings.
     pub(crate) unsafe fn to_client(self) -> Result<ClientOptions> {
+        // SAFETY: the caller's contract.
+        let path = |p: *const c_char, what: &str| -> Result<Option<std::path::PathBuf>> {
+            match p.is_null() {
+                true => Ok(None),
+                false => Ok(Some(unsafe { args::string(p, what)? }.into())),
+            }
+        };
+        let (ca, cert, key) = (path(self.tls_ca, "options.tls_ca")?, path(self.tls_cert, "options.tls_cert")?, path(self.tls_key, "options.tls_key")?);
+        let domain = path(self.tls_domain, "options.tls_domain")?.map(|d| d.to_string_lossy().into_owned());
+        let tls = match ca {
+            Some(ca) => Some(
+                ClientTls::from_files(&ca, cert.as_deref(), key.as_deref(), domain).map_err(|e| Error::usage(format!("options.tls_ca: {e}")))?,
+            ),
+            None if cert.is_some() || key.is_some() || domain.is_some() => {
+                return Err(Error::usage("options.tls_cert, tls_key and tls_domain need options.tls_ca"))
+            }
+            None => None,
+        };
         let auth_token = match self.auth_token.is_null() {
             true => None,
             // SAFETY: the caller's contract.
@@ -65,6 +98,7 @@ impl ParasyncPsOptions {
         };
         Ok(ClientOptions {
             auth_token,
+            tls,
             worker_id: self.worker_id,
             wire_dtype: self.wire_dtype.to_ps("options.wire_dtype")?,
             pull_wire_dtype: match self.pull_wire_dtype {
@@ -325,6 +359,12 @@ mod tests {
         // SAFETY: a C string literal.
         let spaced = unsafe { ParasyncPsOptions { auth_token: c"two words".as_ptr(), ..c }.to_client() }.unwrap_err();
         assert!(format!("{spaced:?}").contains("options.auth_token"), "{spaced:?}");
+        // SAFETY: C string literals.
+        let missing = unsafe { ParasyncPsOptions { tls_ca: c"/nonexistent/ca.pem".as_ptr(), ..c }.to_client() }.unwrap_err();
+        assert!(format!("{missing:?}").contains("options.tls_ca: reading the CA file /nonexistent/ca.pem"), "{missing:?}");
+        // SAFETY: C string literals.
+        let alone = unsafe { ParasyncPsOptions { tls_cert: c"client.pem".as_ptr(), ..c }.to_client() }.unwrap_err();
+        assert!(format!("{alone:?}").contains("need options.tls_ca"), "{alone:?}");
     }
 
     #[test]
