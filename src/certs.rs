@@ -75,18 +75,21 @@ pub fn run(args: &CertsArgs) -> anyhow::Result<Vec<PathBuf>> {
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca.self_signed(&ca_key)?;
 
-    let leaf = |cn: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose| -> anyhow::Result<(String, String)> {
+    let leaf = |cn: &str, names: Vec<String>, usage: Vec<ExtendedKeyUsagePurpose>| -> anyhow::Result<(String, String)> {
         let mut p = CertificateParams::new(names).with_context(|| format!("the names of the {cn} certificate"))?;
         p.distinguished_name.push(DnType::CommonName, cn);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = usage;
         (p.not_before, p.not_after) = (from, until);
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    let (server, server_key) = leaf("parasync server", args.hosts.clone(), ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client, client_key) = leaf("parasync client", Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+    // The server certificate serves collective ranks too, which are servers and clients
+    // of each other.
+    let both = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let (server, server_key) = leaf("parasync server", args.hosts.clone(), both)?;
+    let (client, client_key) = leaf("parasync client", Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth])?;
 
     let files = [
         ("ca.pem", ca_cert.pem(), false),

@@ -217,7 +217,7 @@ fn allreduce_step(lab: &NetLab, elements: usize, n: usize, wire: &str, steps: us
         threads.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
             netlab::enter(&netns)?;
             let opts = ConnectOptions {
-                spec: JoinSpec { rank, world_size: n, master, token, auth_token: None, timeout: Duration::from_secs(60) },
+                spec: JoinSpec { rank, world_size: n, master, token, auth_token: None, tls: None, timeout: Duration::from_secs(60) },
                 comm: CommConfig { timeout: Duration::from_secs(300), ..CommConfig::default() },
                 tcp: TcpOptions { peer_copy: false, ..TcpOptions::default() },
                 data_host: None,

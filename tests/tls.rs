@@ -143,3 +143,69 @@ fn bad_tls_files_stop_the_server_with_a_message() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Rank 0 and rank 1 of a job (threads), each with its TLS settings: what each one's
+/// allreduce of `[rank + 1; 1000]` gave, or its error.
+fn two_ranks(tls: [Option<parasync_collective::JobTls>; 2], timeout: Duration) -> Vec<Result<Vec<f32>, parasync_collective::Error>> {
+    use parasync_collective::{connect, connect_hosting, CommConfig, ConnectOptions, JoinSpec, ReduceOp, RendezvousHost, TcpOptions};
+    let host = RendezvousHost::bind("127.0.0.1:0").unwrap();
+    let master = host.local_addr().unwrap().to_string();
+    let mut host = Some(host);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = tls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, tls)| {
+                let opts = ConnectOptions {
+                    spec: JoinSpec { rank, world_size: 2, master: master.clone(), token: "tls-test".into(), auth_token: None, tls, timeout },
+                    comm: CommConfig { timeout, ..CommConfig::default() },
+                    // Every byte through the links (no copies from a peer's memory), over two
+                    // connections per pair.
+                    tcp: TcpOptions { peer_copy: false, streams: 2, ..TcpOptions::default() },
+                    data_host: None,
+                };
+                let h = if rank == 0 { host.take() } else { None };
+                s.spawn(move || {
+                    let mut c = match h {
+                        Some(h) => connect_hosting(&opts, h)?,
+                        None => connect(&opts)?,
+                    };
+                    let mut v = vec![rank as f32 + 1.0; 1000];
+                    c.allreduce(&mut v, ReduceOp::Sum)?;
+                    // Larger than a socket buffer: the tunnel's backpressure in both directions.
+                    let mut big: Vec<f32> = (0..1 << 20).map(|i| (i % 7) as f32 * (rank as f32 + 1.0)).collect();
+                    c.allreduce(&mut big, ReduceOp::Sum)?;
+                    assert!(big.iter().enumerate().all(|(i, &x)| x == (i % 7) as f32 * 3.0), "rank {rank}: the large allreduce");
+                    Ok(v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn job_tls(dir: &Path) -> parasync_collective::JobTls {
+    parasync_collective::JobTls::from_files(&dir.join("server.pem"), &dir.join("server-key.pem"), &dir.join("ca.pem"), None).unwrap()
+}
+
+#[test]
+fn two_ranks_allreduce_over_tls_and_a_rank_of_another_authority_is_refused() {
+    let dir = certs("ranks");
+    let results = two_ranks([Some(job_tls(&dir)), Some(job_tls(&dir))], Duration::from_secs(20));
+    for r in results {
+        assert_eq!(r.unwrap(), vec![3.0; 1000]);
+    }
+    // A rank whose certificate another authority signed: refused by the rendezvous, and
+    // rank 0 names it missing; both within the timeout.
+    let other = certs("other-ranks");
+    let started = Instant::now();
+    let results = two_ranks([Some(job_tls(&dir)), Some(job_tls(&other))], Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let errors: Vec<String> = results.into_iter().map(|r| r.expect_err("refused").to_string()).collect();
+    assert!(errors[0].contains("ranks [1] did not join"), "{errors:?}");
+    // And a plain rank against a TLS job.
+    let results = two_ranks([Some(job_tls(&dir)), None], Duration::from_secs(3));
+    assert!(results.iter().all(|r| r.is_err()), "a plain rank joined a TLS job");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other);
+}

@@ -232,6 +232,7 @@ pub fn connect_options(
             master,
             token,
             auth_token: None,
+            tls: None,
             timeout: Duration::from_secs(args.timeout_s),
         },
         comm: comm_config(args),

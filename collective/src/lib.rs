@@ -31,7 +31,7 @@ pub use dtype::{Bf16, DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use frame::OpKind;
 pub use rendezvous::{
-    connect, connect_hosting, connect_with_blob, ConnectOptions, JoinSpec, RendezvousHost,
+    connect, connect_hosting, connect_with_blob, ConnectOptions, JobTls, JoinSpec, RendezvousHost,
 };
 pub use transport::tcp::TcpOptions;
 /// The shared secret of authenticated jobs (see [`JoinSpec::auth_token`]).

@@ -16,6 +16,7 @@ fn opts(rank: usize, master: &str, auth: Option<&str>, timeout: Duration) -> Con
             master: master.into(),
             token: "auth-test".into(),
             auth_token: auth.map(|a| AuthToken::new(a).unwrap()),
+            tls: None,
             timeout,
         },
         comm: CommConfig { timeout, ..CommConfig::default() },

@@ -10,24 +10,10 @@ use parasync_collective::rendezvous::service::{resolve_addr, Table};
 use parasync_collective::{DType, OpKind, ReduceOp};
 use parasync_proto::collective::JoinRequest;
 
-fn cases() -> usize {
-    std::env::var("PARASYNC_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
-}
+#[path = "common/seeded.rs"]
+mod seeded;
 
-/// xorshift64*: small, seeded, good enough to spread bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use seeded::{cases, Rng};
 
 /// Valid headers of every kind, to mutate.
 fn seeds() -> Vec<[u8; HEADER_LEN]> {
@@ -126,28 +112,8 @@ fn mutated_join_messages_are_decoded_and_accepted_or_refused() {
     let (mut joined, mut refused, mut undecodable) = (0, 0, 0);
     let mut table = Table::new("job".into(), 4);
     for i in 0..cases() {
-        let mut b = seeds[rng.below(seeds.len())].clone();
-        for _ in 0..1 + rng.below(4) {
-            match rng.below(5) {
-                0 if !b.is_empty() => {
-                    let i = rng.below(b.len());
-                    b[i] ^= 1 << rng.below(8);
-                }
-                1 if !b.is_empty() => {
-                    let i = rng.below(b.len());
-                    b[i] = rng.next() as u8;
-                }
-                2 => {
-                    let i = rng.below(b.len() + 1);
-                    b.insert(i, rng.next() as u8);
-                }
-                3 if !b.is_empty() => {
-                    let cut = rng.below(b.len());
-                    b.truncate(cut);
-                }
-                _ => b.extend((0..rng.below(8)).map(|_| rng.next() as u8)),
-            }
-        }
+        let seed = seeds[rng.below(seeds.len())].clone();
+        let b = rng.mutate(seed);
         let Ok(req) = JoinRequest::decode(b.as_slice()) else {
             undecodable += 1;
             continue;

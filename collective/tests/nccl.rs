@@ -18,6 +18,7 @@ fn opts(rank: usize, world: usize, master: &str) -> ConnectOptions {
             master: master.into(),
             token: "nccl-test".into(),
             auth_token: None,
+            tls: None,
             timeout: t,
         },
         comm: CommConfig {

@@ -53,6 +53,7 @@ fn steady_state_operations_do_not_allocate() {
                         master: master.clone(),
                         token: "alloc".into(),
                         auth_token: None,
+                        tls: None,
                         timeout: t,
                     },
                     comm: CommConfig {

@@ -14,6 +14,7 @@ fn opts(rank: usize, world: usize, master: &str, timeout: Duration) -> ConnectOp
             master: master.into(),
             token: "tcp-test".into(),
             auth_token: None,
+            tls: None,
             timeout,
         },
         comm: CommConfig {

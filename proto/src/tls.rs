@@ -104,6 +104,11 @@ impl ServerTls {
         }
     }
 
+    /// The rustls configuration (for connections outside tokio).
+    pub fn rustls(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// An acceptor for the data plane.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
@@ -178,6 +183,11 @@ impl ClientTls {
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         tls.domain_name(self.domain.clone().unwrap_or_else(|| host.to_string()))
+    }
+
+    /// The rustls configuration (for connections outside tokio).
+    pub fn rustls(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.config)
     }
 
     /// A connector for the data plane.

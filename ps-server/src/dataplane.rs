@@ -55,8 +55,6 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Accepts data-plane connections on `listener` until `stop` turns true; then waits for the
-/// requests in flight to finish (a pull waiting for its step is released by `stop`).
 /// Who may use the data plane: the token a connection's hello must present, and TLS.
 #[derive(Clone, Default)]
 pub struct Access {
@@ -66,6 +64,8 @@ pub struct Access {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
+/// Accepts data-plane connections on `listener` until `stop` turns true; then waits for the
+/// requests in flight to finish (a pull waiting for its step is released by `stop`).
 pub async fn serve(listener: TcpListener, service: PsService, stop: watch::Receiver<bool>, limits: Limits, access: Access) {
     let access = Arc::new(access);
     let mut conns = JoinSet::new();
@@ -261,19 +261,18 @@ impl Conn {
             self.reply(&status_reply(&self.refuse(&why), None)).await?;
             return Err(broken(why));
         }
-        if let Some(Op::Hello(hello)) = &req.op {
-            self.discard(payload).await?;
-            return self.hello(hello).await;
-        }
-        if !self.authenticated {
-            let why = "this shard requires an auth token: open the connection with a hello presenting it \
-                       (set PARASYNC_AUTH_TOKEN, or the client's auth_token option)";
-            self.service.store().metrics().rejected.fetch_add(1, Relaxed);
-            self.reply(&status_reply(&Status::unauthenticated(why), None)).await?;
-            return Err(broken(why.into()));
-        }
         match req.op {
-            Some(Op::Hello(_)) => unreachable!("answered above"),
+            Some(Op::Hello(hello)) => {
+                self.discard(payload).await?;
+                self.hello(&hello).await
+            }
+            _ if !self.authenticated => {
+                let why = "this shard requires an auth token: open the connection with a hello presenting it \
+                           (set PARASYNC_AUTH_TOKEN, or the client's auth_token option)";
+                self.service.store().metrics().rejected.fetch_add(1, Relaxed);
+                self.reply(&status_reply(&Status::unauthenticated(why), None)).await?;
+                Err(broken(why.into()))
+            }
             Some(Op::Push(header)) => match self.push(&header, payload).await? {
                 Ok((push, ..)) => self.reply(&ps::DataReply { push: Some(push), ..Default::default() }).await,
                 Err(s) => self.reply(&status_reply(&s, None)).await,
@@ -438,8 +437,6 @@ impl Conn {
         Ok(())
     }
 
-    /// An `invalid_argument` status for a request that names no variable, counted with the
-    /// other refusals.
     /// Answers a connection's `hello`: OK when it presents the shard's token (or the shard
     /// has none); otherwise `unauthenticated`, and the connection closes.
     async fn hello(&mut self, hello: &ps::DataHello) -> io::Result<()> {
@@ -461,6 +458,8 @@ impl Conn {
         }
     }
 
+    /// An `invalid_argument` status for a request that names no variable, counted with the
+    /// other refusals.
     fn refuse(&self, why: &str) -> Status {
         self.service.store().metrics().rejected.fetch_add(1, Relaxed);
         tracing::debug!(error = why, "data request rejected");

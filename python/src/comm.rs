@@ -168,7 +168,15 @@ impl Communicator {
             None => AuthToken::from_env().map_err(PyValueError::new_err)?,
         };
         let opts = ConnectOptions {
-            spec: JoinSpec { rank, world_size: size, master, token, auth_token, timeout: t },
+            spec: JoinSpec {
+                rank,
+                world_size: size,
+                master,
+                token,
+                auth_token,
+                tls: parasync_collective::JobTls::from_env().map_err(PyValueError::new_err)?,
+                timeout: t,
+            },
             comm: CommConfig { timeout: t, ..CommConfig::default() },
             tcp: TcpOptions::default(),
             data_host: None,

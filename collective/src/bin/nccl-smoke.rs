@@ -117,6 +117,7 @@ fn run_rank(args: &Args, rank: usize) -> anyhow::Result<()> {
             master: master.clone(),
             token: "nccl-smoke".into(),
             auth_token: None,
+            tls: None,
             timeout,
         },
         comm: CommConfig {

@@ -11,6 +11,8 @@ use crate::transport::tcp::{bind_listener, TcpOptions, TcpTransport};
 use parasync_proto::collective::rendezvous_client::RendezvousClient;
 use parasync_proto::collective::rendezvous_server::RendezvousServer;
 use parasync_proto::auth::{AuthToken, PresentToken, RequireToken};
+use parasync_proto::tls::{ClientTls, ServerTls};
+use std::path::Path;
 use parasync_proto::collective::JoinRequest;
 use service::{RendezvousService, Shared, Table};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -33,8 +35,47 @@ pub struct JoinSpec {
     /// The secret every rank must present (to the rendezvous and to each other's data
     /// plane); `None`: no authentication.
     pub auth_token: Option<AuthToken>,
+    /// TLS for the rendezvous and between ranks; `None`: plain TCP.
+    pub tls: Option<JobTls>,
     /// How long to wait for every rank to show up.
     pub timeout: Duration,
+}
+
+/// TLS between the ranks of a job, and to rank 0's rendezvous: every rank presents its
+/// certificate and checks the others' against the job's authority (mutual TLS). A rank's
+/// certificate must name the address the others dial it at, or `domain` (which every
+/// certificate then names).
+#[derive(Clone, Debug)]
+pub struct JobTls {
+    /// This rank as a server (accepting higher ranks, hosting the rendezvous).
+    pub server: ServerTls,
+    /// This rank as a client (dialling lower ranks, joining the rendezvous).
+    pub client: ClientTls,
+}
+
+impl JobTls {
+    /// From PEM files: this rank's certificate and key, and the authority.
+    pub fn from_files(cert: &Path, key: &Path, ca: &Path, domain: Option<String>) -> std::result::Result<JobTls, String> {
+        Ok(JobTls {
+            server: ServerTls::from_files(cert, key, Some(ca))?,
+            client: ClientTls::from_files(ca, Some(cert), Some(key), domain)?,
+        })
+    }
+
+    /// From `PARASYNC_TLS_CERT`, `PARASYNC_TLS_KEY` and `PARASYNC_TLS_CA` (and
+    /// `PARASYNC_TLS_DOMAIN`): TLS when all three are set, none when none is. (A CA alone
+    /// configures a parameter-server client only, and leaves collectives plain.)
+    pub fn from_env() -> std::result::Result<Option<JobTls>, String> {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        match (var("PARASYNC_TLS_CERT"), var("PARASYNC_TLS_KEY"), var("PARASYNC_TLS_CA")) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let domain = std::env::var("PARASYNC_TLS_DOMAIN").ok().filter(|d| !d.is_empty());
+                JobTls::from_files(&cert, &key, &ca, domain).map(Some).map_err(|e| format!("PARASYNC_TLS_*: {e}"))
+            }
+            (None, None, _) => Ok(None),
+            _ => Err("collectives over TLS need PARASYNC_TLS_CERT, PARASYNC_TLS_KEY and PARASYNC_TLS_CA together".into()),
+        }
+    }
 }
 
 /// What the rendezvous tells every rank.
@@ -113,8 +154,14 @@ pub fn host(
             },
             RequireToken(spec.auth_token.clone()),
         );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &spec.tls {
+            builder = builder
+                .tls_config(tls.server.grpc())
+                .map_err(|e| Error::Rendezvous(format!("TLS settings of the rendezvous: {e}")))?;
+        }
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -155,10 +202,17 @@ pub fn join(spec: &JoinSpec, my_data_addr: SocketAddr) -> Result<Meeting> {
     let rt = runtime()?;
     rt.block_on(async move {
         let until = Instant::now() + spec.timeout;
-        let uri = format!("http://{}", spec.master);
-        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+        let scheme = if spec.tls.is_some() { "https" } else { "http" };
+        let uri = format!("{scheme}://{}", spec.master);
+        let mut endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
             .map_err(|e| Error::Rendezvous(format!("bad master address {:?}: {e}", spec.master)))?
             .connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = &spec.tls {
+            let host = spec.master.rsplit_once(':').map_or(spec.master.as_str(), |(h, _)| h);
+            endpoint = endpoint
+                .tls_config(tls.client.grpc(host))
+                .map_err(|e| Error::Rendezvous(format!("TLS settings for the rendezvous: {e}")))?;
+        }
         let mut last = String::from("not tried");
         while Instant::now() < until {
             let mut client = match endpoint.connect().await {
@@ -251,6 +305,7 @@ impl ConnectOptions {
                 master: l.master,
                 token: l.token,
                 auth_token: AuthToken::from_env().map_err(Error::Env)?,
+                tls: JobTls::from_env().map_err(Error::Env)?,
                 timeout,
             },
             comm: CommConfig {
@@ -357,6 +412,7 @@ pub fn connect_with_blob(
         listener,
         &spec.token,
         spec.auth_token.as_ref(),
+        spec.tls.as_ref(),
         deadline,
         opts.tcp,
     )?;

@@ -58,6 +58,7 @@ pub fn run(a: &ScenarioArgs) -> anyhow::Result<()> {
             master: a.master.clone(),
             token: a.token.clone(),
             auth_token: parasync_proto::auth::AuthToken::from_env().map_err(anyhow::Error::msg)?,
+            tls: parasync_collective::JobTls::from_env().map_err(anyhow::Error::msg)?,
             timeout: Duration::from_millis(a.timeout_ms),
         },
         comm: CommConfig {

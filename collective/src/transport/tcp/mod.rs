@@ -12,14 +12,17 @@ mod multi;
 mod peer;
 mod progress;
 mod sys;
+mod tunnel;
 mod waiting;
 
 use crate::error::{Error, Result};
 use crate::frame::{OpDesc, HEADER_LEN};
 use parasync_proto::auth::AuthToken;
+use tunnel::LinkStream;
+
+pub use crate::rendezvous::JobTls;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use sys::{recv_some, would_block};
 
@@ -73,7 +76,7 @@ impl TcpOptions {
 
 /// A connected peer.
 struct Link {
-    stream: TcpStream,
+    stream: LinkStream,
     fd: i32,
     /// Bytes of the frame being sent that are not written yet (an abort must first finish it).
     send_owed: usize,
@@ -148,7 +151,7 @@ type Refusal = (u8, String);
 /// Reads and checks a hello: returns the peer's rank and connection index, or why it is
 /// refused.
 fn read_hello(
-    s: &mut TcpStream,
+    s: &mut impl Read,
     token: &str,
     auth: Option<&AuthToken>,
     me: usize,
@@ -205,6 +208,7 @@ impl TcpTransport {
         listener: TcpListener,
         token: &str,
         auth: Option<&AuthToken>,
+        tls: Option<&JobTls>,
         deadline: Instant,
         opts: TcpOptions,
     ) -> Result<TcpTransport> {
@@ -215,7 +219,7 @@ impl TcpTransport {
         for (p, c) in (0..rank).flat_map(|p| (0..k).map(move |c| (p, c))) {
             let addr = &addrs[p];
             let hello = hello_bytes(token, auth, rank, n, c);
-            let mut s = loop {
+            let s = loop {
                 match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() >= deadline => {
@@ -227,6 +231,12 @@ impl TcpTransport {
                 }
             };
             configure(&s)?;
+            let mut s = match tls {
+                Some(t) => tunnel::connect(s, &t.client, &addr.ip().to_string()).map_err(|e| {
+                    Error::Rendezvous(format!("rank {rank} could not open TLS to rank {p} at {addr}: {e}"))
+                })?,
+                None => LinkStream::Tcp(s),
+            };
             s.write_all(&hello)?;
             let mut ack = [0u8; 1];
             s.read_exact(&mut ack).map_err(|e| {
@@ -247,7 +257,7 @@ impl TcpTransport {
                 }
             }
             let link = Link {
-                fd: s.as_raw_fd(),
+                fd: s.fd(),
                 stream: s,
                 send_owed: 0,
                 peer_pid: None,
@@ -261,14 +271,24 @@ impl TcpTransport {
         listener.set_nonblocking(true)?;
         while (rank + 1..n).any(|p| links[p].is_none() || extra[p].len() + 1 < k) {
             match listener.accept() {
-                Ok((mut s, from)) => {
+                Ok((s, from)) => {
                     s.set_nonblocking(false)?;
                     configure(&s)?;
+                    let mut s = match tls {
+                        Some(t) => match tunnel::accept(s, &t.server) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!("rank {rank}: refused data connection from {from}: {e}");
+                                continue;
+                            }
+                        },
+                        None => LinkStream::Tcp(s),
+                    };
                     match read_hello(&mut s, token, auth, rank, n) {
                         Ok((p, c)) if c == 0 && links[p].is_none() => {
                             s.write_all(&[ACK_OK])?;
                             links[p] = Some(Link {
-                                fd: s.as_raw_fd(),
+                                fd: s.fd(),
                                 stream: s,
                                 send_owed: 0,
                                 peer_pid: None,
@@ -278,7 +298,7 @@ impl TcpTransport {
                         Ok((p, c)) if c < k && c == extra[p].len() + 1 && links[p].is_some() => {
                             s.write_all(&[ACK_OK])?;
                             extra[p].push(Link {
-                                fd: s.as_raw_fd(),
+                                fd: s.fd(),
                                 stream: s,
                                 send_owed: 0,
                                 peer_pid: None,

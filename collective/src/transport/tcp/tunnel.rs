@@ -1,0 +1,220 @@
+//! TLS for the links between ranks. The progress engine reads and writes plain bytes on
+//! file descriptors it polls; with TLS each link's descriptor is one end of a Unix socket
+//! pair, and a thread of the link's own moves the bytes between the other end and rustls
+//! over the TCP connection (both directions, with backpressure). The engine's framing,
+//! timeouts and failure reports are the same either way: a broken TLS connection is a
+//! closed link.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use parasync_proto::tls::{ClientTls, ServerTls};
+use tokio_rustls::rustls::{ClientConnection, Connection, ServerConnection};
+
+use super::sys::would_block;
+
+/// Plaintext moved per step, each way.
+const PIECE: usize = 256 << 10;
+
+/// A link's byte stream as the engine sees it.
+pub(super) enum LinkStream {
+    /// The TCP connection itself.
+    Tcp(TcpStream),
+    /// The engine's end of the socket pair of a TLS link.
+    Tls(UnixStream),
+}
+
+impl LinkStream {
+    pub(super) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            LinkStream::Tcp(s) => s.set_read_timeout(t),
+            LinkStream::Tls(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub(super) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            LinkStream::Tcp(s) => s.set_nonblocking(on),
+            LinkStream::Tls(s) => s.set_nonblocking(on),
+        }
+    }
+
+    pub(super) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            LinkStream::Tcp(s) => s.shutdown(how),
+            LinkStream::Tls(s) => s.shutdown(how),
+        }
+    }
+
+    pub(super) fn fd(&self) -> i32 {
+        match self {
+            LinkStream::Tcp(s) => s.as_raw_fd(),
+            LinkStream::Tls(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for LinkStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Tcp(s) => s.read(buf),
+            LinkStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for LinkStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Tcp(s) => s.write(buf),
+            LinkStream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The connecting side: a TLS handshake as client over `tcp` (checking the peer's
+/// certificate against `name`), then the tunnel.
+pub(super) fn connect(tcp: TcpStream, tls: &ClientTls, name: &str) -> io::Result<LinkStream> {
+    let server_name = tls.server_name(name).map_err(io::Error::other)?;
+    let conn = ClientConnection::new(tls.rustls(), server_name).map_err(io::Error::other)?;
+    start(tcp, Connection::Client(conn))
+}
+
+/// The accepting side: a TLS handshake as server over `tcp`, then the tunnel.
+pub(super) fn accept(tcp: TcpStream, tls: &ServerTls) -> io::Result<LinkStream> {
+    let conn = ServerConnection::new(tls.rustls()).map_err(io::Error::other)?;
+    start(tcp, Connection::Server(conn))
+}
+
+fn start(mut tcp: TcpStream, mut conn: Connection) -> io::Result<LinkStream> {
+    // Blocking, bounded by the socket timeouts `configure` set.
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+    }
+    let (engine, inner) = UnixStream::pair()?;
+    tcp.set_nonblocking(true)?;
+    inner.set_nonblocking(true)?;
+    std::thread::Builder::new().name("collective-tls".into()).spawn(move || pump(tcp, conn, inner))?;
+    Ok(LinkStream::Tls(engine))
+}
+
+/// Moves bytes until either side closes: plaintext from `plain` into `conn` and its records
+/// onto `tcp`; records from `tcp` through `conn` and their plaintext onto `plain`.
+fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
+    let mut buf = vec![0u8; PIECE];
+    // Plaintext taken from one side and not yet handed to the other.
+    let mut to_plain: Vec<u8> = Vec::new();
+    let mut to_tls: Vec<u8> = Vec::new();
+    let (mut plain_open, mut tcp_open) = (true, true);
+    let (mut tcp_shut, mut plain_shut) = (false, false);
+    // Once the engine closed its end, how long to keep draining the peer's last bytes.
+    let mut linger_until: Option<std::time::Instant> = None;
+    loop {
+        // Hand over what is pending, as far as each side takes it.
+        while !to_tls.is_empty() {
+            match conn.writer().write(&to_tls) {
+                Ok(0) => break,
+                Ok(n) => drop(to_tls.drain(..n)),
+                Err(_) => return,
+            }
+        }
+        while conn.wants_write() {
+            match conn.write_tls(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => break,
+                Err(_) => return,
+            }
+        }
+        while !to_plain.is_empty() {
+            match plain.write(&to_plain) {
+                Ok(n) => drop(to_plain.drain(..n)),
+                Err(e) if would_block(&e) => break,
+                Err(_) => return,
+            }
+        }
+        if !plain_open && to_tls.is_empty() && !conn.wants_write() && !tcp_shut {
+            // The engine closed its end: say so to the peer (close_notify went out above),
+            // and keep passing on what the peer still sends for a moment.
+            let _ = tcp.shutdown(Shutdown::Write);
+            tcp_shut = true;
+            linger_until = Some(std::time::Instant::now() + Duration::from_secs(2));
+        }
+        if !tcp_open && to_plain.is_empty() && !plain_shut {
+            let _ = plain.shutdown(Shutdown::Write);
+            plain_shut = true;
+        }
+        if (tcp_shut && plain_shut) || linger_until.is_some_and(|t| std::time::Instant::now() >= t) {
+            return;
+        }
+        // Wait for what can move now; read a side only when its output has room.
+        let mut fds = [
+            libc::pollfd {
+                fd: tcp.as_raw_fd(),
+                events: (if tcp_open && to_plain.is_empty() { libc::POLLIN } else { 0 })
+                    | (if conn.wants_write() { libc::POLLOUT } else { 0 }),
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: plain.as_raw_fd(),
+                events: (if plain_open && to_tls.is_empty() && !conn.wants_write() { libc::POLLIN } else { 0 })
+                    | (if to_plain.is_empty() { 0 } else { libc::POLLOUT }),
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd entries.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if rc < 0 {
+            if would_block(&io::Error::last_os_error()) {
+                continue;
+            }
+            return;
+        }
+        let ready = |f: &libc::pollfd| f.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        if ready(&fds[0]) && tcp_open && to_plain.is_empty() {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => tcp_open = false,
+                Ok(_) => {
+                    if conn.process_new_packets().is_err() {
+                        // (the alert is flushed above on the next turn, best effort)
+                        let _ = conn.write_tls(&mut tcp);
+                        return;
+                    }
+                    loop {
+                        match conn.reader().read(&mut buf) {
+                            Ok(0) => {
+                                tcp_open = false; // close_notify
+                                break;
+                            }
+                            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(_) => {
+                                tcp_open = false;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) if would_block(&e) => {}
+                Err(_) => tcp_open = false,
+            }
+        }
+        if ready(&fds[1]) && plain_open && to_tls.is_empty() {
+            match plain.read(&mut buf) {
+                Ok(0) => {
+                    plain_open = false;
+                    conn.send_close_notify();
+                }
+                Ok(n) => to_tls.extend_from_slice(&buf[..n]),
+                Err(e) if would_block(&e) => {}
+                Err(_) => plain_open = false,
+            }
+        }
+    }
+}
