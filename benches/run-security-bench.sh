@@ -4,6 +4,8 @@
 # a token, with TLS, and with both; the four settings interleaved over ROUNDS rounds in one
 # session (criterion's median of each run, then the median over rounds). Writes the raw
 # output to bench-results/raw/security-<date>.txt and ends with the summary table.
+# ROUNDS (3), MEASURE_S (criterion seconds per 64 MiB benchmark, 4), FILTER (criterion's
+# benchmark filter, 'f32_wire|push_pull_100B').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="bench-results/raw/security-$(date -u +%Y-%m-%d-%H%M).txt"
@@ -18,7 +20,7 @@ for round in $(seq 1 "${ROUNDS:-3}"); do
   for security in plain token tls tls+token; do
     echo "## round $round security $security"
     PARASYNC_BENCH_SECURITY=$security PARASYNC_BENCH_SKIP_SYNC=1 PARASYNC_BENCH_MEASURE_S="${MEASURE_S:-4}" \
-      cargo bench -q --bench ps_throughput -- --noplot 'f32_wire|push_pull_100B' 2>&1 \
+      cargo bench -q --bench ps_throughput -- --noplot "${FILTER:-f32_wire|push_pull_100B}" 2>&1 \
       | grep -E "^ps_|time:|thrpt:" | grep -v "%"
   done
 done
