@@ -168,6 +168,13 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
                 revents: 0,
             },
         ];
+        // A side with nothing asked of it is left out (poll reports hang-ups whatever the
+        // events, which would spin while the other side holds things up).
+        for f in &mut fds {
+            if f.events == 0 {
+                f.fd = -1;
+            }
+        }
         // SAFETY: two valid pollfd entries.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
         if rc < 0 {
