@@ -224,15 +224,17 @@ pub fn connect_options(
     world: usize,
     master: String,
     token: String,
-) -> ConnectOptions {
-    ConnectOptions {
+) -> anyhow::Result<ConnectOptions> {
+    Ok(ConnectOptions {
         spec: JoinSpec {
             rank,
             world_size: world,
             master,
             token,
-            auth_token: None,
-            tls: None,
+            // As every rank of the job: from PARASYNC_AUTH_TOKEN and PARASYNC_TLS_* (the
+            // ranks this command starts inherit them).
+            auth_token: parasync_proto::auth::AuthToken::from_env().map_err(anyhow::Error::msg)?,
+            tls: crate::JobTls::from_env().map_err(anyhow::Error::msg)?,
             timeout: Duration::from_secs(args.timeout_s),
         },
         comm: comm_config(args),
@@ -242,7 +244,7 @@ pub fn connect_options(
             peer_copy: !args.no_peer_copy,
         },
         data_host: None,
-    }
+    })
 }
 
 /// Pins the calling thread (and the threads it starts later) to the `rank`-th CPU, modulo the
@@ -286,7 +288,7 @@ fn connect_rank(args: &AllreduceBenchArgs) -> anyhow::Result<Communicator> {
     if args.pin_cores {
         pin_to_core(rank)?;
     }
-    let opts = connect_options(args, rank, world, master.clone(), token);
+    let opts = connect_options(args, rank, world, master.clone(), token)?;
     if rank == 0 && master.ends_with(":0") {
         let host = RendezvousHost::bind(&master)?;
         println!("{RENDEZVOUS_LINE} {}", host.local_addr()?);

@@ -98,10 +98,10 @@ def test_a_killed_rank_is_named_by_every_other_rank_within_the_timeout(tmp_path)
 
 
 def test_a_killed_rank_is_named_over_tls_too(server_bin, tmp_path):
-    """The same with every link through TLS (PARASYNC_TLS_CERT / _KEY / _CA on every rank)."""
+    """The same with every link through TLS (PARASYNC_COLLECTIVE_TLS=1, PARASYNC_TLS_CERT / _KEY / _CA)."""
     certs = tmp_path / "certs"
     subprocess.run([server_bin, "tls-certs", "--out", str(certs)], check=True, capture_output=True, timeout=60)
-    env = dict(os.environ, PARASYNC_TLS_CERT=str(certs / "server.pem"), PARASYNC_TLS_KEY=str(certs / "server-key.pem"), PARASYNC_TLS_CA=str(certs / "ca.pem"))
+    env = dict(os.environ, PARASYNC_COLLECTIVE_TLS="1", PARASYNC_TLS_CERT=str(certs / "server.pem"), PARASYNC_TLS_KEY=str(certs / "server-key.pem"), PARASYNC_TLS_CA=str(certs / "ca.pem"))
     killed_rank_is_named(env)
 
 

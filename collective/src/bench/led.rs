@@ -175,7 +175,7 @@ impl Leader {
                 .with_context(|| format!("starting follower rank {r} ({})", exe.display()))?;
             followers.0.push(child);
         }
-        let opts = connect_options(&args, 0, ranks, master, args.token.clone());
+        let opts = connect_options(&args, 0, ranks, master, args.token.clone())?;
         let comm = connect_hosting(&opts, host)
             .with_context(|| format!("forming a job of {ranks} ranks with the followers"))?;
         Ok(Leader {

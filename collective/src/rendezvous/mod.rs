@@ -35,7 +35,8 @@ pub struct JoinSpec {
     /// The secret every rank must present (to the rendezvous and to each other's data
     /// plane); `None`: no authentication.
     pub auth_token: Option<AuthToken>,
-    /// TLS for the rendezvous and between ranks; `None`: plain TCP.
+    /// TLS for the rendezvous and between ranks; `None`: plain TCP. Experimental: a large
+    /// operation (a 64 MiB allreduce between two ranks) can stall until the timeout.
     pub tls: Option<JobTls>,
     /// How long to wait for every rank to show up.
     pub timeout: Duration,
@@ -63,17 +64,20 @@ impl JobTls {
     }
 
     /// From `PARASYNC_TLS_CERT`, `PARASYNC_TLS_KEY` and `PARASYNC_TLS_CA` (and
-    /// `PARASYNC_TLS_DOMAIN`): TLS when all three are set, none when none is. (A CA alone
-    /// configures a parameter-server client only, and leaves collectives plain.)
+    /// `PARASYNC_TLS_DOMAIN`) when `PARASYNC_COLLECTIVE_TLS=1` asks for it: collectives over
+    /// TLS are experimental (large operations can stall until the timeout; see the README),
+    /// so the variables that configure a parameter-server client's TLS do not turn them on.
     pub fn from_env() -> std::result::Result<Option<JobTls>, String> {
+        if std::env::var("PARASYNC_COLLECTIVE_TLS").map_or(true, |v| v != "1") {
+            return Ok(None);
+        }
         let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
         match (var("PARASYNC_TLS_CERT"), var("PARASYNC_TLS_KEY"), var("PARASYNC_TLS_CA")) {
             (Some(cert), Some(key), Some(ca)) => {
                 let domain = std::env::var("PARASYNC_TLS_DOMAIN").ok().filter(|d| !d.is_empty());
                 JobTls::from_files(&cert, &key, &ca, domain).map(Some).map_err(|e| format!("PARASYNC_TLS_*: {e}"))
             }
-            (None, None, _) => Ok(None),
-            _ => Err("collectives over TLS need PARASYNC_TLS_CERT, PARASYNC_TLS_KEY and PARASYNC_TLS_CA together".into()),
+            _ => Err("PARASYNC_COLLECTIVE_TLS=1 needs PARASYNC_TLS_CERT, PARASYNC_TLS_KEY and PARASYNC_TLS_CA".into()),
         }
     }
 }

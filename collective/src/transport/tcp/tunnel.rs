@@ -18,6 +18,10 @@ use super::sys::would_block;
 
 /// Plaintext moved per step, each way.
 const PIECE: usize = 256 << 10;
+/// Plaintext held for the engine before the link stops reading the peer: as much as the
+/// kernel would buffer on a plain connection, so that a peer sending ahead of this rank's
+/// reads (a ring's next step) never waits on it.
+const HOLD: usize = 16 << 20;
 
 /// A link's byte stream as the engine sees it.
 pub(super) enum LinkStream {
@@ -157,7 +161,7 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
         let mut fds = [
             libc::pollfd {
                 fd: tcp.as_raw_fd(),
-                events: (if tcp_open && to_plain.is_empty() { libc::POLLIN } else { 0 })
+                events: (if tcp_open && to_plain.len() < HOLD { libc::POLLIN } else { 0 })
                     | (if conn.wants_write() { libc::POLLOUT } else { 0 }),
                 revents: 0,
             },
@@ -184,7 +188,7 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
             return;
         }
         let ready = |f: &libc::pollfd| f.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-        if ready(&fds[0]) && tcp_open && to_plain.is_empty() {
+        if ready(&fds[0]) && tcp_open && to_plain.len() < HOLD {
             match conn.read_tls(&mut tcp) {
                 Ok(0) => tcp_open = false,
                 Ok(_) => {
