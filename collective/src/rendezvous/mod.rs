@@ -35,8 +35,8 @@ pub struct JoinSpec {
     /// The secret every rank must present (to the rendezvous and to each other's data
     /// plane); `None`: no authentication.
     pub auth_token: Option<AuthToken>,
-    /// TLS for the rendezvous and between ranks; `None`: plain TCP. Experimental: a large
-    /// operation (a 64 MiB allreduce between two ranks) can stall until the timeout.
+    /// TLS for the rendezvous and between ranks; `None`: plain TCP. Experimental, and several
+    /// times slower than plain TCP (user-space TLS on a thread per link).
     pub tls: Option<JobTls>,
     /// How long to wait for every rank to show up.
     pub timeout: Duration,
@@ -65,8 +65,8 @@ impl JobTls {
 
     /// From `PARASYNC_TLS_CERT`, `PARASYNC_TLS_KEY` and `PARASYNC_TLS_CA` (and
     /// `PARASYNC_TLS_DOMAIN`) when `PARASYNC_COLLECTIVE_TLS=1` asks for it: collectives over
-    /// TLS are experimental (large operations can stall until the timeout; see the README),
-    /// so the variables that configure a parameter-server client's TLS do not turn them on.
+    /// TLS are experimental and several times slower (see the README), so the variables that
+    /// configure a parameter-server client's TLS do not turn them on.
     pub fn from_env() -> std::result::Result<Option<JobTls>, String> {
         if std::env::var("PARASYNC_COLLECTIVE_TLS").map_or(true, |v| v != "1") {
             return Ok(None);

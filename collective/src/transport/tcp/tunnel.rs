@@ -121,19 +121,31 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
     // Once the engine closed its end, how long to keep draining the peer's last bytes.
     let mut linger_until: Option<std::time::Instant> = None;
     loop {
-        // Hand over what is pending, as far as each side takes it.
-        while !to_tls.is_empty() {
-            match conn.writer().write(&to_tls) {
-                Ok(0) => break,
-                Ok(n) => drop(to_tls.drain(..n)),
-                Err(_) => return,
+        // Hand over what is pending, as far as each side takes it: plaintext into rustls
+        // (which takes a limited amount at a time) and its records onto the socket, again
+        // and again while both move.
+        loop {
+            let mut taken = false;
+            while !to_tls.is_empty() {
+                match conn.writer().write(&to_tls) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        drop(to_tls.drain(..n));
+                        taken = true;
+                    }
+                    Err(_) => return,
+                }
             }
-        }
-        while conn.wants_write() {
-            match conn.write_tls(&mut tcp) {
-                Ok(_) => {}
-                Err(e) if would_block(&e) => break,
-                Err(_) => return,
+            while conn.wants_write() {
+                match conn.write_tls(&mut tcp) {
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => break,
+                    Err(_) => return,
+                }
+            }
+            // Stop when the socket is full (then poll waits for room) or nothing is left.
+            if !taken || to_tls.is_empty() || conn.wants_write() {
+                break;
             }
         }
         while !to_plain.is_empty() {
