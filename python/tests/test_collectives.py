@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -94,6 +95,14 @@ def test_every_op_and_dtype_equals_numpy_and_floats_repeat_bitwise(size, tmp_pat
 
 def test_a_killed_rank_is_named_by_every_other_rank_within_the_timeout(tmp_path):
     killed_rank_is_named(None)
+
+
+def test_a_killed_rank_is_named_over_tls_too(server_bin, tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run([server_bin, "tls-certs", "--out", str(certs)], check=True, capture_output=True, timeout=60)
+    env = dict(os.environ, PARASYNC_COLLECTIVE_TLS="1", PARASYNC_TLS_CERT=str(certs / "server.pem"),
+               PARASYNC_TLS_KEY=str(certs / "server-key.pem"), PARASYNC_TLS_CA=str(certs / "ca.pem"))
+    killed_rank_is_named(env)
 
 
 def killed_rank_is_named(env: dict | None) -> None:

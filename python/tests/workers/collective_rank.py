@@ -28,6 +28,9 @@ comm = parasync.Communicator(rank, size, cfg["master"], timeout=cfg.get("timeout
 if cfg.get("kill_rank") is not None:
     comm.barrier()
     if rank == cfg["kill_rank"]:
+        # Let the barrier's last messages leave first (over TLS they pass through a thread
+        # of this process, which dies with it).
+        time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.2)
     started = time.monotonic()

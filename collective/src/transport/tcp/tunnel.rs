@@ -103,6 +103,10 @@ fn start(mut tcp: TcpStream, mut conn: Connection) -> io::Result<LinkStream> {
         conn.complete_io(&mut tcp).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
     }
     let (engine, inner) = UnixStream::pair()?;
+    // The engine's end keeps the limits set on the connection (the rendezvous reads the
+    // hello and its answer blocking: it must never wait longer than it would without TLS).
+    engine.set_read_timeout(tcp.read_timeout()?)?;
+    engine.set_write_timeout(tcp.write_timeout()?)?;
     tcp.set_nonblocking(true)?;
     inner.set_nonblocking(true)?;
     std::thread::Builder::new().name("collective-tls".into()).spawn(move || pump(tcp, conn, inner))?;
@@ -120,6 +124,9 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
     let (mut tcp_shut, mut plain_shut) = (false, false);
     // Once the engine closed its end, how long to keep draining the peer's last bytes.
     let mut linger_until: Option<std::time::Instant> = None;
+    // The handshake may have read the peer's first records with its last message (a hello
+    // sent right behind the client's Finished): their plaintext waits in rustls already.
+    take_plaintext(&mut conn, &mut buf, &mut to_plain, &mut tcp_open);
     loop {
         // Hand over what is pending, as far as each side takes it: plaintext into rustls
         // (which takes a limited amount at a time) and its records onto the socket, again
@@ -209,20 +216,7 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
                         let _ = conn.write_tls(&mut tcp);
                         return;
                     }
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => {
-                                tcp_open = false; // close_notify
-                                break;
-                            }
-                            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(_) => {
-                                tcp_open = false;
-                                break;
-                            }
-                        }
-                    }
+                    take_plaintext(&mut conn, &mut buf, &mut to_plain, &mut tcp_open);
                 }
                 Err(e) if would_block(&e) => {}
                 Err(_) => tcp_open = false,
@@ -239,5 +233,105 @@ fn pump(mut tcp: TcpStream, mut conn: Connection, mut plain: UnixStream) {
                 Err(_) => plain_open = false,
             }
         }
+    }
+}
+
+/// Moves the plaintext rustls holds into `to_plain`; a close_notify (or a broken stream)
+/// marks the peer's side closed.
+fn take_plaintext(conn: &mut Connection, buf: &mut [u8], to_plain: &mut Vec<u8>, tcp_open: &mut bool) {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => {
+                *tcp_open = false; // close_notify
+                return;
+            }
+            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => {
+                *tcp_open = false;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use tokio_rustls::rustls::ClientConnection;
+
+    /// A peer that sends its first bytes right behind its Finished message (one segment, as
+    /// a busy receiver finds them): the accepting side must pass them on at once, not when
+    /// something more arrives (the rendezvous waited for a hello it already held).
+    #[test]
+    fn bytes_that_arrive_with_the_handshake_reach_the_engine() {
+        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let pem = key.cert.pem().into_bytes();
+        let server = ServerTls::new(pem.clone(), key.key_pair.serialize_pem().into_bytes(), None).unwrap();
+        let client = ClientTls::new(pem, None, None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let name = client.server_name("127.0.0.1").unwrap();
+            let mut conn = ClientConnection::new(client.rustls(), name).unwrap();
+            let mut out = Vec::new();
+            while conn.is_handshaking() {
+                while conn.wants_write() {
+                    conn.write_tls(&mut out).unwrap();
+                }
+                tcp.write_all(&out).unwrap();
+                out.clear();
+                conn.read_tls(&mut tcp).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            // The Finished is still queued: the first bytes go out with it.
+            conn.writer().write_all(b"hello, rank 0").unwrap();
+            while conn.wants_write() {
+                conn.write_tls(&mut out).unwrap();
+            }
+            tcp.write_all(&out).unwrap();
+            // Keep the connection open until the other side has read.
+            let mut rest = [0u8; 1];
+            let _ = tcp.read(&mut rest);
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut engine = accept(tcp, &server).unwrap();
+        engine.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 13];
+        engine.read_exact(&mut got).expect("the first bytes reach the engine");
+        assert_eq!(&got, b"hello, rank 0");
+        drop(engine);
+        peer.join().unwrap();
+    }
+
+    /// The engine's end keeps the connection's timeouts: a peer that never speaks is an
+    /// error after them, not a wait without end.
+    #[test]
+    fn the_engine_end_keeps_the_connection_timeouts() {
+        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let pem = key.cert.pem().into_bytes();
+        let server = ServerTls::new(pem.clone(), key.key_pair.serialize_pem().into_bytes(), None).unwrap();
+        let client = ClientTls::new(pem, None, None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let silent = connect(tcp, &client, "127.0.0.1").unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(silent);
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut engine = accept(tcp, &server).unwrap();
+        let started = std::time::Instant::now();
+        let e = engine.read(&mut [0u8; 4]).expect_err("nothing was sent");
+        assert!(would_block(&e), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        peer.join().unwrap();
     }
 }
