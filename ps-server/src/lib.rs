@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod server;
 pub mod service;
+pub mod sparse;
 pub mod store;
 
 pub use error::{Error, Result};
