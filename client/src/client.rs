@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{place, Part, Placement};
 use crate::spec::{dtype_to_proto, Init, VariableSpec};
 
-type Rpc = ParameterServerClient<InterceptedService<Channel, PresentToken>>;
+pub(crate) type Rpc = ParameterServerClient<InterceptedService<Channel, PresentToken>>;
 
 /// Explicit values above this many bytes are sent after registration as an assignment
 /// stream, so no single message gets large.
@@ -99,20 +99,20 @@ impl Default for ClientOptions {
 }
 
 /// One shard: its address and open connections.
-struct Shard {
-    addr: String,
+pub(crate) struct Shard {
+    pub(crate) addr: String,
     /// Chunk buffers for pushes to this shard.
     pool: parasync_tensor::BufferPool,
     conns: Vec<Rpc>,
     next: std::sync::atomic::AtomicUsize,
     /// The shard's data plane, when it offers one and the client uses it.
-    data: Option<DataPlane>,
+    pub(crate) data: Option<DataPlane>,
     /// The shard process's incarnation as last seen (it changes when the shard restarts).
     incarnation: std::sync::atomic::AtomicU64,
 }
 
 impl Shard {
-    fn rpc(&self) -> Rpc {
+    pub(crate) fn rpc(&self) -> Rpc {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
         self.conns[i].clone()
     }
@@ -228,8 +228,8 @@ pub struct CheckpointFile {
 /// Calls to different shards (and different parts) are in flight concurrently. Methods
 /// take `&self`, so one client can be shared by the tasks of a worker.
 pub struct Client {
-    shards: Vec<Shard>,
-    opts: ClientOptions,
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) opts: ClientOptions,
     model: Option<Model>,
     /// Drawn at random when the client connects: with `sequence`, names each push, so a
     /// shard applies a retried one at most once.
@@ -239,6 +239,8 @@ pub struct Client {
     /// The newest checkpoint step a shard named in a push reply (time-based checkpoints):
     /// passed on to every shard in this worker's pushes of the steps up to it.
     checkpoint_step: std::sync::atomic::AtomicU64,
+    /// Sparse tables registered by this client (see [`Client::register_table`]).
+    pub(crate) tables: Mutex<std::collections::HashMap<String, crate::sparse::KnownTable>>,
 }
 
 impl Client {
@@ -261,7 +263,7 @@ impl Client {
         // Random (std's hasher keys are seeded from the OS), mixed with the time for good measure.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let incarnation = (std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), nanos)) | 1;
-        Ok(Client { shards, opts, model: None, incarnation, sequence: std::sync::atomic::AtomicU64::new(0), checkpoint_step: Default::default() })
+        Ok(Client { shards, opts, model: None, incarnation, sequence: std::sync::atomic::AtomicU64::new(0), checkpoint_step: Default::default(), tables: Default::default() })
     }
 
     /// Number of shards.
@@ -813,7 +815,7 @@ impl Client {
     }
 
     /// `ClientOptions::pull_timeout` as the wire's milliseconds (0: the server's default).
-    fn pull_timeout_ms(&self) -> u32 {
+    pub(crate) fn pull_timeout_ms(&self) -> u32 {
         self.opts.pull_timeout.map_or(0, |t| t.as_millis().min(u32::MAX as u128) as u32)
     }
 
@@ -852,7 +854,7 @@ impl Client {
     }
 
     /// The wire dtype of pulled values.
-    fn pull_wire(&self) -> DType {
+    pub(crate) fn pull_wire(&self) -> DType {
         self.opts.pull_wire_dtype.unwrap_or(self.opts.wire_dtype)
     }
 

@@ -157,6 +157,47 @@ impl DataPlane {
         Ok((reply.values.map_or(0, |h| h.version), push))
     }
 
+    /// Looks up the rows of `ids` (the request's `num_ids` set) into `dst` (`ids.len() * dim`
+    /// values, sent as `wire`); returns their version.
+    pub async fn lookup(&self, req: ps::LookupRequest, ids: &[u64], wire: DType, dst: &mut [f32], ctx: &str) -> Result<u64> {
+        let (_permit, mut c) = self.lease(ctx).await?;
+        let outcome = async {
+            c.send_rows(Op::Lookup(req), ids, &[], wire).await?;
+            c.spin_for_reply(self.spin_for(dst.len() * wire.size())).await;
+            let reply = c.reply().await?;
+            if reply.code != 0 {
+                return Ok(reply);
+            }
+            let header = reply.lookup.as_ref().ok_or_else(|| Failure::Protocol("the reply carries no lookup header".into()))?;
+            if header.wire_dtype != crate::spec::dtype_to_proto(wire) {
+                return Err(Failure::Protocol(wrong_wire(header.wire_dtype, wire)));
+            }
+            let n = dst.len() * wire.size();
+            if reply.payload_bytes != n as u64 {
+                return Err(Failure::Protocol(format!("{} row bytes announced, {n} expected", reply.payload_bytes)));
+            }
+            fill(&mut c.sock, &mut c.scratch, n).await?;
+            parasync_tensor::decode_into(&c.scratch[..n], wire, dst).map_err(|e| Failure::Protocol(e.to_string()))?;
+            Ok(reply)
+        }
+        .await;
+        let reply = self.finish(c, outcome, ctx)?;
+        Ok(reply.lookup.map_or(0, |h| h.version))
+    }
+
+    /// Pushes gradient rows of `ids` (the request's `num_ids` set), sent as `wire`.
+    pub async fn push_sparse(&self, req: ps::PushSparseRequest, ids: &[u64], rows: &[f32], wire: DType, ctx: &str) -> Result<ps::PushResponse> {
+        let (_permit, mut c) = self.lease(ctx).await?;
+        let outcome = async {
+            c.send_rows(Op::PushSparse(req), ids, rows, wire).await?;
+            c.spin_for_reply(self.spin_for(rows.len() * wire.size())).await;
+            c.reply().await
+        }
+        .await;
+        let reply = self.finish(c, outcome, ctx)?;
+        reply.push.ok_or_else(|| protocol(ctx, "the reply carries no push result"))
+    }
+
     /// How long to busy-poll for the reply of a request moving `bytes` of values: only small
     /// ones, whose round trip is dominated by waking a sleeping thread.
     fn spin_for(&self, bytes: usize) -> Duration {
@@ -330,6 +371,22 @@ impl Conn {
             parasync_tensor::encode_f32(piece, wire, &mut self.scratch);
             self.sock.write_all(&self.scratch).await?;
         }
+        self.sock.flush().await?;
+        Ok(())
+    }
+
+    /// Sends a table request: its frame, the ids, then `rows` encoded as `wire`, in one write.
+    async fn send_rows(&mut self, op: Op, ids: &[u64], rows: &[f32], wire: DType) -> std::result::Result<(), Failure> {
+        let payload = ids.len() * 8 + rows.len() * wire.size();
+        let req = ps::DataRequest { op: Some(op), payload_bytes: payload as u64 };
+        self.scratch.clear();
+        self.scratch.reserve(payload + 64);
+        put_frame(&req, &mut self.scratch);
+        for id in ids {
+            self.scratch.extend_from_slice(&id.to_le_bytes());
+        }
+        parasync_tensor::encode_f32(rows, wire, &mut self.scratch);
+        self.sock.write_all(&self.scratch).await?;
         self.sock.flush().await?;
         Ok(())
     }

@@ -23,6 +23,7 @@ mod client;
 mod dataplane;
 mod error;
 pub mod placement;
+mod sparse;
 mod spec;
 
 pub use blocking::BlockingClient;
@@ -31,4 +32,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use parasync_proto::auth::AuthToken;
 pub use parasync_proto::tls::ClientTls;
 pub use parasync_tensor::DType;
+pub use sparse::{Admission, Eviction, RowInit, SparsePushSummary, TableOptimizer, TableSpec};
 pub use spec::{Init, Optimizer, VariableSpec};

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod codec;
 pub mod data;
 pub mod names;
+pub mod sparse;
 pub mod tls;
 
 /// `parasync.ps.v1`: the parameter-server service.

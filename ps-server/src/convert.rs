@@ -70,3 +70,53 @@ pub fn register_request(r: ps::RegisterRequest) -> Result<(VariableDef, Init)> {
     let init = init(r.init, &r.name)?;
     Ok((VariableDef { name: r.name, shape: r.shape, dtype, optimizer, stochastic_rounding: r.stochastic_rounding }, init))
 }
+
+/// A table registration as a definition (validated by the caller).
+pub fn register_table_request(r: ps::RegisterTableRequest) -> Result<crate::sparse::TableDef> {
+    use crate::sparse::{Admission, Eviction, RowInit, RowOptimizer, TableDef};
+    let name = r.name;
+    let dtype = dtype(r.storage_dtype, "storage_dtype", &name)?;
+    let init = match r.init.and_then(|i| i.kind) {
+        None => RowInit::Zeros,
+        Some(ps::row_initializer::Kind::Uniform(u)) => RowInit::Uniform { low: u.low, high: u.high, seed: u.seed },
+        Some(ps::row_initializer::Kind::Normal(n)) => RowInit::Normal { mean: n.mean, stddev: n.stddev, seed: n.seed },
+    };
+    use ps::row_optimizer::Kind;
+    let optimizer = match r.optimizer.and_then(|o| o.kind).ok_or_else(|| Error::invalid(&name, "no optimizer given"))? {
+        Kind::Sgd(s) if s.momentum != 0.0 || s.nesterov => {
+            return Err(Error::invalid(&name, "sgd of a table takes no momentum (rows are updated only when pushed)"))
+        }
+        Kind::Sgd(s) => RowOptimizer::Sgd { lr: s.learning_rate },
+        Kind::Adagrad(a) => RowOptimizer::Adagrad { lr: a.learning_rate, initial_accumulator: a.initial_accumulator, epsilon: a.epsilon },
+        Kind::Adam(a) if a.weight_decay != 0.0 || a.decoupled => {
+            return Err(Error::invalid(&name, "adam of a table takes no weight decay (rows are updated only when pushed)"))
+        }
+        Kind::Adam(a) => RowOptimizer::Adam { lr: a.learning_rate, beta1: a.beta1, beta2: a.beta2, epsilon: a.epsilon },
+        Kind::Ftrl(f) => RowOptimizer::Ftrl {
+            lr: f.learning_rate,
+            initial_accumulator: f.initial_accumulator,
+            l1: f.l1,
+            l2: f.l2,
+            beta: f.beta,
+        },
+    };
+    let admission = match (r.admit_min_count, r.admit_probability) {
+        (0 | 1, p) if p == 0.0 => Admission::Always,
+        (n, p) if p == 0.0 => Admission::MinCount(n),
+        (0 | 1, p) => Admission::Probability { p, seed: r.admit_seed },
+        (n, p) => {
+            return Err(Error::invalid(&name, format!("admission takes admit_min_count ({n}) or admit_probability ({p}), not both")))
+        }
+    };
+    let eviction = match ps::EvictionPolicy::try_from(r.eviction) {
+        Ok(ps::EvictionPolicy::None) => Eviction::None,
+        Ok(ps::EvictionPolicy::Lru) => Eviction::Lru,
+        Ok(ps::EvictionPolicy::Lfu) => Eviction::Lfu,
+        Ok(ps::EvictionPolicy::Ttl) => Eviction::Ttl { steps: r.ttl_steps },
+        Err(_) => return Err(Error::invalid(&name, format!("eviction has unknown value {}", r.eviction))),
+    };
+    if r.ttl_steps != 0 && !matches!(eviction, Eviction::Ttl { .. }) {
+        return Err(Error::invalid(&name, "ttl_steps is set but the eviction policy is not ttl"));
+    }
+    Ok(TableDef { name, dim: r.dim, dtype, init, optimizer, admission, eviction, capacity: r.capacity })
+}

@@ -35,6 +35,8 @@ const MAX_PAYLOAD_BYTES: u64 = MAX_ELEMENTS * 4;
 /// Bytes received per step of a push: each piece is checked for non-finite values while
 /// it is still in cache.
 const RECV_PIECE_BYTES: usize = 256 << 10;
+/// Most payload bytes of one lookup or sparse push (read whole before it is served).
+const MAX_SPARSE_PAYLOAD_BYTES: u64 = 256 << 20;
 /// Bytes encoded and written per step of a pull.
 const SEND_PIECE_BYTES: usize = 1 << 20;
 /// A reply's first piece of values up to this size goes out in the same write as the reply.
@@ -298,6 +300,37 @@ impl Conn {
                     Err(s) => self.reply(&status_reply(&s, None)).await,
                 }
             }
+            Some(Op::Lookup(r)) => {
+                let reply = match self.sparse_payload(&r.table, payload, r.num_ids, true).await? {
+                    Ok(ids) => self.service.lookup_rows(&r, ids).await,
+                    Err(s) => Err(s),
+                };
+                match reply {
+                    Ok((header, rows)) => {
+                        let reply = ps::DataReply { lookup: Some(header), payload_bytes: rows.len() as u64, ..Default::default() };
+                        self.out.clear();
+                        put_frame(&reply, &mut self.out);
+                        self.sock.write_all(&self.out).await?;
+                        self.sock.write_all(&rows).await
+                    }
+                    Err(s) => self.reply(&status_reply(&s, None)).await,
+                }
+            }
+            Some(Op::PushSparse(r)) => {
+                let reply = match self.sparse_payload(&r.table, payload, r.num_ids, false).await? {
+                    Ok(ids) => {
+                        let rows = std::mem::take(&mut self.scratch);
+                        let reply = self.service.push_rows(&r, ids, &rows[r.num_ids as usize * 8..]).await;
+                        self.scratch = rows;
+                        reply
+                    }
+                    Err(s) => Err(s),
+                };
+                match reply {
+                    Ok(push) => self.reply(&ps::DataReply { push: Some(push), ..Default::default() }).await,
+                    Err(s) => self.reply(&status_reply(&s, None)).await,
+                }
+            }
             None => {
                 self.discard(payload).await?;
                 let s = self.refuse("data request names no operation (push, pull or push_pull)");
@@ -364,6 +397,28 @@ impl Conn {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Reads a table request's payload into `scratch` (the ids first, then for a push its
+    /// rows) and returns the ids. The inner `Err` refuses the request after its payload was
+    /// consumed. `ids_only`: the payload must be exactly the ids (a lookup).
+    async fn sparse_payload(&mut self, table: &str, payload: u64, num_ids: u64, ids_only: bool) -> io::Result<Result<Vec<u64>, Status>> {
+        let id_bytes = num_ids.checked_mul(8).filter(|&b| b <= payload);
+        let refusal = if payload > MAX_SPARSE_PAYLOAD_BYTES {
+            Some(format!("a table request carries at most {MAX_SPARSE_PAYLOAD_BYTES} payload bytes, this one announced {payload}; send fewer ids at a time"))
+        } else if id_bytes.is_none() || (ids_only && id_bytes != Some(payload)) {
+            Some(format!("num_ids {num_ids} (8 bytes each) does not fit the {payload} payload bytes announced"))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            self.discard(payload).await?;
+            return Ok(Err(self.service.reject(Error::invalid(table, why))));
+        }
+        self.scratch.resize(payload as usize, 0);
+        self.sock.read_exact(&mut self.scratch[..payload as usize]).await?;
+        let ids = crate::sparse::serve::decode_ids(&self.scratch[..num_ids as usize * 8], Some(num_ids), table);
+        Ok(ids.map_err(|e| self.service.reject(e)))
     }
 
     /// The variable and wire dtype of a pull, once its step is readable.

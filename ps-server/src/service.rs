@@ -236,6 +236,11 @@ impl PsService {
     }
 
     pub(crate) async fn wait_for_step(&self, var: &Variable, step: u64, timeout: Duration) -> Result<(), Error> {
+        self.unless_shutdown(self.store.wait_readable(var, step, timeout)).await
+    }
+
+    /// `wait`'s result, or `ShuttingDown` as soon as the server begins to shut down.
+    pub(crate) async fn unless_shutdown<T>(&self, wait: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
         let mut shutdown = self.shutdown.clone();
         let shutting_down = async move {
             if shutdown.wait_for(|&s| s).await.is_err() {
@@ -245,7 +250,7 @@ impl PsService {
         };
         tokio::select! {
             biased;
-            r = self.store.wait_readable(var, step, timeout) => r,
+            r = wait => r,
             _ = shutting_down => Err(Error::ShuttingDown),
         }
     }
@@ -371,7 +376,26 @@ impl ParameterServer for PsService {
             restored: self.config.restored_step.is_some(),
             checkpoints: self.store.checkpointer().is_some(),
             incarnation: self.incarnation,
+            tables: self.table_infos(),
         }))
+    }
+
+    async fn register_table(&self, request: Request<ps::RegisterTableRequest>) -> Result<Response<ps::RegisterTableResponse>, Status> {
+        PsService::register_table(self, request.into_inner()).map(Response::new)
+    }
+
+    async fn lookup(&self, request: Request<ps::LookupRequest>) -> Result<Response<ps::LookupResponse>, Status> {
+        let r = request.into_inner();
+        let ids = crate::sparse::serve::decode_ids(&r.ids, None, &r.table).map_err(|e| self.reject(e))?;
+        let (mut reply, rows) = self.lookup_rows(&r, ids).await?;
+        reply.rows = rows.into();
+        Ok(Response::new(reply))
+    }
+
+    async fn push_sparse(&self, request: Request<ps::PushSparseRequest>) -> Result<Response<ps::PushResponse>, Status> {
+        let r = request.into_inner();
+        let ids = crate::sparse::serve::decode_ids(&r.ids, None, &r.table).map_err(|e| self.reject(e))?;
+        self.push_rows(&r, ids, &r.rows).await.map(Response::new)
     }
 
     async fn checkpoint(&self, request: Request<ps::CheckpointRequest>) -> Result<Response<ps::CheckpointResponse>, Status> {

@@ -175,12 +175,7 @@ fn f32_below(x: f32) -> f32 {
 /// SplitMix64's increment (2^64 / golden ratio).
 pub(crate) const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// SplitMix64's finaliser: a bijection whose outputs for nearby inputs look independent.
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub(crate) use parasync_proto::sparse::mix64;
 
 /// The random numbers of one id's row: SplitMix64 started from the seed and the id. Defined
 /// here, not by a library, so the rows stay the same across versions of everything else.

@@ -26,6 +26,7 @@ use crate::store::{PushMeta, PushResult};
 
 pub mod def;
 pub mod rows;
+pub(crate) mod serve;
 pub mod table;
 
 pub use def::{Admission, Eviction, RowInit, TableDef, MAX_DIM};

@@ -157,13 +157,17 @@ pub struct VariableStore {
     /// Bytes of values and slots of the variables held or being created (see
     /// [`StoreConfig::max_shard_bytes`]).
     held_bytes: AtomicU64,
+    /// The shard's sparse tables.
+    tables: crate::sparse::SparseTables,
 }
 
 impl VariableStore {
     /// An empty store. `config.mode` must be valid.
     pub fn new(config: StoreConfig, metrics: Arc<Metrics>) -> Self {
         let spares = Arc::new(SpareBudget::new(config.spare_buffer_bytes, Arc::clone(&metrics)));
+        let tables = crate::sparse::SparseTables::new(config.mode, config.allow_non_finite);
         VariableStore {
+            tables,
             config,
             vars: DashMap::new(),
             metrics,
@@ -172,6 +176,11 @@ impl VariableStore {
             restore_source: std::sync::OnceLock::new(),
             held_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The shard's sparse tables.
+    pub fn tables(&self) -> &crate::sparse::SparseTables {
+        &self.tables
     }
 
     /// Has `checkpointer` see every step (once; later calls change nothing).

@@ -1,0 +1,392 @@
+//! Sparse tables from the client: register a table on every shard, look up rows by id, push
+//! gradient rows by id.
+//!
+//! A batch's ids are made unique first (a lookup fetches each row once and copies it to
+//! every place the id appears; a push sums the rows of repeated ids in the order they
+//! appear), then split by shard (`parasync_proto::sparse::shard_of_id`), and the parts go
+//! to their shards at once.
+
+use std::collections::HashMap;
+
+use futures::future::try_join_all;
+use parasync_proto::names::{self, Quoted};
+use parasync_proto::ps;
+use parasync_proto::sparse::shard_of_id;
+use parasync_tensor::DType;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::spec::dtype_to_proto;
+
+/// The optimizer of a table's rows (each row is updated only when a push names it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TableOptimizer {
+    /// `w -= lr * g`.
+    Sgd { lr: f32 },
+    /// Adagrad with a per-element accumulator.
+    Adagrad { lr: f32, initial_accumulator: f32, epsilon: f32 },
+    /// "Lazy" Adam: each row counts its own steps for the bias correction.
+    Adam { lr: f32, beta1: f32, beta2: f32, epsilon: f32 },
+    /// FTRL-proximal (TensorFlow's `Ftrl`, learning-rate power −½).
+    Ftrl { lr: f32, initial_accumulator: f32, l1: f32, l2: f32, beta: f32 },
+}
+
+/// How a new row starts: the values depend on the seed and the id only.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowInit {
+    Zeros,
+    Uniform { low: f32, high: f32, seed: u64 },
+    Normal { mean: f32, stddev: f32, seed: u64 },
+}
+
+/// When an id gets a row (until then its lookups return the initial row and its updates
+/// are dropped, and counted).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Admission {
+    /// On its first update.
+    Always,
+    /// On its `n`-th update.
+    MinCount(u32),
+    /// On each update with probability `p` (a seeded hash: the same stream admits the same ids).
+    Probability { p: f32, seed: u64 },
+}
+
+/// What makes room when a shard's table holds its capacity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Eviction {
+    /// Nothing: new rows past the capacity are not created.
+    None,
+    /// Least recently updated rows go first.
+    Lru,
+    /// Least often updated rows go first.
+    Lfu,
+    /// Rows not updated for `steps` steps go.
+    Ttl { steps: u64 },
+}
+
+/// A sparse table as a trainer declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableSpec {
+    /// Unique among the tables.
+    pub name: String,
+    /// Elements per row.
+    pub dim: usize,
+    /// Storage dtype of the rows.
+    pub dtype: DType,
+    pub init: RowInit,
+    pub optimizer: TableOptimizer,
+    pub admission: Admission,
+    pub eviction: Eviction,
+    /// Rows one shard holds at most (0: no limit).
+    pub capacity: u64,
+}
+
+impl TableSpec {
+    /// An f32 table of `dim`-element rows starting at zero, with SGD at 0.01, every id
+    /// admitted and no capacity; adjust fields as needed.
+    pub fn new(name: impl Into<String>, dim: usize) -> Self {
+        TableSpec {
+            name: name.into(),
+            dim,
+            dtype: DType::F32,
+            init: RowInit::Zeros,
+            optimizer: TableOptimizer::Sgd { lr: 0.01 },
+            admission: Admission::Always,
+            eviction: Eviction::None,
+            capacity: 0,
+        }
+    }
+
+    fn to_proto(&self) -> Result<ps::RegisterTableRequest> {
+        let dim = u32::try_from(self.dim).map_err(|_| Error::usage(format!("table {}: dim {} is too large", Quoted(&self.name), self.dim)))?;
+        let init = match self.init {
+            RowInit::Zeros => None,
+            RowInit::Uniform { low, high, seed } => Some(ps::row_initializer::Kind::Uniform(ps::UniformInit { low, high, seed })),
+            RowInit::Normal { mean, stddev, seed } => Some(ps::row_initializer::Kind::Normal(ps::NormalInit { mean, stddev, seed })),
+        };
+        use ps::row_optimizer::Kind;
+        let optimizer = match self.optimizer {
+            TableOptimizer::Sgd { lr } => Kind::Sgd(ps::Sgd { learning_rate: lr, momentum: 0.0, nesterov: false }),
+            TableOptimizer::Adagrad { lr, initial_accumulator, epsilon } => {
+                Kind::Adagrad(ps::Adagrad { learning_rate: lr, initial_accumulator, epsilon })
+            }
+            TableOptimizer::Adam { lr, beta1, beta2, epsilon } => {
+                Kind::Adam(ps::Adam { learning_rate: lr, beta1, beta2, epsilon, weight_decay: 0.0, decoupled: false })
+            }
+            TableOptimizer::Ftrl { lr, initial_accumulator, l1, l2, beta } => {
+                Kind::Ftrl(ps::Ftrl { learning_rate: lr, initial_accumulator, l1, l2, beta })
+            }
+        };
+        let (admit_min_count, admit_probability, admit_seed) = match self.admission {
+            Admission::Always => (0, 0.0, 0),
+            Admission::MinCount(n) => (n.max(1), 0.0, 0),
+            Admission::Probability { p, seed } => (0, p, seed),
+        };
+        let (eviction, ttl_steps) = match self.eviction {
+            Eviction::None => (ps::EvictionPolicy::None, 0),
+            Eviction::Lru => (ps::EvictionPolicy::Lru, 0),
+            Eviction::Lfu => (ps::EvictionPolicy::Lfu, 0),
+            Eviction::Ttl { steps } => (ps::EvictionPolicy::Ttl, steps),
+        };
+        Ok(ps::RegisterTableRequest {
+            name: self.name.clone(),
+            dim,
+            storage_dtype: dtype_to_proto(self.dtype),
+            init: Some(ps::RowInitializer { kind: init }),
+            optimizer: Some(ps::RowOptimizer { kind: Some(optimizer) }),
+            admit_min_count,
+            admit_probability,
+            admit_seed,
+            eviction: eviction as i32,
+            ttl_steps,
+            capacity: self.capacity,
+        })
+    }
+}
+
+/// What the client remembers of a table: its row width and, per shard, the version its
+/// last lookup saw (the base of its next async push).
+#[derive(Debug)]
+pub(crate) struct KnownTable {
+    dim: usize,
+    versions: Vec<u64>,
+}
+
+/// Outcome of a sparse push.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SparsePushSummary {
+    /// Shards that applied their rows now or accepted them for their sync step.
+    pub accepted: usize,
+    /// Shards that dropped them as late gradients for a completed sync step.
+    pub dropped_stale: usize,
+    /// Staleness of every applied async / bounded part.
+    pub staleness: Vec<u64>,
+    /// Unique ids sent (after summing repeated ones).
+    pub unique_ids: usize,
+}
+
+/// A batch's unique ids grouped by shard: per shard, the unique ids and, for each, its
+/// index among all unique ids.
+struct Split {
+    /// For every position of the batch, the index of its id among the unique ids.
+    unique_of: Vec<usize>,
+    /// Unique ids in order of first appearance.
+    unique: Vec<u64>,
+    /// Per shard: (ids, their indexes in `unique`).
+    shards: Vec<(Vec<u64>, Vec<usize>)>,
+}
+
+fn split(ids: &[u64], num_shards: usize) -> Split {
+    let mut at: HashMap<u64, usize> = HashMap::with_capacity(ids.len());
+    let mut unique = Vec::with_capacity(ids.len());
+    let unique_of = ids
+        .iter()
+        .map(|&id| {
+            *at.entry(id).or_insert_with(|| {
+                unique.push(id);
+                unique.len() - 1
+            })
+        })
+        .collect();
+    let mut shards = vec![(Vec::new(), Vec::new()); num_shards];
+    for (k, &id) in unique.iter().enumerate() {
+        let s = &mut shards[shard_of_id(id, num_shards)];
+        s.0.push(id);
+        s.1.push(k);
+    }
+    Split { unique_of, unique, shards }
+}
+
+fn id_bytes(ids: &[u64]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_le_bytes()).collect()
+}
+
+impl Client {
+    /// Creates `spec`'s table on every shard (idempotent: every worker may call it with the
+    /// same spec; a different spec under the same name is `AlreadyExists`).
+    pub async fn register_table(&self, spec: &TableSpec) -> Result<()> {
+        names::check_name(&spec.name, names::MAX_NAME_BYTES)
+            .map_err(|reason| Error::usage(format!("table {}: {reason}", Quoted(&spec.name))))?;
+        if spec.dim == 0 {
+            return Err(Error::usage(format!("table {}: dim must be at least 1", Quoted(&spec.name))));
+        }
+        let req = spec.to_proto()?;
+        try_join_all(self.shards.iter().enumerate().map(|(i, s)| {
+            let req = req.clone();
+            async move {
+                s.rpc()
+                    .register_table(req)
+                    .await
+                    .map_err(|e| Error::from_status(e, &format!("register table {} on shard {i} ({})", Quoted(&spec.name), s.addr)))
+            }
+        }))
+        .await?;
+        self.tables
+            .lock()
+            .expect("tables lock")
+            .insert(spec.name.clone(), KnownTable { dim: spec.dim, versions: vec![0; self.shards.len()] });
+        Ok(())
+    }
+
+    /// The row width of a table this client registered (or `out_len / ids`).
+    fn table_dim(&self, table: &str, ids: usize, values: usize, what: &str) -> Result<usize> {
+        let known = self.tables.lock().expect("tables lock").get(table).map(|t| t.dim);
+        let dim = match known {
+            Some(d) => d,
+            None if ids > 0 && values % ids == 0 => values / ids,
+            None => return Err(Error::usage(format!("{what} {}: {values} values do not split into {ids} rows", Quoted(table)))),
+        };
+        if values != ids * dim {
+            return Err(Error::usage(format!(
+                "{what} {}: {ids} ids of {dim} elements need {} values, got {values}",
+                Quoted(table),
+                ids * dim
+            )));
+        }
+        Ok(dim)
+    }
+
+    /// Writes the rows of `ids` (for `step`: sync waits for it, bounded gates on the slowest
+    /// worker) into `out` (`ids.len() * dim`, row after row). Returns the lowest version of
+    /// the shards asked.
+    pub async fn lookup(&self, table: &str, ids: &[u64], step: u64, out: &mut [f32]) -> Result<u64> {
+        let dim = self.table_dim(table, ids.len(), out.len(), "lookup in table")?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let plan = split(ids, self.shards.len());
+        let wire = self.pull_wire();
+        let got = try_join_all(plan.shards.iter().enumerate().filter(|(_, (s, _))| !s.is_empty()).map(|(i, (shard_ids, _))| async move {
+            let shard = &self.shards[i];
+            let ctx = format!("lookup of {} ids in table {} for step {step} on shard {i} ({})", shard_ids.len(), Quoted(table), shard.addr);
+            let mut rows = vec![0f32; shard_ids.len() * dim];
+            let mut req = ps::LookupRequest {
+                table: table.to_string(),
+                worker_id: self.opts.worker_id,
+                step,
+                ids: Default::default(),
+                num_ids: shard_ids.len() as u64,
+                wire_dtype: dtype_to_proto(wire),
+                timeout_ms: self.pull_timeout_ms(),
+            };
+            let version = match &shard.data {
+                Some(data) => data.lookup(req, shard_ids, wire, &mut rows, &ctx).await?,
+                None => {
+                    req.ids = id_bytes(shard_ids).into();
+                    let r = shard.rpc().lookup(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner();
+                    if r.wire_dtype != dtype_to_proto(wire) {
+                        return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {}", crate::dataplane::wrong_wire(r.wire_dtype, wire))));
+                    }
+                    parasync_tensor::decode_into(&r.rows, wire, &mut rows)
+                        .map_err(|e| Error::new(crate::ErrorKind::Internal, format!("{ctx}: rows: {e}")))?;
+                    r.version
+                }
+            };
+            Ok::<_, Error>((i, version, rows))
+        }))
+        .await?;
+        // Rows of the unique ids, then copied to every position of the batch.
+        let mut unique_rows = vec![0f32; plan.unique.len() * dim];
+        let mut lowest = u64::MAX;
+        {
+            let mut known = self.tables.lock().expect("tables lock");
+            for (i, version, rows) in &got {
+                lowest = lowest.min(*version);
+                for (j, &k) in plan.shards[*i].1.iter().enumerate() {
+                    unique_rows[k * dim..(k + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
+                }
+                if let Some(t) = known.get_mut(table) {
+                    t.versions[*i] = *version;
+                }
+            }
+        }
+        for (pos, &k) in plan.unique_of.iter().enumerate() {
+            out[pos * dim..(pos + 1) * dim].copy_from_slice(&unique_rows[k * dim..(k + 1) * dim]);
+        }
+        Ok(lowest)
+    }
+
+    /// Pushes one gradient row per id (`grads`: `ids.len() * dim`) for `step`. Rows of
+    /// repeated ids are summed (in the order they appear) before they are sent; each shard
+    /// gets its ids in one request. In sync mode every worker pushes every step to every
+    /// shard, with or without ids for it: a shard completes a step when all workers' pushes
+    /// arrived.
+    pub async fn push_sparse(&self, table: &str, ids: &[u64], grads: &[f32], step: u64) -> Result<SparsePushSummary> {
+        let dim = self.table_dim(table, ids.len(), grads.len(), "push to table")?;
+        let plan = split(ids, self.shards.len());
+        // Summed rows of the unique ids.
+        let mut summed = vec![0f32; plan.unique.len() * dim];
+        for (pos, &k) in plan.unique_of.iter().enumerate() {
+            summed[k * dim..(k + 1) * dim].iter_mut().zip(&grads[pos * dim..(pos + 1) * dim]).for_each(|(s, &g)| *s += g);
+        }
+        let bases: Vec<u64> = {
+            let known = self.tables.lock().expect("tables lock");
+            known.get(table).map_or_else(|| vec![0; self.shards.len()], |t| t.versions.clone())
+        };
+        let wire = self.opts.wire_dtype;
+        let summed = &summed;
+        let replies = try_join_all(plan.shards.iter().enumerate().map(|(i, (shard_ids, at))| {
+            let bases = &bases;
+            async move {
+                let shard = &self.shards[i];
+                let ctx = format!("push of {} rows to table {} for step {step} to shard {i} ({})", shard_ids.len(), Quoted(table), shard.addr);
+                let mut rows = Vec::with_capacity(shard_ids.len() * dim);
+                for &k in at {
+                    rows.extend_from_slice(&summed[k * dim..(k + 1) * dim]);
+                }
+                let mut req = ps::PushSparseRequest {
+                    table: table.to_string(),
+                    worker_id: self.opts.worker_id,
+                    step,
+                    base_version: bases[i],
+                    ids: Default::default(),
+                    rows: Default::default(),
+                    num_ids: shard_ids.len() as u64,
+                    wire_dtype: dtype_to_proto(wire),
+                };
+                match &shard.data {
+                    Some(data) => data.push_sparse(req, shard_ids, &rows, wire, &ctx).await,
+                    None => {
+                        req.ids = id_bytes(shard_ids).into();
+                        let mut bytes = Vec::with_capacity(rows.len() * wire.size());
+                        parasync_tensor::encode_f32(&rows, wire, &mut bytes);
+                        req.rows = bytes.into();
+                        Ok(shard.rpc().push_sparse(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner())
+                    }
+                }
+            }
+        }))
+        .await?;
+        let mut summary = SparsePushSummary { unique_ids: plan.unique.len(), ..Default::default() };
+        for r in replies {
+            if r.accepted {
+                summary.accepted += 1;
+                summary.staleness.push(r.staleness);
+            }
+            summary.dropped_stale += usize::from(r.dropped_stale);
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_splits_into_unique_ids_per_shard() {
+        let ids = [7, 3, 7, 9, 3, 3, 11];
+        let p = split(&ids, 3);
+        assert_eq!(p.unique, [7, 3, 9, 11]);
+        assert_eq!(p.unique_of, [0, 1, 0, 2, 1, 1, 3]);
+        let mut seen: Vec<u64> = p.shards.iter().flat_map(|(s, _)| s.clone()).collect();
+        seen.sort();
+        assert_eq!(seen, [3, 7, 9, 11]);
+        for (s, (shard_ids, at)) in p.shards.iter().enumerate() {
+            for (&id, &k) in shard_ids.iter().zip(at) {
+                assert_eq!(shard_of_id(id, 3), s);
+                assert_eq!(p.unique[k], id);
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The table calls of the service — register, lookup, push — shared by gRPC and the data
+//! plane: requests in, checked, carried out on the shard's tables, replies out.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use parasync_proto::ps;
+use tonic::Status;
+
+use crate::convert;
+use crate::error::Error;
+use crate::service::PsService;
+use crate::store::PushMeta;
+
+/// Lookups and pushes of at least this many values run on the blocking pool.
+const BLOCKING_ROW_VALUES: usize = 1 << 18;
+
+/// Ids from their little-endian bytes; `expected` is the count a data-plane message
+/// announced (`None` over gRPC, where the bytes carry it).
+pub(crate) fn decode_ids(bytes: &[u8], expected: Option<u64>, table: &str) -> Result<Vec<u64>, Error> {
+    if bytes.len() % 8 != 0 {
+        return Err(Error::invalid(table, format!("ids take 8 bytes each (little-endian u64), got {} bytes", bytes.len())));
+    }
+    let n = bytes.len() / 8;
+    if let Some(e) = expected {
+        if e != n as u64 {
+            return Err(Error::invalid(table, format!("num_ids says {e}, the payload holds {n} ids")));
+        }
+    }
+    Ok(bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+}
+
+impl PsService {
+    /// Creates a table or confirms an identical one.
+    pub(crate) fn register_table(&self, r: ps::RegisterTableRequest) -> Result<ps::RegisterTableResponse, Status> {
+        let def = convert::register_table_request(r).map_err(|e| self.reject(e))?;
+        let created = self.store().tables().register(def).map_err(|e| self.reject(e))?;
+        Ok(ps::RegisterTableResponse { created })
+    }
+
+    /// Rows of `ids` once the request's step allows, encoded in its wire dtype.
+    pub(crate) async fn lookup_rows(&self, r: &ps::LookupRequest, ids: Vec<u64>) -> Result<(ps::LookupResponse, Vec<u8>), Status> {
+        let table = self.store().tables().get(&r.table).map_err(|e| self.reject(e))?;
+        let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.table).map_err(|e| self.reject(e))?;
+        let timeout = self.pull_timeout(r.timeout_ms);
+        let wait = table.wait_readable(r.step, timeout);
+        let version = self.unless_shutdown(wait).await.map_err(|e| self.reject(e))?;
+        let n = ids.len() * table.dim();
+        let work = {
+            let table = Arc::clone(&table);
+            move || {
+                let mut rows = vec![0f32; n];
+                table.lookup(&ids, &mut rows);
+                let mut out = Vec::with_capacity(n * wire.size());
+                parasync_tensor::encode_f32(&rows, wire, &mut out);
+                out
+            }
+        };
+        let out = if n >= BLOCKING_ROW_VALUES {
+            tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("lookup task failed: {e}")))?
+        } else {
+            work()
+        };
+        table.traffic.bytes_out.fetch_add(out.len() as u64, Relaxed);
+        self.store().metrics().bytes_out.fetch_add(out.len() as u64, Relaxed);
+        let reply = ps::LookupResponse { version, wire_dtype: convert::dtype_to_proto(wire), rows: Default::default() };
+        Ok((reply, out))
+    }
+
+    /// Applies a push of gradient rows (`rows` in the request's wire dtype).
+    pub(crate) async fn push_rows(&self, r: &ps::PushSparseRequest, ids: Vec<u64>, rows: &[u8]) -> Result<ps::PushResponse, Status> {
+        let tables = self.store().tables();
+        let table = tables.get(&r.table).map_err(|e| self.reject(e))?;
+        let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.table).map_err(|e| self.reject(e))?;
+        let values = parasync_tensor::decode_vec(rows, wire)
+            .map_err(|e| self.reject(Error::invalid(&r.table, format!("rows: {e}"))))?;
+        let grad = tables.gradient(&table, &ids, &values).map_err(|e| self.reject(e))?;
+        table.traffic.bytes_in.fetch_add(rows.len() as u64, Relaxed);
+        self.store().metrics().bytes_in.fetch_add(rows.len() as u64, Relaxed);
+        let meta = PushMeta { worker: r.worker_id, step: r.step, base_version: r.base_version };
+        let n = values.len();
+        let work = {
+            let table = Arc::clone(&table);
+            move || table.push(meta, grad)
+        };
+        let result = if n >= BLOCKING_ROW_VALUES {
+            tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("update task failed: {e}")))?
+        } else {
+            work()
+        };
+        let r = result.map_err(|e| self.reject(e))?;
+        if r.dropped_stale {
+            self.store().metrics().dropped_stale.fetch_add(1, Relaxed);
+        }
+        Ok(ps::PushResponse {
+            accepted: r.accepted,
+            dropped_stale: r.dropped_stale,
+            version: r.version,
+            staleness: r.staleness,
+            duplicate: false,
+            checkpoint_due: 0,
+        })
+    }
+
+    /// What `ServerInfo` says of each table.
+    pub(crate) fn table_infos(&self) -> Vec<ps::TableInfo> {
+        self.store()
+            .tables()
+            .list()
+            .iter()
+            .map(|t| {
+                let s = t.status();
+                ps::TableInfo {
+                    name: t.def.name.clone(),
+                    dim: t.def.dim,
+                    storage_dtype: convert::dtype_to_proto(t.def.dtype),
+                    optimizer: t.def.optimizer.name().into(),
+                    learning_rate: s.learning_rate,
+                    version: s.version,
+                    rows: s.rows,
+                    capacity: t.def.capacity,
+                    eviction: t.def.eviction.name().into(),
+                    admitted: s.counts.admitted,
+                    evicted: s.counts.evicted,
+                    dropped: s.counts.dropped,
+                    lookups: t.traffic.lookups.load(Relaxed),
+                    rows_looked_up: t.traffic.rows_looked_up.load(Relaxed),
+                    rows_pushed: t.traffic.rows_pushed.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+}
