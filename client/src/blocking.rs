@@ -136,6 +136,28 @@ impl BlockingClient {
         block_on(self.read().checkpoint(step), stop)
     }
 
+    /// Creates a sparse table on every shard (see [`Client::register_table`]).
+    pub fn register_table(&self, spec: &crate::TableSpec, stop: &mut dyn FnMut() -> bool) -> Result<()> {
+        block_on(self.read().register_table(spec), stop)
+    }
+
+    /// Rows of a table by id into `out` (see [`Client::lookup`]); returns the lowest version.
+    pub fn lookup(&self, table: &str, ids: &[u64], step: u64, out: &mut [f32], stop: &mut dyn FnMut() -> bool) -> Result<u64> {
+        block_on(self.read().lookup(table, ids, step, out), stop)
+    }
+
+    /// Gradient rows of a table by id (see [`Client::push_sparse`]).
+    pub fn push_sparse(
+        &self,
+        table: &str,
+        ids: &[u64],
+        grads: &[f32],
+        step: u64,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<crate::SparsePushSummary> {
+        block_on(self.read().push_sparse(table, ids, grads, step), stop)
+    }
+
     /// Every shard's mode and variables.
     pub fn shard_info(&self, stop: &mut dyn FnMut() -> bool) -> Result<Vec<ShardInfo>> {
         block_on(self.read().shard_info(), stop)

@@ -210,6 +210,26 @@ pub struct ShardInfo {
     pub restored_step: Option<u64>,
     /// The shard writes checkpoints.
     pub checkpoints: bool,
+    /// The shard's sparse tables.
+    pub tables: Vec<TableInfo>,
+}
+
+/// One sparse table on one shard, as the shard reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub name: String,
+    pub dim: u32,
+    /// Completed sync steps, or applied pushes.
+    pub version: u64,
+    /// Rows held now, created, evicted.
+    pub rows: u64,
+    pub admitted: u64,
+    pub evicted: u64,
+    /// Row updates dropped (the id was not admitted yet, or the table was full).
+    pub dropped: u64,
+    /// Rows looked up and rows pushed so far.
+    pub rows_looked_up: u64,
+    pub rows_pushed: u64,
 }
 
 /// One shard's file of a checkpoint (see [`Client::checkpoint`]).
@@ -889,6 +909,21 @@ impl Client {
                 data_plane: s.data.as_ref().map(|d| d.addr().to_string()),
                 restored_step: r.restored.then_some(r.restored_step),
                 checkpoints: r.checkpoints,
+                tables: r
+                    .tables
+                    .into_iter()
+                    .map(|t| TableInfo {
+                        name: t.name,
+                        dim: t.dim,
+                        version: t.version,
+                        rows: t.rows,
+                        admitted: t.admitted,
+                        evicted: t.evicted,
+                        dropped: t.dropped,
+                        rows_looked_up: t.rows_looked_up,
+                        rows_pushed: t.rows_pushed,
+                    })
+                    .collect(),
             })
         }))
         .await

@@ -27,7 +27,7 @@ mod sparse;
 mod spec;
 
 pub use blocking::BlockingClient;
-pub use client::{ps_addresses_from_env, ps_addresses_from_tf_config, CheckpointFile, Client, ClientOptions, PartOutcome, PushSummary, ShardInfo};
+pub use client::{ps_addresses_from_env, ps_addresses_from_tf_config, CheckpointFile, Client, ClientOptions, PartOutcome, PushSummary, ShardInfo, TableInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use parasync_proto::auth::AuthToken;
 pub use parasync_proto::tls::ClientTls;
