@@ -32,7 +32,7 @@ pub enum DemoMode {
 }
 
 impl DemoMode {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             DemoMode::Sync => "sync",
             DemoMode::Async => "async",
@@ -41,9 +41,33 @@ impl DemoMode {
     }
 }
 
+/// The model the demo trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DemoModel {
+    /// A 64-128-10 MLP on the digits data (dense variables).
+    Digits,
+    /// Click-through prediction: a sparse embedding table and a dense head, on synthetic
+    /// clicks from a planted model with Zipf-distributed categorical fields.
+    Ctr,
+}
+
 /// Flags of `parasync demo`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
+    /// What to train.
+    #[arg(long, value_enum, default_value = "digits")]
+    pub model: DemoModel,
+    /// --model ctr: steps per worker.
+    #[arg(long, default_value_t = 1000)]
+    pub ctr_steps: u64,
+    /// --model ctr: examples per worker and step.
+    #[arg(long, default_value_t = 256)]
+    pub ctr_batch: usize,
+    /// --model ctr: rows each shard's embedding table holds at most (least frequently
+    /// updated rows are evicted past it; 0: no limit).
+    #[arg(long, default_value_t = 3000)]
+    pub ctr_capacity: u64,
     /// Consistency mode.
     #[arg(long, value_enum, default_value = "sync")]
     pub mode: DemoMode,
@@ -243,7 +267,7 @@ fn model_specs(init_seed: u64, lr: f32) -> Vec<VariableSpec> {
 }
 
 /// Kills the worker processes if the demo ends early (error or Ctrl-C).
-struct Workers(Vec<Child>);
+pub(crate) struct Workers(pub(crate) Vec<Child>);
 
 impl Drop for Workers {
     fn drop(&mut self) {
@@ -265,10 +289,10 @@ pub fn interrupted() -> bool {
 /// Process ids of the demo's children, so an interrupt (Ctrl-C, SIGTERM) can stop them
 /// before the demo exits: nothing is left running whichever way the demo ends.
 #[derive(Clone, Default)]
-struct ChildRegistry(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+pub(crate) struct ChildRegistry(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
 
 impl ChildRegistry {
-    fn add(&self, pid: u32) {
+    pub(crate) fn add(&self, pid: u32) {
         if pid != 0 {
             self.0.lock().expect("child registry").push(pid);
         }
@@ -277,7 +301,7 @@ impl ChildRegistry {
     /// From now on, on SIGINT or SIGTERM: SIGTERM every child registered by then (servers
     /// drain, workers stop), then exit 130. (Children started later with
     /// `die_with_parent` go with the demo in any case.)
-    fn kill_on_interrupt(&self) -> anyhow::Result<()> {
+    pub(crate) fn kill_on_interrupt(&self) -> anyhow::Result<()> {
         let pids = self.clone();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let signalled = {

@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod ctr;
 pub mod demo;
 pub mod model;
 pub mod netbench;

@@ -14,7 +14,8 @@ struct Cli {
 enum Cmd {
     /// Run one parameter-server shard (the same program as `ps-server`).
     Server(ps_server::config::ServerArgs),
-    /// Train a 64-128-10 MLP on the digits data with a local cluster of real processes.
+    /// Train a model with a local cluster of real processes: a 64-128-10 MLP on the digits
+    /// data, or (`--model ctr`) a click-through model with a sparse embedding table.
     Demo(parasync::demo::DemoArgs),
     /// Look into checkpoints: `inspect` lists what one holds, `export` joins its parts into
     /// whole tensors in one safetensors file.
@@ -41,6 +42,9 @@ enum Cmd {
     /// One worker of the demo job (started by `parasync demo`).
     #[command(hide = true)]
     DemoWorker(parasync::demo::WorkerArgs),
+    /// One worker of the CTR demo job (started by `parasync demo --model ctr`).
+    #[command(hide = true)]
+    DemoCtrWorker(parasync::ctr::CtrWorkerArgs),
     /// One follower rank of the criterion allreduce bench (started by `benches/allreduce.rs`,
     /// which is rank 0 and orders every batch).
     #[command(hide = true)]
@@ -53,6 +57,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Server(args) => {
             ps_server::server::init_logging();
             ps_server::server::main_with(args)
+        }
+        Cmd::Demo(args) if args.model == parasync::demo::DemoModel::Ctr => {
+            let report = parasync::ctr::run(&args, &std::env::current_exe()?)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                parasync::ctr::print_report(&report);
+            }
+            Ok(())
         }
         Cmd::Demo(args) => {
             let exe = std::env::current_exe()?;
@@ -83,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::ClusterNet(cmd) => parasync::netlab::run_cmd(&cmd),
         Cmd::Bench(cmd) => parasync::netbench::run_cmd(&cmd),
         Cmd::DemoWorker(args) => parasync::demo::run_worker(&args),
+        Cmd::DemoCtrWorker(args) => parasync::ctr::run_worker(&args),
         Cmd::AllreduceFollower(args) => parasync_collective::bench::led::run_follower(&args),
     }
 }

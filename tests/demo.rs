@@ -110,3 +110,18 @@ fn bench_staleness_in_a_small_configuration_writes_its_table_and_plots() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `demo --model ctr`: a click-through model with a sparse embedding table (admission after
+/// two updates, LFU eviction at a capacity below the vocabulary) reaches a held-out AUC
+/// within 0.02 of the planted model's, and reports the table's rows and evictions.
+#[test]
+fn ctr_demo_comes_within_two_points_of_the_planted_auc() {
+    let out = Command::new(common::exe()).args(["demo", "--model", "ctr", "--json"]).output().expect("running parasync demo");
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (auc, planted) = (r["test_auc"].as_f64().unwrap(), r["planted_auc"].as_f64().unwrap());
+    assert!(planted > 0.7 && auc >= planted - 0.02, "held-out AUC {auc}, planted {planted}");
+    let (held, capacity) = (r["rows_held"].as_u64().unwrap(), r["capacity"].as_u64().unwrap());
+    assert!(held > 0 && held <= capacity, "{held} rows held, capacity {capacity}");
+    assert!(r["evicted"].as_u64().unwrap() > 0 && r["dropped_updates"].as_u64().unwrap() > 0, "{r}");
+}
