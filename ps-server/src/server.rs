@@ -91,6 +91,7 @@ pub async fn run_prepared(
 ) -> anyhow::Result<()> {
     let Prepared { metrics, store, restored_step } = prepared;
     let store_checkpointer = store.checkpointer().cloned();
+    let tables_of = Arc::clone(&store);
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = PsService::new(
         store,
@@ -152,7 +153,12 @@ pub async fn run_prepared(
                 "/metrics",
                 axum::routing::get(move || {
                     let m = Arc::clone(&metrics);
-                    async move { m.render(shard) }
+                    let store = Arc::clone(&tables_of);
+                    async move {
+                        let mut out = m.render(shard);
+                        store.tables().render_metrics(shard, &mut out);
+                        out
+                    }
                 }),
             );
             let _ = axum::serve(l, app)

@@ -382,6 +382,39 @@ impl SparseTables {
         v
     }
 
+    /// Appends the tables' metrics in the Prometheus text format (`shard` and `table` labels).
+    pub fn render_metrics(&self, shard: u32, out: &mut String) {
+        use std::fmt::Write;
+        let tables = self.list();
+        if tables.is_empty() {
+            return;
+        }
+        let rows: Vec<(Arc<SparseTable>, TableStatus)> = tables.into_iter().map(|t| {
+            let s = t.status();
+            (t, s)
+        }).collect();
+        type Get = fn(&SparseTable, &TableStatus) -> u64;
+        let series: [(&str, &str, &str, Get); 10] = [
+            ("parasync_table_rows", "gauge", "Rows a table holds.", |_, s| s.rows),
+            ("parasync_table_bytes", "gauge", "Bytes allocated for a table's rows, slots and index.", |_, s| s.allocated_bytes),
+            ("parasync_table_rows_admitted_total", "counter", "Rows created.", |_, s| s.counts.admitted),
+            ("parasync_table_rows_evicted_total", "counter", "Rows evicted.", |_, s| s.counts.evicted),
+            ("parasync_table_updates_dropped_total", "counter", "Row updates dropped (not admitted yet, or the table was full).", |_, s| s.counts.dropped),
+            ("parasync_table_lookups_total", "counter", "Lookup calls.", |t, _| t.traffic.lookups.load(Relaxed)),
+            ("parasync_table_rows_looked_up_total", "counter", "Rows returned by lookups.", |t, _| t.traffic.rows_looked_up.load(Relaxed)),
+            ("parasync_table_rows_pushed_total", "counter", "Gradient rows pushed (after summing repeated ids).", |t, _| t.traffic.rows_pushed.load(Relaxed)),
+            ("parasync_table_bytes_in_total", "counter", "Row bytes received.", |t, _| t.traffic.bytes_in.load(Relaxed)),
+            ("parasync_table_bytes_out_total", "counter", "Row bytes sent.", |t, _| t.traffic.bytes_out.load(Relaxed)),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (t, s) in &rows {
+                let table = t.def.name.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\",table=\"{table}\"}} {}", get(t, s));
+            }
+        }
+    }
+
     /// Checks a push's rows (`ids.len() * dim` finite values unless allowed) and sums repeated
     /// ids: the gradient to hand to [`SparseTable::push`].
     pub fn gradient(&self, table: &SparseTable, ids: &[u64], rows: &[f32]) -> Result<SparseGrad> {
@@ -481,6 +514,20 @@ mod tests {
         let mut out = [0.0; 2];
         t.lookup(&[1], &mut out);
         assert_eq!(out, [-2.0, -2.0]);
+    }
+
+    #[test]
+    fn metrics_name_each_table() {
+        let tables = SparseTables::new(Mode::Async { num_workers: 1, lr_div_staleness: false }, false);
+        let def = table(Mode::Async { num_workers: 1, lr_div_staleness: false }, RowOptimizer::Sgd { lr: 1.0 }).def;
+        tables.register(def).unwrap();
+        let t = tables.get("emb").unwrap();
+        t.push(meta(0, 0), SparseGrad::summed(&[1, 2, 1], &[1.0; 6], 2)).unwrap();
+        let mut out = String::new();
+        tables.render_metrics(3, &mut out);
+        assert!(out.contains("parasync_table_rows{shard=\"3\",table=\"emb\"} 2\n"), "{out}");
+        assert!(out.contains("parasync_table_rows_pushed_total{shard=\"3\",table=\"emb\"} 2\n"), "{out}");
+        assert!(out.contains("# TYPE parasync_table_rows_evicted_total counter"), "{out}");
     }
 
     #[test]
