@@ -281,6 +281,18 @@ async fn bad_table_requests_get_the_right_status_and_change_nothing() {
         let info = rpc.server_info(ps::ServerInfoRequest {}).await.unwrap().into_inner();
         let t = &info.tables[0];
         assert_eq!((t.rows, t.admitted, t.dropped, t.rows_pushed), (2, 2, 0, 2), "{t:?}");
+        // Learning rates: every variable and table, or one table by name.
+        c.set_learning_rate(0.25).await.unwrap();
+        let rate = |rpc: &mut ParameterServerClient<tonic::transport::Channel>| {
+            let mut rpc = rpc.clone();
+            async move { rpc.server_info(ps::ServerInfoRequest {}).await.unwrap().into_inner().tables[0].learning_rate }
+        };
+        assert_eq!(rate(&mut rpc).await, 0.25);
+        let one = ps::SetLearningRateRequest { variable: "emb".into(), learning_rate: Some(0.0), all_variables: false };
+        assert_eq!(rpc.set_learning_rate(one).await.unwrap().into_inner().updated, 1);
+        assert_eq!(rate(&mut rpc).await, 0.0);
+        c.push_sparse("emb", &[1], &[5.0; 4], 0).await.unwrap();
+        assert_eq!(before, snapshot().await, "a zero rate changes no row");
     })
     .await;
 }

@@ -515,14 +515,22 @@ impl VariableStore {
         if !lr.is_finite() || lr < 0.0 {
             return Err(Error::invalid(name.unwrap_or("*"), format!("learning rate must be finite and >= 0, got {lr}")));
         }
-        let targets = match name {
-            Some(n) => vec![self.get(n)?],
-            None => self.list(),
+        // A name is a variable's, or else a table's; all means both.
+        let (targets, tables) = match name {
+            Some(n) => match (self.get(n), self.tables.get(n)) {
+                (Ok(v), _) => (vec![v], Vec::new()),
+                (Err(_), Ok(t)) => (Vec::new(), vec![t]),
+                (Err(e), Err(_)) => return Err(e),
+            },
+            None => (self.list(), self.tables.list()),
         };
         for v in &targets {
             v.write().optimizer.set_learning_rate(lr);
         }
-        Ok(targets.len() as u32)
+        for t in &tables {
+            t.set_learning_rate(lr);
+        }
+        Ok((targets.len() + tables.len()) as u32)
     }
 }
 
