@@ -43,18 +43,18 @@ const HEAD_LR: f32 = 0.01;
 
 /// SplitMix64: the generator of the planted model and the data streams (fixed here, so a
 /// seed gives the same data on every machine and version).
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64, stream: u64) -> Self {
+    pub(crate) fn new(seed: u64, stream: u64) -> Self {
         Rng(parasync_proto::sparse::mix64(seed ^ parasync_proto::sparse::mix64(stream.wrapping_add(0x5eed))))
     }
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         parasync_proto::sparse::mix64(self.0)
     }
     /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
     fn normal(&mut self) -> f64 {
@@ -96,28 +96,13 @@ impl Planted {
             (0..n).map(|_| std::array::from_fn(|_| (0.35 * rng.normal()) as f32)).collect()
         };
         let inter = [vectors(VOCAB[0]), vectors(VOCAB[1])];
-        let cdf = VOCAB
-            .iter()
-            .map(|&n| {
-                let w: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-ZIPF)).collect();
-                let total: f64 = w.iter().sum();
-                w.iter()
-                    .scan(0.0, |acc, x| {
-                        *acc += x / total;
-                        Some(*acc)
-                    })
-                    .collect()
-            })
-            .collect();
+        let cdf = VOCAB.iter().map(|&n| zipf_cdf(n, ZIPF)).collect();
         Planted { effect, inter, cdf }
     }
 
     /// The next example of `rng`'s stream.
     fn example(&self, rng: &mut Rng) -> Example {
-        let ranks: [u64; FIELDS] = std::array::from_fn(|f| {
-            let u = rng.unit();
-            (self.cdf[f].partition_point(|&c| c < u) as u64).min(VOCAB[f] - 1)
-        });
+        let ranks: [u64; FIELDS] = std::array::from_fn(|f| zipf_draw(&self.cdf[f], rng));
         let mut logit = BIAS;
         for f in 0..FIELDS {
             logit += self.effect[f][ranks[f] as usize];
@@ -133,6 +118,24 @@ impl Planted {
         let mut rng = Rng::new(seed, stream);
         (0..n).map(|_| self.example(&mut rng)).collect()
     }
+}
+
+/// The cumulative distribution of Zipf(`s`) over ranks `0..n` (rank 0 the most frequent).
+pub(crate) fn zipf_cdf(n: u64, s: f64) -> Vec<f64> {
+    let w: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-s)).collect();
+    let total: f64 = w.iter().sum();
+    w.iter()
+        .scan(0.0, |acc, x| {
+            *acc += x / total;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// A rank drawn from `cdf` with `rng`.
+pub(crate) fn zipf_draw(cdf: &[f64], rng: &mut Rng) -> u64 {
+    let u = rng.unit();
+    (cdf.partition_point(|&c| c < u) as u64).min(cdf.len() as u64 - 1)
 }
 
 fn sigmoid(x: f32) -> f32 {

@@ -13,5 +13,6 @@ pub mod model;
 pub mod netbench;
 pub mod netlab;
 pub mod soak;
+pub mod sparsebench;
 pub mod stalebench;
 pub mod svgplot;

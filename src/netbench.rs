@@ -452,6 +452,9 @@ pub enum BenchCmd {
     /// The demo's model under every consistency mode with randomly slow steps: time to 0.95
     /// accuracy, wait / compute split, staleness (loopback; no root needed).
     Staleness(crate::stalebench::StalenessArgs),
+    /// Sparse tables: lookups and pushes beside dense pulls and pushes of the same bytes,
+    /// memory per row, rows held and evictions along a long Zipf stream.
+    Sparse(crate::sparsebench::SparseBenchArgs),
 }
 
 /// Runs `parasync bench …`.
@@ -460,5 +463,6 @@ pub fn run_cmd(cmd: &BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Bandwidth(a) => run(a, &exe).map(|_| ()),
         BenchCmd::Staleness(a) => crate::stalebench::run(a, &exe).map(|_| ()),
+        BenchCmd::Sparse(a) => crate::sparsebench::run(a, &exe),
     }
 }

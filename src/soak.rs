@@ -54,13 +54,13 @@ pub struct SoakArgs {
 
 /// One process's resources at one moment.
 #[derive(Clone, Copy, Debug, Default)]
-struct Sample {
-    rss: u64,
+pub(crate) struct Sample {
+    pub(crate) rss: u64,
     fds: u64,
     threads: u64,
 }
 
-fn sample(pid: u32) -> anyhow::Result<Sample> {
+pub(crate) fn sample(pid: u32) -> anyhow::Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
     let field = |name: &str| -> u64 {
         status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)

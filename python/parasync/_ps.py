@@ -8,8 +8,8 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 
 from . import _native
-from ._native import PushSummary
-from ._spec import VariableSpec
+from ._native import PushSummary, SparsePushSummary
+from ._spec import TableSpec, VariableSpec
 
 Arrays = Union[Mapping[str, np.ndarray], Sequence[np.ndarray]]
 
@@ -142,13 +142,49 @@ class PsClient:
         error says so: do not push the same gradient again."""
         return self._c.push_pull(step, grads, out)
 
+    # -- sparse tables ------------------------------------------------------------------
+
+    def register_table(self, spec: TableSpec) -> None:
+        """Creates a sparse table on every shard. Idempotent: every worker may register the
+        same spec; a different spec under the same name raises ``PsAlreadyExistsError``."""
+        if not isinstance(spec, TableSpec):
+            raise TypeError(f"register_table() takes a parasync.TableSpec, got {type(spec).__name__}")
+        self._c.register_table(spec._native())
+
+    def lookup(self, table: str, ids: np.ndarray, step: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of ``ids`` in ``table``: a float32 array of shape ``(len(ids), dim)``,
+        one row per id in order (a repeated id gets its row at each place).
+
+        ``ids`` is a 1-D C-contiguous array of uint64; an int64 array is accepted when no id
+        is negative, and read as uint64 in place. ``out``, if given, is a C-contiguous,
+        writable float32 array of shape ``(len(ids), dim)``: it is filled in place and
+        returned. A table this client did not register is looked up on the shards once (its
+        row width); ``PsNotFoundError`` when it does not exist. In sync mode a lookup for
+        ``step`` waits until the step exists."""
+        return self._c.lookup(table, ids, step, out)
+
+    def push_sparse(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0) -> SparsePushSummary:
+        """Pushes one gradient row per id (``grads``: C-contiguous float32 of shape
+        ``(len(ids), dim)``, or flat) for ``step``. Rows of repeated ids are summed (in the
+        order they appear) and each shard gets its ids in one request; the table's optimizer
+        updates only those rows. Returns a ``SparsePushSummary``: shards that applied or
+        accepted their rows (``accepted``), shards that dropped them as late (``dropped_stale``),
+        the staleness of each applied part (``staleness``) and the distinct ids sent
+        (``unique_ids``)."""
+        return self._c.push_sparse(table, ids, grads, step)
+
+    # -- shards -------------------------------------------------------------------------
+
     def set_learning_rate(self, lr: float) -> None:
         """Sets the learning rate of every variable on every shard."""
         self._c.set_learning_rate(lr)
 
     def shard_info(self) -> list[dict]:
         """Each shard's address, mode, number of workers, dropped gradients, variables,
-        and the step of the checkpoint it was restored from (``restored_step``, or None)."""
+        the step of the checkpoint it was restored from (``restored_step``, or None), and
+        its sparse tables (``tables``: one dict per table with ``name``, ``dim``,
+        ``version``, ``rows`` held, ``admitted``, ``evicted``, ``dropped`` updates of ids
+        without a row, ``rows_looked_up``, ``rows_pushed``)."""
         return self._c.shard_info()
 
     def checkpoint(self, step: int) -> list[dict]:

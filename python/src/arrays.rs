@@ -3,8 +3,8 @@
 
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{
-    dtype, BorrowError, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArray, PyUntypedArrayMethods,
+    dtype, BorrowError, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use parasync_collective::DType;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -53,6 +53,114 @@ pub fn output<'py>(obj: &Bound<'py, PyAny>, name: &str, shape: &[usize]) -> PyRe
             PyValueError::new_err(format!("variable {name:?}: the output array is read-only"))
         }
         _ => in_use(name),
+    })
+}
+
+/// A batch of table ids borrowed in place: uint64, or int64 whose every id was checked
+/// non-negative (then read as uint64: the same bits, nothing converted).
+pub enum Ids<'py> {
+    U64(PyReadonlyArray1<'py, u64>),
+    I64(PyReadonlyArray1<'py, i64>),
+}
+
+impl Ids<'_> {
+    /// The ids as uint64.
+    pub fn as_slice(&self) -> &[u64] {
+        match self {
+            Ids::U64(a) => a.as_slice().expect("checked contiguous"),
+            Ids::I64(a) => {
+                let s = a.as_slice().expect("checked contiguous");
+                // SAFETY: i64 and u64 have the same size and alignment, and `ids` checked
+                // every value non-negative, so each reads as the same number.
+                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u64>(), s.len()) }
+            }
+        }
+    }
+}
+
+const IDS_HINT: &str = "numpy.asarray(ids, dtype=numpy.uint64) makes one";
+
+/// `obj` as the ids of a lookup or push in table `table`: a 1-D C-contiguous numpy array
+/// of uint64, or of int64 with no negative id.
+pub fn ids<'py>(obj: &Bound<'py, PyAny>, table: &str) -> PyResult<Ids<'py>> {
+    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "table {table:?}: ids must be a 1-D numpy.ndarray of uint64 (or non-negative int64), got {} ({IDS_HINT})",
+            describe(obj)
+        ))
+    })?;
+    let py = obj.py();
+    let dt = arr.dtype();
+    let (unsigned, signed) = (dt.is_equiv_to(&dtype::<u64>(py)), dt.is_equiv_to(&dtype::<i64>(py)));
+    if !unsigned && !signed {
+        return Err(PyTypeError::new_err(format!(
+            "table {table:?}: ids must be uint64 (or non-negative int64), got {} ({IDS_HINT})",
+            describe(obj)
+        )));
+    }
+    if arr.ndim() != 1 {
+        return Err(PyValueError::new_err(format!("table {table:?}: ids must be 1-D, got an array of shape {:?}", arr.shape())));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "table {table:?}: the ids array is not contiguous (numpy.ascontiguousarray makes a contiguous copy)"
+        )));
+    }
+    let busy = |_| PyValueError::new_err(format!("table {table:?}: the ids array is being written elsewhere"));
+    if unsigned {
+        return Ok(Ids::U64(obj.cast::<PyArray1<u64>>()?.try_readonly().map_err(busy)?));
+    }
+    let a = obj.cast::<PyArray1<i64>>()?.try_readonly().map_err(busy)?;
+    let s = a.as_slice().expect("checked contiguous");
+    if let Some(pos) = s.iter().position(|&id| id < 0) {
+        return Err(PyValueError::new_err(format!(
+            "table {table:?}: ids[{pos}] is {}: ids are unsigned (int64 ids must be non-negative)",
+            s[pos]
+        )));
+    }
+    Ok(Ids::I64(a))
+}
+
+/// `obj` as the rows of `n` ids of `dim` elements in table `table`: a C-contiguous float32
+/// array of shape `(n, dim)` (or, when `flat_too`, `(n * dim,)`). `what` names the argument.
+fn table_rows<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    table: &str,
+    what: &str,
+    n: usize,
+    dim: usize,
+    flat_too: bool,
+) -> PyResult<&'a Bound<'py, PyArrayDyn<f32>>> {
+    let arr = obj.cast::<PyArrayDyn<f32>>().map_err(|_| {
+        PyTypeError::new_err(format!("table {table:?}: {what} must be a numpy.ndarray of float32, got {}", describe(obj)))
+    })?;
+    let shape = arr.shape();
+    if shape != [n, dim] && !(flat_too && shape == [n * dim]) {
+        let flat = if flat_too { format!(" or [{}]", n * dim) } else { String::new() };
+        return Err(PyValueError::new_err(format!(
+            "table {table:?}: {what} has shape {shape:?}, expected [{n}, {dim}]{flat} (one row of {dim} per id, {n} ids)"
+        )));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "table {table:?}: {what} is not C-contiguous (numpy.ascontiguousarray makes a contiguous copy)"
+        )));
+    }
+    Ok(arr)
+}
+
+/// A push's gradient rows, borrowed read-only in place.
+pub fn table_grads<'py>(obj: &Bound<'py, PyAny>, table: &str, n: usize, dim: usize) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    table_rows(obj, table, "grads", n, dim, true)?
+        .try_readonly()
+        .map_err(|_| PyValueError::new_err(format!("table {table:?}: grads is being written elsewhere")))
+}
+
+/// A lookup's output rows, borrowed writable in place.
+pub fn table_out<'py>(obj: &Bound<'py, PyAny>, table: &str, n: usize, dim: usize) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    table_rows(obj, table, "out", n, dim, false)?.try_readwrite().map_err(|e| match e {
+        BorrowError::NotWriteable => PyValueError::new_err(format!("table {table:?}: out is read-only")),
+        _ => PyValueError::new_err(format!("table {table:?}: out shares memory with an array this call already uses")),
     })
 }
 

@@ -11,6 +11,7 @@ mod arrays;
 mod comm;
 mod errors;
 mod ps;
+mod tables;
 
 /// The native module.
 #[pymodule]
@@ -18,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<ps::PsClient>()?;
     m.add_class::<ps::PushSummary>()?;
+    m.add_class::<tables::SparsePushSummary>()?;
     m.add_class::<comm::Communicator>()?;
     m.add_class::<comm::Work>()?;
     m.add_function(wrap_pyfunction!(ps::ps_addresses_from_env, m)?)?;

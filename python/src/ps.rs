@@ -1,16 +1,18 @@
 //! `parasync._native.PsClient`: the blocking parameter-server client on NumPy arrays.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
-use parasync_client::{BlockingClient, ClientOptions, DType, Init, Optimizer, VariableSpec};
+use numpy::{PyArray2, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use parasync_client::{BlockingClient, ClientOptions, DType, ErrorKind, Init, Optimizer, VariableSpec};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySequence};
 
 use crate::arrays;
 use crate::errors::client_error;
+use crate::tables::{self, SparsePushSummary, TableSpecTuple};
 
 fn wire_dtype(name: &str, what: &str) -> PyResult<DType> {
     match name {
@@ -107,6 +109,9 @@ pub struct PsClient {
     /// Name and shape of each registered variable (set by `register`), for the per-call
     /// array checks without copying the specs.
     shapes: Mutex<Arc<Vec<Shape>>>,
+    /// Row width of each sparse table, by name: those this client registered, and those it
+    /// found on the shards (see `PsClient::table_dim`).
+    tables: Mutex<HashMap<String, usize>>,
 }
 
 /// A registered variable as the array checks see it.
@@ -132,6 +137,21 @@ impl PsClient {
             return Err(PyValueError::new_err("register the model before pulling or pushing"));
         }
         Ok((c, shapes))
+    }
+
+    /// The row width of `table`: known from `register_table`, else asked of the shards
+    /// once (a table another worker registered); `PsNotFoundError` when no shard has it.
+    fn table_dim(&self, py: Python<'_>, c: &BlockingClient, table: &str) -> PyResult<usize> {
+        if let Some(&dim) = self.tables.lock().unwrap_or_else(|p| p.into_inner()).get(table) {
+            return Ok(dim);
+        }
+        let infos = blocking(py, |stop| c.shard_info(stop))?;
+        let dim = infos.iter().flat_map(|i| &i.tables).find(|t| t.name == table).map(|t| t.dim as usize).ok_or_else(|| {
+            let message = format!("table {table:?} does not exist on the shards (register_table creates it)");
+            client_error(py, parasync_client::Error { kind: ErrorKind::NotFound, message }, None)
+        })?;
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).insert(table.to_string(), dim);
+        Ok(dim)
     }
 }
 
@@ -281,7 +301,11 @@ impl PsClient {
             ..defaults
         };
         let client = blocking(py, |stop| BlockingClient::connect_interruptible(&addresses, opts, stop))?;
-        Ok(PsClient { inner: Mutex::new(Some(Arc::new(client))), shapes: Mutex::new(Arc::new(Vec::new())) })
+        Ok(PsClient {
+            inner: Mutex::new(Some(Arc::new(client))),
+            shapes: Mutex::new(Arc::new(Vec::new())),
+            tables: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Registers the variables: a list of `parasync.VariableSpec._native()` tuples.
@@ -331,13 +355,68 @@ impl PsClient {
         blocking(py, |stop| c.push_pull(step, &gs, &mut os, stop)).map(|s| PushSummary::new_of(s, &specs))
     }
 
+    /// Creates a sparse table on every shard: a `parasync.TableSpec._native()` tuple.
+    fn register_table(&self, py: Python<'_>, spec: TableSpecTuple) -> PyResult<()> {
+        let spec = tables::spec(&spec)?;
+        let c = self.client()?;
+        blocking(py, |stop| c.register_table(&spec, stop))?;
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.name, spec.dim);
+        Ok(())
+    }
+
+    /// The rows of `ids` (uint64, or non-negative int64, 1-D) for `step`, into `out`
+    /// (float32, C-contiguous, writable, `(len(ids), dim)`) or a new array; returns it.
+    #[pyo3(signature = (table, ids, step=0, out=None))]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        table: &str,
+        ids: &Bound<'py, PyAny>,
+        step: u64,
+        out: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.client()?;
+        let ids = arrays::ids(ids, table)?;
+        let ids = ids.as_slice();
+        let dim = self.table_dim(py, &c, table)?;
+        let out = match out {
+            Some(o) => o,
+            None => PyArray2::<f32>::zeros(py, [ids.len(), dim], false).into_any(),
+        };
+        let mut rows = arrays::table_out(&out, table, ids.len(), dim)?;
+        let rows_slice = rows.as_slice_mut().expect("checked contiguous");
+        blocking(py, |stop| c.lookup(table, ids, step, rows_slice, stop))?;
+        drop(rows);
+        Ok(out)
+    }
+
+    /// Pushes one gradient row per id (`grads`: float32, C-contiguous, `(len(ids), dim)` or
+    /// flat) for `step`; rows of repeated ids are summed.
+    #[pyo3(signature = (table, ids, grads, step=0))]
+    fn push_sparse<'py>(
+        &self,
+        py: Python<'py>,
+        table: &str,
+        ids: &Bound<'py, PyAny>,
+        grads: &Bound<'py, PyAny>,
+        step: u64,
+    ) -> PyResult<SparsePushSummary> {
+        let c = self.client()?;
+        let ids = arrays::ids(ids, table)?;
+        let ids = ids.as_slice();
+        let dim = self.table_dim(py, &c, table)?;
+        let grads = arrays::table_grads(grads, table, ids.len(), dim)?;
+        let grads = grads.as_slice().expect("checked contiguous");
+        blocking(py, |stop| c.push_sparse(table, ids, grads, step, stop)).map(SparsePushSummary::from)
+    }
+
     /// Sets the learning rate of every variable on every shard.
     fn set_learning_rate(&self, py: Python<'_>, lr: f32) -> PyResult<()> {
         let c = self.client()?;
         blocking(py, |stop| c.set_learning_rate(lr, stop))
     }
 
-    /// Every shard's address, mode, workers, dropped gradients and variables, as dicts.
+    /// Every shard's address, mode, workers, dropped gradients, variables and tables, as dicts.
     fn shard_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let c = self.client()?;
         let infos = blocking(py, |stop| c.shard_info(stop))?;
@@ -353,6 +432,7 @@ impl PsClient {
             d.set_item("data_plane", i.data_plane)?;
             d.set_item("restored_step", i.restored_step)?;
             d.set_item("checkpoints", i.checkpoints)?;
+            d.set_item("tables", tables::info_list(py, i.tables)?)?;
             list.append(d)?;
         }
         Ok(list)
