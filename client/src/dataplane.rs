@@ -176,6 +176,11 @@ impl DataPlane {
             if reply.payload_bytes != n as u64 {
                 return Err(Failure::Protocol(format!("{} row bytes announced, {n} expected", reply.payload_bytes)));
             }
+            #[cfg(target_endian = "little")]
+            if wire == DType::F32 {
+                c.sock.read_exact(parasync_tensor::f32_as_le_bytes_mut(dst)).await?;
+                return Ok(reply);
+            }
             fill(&mut c.sock, &mut c.scratch, n).await?;
             parasync_tensor::decode_into(&c.scratch[..n], wire, dst).map_err(|e| Failure::Protocol(e.to_string()))?;
             Ok(reply)
@@ -384,6 +389,14 @@ impl Conn {
         put_frame(&req, &mut self.scratch);
         for id in ids {
             self.scratch.extend_from_slice(&id.to_le_bytes());
+        }
+        #[cfg(target_endian = "little")]
+        if wire == DType::F32 && rows.len() * 4 > COALESCE_BYTES {
+            // Large f32 rows go from the caller's buffer straight to the socket.
+            self.sock.write_all(&self.scratch).await?;
+            self.sock.write_all(parasync_tensor::f32_as_le_bytes(rows)).await?;
+            self.sock.flush().await?;
+            return Ok(());
         }
         parasync_tensor::encode_f32(rows, wire, &mut self.scratch);
         self.sock.write_all(&self.scratch).await?;

@@ -6,12 +6,10 @@
 //! appear), then split by shard (`parasync_proto::sparse::shard_of_id`), and the parts go
 //! to their shards at once.
 
-use std::collections::HashMap;
-
 use futures::future::try_join_all;
 use parasync_proto::names::{self, Quoted};
 use parasync_proto::ps;
-use parasync_proto::sparse::shard_of_id;
+use parasync_proto::sparse::{shard_of_id, IdMap};
 use parasync_tensor::DType;
 
 use crate::client::Client;
@@ -165,36 +163,32 @@ pub struct SparsePushSummary {
     pub unique_ids: usize,
 }
 
-/// A batch's unique ids grouped by shard: per shard, the unique ids and, for each, its
-/// index among all unique ids.
+/// A batch's unique ids grouped by shard.
 struct Split {
-    /// For every position of the batch, the index of its id among the unique ids.
-    unique_of: Vec<usize>,
-    /// Unique ids in order of first appearance.
-    unique: Vec<u64>,
-    /// Per shard: (ids, their indexes in `unique`).
-    shards: Vec<(Vec<u64>, Vec<usize>)>,
+    /// For every position of the batch, where its id's row is: (shard, index in that
+    /// shard's ids).
+    at: Vec<(u32, u32)>,
+    /// Unique ids of the batch.
+    unique: usize,
+    /// Per shard, its unique ids in order of first appearance.
+    shards: Vec<Vec<u64>>,
 }
 
 fn split(ids: &[u64], num_shards: usize) -> Split {
-    let mut at: HashMap<u64, usize> = HashMap::with_capacity(ids.len());
-    let mut unique = Vec::with_capacity(ids.len());
-    let unique_of = ids
+    let mut seen: IdMap<(u32, u32)> = IdMap::default();
+    seen.reserve(ids.len());
+    let mut shards = vec![Vec::new(); num_shards];
+    let at = ids
         .iter()
         .map(|&id| {
-            *at.entry(id).or_insert_with(|| {
-                unique.push(id);
-                unique.len() - 1
+            *seen.entry(id).or_insert_with(|| {
+                let s = shard_of_id(id, num_shards);
+                shards[s].push(id);
+                (s as u32, (shards[s].len() - 1) as u32)
             })
         })
         .collect();
-    let mut shards = vec![(Vec::new(), Vec::new()); num_shards];
-    for (k, &id) in unique.iter().enumerate() {
-        let s = &mut shards[shard_of_id(id, num_shards)];
-        s.0.push(id);
-        s.1.push(k);
-    }
-    Split { unique_of, unique, shards }
+    Split { at, unique: seen.len(), shards }
 }
 
 fn id_bytes(ids: &[u64]) -> Vec<u8> {
@@ -256,7 +250,7 @@ impl Client {
         }
         let plan = split(ids, self.shards.len());
         let wire = self.pull_wire();
-        let got = try_join_all(plan.shards.iter().enumerate().filter(|(_, (s, _))| !s.is_empty()).map(|(i, (shard_ids, _))| async move {
+        let got = try_join_all(plan.shards.iter().enumerate().filter(|(_, s)| !s.is_empty()).map(|(i, shard_ids)| async move {
             let shard = &self.shards[i];
             let ctx = format!("lookup of {} ids in table {} for step {step} on shard {i} ({})", shard_ids.len(), Quoted(table), shard.addr);
             let mut rows = vec![0f32; shard_ids.len() * dim];
@@ -285,23 +279,22 @@ impl Client {
             Ok::<_, Error>((i, version, rows))
         }))
         .await?;
-        // Rows of the unique ids, then copied to every position of the batch.
-        let mut unique_rows = vec![0f32; plan.unique.len() * dim];
+        // Each position of the batch gets its row from its shard's answer.
+        let mut by_shard: Vec<&[f32]> = vec![&[]; self.shards.len()];
         let mut lowest = u64::MAX;
         {
             let mut known = self.tables.lock().expect("tables lock");
             for (i, version, rows) in &got {
                 lowest = lowest.min(*version);
-                for (j, &k) in plan.shards[*i].1.iter().enumerate() {
-                    unique_rows[k * dim..(k + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
-                }
+                by_shard[*i] = rows;
                 if let Some(t) = known.get_mut(table) {
                     t.versions[*i] = *version;
                 }
             }
         }
-        for (pos, &k) in plan.unique_of.iter().enumerate() {
-            out[pos * dim..(pos + 1) * dim].copy_from_slice(&unique_rows[k * dim..(k + 1) * dim]);
+        for (row, &(s, j)) in out.chunks_exact_mut(dim).zip(&plan.at) {
+            let j = j as usize;
+            row.copy_from_slice(&by_shard[s as usize][j * dim..(j + 1) * dim]);
         }
         Ok(lowest)
     }
@@ -314,26 +307,22 @@ impl Client {
     pub async fn push_sparse(&self, table: &str, ids: &[u64], grads: &[f32], step: u64) -> Result<SparsePushSummary> {
         let dim = self.table_dim(table, ids.len(), grads.len(), "push to table")?;
         let plan = split(ids, self.shards.len());
-        // Summed rows of the unique ids.
-        let mut summed = vec![0f32; plan.unique.len() * dim];
-        for (pos, &k) in plan.unique_of.iter().enumerate() {
-            summed[k * dim..(k + 1) * dim].iter_mut().zip(&grads[pos * dim..(pos + 1) * dim]).for_each(|(s, &g)| *s += g);
+        // Each shard's rows, with the rows of repeated ids summed in the order they appear.
+        let mut rows: Vec<Vec<f32>> = plan.shards.iter().map(|s| vec![0f32; s.len() * dim]).collect();
+        for (g, &(s, j)) in grads.chunks_exact(dim).zip(&plan.at) {
+            let j = j as usize;
+            rows[s as usize][j * dim..(j + 1) * dim].iter_mut().zip(g).for_each(|(r, &x)| *r += x);
         }
         let bases: Vec<u64> = {
             let known = self.tables.lock().expect("tables lock");
             known.get(table).map_or_else(|| vec![0; self.shards.len()], |t| t.versions.clone())
         };
         let wire = self.opts.wire_dtype;
-        let summed = &summed;
-        let replies = try_join_all(plan.shards.iter().enumerate().map(|(i, (shard_ids, at))| {
+        let replies = try_join_all(plan.shards.iter().zip(&rows).enumerate().map(|(i, (shard_ids, rows))| {
             let bases = &bases;
             async move {
                 let shard = &self.shards[i];
                 let ctx = format!("push of {} rows to table {} for step {step} to shard {i} ({})", shard_ids.len(), Quoted(table), shard.addr);
-                let mut rows = Vec::with_capacity(shard_ids.len() * dim);
-                for &k in at {
-                    rows.extend_from_slice(&summed[k * dim..(k + 1) * dim]);
-                }
                 let mut req = ps::PushSparseRequest {
                     table: table.to_string(),
                     worker_id: self.opts.worker_id,
@@ -345,11 +334,11 @@ impl Client {
                     wire_dtype: dtype_to_proto(wire),
                 };
                 match &shard.data {
-                    Some(data) => data.push_sparse(req, shard_ids, &rows, wire, &ctx).await,
+                    Some(data) => data.push_sparse(req, shard_ids, rows, wire, &ctx).await,
                     None => {
                         req.ids = id_bytes(shard_ids).into();
                         let mut bytes = Vec::with_capacity(rows.len() * wire.size());
-                        parasync_tensor::encode_f32(&rows, wire, &mut bytes);
+                        parasync_tensor::encode_f32(rows, wire, &mut bytes);
                         req.rows = bytes.into();
                         Ok(shard.rpc().push_sparse(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner())
                     }
@@ -357,7 +346,7 @@ impl Client {
             }
         }))
         .await?;
-        let mut summary = SparsePushSummary { unique_ids: plan.unique.len(), ..Default::default() };
+        let mut summary = SparsePushSummary { unique_ids: plan.unique, ..Default::default() };
         for r in replies {
             if r.accepted {
                 summary.accepted += 1;
@@ -377,16 +366,18 @@ mod tests {
     fn a_batch_splits_into_unique_ids_per_shard() {
         let ids = [7, 3, 7, 9, 3, 3, 11];
         let p = split(&ids, 3);
-        assert_eq!(p.unique, [7, 3, 9, 11]);
-        assert_eq!(p.unique_of, [0, 1, 0, 2, 1, 1, 3]);
-        let mut seen: Vec<u64> = p.shards.iter().flat_map(|(s, _)| s.clone()).collect();
+        assert_eq!(p.unique, 4);
+        let mut seen: Vec<u64> = p.shards.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, [3, 7, 9, 11]);
-        for (s, (shard_ids, at)) in p.shards.iter().enumerate() {
-            for (&id, &k) in shard_ids.iter().zip(at) {
-                assert_eq!(shard_of_id(id, 3), s);
-                assert_eq!(p.unique[k], id);
-            }
+        for (s, shard_ids) in p.shards.iter().enumerate() {
+            assert!(shard_ids.iter().all(|&id| shard_of_id(id, 3) == s));
         }
+        // Every position points at its id's place, repeated ids at the same place.
+        for (pos, &(s, j)) in p.at.iter().enumerate() {
+            assert_eq!(p.shards[s as usize][j as usize], ids[pos]);
+        }
+        assert_eq!(p.at[0], p.at[2]);
+        assert_eq!(p.at[1], p.at[4]);
     }
 }

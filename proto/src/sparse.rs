@@ -13,6 +13,28 @@ pub fn shard_of_id(id: u64, shards: usize) -> usize {
     (mix64(id) % shards.max(1) as u64) as usize
 }
 
+/// A hasher for ids: [`mix64`] of the id (std's default SipHash costs more than the rest
+/// of a row's bookkeeping; ids are not attacker-chosen keys of a shared table here).
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = mix64(self.0 ^ b as u64);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = mix64(id);
+    }
+}
+
+/// A `HashMap` keyed by ids, hashed with [`IdHasher`].
+pub type IdMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -388,7 +388,7 @@ impl ParameterServer for PsService {
         let r = request.into_inner();
         let ids = crate::sparse::serve::decode_ids(&r.ids, None, &r.table).map_err(|e| self.reject(e))?;
         let (mut reply, rows) = self.lookup_rows(&r, ids).await?;
-        reply.rows = rows.into();
+        reply.rows = rows;
         Ok(Response::new(reply))
     }
 
