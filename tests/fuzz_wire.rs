@@ -64,7 +64,35 @@ fn grpc_seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("SetLearningRate", vec![rate.encode_to_vec()]),
         ("ServerInfo", vec![ps::ServerInfoRequest {}.encode_to_vec()]),
         ("Checkpoint", vec![ps::CheckpointRequest { step: 3 }.encode_to_vec()]),
+        ("RegisterTable", vec![table_register().encode_to_vec()]),
+        ("Lookup", vec![ps::LookupRequest { table: "emb".into(), ids: table_ids().into(), wire_dtype: F32, timeout_ms: 50, ..Default::default() }.encode_to_vec()]),
+        (
+            "PushSparse",
+            vec![ps::PushSparseRequest { table: "emb".into(), ids: table_ids().into(), rows: values(12).into(), wire_dtype: F32, ..Default::default() }
+                .encode_to_vec()],
+        ),
     ]
+}
+
+/// A small table with a capacity, so that mutated ids cannot grow it without bound.
+fn table_register() -> ps::RegisterTableRequest {
+    ps::RegisterTableRequest {
+        name: "emb".into(),
+        dim: 4,
+        storage_dtype: F32,
+        optimizer: Some(ps::RowOptimizer {
+            kind: Some(ps::row_optimizer::Kind::Adagrad(ps::Adagrad { learning_rate: 0.1, initial_accumulator: 0.1, epsilon: 1e-8 })),
+        }),
+        admit_min_count: 2,
+        eviction: ps::EvictionPolicy::Lru as i32,
+        capacity: 1000,
+        ..Default::default()
+    }
+}
+
+/// Three ids, as little-endian u64 bytes.
+fn table_ids() -> Vec<u8> {
+    [7u64, 1 << 40, 7].iter().flat_map(|id| id.to_le_bytes()).collect()
 }
 
 /// Sends one call's messages as raw bytes; returns its status code.
@@ -113,7 +141,7 @@ async fn mutated_grpc_messages_get_a_status_and_the_shard_keeps_serving() {
         let channel = Channel::from_shared(format!("http://{}", cluster.addrs()[0])).unwrap().connect().await.unwrap();
         let seeds = grpc_seeds();
         // The variables the seeds name exist, so mutations reach past the lookups.
-        for (method, msgs) in seeds.iter().filter(|(m, _)| *m == "Register") {
+        for (method, msgs) in seeds.iter().filter(|(m, _)| m.starts_with("Register")) {
             raw_call(&channel, method, msgs.clone()).await.unwrap();
         }
         let mut rng = Rng(0xf0_22ed_9a7c);
@@ -170,6 +198,11 @@ fn data_seeds() -> Vec<Vec<u8>> {
         frame(Op::Pull(pull.clone()), vec![]),
         frame(Op::PushPull(ps::PushHeader { pull_timeout_ms: 50, ..header("w", 16, F32) }), values(16)),
         [frame(Op::Hello(ps::DataHello::default()), vec![]), frame(Op::Pull(pull), vec![])].concat(),
+        frame(Op::Lookup(ps::LookupRequest { table: "emb".into(), num_ids: 3, wire_dtype: F32, timeout_ms: 50, ..Default::default() }), table_ids()),
+        frame(
+            Op::PushSparse(ps::PushSparseRequest { table: "emb".into(), num_ids: 3, wire_dtype: BF16, ..Default::default() }),
+            [table_ids(), vec![0x3f; 24]].concat(),
+        ),
     ]
 }
 
@@ -208,7 +241,7 @@ async fn mutated_data_plane_connections_end_and_the_shard_keeps_serving() {
         let cluster = common::cluster(1, SHARD_ARGS);
         let pid = cluster.pid(0).unwrap();
         let channel = Channel::from_shared(format!("http://{}", cluster.addrs()[0])).unwrap().connect().await.unwrap();
-        for (method, msgs) in grpc_seeds().into_iter().filter(|(m, _)| *m == "Register") {
+        for (method, msgs) in grpc_seeds().into_iter().filter(|(m, _)| m.starts_with("Register")) {
             raw_call(&channel, method, msgs).await.unwrap();
         }
         let mut c = ParameterServerClient::new(channel.clone());
