@@ -8,10 +8,11 @@ use anyhow::{bail, ensure, Context};
 use parasync_tensor::DType;
 use parking_lot::Mutex;
 
-use super::manifest::{split_part_name, ShardManifest, VariableEntry, FORMAT};
-use super::safetensors::{file_crc32, Reader};
+use super::manifest::{split_part_name, ShardManifest, TableEntry, VariableEntry, FORMAT};
+use super::safetensors::{file_crc32, Dtype, Reader};
 use crate::error::{Error, Result};
 use crate::optimizer::OptimizerSnapshot;
+use crate::sparse::{PackedRows, RestoredTable, RowState, RowValues, StripeState, TableDef};
 use crate::store::{RestoreSource, RestoredVariable, Values, VariableDef};
 
 /// A complete checkpoint: every shard's manifest, each file's checksum verified.
@@ -123,6 +124,13 @@ impl Checkpoint {
     /// Every variable of shard `shard`'s file, read in one pass front to back that also
     /// checks the file's checksum (nothing is returned from a file that fails it).
     pub fn read_shard(&self, shard: u32) -> anyhow::Result<Vec<(VariableDef, RestoredVariable)>> {
+        Ok(self.read_shard_all(shard)?.0)
+    }
+
+    /// Every variable and sparse table of shard `shard`'s file, read in one pass front to
+    /// back that also checks the file's checksum (nothing is returned from a file that fails it).
+    #[allow(clippy::type_complexity)]
+    pub fn read_shard_all(&self, shard: u32) -> anyhow::Result<(Vec<(VariableDef, RestoredVariable)>, Vec<RestoredTable>)> {
         let m = self.shards.get(shard as usize).with_context(|| format!("no shard {shard}"))?;
         let path = self.dir.join(&m.file);
         let reader = Reader::open(&path)?;
@@ -154,17 +162,95 @@ impl Checkpoint {
                 into.push((v.slots[*name].as_str(), parasync_tensor::f32_as_le_bytes_mut(slot)));
             }
         }
+        let mut tables = m.tables.iter().map(|t| TableBuffers::new(&reader, t)).collect::<anyhow::Result<Vec<_>>>()?;
+        for t in &mut tables {
+            into.extend(t.targets());
+        }
         let got = reader.read_all_into(into)?;
         check_file(&path, m, got)?;
-        Ok(vars
+        let tables = tables.into_iter().map(TableBuffers::finish).collect::<anyhow::Result<Vec<_>>>()?;
+        let vars = vars
             .into_iter()
             .map(|(def, values, slots, v)| {
                 let optimizer = OptimizerSnapshot { lr: v.learning_rate, updates: v.updates, slots: slots.into_iter().map(std::sync::Arc::new).collect() };
                 let last_pushes = v.last_pushes.iter().map(|p| p.get()).collect();
                 (def, RestoredVariable { version: v.version, values, optimizer, worker_clocks: v.worker_clocks.clone(), last_pushes })
             })
-            .collect())
+            .collect();
+        Ok((vars, tables))
     }
+
+    /// Every sparse table of the checkpoint as shard `shard` of `num_shards` holds it: from
+    /// every old shard file, the rows and admission counters whose ids route to this shard
+    /// (`parasync_proto::sparse::shard_of_id`). The version is the highest of the old shards',
+    /// the bounded clocks each the highest, the learning rate the first shard's; the counters
+    /// of old shard `j` go to new shard `j % num_shards` (so their sums over the job stay), and
+    /// every stripe starts at the highest tick and last sweep of the old ones. Reads whole
+    /// tables from every file (one at a time): the files' checksums must have been checked.
+    pub fn read_tables_routed(&self, shard: u32, num_shards: u32) -> anyhow::Result<Vec<RestoredTable>> {
+        let mut out: BTreeMap<String, RestoredTable> = BTreeMap::new();
+        for m in &self.shards {
+            if m.tables.is_empty() {
+                continue;
+            }
+            let reader = self.reader(m.shard)?;
+            for entry in &m.tables {
+                let mut b = TableBuffers::new(&reader, entry)?;
+                for (name, buf) in b.targets() {
+                    let n = reader.info(name)?.elements();
+                    reader.read_elements(name, 0..n, buf)?;
+                }
+                let full = b.finish()?;
+                let mut mine = vec![PackedRows::empty(full.rows.dim, full.def.dtype, full.def.optimizer.num_slots())];
+                full.rows.route_into(&mut mine, |id| {
+                    (parasync_proto::sparse::shard_of_id(id, num_shards as usize) == shard as usize).then_some(0)
+                });
+                let mine = mine.pop().expect("one");
+                let mut folded = StripeState::default();
+                for s in &full.stripes {
+                    folded.tick = folded.tick.max(s.tick);
+                    folded.swept_at = folded.swept_at.max(s.swept_at);
+                    if m.shard % num_shards == shard {
+                        let (a, c) = (&mut folded.counts, &s.counts);
+                        a.admitted += c.admitted;
+                        a.evicted += c.evicted;
+                        a.dropped += c.dropped;
+                        a.updated += c.updated;
+                        a.admission_resets += c.admission_resets;
+                    }
+                }
+                match out.entry(entry.name.clone()) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(RestoredTable { rows: mine, stripes: vec![folded], ..full });
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        let t = e.get_mut();
+                        let diff = t.def.differences(&full.def);
+                        ensure!(diff.is_empty(), "{}: the shard files hold table {} otherwise: {}", self.dir.display(), entry.name, diff.join("; "));
+                        t.version = t.version.max(full.version);
+                        if t.worker_clocks.len() < full.worker_clocks.len() {
+                            t.worker_clocks.resize(full.worker_clocks.len(), 0);
+                        }
+                        for (c, &p) in t.worker_clocks.iter_mut().zip(&full.worker_clocks) {
+                            *c = (*c).max(p);
+                        }
+                        mine.route_into(std::slice::from_mut(&mut t.rows), |_| Some(0));
+                        let s = &mut t.stripes[0];
+                        s.tick = s.tick.max(folded.tick);
+                        s.swept_at = s.swept_at.max(folded.swept_at);
+                        let (a, c) = (&mut s.counts, &folded.counts);
+                        a.admitted += c.admitted;
+                        a.evicted += c.evicted;
+                        a.dropped += c.dropped;
+                        a.updated += c.updated;
+                        a.admission_resets += c.admission_resets;
+                    }
+                }
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
 
     /// The checkpoint folders `what` names, newest first: `latest` → those under `root`; a
     /// `step-<n>` folder → itself; another folder → those under it.
@@ -331,6 +417,105 @@ impl Checkpoint {
             );
         }
         Ok(self.read_rows(base, r0..r1)?.map(|(_, r)| r))
+    }
+}
+
+/// The buffers a table's tensors are read into, checked against its manifest entry.
+struct TableBuffers<'a> {
+    entry: &'a TableEntry,
+    def: TableDef,
+    ids: Vec<u8>,
+    values: RowValues,
+    slots: Vec<Vec<f32>>,
+    meta: Vec<u8>,
+    seen_ids: Vec<u8>,
+    seen_counts: Vec<u8>,
+}
+
+impl<'a> TableBuffers<'a> {
+    /// Checks that the file holds the entry's tensors with the dtypes and shapes the entry
+    /// implies, and makes buffers for them.
+    fn new(reader: &Reader, entry: &'a TableEntry) -> anyhow::Result<TableBuffers<'a>> {
+        let def = entry.def()?;
+        let (n, dim, seen) = (entry.rows, entry.dim as u64, entry.seen);
+        let names = &entry.tensors;
+        let expect = |name: &str, dtype: Dtype, shape: &[u64]| -> anyhow::Result<usize> {
+            let info = reader.info(name)?;
+            ensure!(
+                info.dtype == dtype && info.shape == shape,
+                "table {}: tensor {name} is {} {:?}, the manifest implies {dtype} {shape:?}",
+                entry.name,
+                info.dtype,
+                info.shape
+            );
+            Ok(usize::try_from(info.elements())?)
+        };
+        expect(&names.ids, Dtype::U64, &[n])?;
+        let values = match def.dtype {
+            DType::F32 => RowValues::F32(vec![0.0; expect(&names.values, Dtype::F32, &[n, dim])?]),
+            DType::Bf16 => RowValues::Bf16(vec![0; expect(&names.values, Dtype::Bf16, &[n, dim])?]),
+        };
+        let mut slots = Vec::new();
+        for s in def.optimizer.slot_names() {
+            let name = names.slots.get(*s).with_context(|| format!("table {}: no tensor of slot {s}", entry.name))?;
+            slots.push(vec![0f32; expect(name, Dtype::F32, &[n, dim])?]);
+        }
+        let meta = vec![0u8; expect(&names.meta, Dtype::U64, &[n, 4])? * 8];
+        let seen_ids = vec![0u8; expect(&names.seen_ids, Dtype::U64, &[seen])? * 8];
+        let seen_counts = vec![0u8; expect(&names.seen_counts, Dtype::U32, &[seen])? * 4];
+        ensure!(!entry.stripes.is_empty(), "table {}: no stripe state", entry.name);
+        Ok(TableBuffers { ids: vec![0u8; n as usize * 8], def, entry, values, slots, meta, seen_ids, seen_counts })
+    }
+
+    /// (tensor, buffer) of each tensor.
+    fn targets(&mut self) -> Vec<(&'a str, &mut [u8])> {
+        let names = &self.entry.tensors;
+        let mut out: Vec<(&'a str, &mut [u8])> = vec![
+            (names.ids.as_str(), &mut self.ids[..]),
+            (
+                names.values.as_str(),
+                match &mut self.values {
+                    RowValues::F32(v) => parasync_tensor::f32_as_le_bytes_mut(v),
+                    RowValues::Bf16(v) => parasync_tensor::u16_as_le_bytes_mut(v),
+                },
+            ),
+        ];
+        for (s, buf) in self.def.optimizer.slot_names().iter().zip(self.slots.iter_mut()) {
+            out.push((names.slots[*s].as_str(), parasync_tensor::f32_as_le_bytes_mut(buf)));
+        }
+        out.push((names.meta.as_str(), &mut self.meta[..]));
+        out.push((names.seen_ids.as_str(), &mut self.seen_ids[..]));
+        out.push((names.seen_counts.as_str(), &mut self.seen_counts[..]));
+        out
+    }
+
+    /// The table read.
+    fn finish(self) -> anyhow::Result<RestoredTable> {
+        use super::safetensors::{u32s_from_le, u64s_from_le};
+        let meta = u64s_from_le(&self.meta);
+        let narrow = |x: u64, what: &str| u32::try_from(x).with_context(|| format!("table {}: {what} {x} out of range", self.entry.name));
+        let meta = meta
+            .chunks_exact(4)
+            .map(|m| Ok(RowState { tick: m[0], updates: narrow(m[1], "update count")?, steps: narrow(m[2], "step count")?, step: m[3] }))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rows = PackedRows {
+            dim: self.def.dim as usize,
+            ids: u64s_from_le(&self.ids),
+            values: self.values,
+            slots: self.slots,
+            meta,
+            seen_ids: u64s_from_le(&self.seen_ids),
+            seen_counts: u32s_from_le(&self.seen_counts),
+        };
+        rows.check().map_err(|e| anyhow::anyhow!("table {}: {e}", self.entry.name))?;
+        Ok(RestoredTable {
+            def: self.def,
+            version: self.entry.version,
+            worker_clocks: self.entry.worker_clocks.clone(),
+            learning_rate: self.entry.learning_rate,
+            rows,
+            stripes: self.entry.stripes.iter().map(|s| s.get()).collect(),
+        })
     }
 }
 

@@ -24,24 +24,98 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// The format's name of a storage dtype.
 pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "F32",
-        DType::Bf16 => "BF16",
+    Dtype::from(dtype).name()
+}
+
+/// The element types a checkpoint file holds: values in a storage dtype, and the ids,
+/// row bookkeeping and admission counts of sparse tables as unsigned integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    U64,
+    U32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 | Dtype::U32 => 4,
+            Dtype::Bf16 => 2,
+            Dtype::U64 => 8,
+        }
+    }
+
+    /// The format's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::Bf16 => "BF16",
+            Dtype::U64 => "U64",
+            Dtype::U32 => "U32",
+        }
+    }
+
+    /// The storage dtype this is, if it is one.
+    pub fn storage(self) -> Option<DType> {
+        match self {
+            Dtype::F32 => Some(DType::F32),
+            Dtype::Bf16 => Some(DType::Bf16),
+            Dtype::U64 | Dtype::U32 => None,
+        }
     }
 }
 
-fn parse_dtype(name: &str) -> anyhow::Result<DType> {
-    match name {
-        "F32" => Ok(DType::F32),
-        "BF16" => Ok(DType::Bf16),
-        other => bail!("dtype {other:?} (only F32 and BF16 are used here)"),
+impl From<DType> for Dtype {
+    fn from(d: DType) -> Dtype {
+        match d {
+            DType::F32 => Dtype::F32,
+            DType::Bf16 => Dtype::Bf16,
+        }
     }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn parse_dtype(name: &str) -> anyhow::Result<Dtype> {
+    match name {
+        "F32" => Ok(Dtype::F32),
+        "BF16" => Ok(Dtype::Bf16),
+        "U64" => Ok(Dtype::U64),
+        "U32" => Ok(Dtype::U32),
+        other => bail!("dtype {other:?} (only F32, BF16, U64 and U32 are used here)"),
+    }
+}
+
+/// Little-endian bytes of `u64`s.
+pub fn u64_le_bytes(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes of `u32`s.
+pub fn u32_le_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// `u64`s from their little-endian bytes (a multiple of 8).
+pub fn u64s_from_le(bytes: &[u8]) -> Vec<u64> {
+    bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()
+}
+
+/// `u32`s from their little-endian bytes (a multiple of 4).
+pub fn u32s_from_le(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
 }
 
 /// One tensor to write: its name, dtype, shape and little-endian bytes.
 pub struct TensorOut<'a> {
     pub name: String,
-    pub dtype: DType,
+    pub dtype: Dtype,
     pub shape: Vec<u64>,
     pub data: &'a [u8],
 }
@@ -68,12 +142,12 @@ pub fn write(path: &Path, tensors: &[TensorOut<'_>], metadata: &BTreeMap<String,
             "tensor {}: shape {:?} of {} needs {} bytes, got {}",
             t.name,
             t.shape,
-            dtype_name(t.dtype),
+            t.dtype.name(),
             elements * t.dtype.size() as u64,
             t.data.len()
         );
         let end = offset + t.data.len() as u64;
-        let entry = serde_json::json!({ "dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [offset, end] });
+        let entry = serde_json::json!({ "dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end] });
         ensure!(t.name != "__metadata__", "a tensor may not be called __metadata__");
         ensure!(header.insert(t.name.clone(), entry).is_none(), "two tensors are called {}", t.name);
         offset = end;
@@ -306,7 +380,7 @@ pub fn file_crc32(path: &Path) -> anyhow::Result<Written> {
 /// One tensor of a file being read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
-    pub dtype: DType,
+    pub dtype: Dtype,
     pub shape: Vec<u64>,
     /// Byte range within the file (not the data section).
     pub start: u64,
@@ -445,8 +519,8 @@ mod tests {
         let w = write(
             &path,
             &[
-                TensorOut { name: "w".into(), dtype: DType::F32, shape: vec![3, 4], data: parasync_tensor::f32_as_le_bytes(&a) },
-                TensorOut { name: "h".into(), dtype: DType::Bf16, shape: vec![3], data: parasync_tensor::u16_as_le_bytes(&b) },
+                TensorOut { name: "w".into(), dtype: Dtype::F32, shape: vec![3, 4], data: parasync_tensor::f32_as_le_bytes(&a) },
+                TensorOut { name: "h".into(), dtype: Dtype::Bf16, shape: vec![3], data: parasync_tensor::u16_as_le_bytes(&b) },
             ],
             &meta,
         )
@@ -477,8 +551,8 @@ mod tests {
         let w = write(
             &path,
             &[
-                TensorOut { name: "a".into(), dtype: DType::F32, shape: vec![a.len() as u64], data: parasync_tensor::f32_as_le_bytes(&a) },
-                TensorOut { name: "b".into(), dtype: DType::Bf16, shape: vec![b.len() as u64], data: parasync_tensor::u16_as_le_bytes(&b) },
+                TensorOut { name: "a".into(), dtype: Dtype::F32, shape: vec![a.len() as u64], data: parasync_tensor::f32_as_le_bytes(&a) },
+                TensorOut { name: "b".into(), dtype: Dtype::Bf16, shape: vec![b.len() as u64], data: parasync_tensor::u16_as_le_bytes(&b) },
             ],
             &BTreeMap::new(),
         )
@@ -508,7 +582,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = format!("{:#}", Reader::open(&path).err().unwrap());
         assert!(err.contains("outside the file"), "{err}");
-        let err = write(&path, &[TensorOut { name: "x".into(), dtype: DType::F32, shape: vec![2], data: &[0u8; 4] }], &BTreeMap::new()).unwrap_err();
+        let err = write(&path, &[TensorOut { name: "x".into(), dtype: Dtype::F32, shape: vec![2], data: &[0u8; 4] }], &BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("needs 8 bytes, got 4"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

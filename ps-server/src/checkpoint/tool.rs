@@ -1,5 +1,5 @@
 //! `parasync checkpoint inspect | export`: what a checkpoint holds, and its variables joined
-//! into whole tensors in one safetensors file.
+//! into whole tensors in one safetensors file (sparse tables as their ids and rows).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,15 +16,17 @@ use crate::store::Values;
 /// Look into checkpoints without a running server.
 #[derive(Subcommand, Debug)]
 pub enum CheckpointCmd {
-    /// List the files, variables, shapes, optimizers and parts of a checkpoint (a `step-<n>`
-    /// folder, or a folder of them: its newest complete one). Checksums are verified.
+    /// List the files, sparse tables (rows and version per shard), variables, shapes,
+    /// optimizers and parts of a checkpoint (a `step-<n>` folder, or a folder of them: its
+    /// newest complete one). Checksums are verified.
     Inspect {
         path: PathBuf,
         /// Print the whole-checkpoint manifest as JSON instead.
         #[arg(long)]
         json: bool,
     },
-    /// Join the parts of every variable into whole tensors in one safetensors file.
+    /// Join the parts of every variable into whole tensors in one safetensors file; each sparse
+    /// table as `table:<name>:ids` (U64, sorted) and `table:<name>:values` (its rows).
     Export(ExportArgs),
 }
 
@@ -35,7 +37,8 @@ pub struct ExportArgs {
     /// The file to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Also export the optimizer slots, as `<name>:<slot>` (e.g. `w:exp_avg`).
+    /// Also export the optimizer slots, as `<name>:<slot>` (e.g. `w:exp_avg`; a table's as
+    /// `table:<name>:<slot>`).
     #[arg(long)]
     pub slots: bool,
 }
@@ -76,6 +79,22 @@ pub fn inspect(c: &Checkpoint, out: &mut impl Write) -> anyhow::Result<()> {
     let manifest = joined_manifest(c.shards.iter());
     let entries: BTreeMap<&str, &super::manifest::VariableEntry> =
         c.shards.iter().flat_map(|m| m.variables.iter().map(|v| (v.name.as_str(), v))).collect();
+    if !manifest.tables.is_empty() {
+        let entries: BTreeMap<(u32, &str), &super::manifest::TableEntry> =
+            c.shards.iter().flat_map(|m| m.tables.iter().map(move |t| ((m.shard, t.name.as_str()), t))).collect();
+        writeln!(out, "tables ({}):", manifest.tables.len())?;
+        for t in &manifest.tables {
+            writeln!(out, "  {}  dim {} {}  {}  rows {}  version {}", t.name, t.dim, t.dtype, t.optimizer, t.rows, t.version)?;
+            for s in &t.shards {
+                let e = entries[&(s.shard, t.name.as_str())];
+                writeln!(
+                    out,
+                    "      shard {}: rows {}  version {}  lr {}  admitted {}  evicted {}  dropped {}",
+                    s.shard, s.rows, s.version, e.learning_rate, e.counts.admitted, e.counts.evicted, e.counts.dropped
+                )?;
+            }
+        }
+    }
     writeln!(out, "variables ({}):", manifest.variables.len())?;
     for v in &manifest.variables {
         let first = entries[v.parts[0].name.as_str()];
@@ -104,8 +123,8 @@ pub fn inspect(c: &Checkpoint, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes every variable of `c` whole (and its slots with `slots`) to `out`; returns the
-/// number of tensors and the file's size.
+/// Writes every variable of `c` whole (and its slots with `slots`), and every table's ids and
+/// rows (and slots), to `out`; returns the number of tensors and the file's size.
 pub fn export(c: &Checkpoint, out: &Path, slots: bool) -> anyhow::Result<(usize, u64)> {
     let mut held = Vec::new();
     for name in c.variable_names() {
@@ -121,13 +140,44 @@ pub fn export(c: &Checkpoint, out: &Path, slots: bool) -> anyhow::Result<(usize,
             Values::F32(v) => parasync_tensor::f32_as_le_bytes(v),
             Values::Bf16(v) => parasync_tensor::u16_as_le_bytes(v),
         };
-        tensors.push(TensorOut { name: name.clone(), dtype: whole.dtype, shape: whole.shape.clone(), data });
+        tensors.push(TensorOut { name: name.clone(), dtype: whole.dtype.into(), shape: whole.shape.clone(), data });
         if slots {
             for (slot, values) in spec.slot_names().iter().zip(&r.optimizer.slots) {
                 tensors.push(TensorOut {
                     name: slot_tensor_name(name, slot),
-                    dtype: parasync_tensor::DType::F32,
+                    dtype: safetensors::Dtype::F32,
                     shape: whole.shape.clone(),
+                    data: parasync_tensor::f32_as_le_bytes(values),
+                });
+            }
+        }
+    }
+    // Tables whole: every shard's rows, as ids and values (and slots).
+    let tables: Vec<crate::sparse::RestoredTable> = c
+        .read_tables_routed(0, 1)?
+        .into_iter()
+        .map(|mut t| {
+            t.rows = t.rows.sorted();
+            t
+        })
+        .collect();
+    let table_bytes: Vec<(Vec<u8>, &crate::sparse::RestoredTable)> =
+        tables.iter().map(|t| (safetensors::u64_le_bytes(&t.rows.ids), t)).collect();
+    for (ids, t) in &table_bytes {
+        let (n, dim) = (t.rows.len() as u64, t.def.dim as u64);
+        let name = &t.def.name;
+        tensors.push(TensorOut { name: super::table_tensor_name(name, "ids"), dtype: safetensors::Dtype::U64, shape: vec![n], data: ids });
+        let (dtype, data) = match &t.rows.values {
+            crate::sparse::RowValues::F32(v) => (safetensors::Dtype::F32, parasync_tensor::f32_as_le_bytes(v)),
+            crate::sparse::RowValues::Bf16(v) => (safetensors::Dtype::Bf16, parasync_tensor::u16_as_le_bytes(v)),
+        };
+        tensors.push(TensorOut { name: super::table_tensor_name(name, "values"), dtype, shape: vec![n, dim], data });
+        if slots {
+            for (slot, values) in t.def.optimizer.slot_names().iter().zip(&t.rows.slots) {
+                tensors.push(TensorOut {
+                    name: super::table_tensor_name(name, slot),
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![n, dim],
                     data: parasync_tensor::f32_as_le_bytes(values),
                 });
             }

@@ -31,7 +31,7 @@ pub mod table;
 
 pub use def::{Admission, Eviction, RowInit, TableDef, MAX_DIM};
 pub use rows::RowOptimizer;
-pub use table::{Rows, TableCounts};
+pub use table::{PackedRows, RowState, RowValues, Rows, StripeState, TableCounts};
 use table::IdMap;
 
 /// Tables at least this large (rows per shard, or without a limit) are split into
@@ -137,6 +137,8 @@ pub struct SparseTable {
     mode: Mode,
     /// Traffic counters.
     pub traffic: TableTraffic,
+    /// Called as sync steps complete (see [`SparseTables::set_step_hook`]).
+    hook: HookCell,
 }
 
 /// A table's state for info and metrics.
@@ -169,6 +171,7 @@ impl SparseTable {
             changed: watch::channel(0).0,
             mode,
             traffic: TableTraffic::default(),
+            hook: HookCell::default(),
         }
     }
 
@@ -242,6 +245,8 @@ impl SparseTable {
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: self.def.name.clone(), refusal })?;
         let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0, duplicate: false };
+        // The table as a completed sync step left it, if a checkpoint wants that step.
+        let mut step_capture = None;
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let lr = clock.lr * lr_scale;
@@ -264,6 +269,7 @@ impl SparseTable {
                 let mean = SparseGrad::mean_in_worker_order(grads, self.dim());
                 self.apply(&mean, clock.lr, step);
                 result.version = clock.clock.version();
+                step_capture = self.wanted_capture(&clock, result.version);
                 drop(clock);
             }
             PushDecision::DropStale { .. } => {
@@ -276,6 +282,9 @@ impl SparseTable {
         self.traffic.pushes.fetch_add(1, Relaxed);
         self.traffic.rows_pushed.fetch_add(rows, Relaxed);
         self.changed.send_modify(|c| *c += 1);
+        if let Some((hook, capture)) = step_capture {
+            hook.table_captured(capture);
+        }
         Ok(result)
     }
 
@@ -343,12 +352,14 @@ pub struct SparseTables {
     tables: DashMap<String, Arc<SparseTable>>,
     /// Accept NaN / Inf in gradients.
     allow_non_finite: bool,
+    /// Shared with every table (see [`SparseTables::set_step_hook`]).
+    hook: HookCell,
 }
 
 impl SparseTables {
     /// No tables yet; `mode` is the server's.
     pub fn new(mode: Mode, allow_non_finite: bool) -> Self {
-        SparseTables { mode, tables: DashMap::new(), allow_non_finite }
+        SparseTables { mode, tables: DashMap::new(), allow_non_finite, hook: HookCell::default() }
     }
 
     /// Creates `def`'s table, or confirms an identical one; `Ok(true)` if created.
@@ -364,7 +375,9 @@ impl SparseTables {
                 }
             }
             dashmap::mapref::entry::Entry::Vacant(e) => {
-                e.insert(Arc::new(SparseTable::new(def, self.mode)));
+                let mut table = SparseTable::new(def, self.mode);
+                table.hook = Arc::clone(&self.hook);
+                e.insert(Arc::new(table));
                 Ok(true)
             }
         }
@@ -434,6 +447,191 @@ impl SparseTables {
             }
         }
         Ok(SparseGrad::summed(ids, rows, dim))
+    }
+}
+
+/// Told by the tables as their sync steps complete: how a checkpointer takes a table exactly
+/// as a step left it (see [`SparseTables::set_step_hook`]).
+pub trait TableStepHook: Send + Sync {
+    /// Is the state of a table that has just completed `step` steps (its version) wanted?
+    /// Asked while the table's clock is held: must be quick.
+    fn wants_step(&self, step: u64) -> bool;
+    /// A table's state as of the version it just reached (called with no lock held).
+    fn table_captured(&self, capture: TableCapture);
+}
+
+/// The hook of a shard's tables, shared by the registry and every table.
+type HookCell = Arc<std::sync::OnceLock<Arc<dyn TableStepHook>>>;
+
+/// A table's whole state as of one version, taken for a checkpoint: its definition, clock
+/// and learning rate, and a copy of every stripe (rows, slots, row bookkeeping, admission
+/// counters, counters).
+pub struct TableCapture {
+    pub def: TableDef,
+    /// Completed sync steps, or applied pushes.
+    pub version: u64,
+    /// Bounded mode: each worker's pushed steps (empty in the other modes).
+    pub worker_clocks: Vec<u64>,
+    pub learning_rate: f32,
+    stripes: Vec<Rows>,
+}
+
+impl TableCapture {
+    /// Rows held.
+    pub fn rows(&self) -> u64 {
+        self.stripes.iter().map(|s| s.len() as u64).sum()
+    }
+
+    /// The held rows of every stripe, stripe after stripe (each sorted by id), with the
+    /// admission counters alike; and each stripe's tick, last sweep and counters.
+    pub fn packed(&self) -> (PackedRows, Vec<StripeState>) {
+        let states = self.stripes.iter().map(|s| s.stripe_state()).collect();
+        let mut parts = self.stripes.iter().map(|s| s.packed());
+        let mut all = parts.next().unwrap_or_else(|| PackedRows::empty(self.def.dim as usize, self.def.dtype, self.def.optimizer.num_slots()));
+        for p in parts {
+            p.route_into(std::slice::from_mut(&mut all), |_| Some(0));
+        }
+        (all, states)
+    }
+
+    /// The counters summed over the stripes.
+    pub fn counts(&self) -> TableCounts {
+        let mut c = TableCounts::default();
+        for s in &self.stripes {
+            add_counts(&mut c, &s.counts());
+        }
+        c
+    }
+}
+
+fn add_counts(sum: &mut TableCounts, c: &TableCounts) {
+    sum.admitted += c.admitted;
+    sum.evicted += c.evicted;
+    sum.dropped += c.dropped;
+    sum.updated += c.updated;
+    sum.admission_resets += c.admission_resets;
+}
+
+/// A table's state read back from a checkpoint, to create the table with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestoredTable {
+    pub def: TableDef,
+    pub version: u64,
+    /// As [`TableCapture::worker_clocks`].
+    pub worker_clocks: Vec<u64>,
+    pub learning_rate: f32,
+    /// The rows (and admission counters) this shard holds, in any order.
+    pub rows: PackedRows,
+    /// Each stripe's state as written, when the checkpoint has as many as the table has
+    /// stripes (a restore onto the shard count that wrote it); otherwise their states are
+    /// folded into one: every stripe starts at the highest tick and last sweep, and the
+    /// first holds the counters.
+    pub stripes: Vec<StripeState>,
+}
+
+impl SparseTable {
+    /// The table's whole state now, as of one version. The table's clock is held while every
+    /// stripe is copied in turn under its read lock: the table's pushes wait for the copy
+    /// (a memory copy of the table: about a second per few GB), its lookups go on.
+    /// In async mode an update applied outside the clock may be in some stripes and not yet
+    /// in others (its version counted).
+    pub fn capture(&self) -> TableCapture {
+        let clock = self.clock.lock();
+        self.capture_locked(&clock)
+    }
+
+    /// The state if the table is at `version` now, `Ok(None)` if it is not there yet, or
+    /// `Err(current)` if it is past it.
+    pub fn capture_at(&self, version: u64) -> std::result::Result<Option<TableCapture>, u64> {
+        let clock = self.clock.lock();
+        match clock.clock.version() {
+            v if v == version => Ok(Some(self.capture_locked(&clock))),
+            v if v < version => Ok(None),
+            v => Err(v),
+        }
+    }
+
+    fn capture_locked(&self, clock: &Clock) -> TableCapture {
+        TableCapture {
+            def: self.def.clone(),
+            version: clock.clock.version(),
+            worker_clocks: clock.clock.worker_clocks().to_vec(),
+            learning_rate: clock.lr,
+            stripes: self.stripes.iter().map(|s| s.read().clone()).collect(),
+        }
+    }
+
+    /// A sync step just took the table to `version` (its clock held): its state, if the
+    /// hook wants that step.
+    fn wanted_capture(&self, clock: &Clock, version: u64) -> Option<(Arc<dyn TableStepHook>, TableCapture)> {
+        let hook = self.hook.get()?;
+        hook.wants_step(version).then(|| (Arc::clone(hook), self.capture_locked(clock)))
+    }
+
+    /// A table in `mode` holding the state a checkpoint kept: rows placed in the stripes
+    /// their ids hash to; a stripe given more rows than its capacity (a checkpoint of more
+    /// shards restored onto fewer) evicts the excess by the table's policy.
+    pub fn restored(restored: RestoredTable, mode: Mode) -> std::result::Result<SparseTable, String> {
+        let RestoredTable { def, version, worker_clocks, learning_rate, rows, stripes } = restored;
+        def.validate()?;
+        if !(learning_rate.is_finite() && learning_rate >= 0.0) {
+            return Err(format!("learning rate {learning_rate}"));
+        }
+        let table = SparseTable::new(def, mode);
+        let def = &table.def;
+        let n = table.stripes.len();
+        let mut parts = vec![PackedRows::empty(def.dim as usize, def.dtype, def.optimizer.num_slots()); n];
+        rows.check()?;
+        if rows.dim != def.dim as usize {
+            return Err(format!("rows of {} elements, the table's have {}", rows.dim, def.dim));
+        }
+        rows.route_into(&mut parts, |id| Some(stripe_of(id, n)));
+        drop(rows);
+        let states = if stripes.len() == n {
+            stripes
+        } else {
+            let mut folded = StripeState::default();
+            for s in &stripes {
+                folded.tick = folded.tick.max(s.tick);
+                folded.swept_at = folded.swept_at.max(s.swept_at);
+                add_counts(&mut folded.counts, &s.counts);
+            }
+            let rest = StripeState { counts: TableCounts::default(), ..folded };
+            (0..n).map(|i| if i == 0 { folded } else { rest }).collect()
+        };
+        for ((stripe, part), state) in table.stripes.iter().zip(parts).zip(states) {
+            let mut r = stripe.write();
+            r.restore(def, part, state)?;
+            r.trim_to_capacity(def);
+        }
+        {
+            let mut c = table.clock.lock();
+            c.clock.restore(version, &worker_clocks)?;
+            c.lr = learning_rate;
+        }
+        Ok(table)
+    }
+}
+
+impl SparseTables {
+    /// Has every table, those registered later included, tell `hook` of its completed sync
+    /// steps. Only the first hook counts; returns whether it was this one.
+    pub fn set_step_hook(&self, hook: Arc<dyn TableStepHook>) -> bool {
+        self.hook.set(hook).is_ok()
+    }
+
+    /// Creates a table from a checkpoint's state. Fails if the shard has one of that name.
+    pub fn insert_restored(&self, restored: RestoredTable) -> Result<()> {
+        let name = restored.def.name.clone();
+        let mut table = SparseTable::restored(restored, self.mode).map_err(|e| Error::invalid(&name, format!("checkpoint: {e}")))?;
+        table.hook = Arc::clone(&self.hook);
+        match self.tables.entry(name.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(_) => Err(Error::Conflict { variable: name, reason: "restored twice".into() }),
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert(Arc::new(table));
+                Ok(())
+            }
+        }
     }
 }
 
@@ -544,5 +742,134 @@ mod tests {
         }
         assert_eq!(t.status().rows, 1000);
         assert!(t.stripes.iter().all(|s| s.read().len() > 20), "ids spread over the stripes");
+    }
+
+    fn adagrad_table(mode: Mode, capacity: u64) -> SparseTable {
+        SparseTable::new(
+            TableDef {
+                name: "emb".into(),
+                dim: 3,
+                dtype: DType::F32,
+                init: RowInit::Normal { mean: 0.0, stddev: 0.3, seed: 4 },
+                optimizer: RowOptimizer::Adagrad { lr: 0.1, initial_accumulator: 0.1, epsilon: 1e-8 },
+                admission: Admission::MinCount(2),
+                eviction: if capacity > 0 { Eviction::Lru } else { Eviction::None },
+                capacity,
+            },
+            mode,
+        )
+    }
+
+    /// Every worker's push of sync step `step` (ids spread over the stripes).
+    fn sync_step(t: &SparseTable, workers: u32, step: u64) {
+        for w in 0..workers {
+            let ids: Vec<u64> = (0..6).map(|i| (step * 13 + w as u64 * 5 + i * 7) % 40 * 1_000_003).collect();
+            let rows: Vec<f32> = (0..ids.len() * 3).map(|i| ((i as f32 + w as f32) * 0.37 + step as f32).cos()).collect();
+            t.push(meta(w, step), SparseGrad::summed(&ids, &rows, 3)).unwrap();
+        }
+    }
+
+    fn every_row(t: &SparseTable) -> Vec<u32> {
+        let ids: Vec<u64> = (0..40).map(|i| i * 1_000_003).collect();
+        let mut out = vec![0.0; ids.len() * 3];
+        t.lookup(&ids, &mut out);
+        out.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn restored_of(c: &TableCapture) -> RestoredTable {
+        let (rows, stripes) = c.packed();
+        RestoredTable { def: c.def.clone(), version: c.version, worker_clocks: c.worker_clocks.clone(), learning_rate: c.learning_rate, rows, stripes }
+    }
+
+    #[test]
+    fn a_captured_table_restores_and_goes_on_as_the_original() {
+        let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
+        for capacity in [0, 12] {
+            let t = adagrad_table(mode, capacity);
+            for step in 0..8 {
+                sync_step(&t, 2, step);
+            }
+            t.set_learning_rate(0.07);
+            let c = t.capture();
+            assert_eq!((c.version, c.rows()), (8, t.status().rows));
+            let back = SparseTable::restored(restored_of(&c), mode).unwrap();
+            let same = |t: &SparseTable| TableStatus { allocated_bytes: 0, ..t.status() };
+            assert_eq!(same(&back), same(&t), "capacity {capacity}: rows, counters, version and learning rate");
+            assert_eq!(every_row(&back), every_row(&t));
+            for step in 8..14 {
+                sync_step(&t, 2, step);
+                sync_step(&back, 2, step);
+            }
+            assert_eq!(every_row(&back), every_row(&t), "capacity {capacity}: the same bits after six more steps");
+            assert_eq!(same(&back), same(&t));
+            // The capture kept the table as it was.
+            assert_eq!(c.version, 8);
+        }
+    }
+
+    #[test]
+    fn a_restore_onto_another_stripe_layout_keeps_every_row_and_the_counter_sums() {
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        let t = adagrad_table(mode, 0);
+        for step in 0..6 {
+            sync_step(&t, 1, step);
+        }
+        let c = t.capture();
+        let mut r = restored_of(&c);
+        r.stripes.truncate(3); // not the table's sixteen: folded
+        let sums = {
+            let mut s = TableCounts::default();
+            r.stripes.iter().for_each(|x| add_counts(&mut s, &x.counts));
+            s
+        };
+        let back = SparseTable::restored(r, mode).unwrap();
+        assert_eq!(every_row(&back), every_row(&t));
+        assert_eq!(back.status().counts, sums);
+        assert_eq!(back.status().rows, t.status().rows);
+    }
+
+    struct Wants(u64, Mutex<Vec<TableCapture>>);
+
+    impl TableStepHook for Wants {
+        fn wants_step(&self, step: u64) -> bool {
+            step % self.0 == 0
+        }
+        fn table_captured(&self, capture: TableCapture) {
+            self.1.lock().push(capture);
+        }
+    }
+
+    #[test]
+    fn the_step_hook_takes_a_table_as_each_wanted_step_leaves_it() {
+        let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
+        let tables = SparseTables::new(mode, false);
+        let hook = Arc::new(Wants(3, Mutex::new(Vec::new())));
+        assert!(tables.set_step_hook(hook.clone()));
+        assert!(!tables.set_step_hook(hook.clone()), "the first hook stays");
+        let def = adagrad_table(mode, 0).def;
+        tables.register(def.clone()).unwrap();
+        let t = tables.get("emb").unwrap();
+        let reference = adagrad_table(mode, 0);
+        let mut at_three = Vec::new();
+        for step in 0..7 {
+            sync_step(&t, 2, step);
+            sync_step(&reference, 2, step);
+            if step == 2 {
+                at_three = every_row(&reference);
+            }
+        }
+        let taken = hook.1.lock();
+        assert_eq!(taken.iter().map(|c| c.version).collect::<Vec<_>>(), [3, 6]);
+        let back = SparseTable::restored(restored_of(&taken[0]), mode).unwrap();
+        assert_eq!(every_row(&back), at_three, "as step 3 left it, though the table went on");
+
+        // A restored table is found by a registration of the same definition.
+        let restored = SparseTables::new(mode, false);
+        restored.insert_restored(restored_of(&taken[1])).unwrap();
+        assert!(!restored.register(def.clone()).unwrap(), "found, not created");
+        assert!(restored.insert_restored(restored_of(&taken[1])).is_err(), "restored twice");
+        let mut other = def;
+        other.dim = 4;
+        assert!(restored.register(other).is_err());
     }
 }

@@ -61,7 +61,9 @@ pub struct TableCounts {
     pub admission_resets: u64,
 }
 
-/// Rows of one stripe of a table.
+/// Rows of one stripe of a table. `Clone` copies everything (a plain memory copy of its
+/// arrays and maps): what a checkpoint takes under the stripe's lock.
+#[derive(Clone)]
 pub struct Rows {
     dim: usize,
     /// Rows this stripe may hold (0: no limit).
@@ -85,6 +87,7 @@ pub struct Rows {
     counts: TableCounts,
 }
 
+#[derive(Clone)]
 enum Values {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
@@ -338,6 +341,295 @@ impl Rows {
     }
 }
 
+/// The values of packed rows, in the table's storage dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowValues {
+    F32(Vec<f32>),
+    /// bf16 words.
+    Bf16(Vec<u16>),
+}
+
+impl RowValues {
+    fn empty(dtype: DType) -> RowValues {
+        match dtype {
+            DType::F32 => RowValues::F32(Vec::new()),
+            DType::Bf16 => RowValues::Bf16(Vec::new()),
+        }
+    }
+
+    /// The storage dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            RowValues::F32(_) => DType::F32,
+            RowValues::Bf16(_) => DType::Bf16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            RowValues::F32(v) => v.len(),
+            RowValues::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends elements `range` of `other` (of the same dtype).
+    fn extend_from(&mut self, other: &RowValues, range: std::ops::Range<usize>) {
+        match (self, other) {
+            (RowValues::F32(a), RowValues::F32(b)) => a.extend_from_slice(&b[range]),
+            (RowValues::Bf16(a), RowValues::Bf16(b)) => a.extend_from_slice(&b[range]),
+            _ => unreachable!("rows of one table share a dtype"),
+        }
+    }
+}
+
+/// The bookkeeping of one held row, as a checkpoint keeps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowState {
+    /// The stripe's tick at its last update (least recently used order).
+    pub tick: u64,
+    /// Updates since it was created (least frequently used order).
+    pub updates: u32,
+    /// Its own update count (lazy Adam's `t`).
+    pub steps: u32,
+    /// The step of its last update (time to live).
+    pub step: u64,
+}
+
+/// A stripe's clocks and counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StripeState {
+    /// Batches of updates the stripe has applied (the clock of least recently used order).
+    pub tick: u64,
+    /// The last step a time-to-live sweep ran at.
+    pub swept_at: u64,
+    pub counts: TableCounts,
+}
+
+/// Held rows and admission counters, packed as a checkpoint stores them: row `k` is id
+/// `ids[k]`, its values `values[k * dim..(k + 1) * dim]` (each slot's alike) and its
+/// bookkeeping `meta[k]`; `seen_counts[k]` is how often `seen_ids[k]` (no row yet) was seen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedRows {
+    pub dim: usize,
+    pub ids: Vec<u64>,
+    pub values: RowValues,
+    /// One array per optimizer slot, in the optimizer's order.
+    pub slots: Vec<Vec<f32>>,
+    pub meta: Vec<RowState>,
+    pub seen_ids: Vec<u64>,
+    pub seen_counts: Vec<u32>,
+}
+
+impl PackedRows {
+    /// No rows: `dim` elements of `dtype` per row, `num_slots` slots.
+    pub fn empty(dim: usize, dtype: DType, num_slots: usize) -> PackedRows {
+        PackedRows {
+            dim,
+            ids: Vec::new(),
+            values: RowValues::empty(dtype),
+            slots: vec![Vec::new(); num_slots],
+            meta: Vec::new(),
+            seen_ids: Vec::new(),
+            seen_counts: Vec::new(),
+        }
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Checks that every array has the length the ids ask for; the error says which not.
+    pub fn check(&self) -> Result<(), String> {
+        let (n, dim) = (self.ids.len(), self.dim);
+        if self.values.len() != n * dim {
+            return Err(format!("{n} rows of {dim} need {} values, got {}", n * dim, self.values.len()));
+        }
+        if let Some((k, s)) = self.slots.iter().enumerate().find(|(_, s)| s.len() != n * dim) {
+            return Err(format!("{n} rows of {dim} need {} values of slot {k}, got {}", n * dim, s.len()));
+        }
+        if self.meta.len() != n {
+            return Err(format!("{n} rows need {n} row records, got {}", self.meta.len()));
+        }
+        if self.seen_ids.len() != self.seen_counts.len() {
+            return Err(format!("{} admission ids with {} counts", self.seen_ids.len(), self.seen_counts.len()));
+        }
+        Ok(())
+    }
+
+    /// Appends every row and admission counter to the bucket of `into` that `route` names for
+    /// its id (`None`: left out).
+    pub fn route_into(&self, into: &mut [PackedRows], route: impl Fn(u64) -> Option<usize>) {
+        let dim = self.dim;
+        for (k, &id) in self.ids.iter().enumerate() {
+            let Some(b) = route(id) else { continue };
+            let out = &mut into[b];
+            out.ids.push(id);
+            out.values.extend_from(&self.values, k * dim..(k + 1) * dim);
+            for (o, s) in out.slots.iter_mut().zip(&self.slots) {
+                o.extend_from_slice(&s[k * dim..(k + 1) * dim]);
+            }
+            out.meta.push(self.meta[k]);
+        }
+        for (&id, &count) in self.seen_ids.iter().zip(&self.seen_counts) {
+            if let Some(b) = route(id) {
+                into[b].seen_ids.push(id);
+                into[b].seen_counts.push(count);
+            }
+        }
+    }
+
+    /// The same rows and counters, each sorted by id.
+    pub fn sorted(&self) -> PackedRows {
+        let mut order: Vec<usize> = (0..self.ids.len()).collect();
+        order.sort_unstable_by_key(|&k| self.ids[k]);
+        let mut out = PackedRows::empty(self.dim, self.values.dtype(), self.slots.len());
+        let dim = self.dim;
+        for &k in &order {
+            out.ids.push(self.ids[k]);
+            out.values.extend_from(&self.values, k * dim..(k + 1) * dim);
+            for (o, s) in out.slots.iter_mut().zip(&self.slots) {
+                o.extend_from_slice(&s[k * dim..(k + 1) * dim]);
+            }
+            out.meta.push(self.meta[k]);
+        }
+        let mut seen: Vec<(u64, u32)> = self.seen_ids.iter().copied().zip(self.seen_counts.iter().copied()).collect();
+        seen.sort_unstable();
+        (out.seen_ids, out.seen_counts) = seen.into_iter().unzip();
+        out
+    }
+}
+
+impl Rows {
+    /// A copy of the held rows, sorted by id, and of the admission counters, sorted by id (the
+    /// slots evicted rows left free are not in it).
+    pub fn packed(&self) -> PackedRows {
+        let mut held: Vec<(u64, u32)> = self.index.iter().map(|(&id, &slot)| (id, slot)).collect();
+        held.sort_unstable();
+        let dim = self.dim;
+        let mut out = PackedRows::empty(dim, match self.values {
+            Values::F32(_) => DType::F32,
+            Values::Bf16(_) => DType::Bf16,
+        }, self.slots.len());
+        out.ids.reserve(held.len());
+        out.meta.reserve(held.len());
+        match (&mut out.values, &self.values) {
+            (RowValues::F32(o), Values::F32(v)) => {
+                o.reserve(held.len() * dim);
+                held.iter().for_each(|&(_, s)| o.extend_from_slice(&v[s as usize * dim..(s as usize + 1) * dim]));
+            }
+            (RowValues::Bf16(o), Values::Bf16(v)) => {
+                o.reserve(held.len() * dim);
+                held.iter().for_each(|&(_, s)| o.extend_from_slice(&v[s as usize * dim..(s as usize + 1) * dim]));
+            }
+            _ => unreachable!("made with the same dtype"),
+        }
+        for (o, sl) in out.slots.iter_mut().zip(&self.slots) {
+            o.reserve(held.len() * dim);
+            held.iter().for_each(|&(_, s)| o.extend_from_slice(&sl[s as usize * dim..(s as usize + 1) * dim]));
+        }
+        for &(id, s) in &held {
+            let m = self.meta[s as usize];
+            debug_assert_eq!(m.id, id);
+            out.ids.push(id);
+            out.meta.push(RowState { tick: m.tick, updates: m.updates, steps: m.steps, step: m.step });
+        }
+        let mut seen: Vec<(u64, u32)> = self.seen.iter().map(|(&id, &n)| (id, n)).collect();
+        seen.sort_unstable();
+        (out.seen_ids, out.seen_counts) = seen.into_iter().unzip();
+        out
+    }
+
+    /// The stripe's tick, last sweep and counters.
+    pub fn stripe_state(&self) -> StripeState {
+        StripeState { tick: self.tick, swept_at: self.swept_at, counts: self.counts }
+    }
+
+    /// Puts back rows, admission counters and state as a checkpoint packed them, into this
+    /// empty stripe of `def`'s table. The rows are stored densely (the free slots evicted
+    /// rows had left are not kept): no lookup and no later update can tell.
+    pub fn restore(&mut self, def: &TableDef, rows: PackedRows, state: StripeState) -> Result<(), String> {
+        if !self.index.is_empty() || !self.meta.is_empty() || !self.seen.is_empty() {
+            return Err("restoring into a stripe that holds rows".into());
+        }
+        rows.check()?;
+        if rows.dim != self.dim {
+            return Err(format!("rows of {} elements, the table's have {}", rows.dim, self.dim));
+        }
+        if rows.values.dtype() != def.dtype {
+            return Err(format!("{} rows, the table stores {}", rows.values.dtype().name(), def.dtype.name()));
+        }
+        if rows.slots.len() != self.slots.len() {
+            return Err(format!("{} optimizer slots, {} keeps {}", rows.slots.len(), def.optimizer.name(), self.slots.len()));
+        }
+        let n = rows.ids.len();
+        if n > u32::MAX as usize {
+            return Err(format!("{n} rows in one stripe"));
+        }
+        let mut index = IdMap::default();
+        index.reserve(n);
+        let mut meta = Vec::with_capacity(n);
+        for (k, (&id, m)) in rows.ids.iter().zip(&rows.meta).enumerate() {
+            if index.insert(id, k as u32).is_some() {
+                return Err(format!("id {id} has two rows"));
+            }
+            meta.push(RowMeta { id, tick: m.tick, updates: m.updates, steps: m.steps, step: m.step });
+        }
+        let mut seen = IdMap::default();
+        seen.reserve(rows.seen_ids.len());
+        for (&id, &count) in rows.seen_ids.iter().zip(&rows.seen_counts) {
+            if index.contains_key(&id) {
+                return Err(format!("id {id} has a row and an admission count"));
+            }
+            if seen.insert(id, count).is_some() {
+                return Err(format!("id {id} has two admission counts"));
+            }
+        }
+        self.values = match rows.values {
+            RowValues::F32(v) => Values::F32(v),
+            RowValues::Bf16(v) => Values::Bf16(v),
+        };
+        self.slots = rows.slots;
+        self.index = index;
+        self.meta = meta;
+        self.free = Vec::new();
+        self.seen = seen;
+        self.tick = state.tick;
+        self.swept_at = state.swept_at;
+        self.counts = state.counts;
+        Ok(())
+    }
+
+    /// Evicts by the table's policy until the stripe holds at most its capacity (rows restored
+    /// onto fewer shards than wrote them may not fit); returns the rows evicted, which are
+    /// counted as evicted. Without an eviction policy nothing goes: the stripe stays over its
+    /// capacity and creates no row until it is below it.
+    pub fn trim_to_capacity(&mut self, def: &TableDef) -> usize {
+        if self.capacity == 0 || self.index.len() <= self.capacity {
+            return 0;
+        }
+        let excess = self.index.len() - self.capacity;
+        match def.eviction {
+            Eviction::None => return 0,
+            Eviction::Lru => self.evict_lowest(excess, |m| (0, m.tick, m.id)),
+            Eviction::Lfu => self.evict_lowest(excess, |m| (m.updates as u64, m.tick, m.id)),
+            Eviction::Ttl { .. } => self.evict_lowest(excess, |m| (m.step, m.tick, m.id)),
+        }
+        excess
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,5 +763,128 @@ mod tests {
         let mut out = [0.0; 2];
         r.lookup(&d, &[3], &mut out);
         assert_eq!(out, [expect(start[0], 0.5), expect(start[1], 0.25)]);
+    }
+
+    /// A table with Adam slots (per-row step counts), admission on the second update and a
+    /// small LRU capacity, so that rows are evicted and slots left free.
+    fn busy_def(dtype: DType) -> TableDef {
+        TableDef {
+            name: "t".into(),
+            dim: 3,
+            dtype,
+            init: RowInit::Uniform { low: -0.5, high: 0.5, seed: 5 },
+            optimizer: RowOptimizer::Adam { lr: 0.05, beta1: 0.9, beta2: 0.99, epsilon: 1e-6 },
+            admission: Admission::MinCount(2),
+            eviction: Eviction::Lru,
+            capacity: 8,
+        }
+    }
+
+    /// Step `step`'s pushes: ids and gradient rows that depend on both.
+    fn busy_push(rows: &mut Rows, d: &TableDef, step: u64) {
+        let ids: Vec<u64> = (0..5).map(|i| (step * 7 + i * i * 3) % 23).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let grads: Vec<f32> = (0..ids.len() * 3).map(|i| ((i as f32 + 1.3) * (step as f32 + 0.7)).sin() * 0.3).collect();
+        rows.push(d, &ids, &grads, 0.05, step);
+    }
+
+    fn all_rows(rows: &Rows, d: &TableDef) -> Vec<u32> {
+        let ids: Vec<u64> = (0..30).collect();
+        let mut out = vec![0.0; ids.len() * 3];
+        rows.lookup(d, &ids, &mut out);
+        out.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn packed_rows_restore_to_the_same_lookups_and_the_same_later_updates() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let d = busy_def(dtype);
+            let mut r = Rows::new(&d, 8, 3);
+            // Until a capture finds slots left free by evicted rows.
+            let mut step = 0;
+            while step < 20 || r.free.is_empty() {
+                busy_push(&mut r, &d, step);
+                step += 1;
+                assert!(step < 500, "no free slots");
+            }
+            let c = r.counts();
+            assert!(c.evicted > 0 && c.dropped > 0 && !r.seen.is_empty(), "{dtype:?}: {c:?}, {} waiting", r.seen.len());
+            assert!(!r.free.is_empty(), "{dtype:?}: evicted rows left free slots");
+            assert!(r.meta.iter().any(|m| m.steps > 1), "rows with their own Adam step counts");
+
+            let packed = r.packed();
+            assert!(packed.ids.windows(2).all(|w| w[0] < w[1]), "sorted by id");
+            assert_eq!(packed.len(), r.len());
+            let mut back = Rows::new(&d, 8, 3);
+            back.restore(&d, packed.clone(), r.stripe_state()).unwrap();
+            assert_eq!(back.packed(), packed, "{dtype:?}: the same rows, slots, bookkeeping and admission counts");
+            assert_eq!(back.stripe_state(), r.stripe_state());
+            assert_eq!(all_rows(&back, &d), all_rows(&r, &d), "{dtype:?}: the same lookups");
+
+            // The same updates from here on give the same bits, evictions and admissions.
+            for step in step..step + 30 {
+                busy_push(&mut r, &d, step);
+                busy_push(&mut back, &d, step);
+                assert_eq!(all_rows(&back, &d), all_rows(&r, &d), "{dtype:?}: step {step}");
+            }
+            assert_eq!(back.counts(), r.counts());
+            assert_eq!(back.packed(), r.packed());
+        }
+    }
+
+    #[test]
+    fn a_restore_refuses_rows_that_do_not_fit_the_table() {
+        let d = busy_def(DType::F32);
+        let mut r = Rows::new(&d, 8, 2);
+        for step in 0..6 {
+            busy_push(&mut r, &d, step);
+        }
+        let packed = r.packed();
+        assert!(packed.len() >= 2);
+        let err = |p: PackedRows, into: &mut Rows| into.restore(&d, p, StripeState::default()).unwrap_err();
+        let mut twice = packed.clone();
+        twice.ids[1] = twice.ids[0];
+        assert!(err(twice, &mut Rows::new(&d, 8, 2)).contains("two rows"));
+        let mut short = packed.clone();
+        short.slots[1].pop();
+        assert!(err(short, &mut Rows::new(&d, 8, 2)).contains("slot 1"));
+        let bf = busy_def(DType::Bf16);
+        assert!(Rows::new(&bf, 8, 2).restore(&bf, packed.clone(), StripeState::default()).unwrap_err().contains("f32 rows"));
+        assert!(err(packed, &mut r).contains("holds rows"));
+    }
+
+    #[test]
+    fn rows_past_the_capacity_are_trimmed_by_the_policy() {
+        let mut d = def(Admission::Always, Eviction::Lru, 0);
+        let mut big = Rows::new(&d, 0, 1);
+        stream(&mut big, &d, &[&[1, 2], &[3], &[4, 5], &[1]]);
+        d.capacity = 3;
+        let mut r = Rows::new(&d, 3, 1);
+        r.restore(&d, big.packed(), big.stripe_state()).unwrap();
+        assert_eq!(r.trim_to_capacity(&d), 2);
+        // 2 and 3 are the least recently updated.
+        assert_eq!(held(&r), [1, 4, 5]);
+        assert_eq!(r.counts().evicted, 2);
+        let none = TableDef { eviction: Eviction::None, ..d.clone() };
+        let mut kept = Rows::new(&none, 3, 1);
+        kept.restore(&none, big.packed(), big.stripe_state()).unwrap();
+        assert_eq!((kept.trim_to_capacity(&none), kept.len()), (0, 5), "without a policy nothing goes");
+    }
+
+    #[test]
+    fn routing_packed_rows_keeps_each_row_whole() {
+        let d = busy_def(DType::Bf16);
+        let mut r = Rows::new(&d, 8, 2);
+        for step in 0..12 {
+            busy_push(&mut r, &d, step);
+        }
+        let packed = r.packed();
+        let mut parts = vec![PackedRows::empty(3, DType::Bf16, 2); 2];
+        packed.route_into(&mut parts, |id| Some((id % 2) as usize));
+        assert!(parts.iter().all(|p| p.check().is_ok() && p.ids.iter().all(|id| (id % 2) as usize == (p.ids[0] % 2) as usize)));
+        let mut joined = PackedRows::empty(3, DType::Bf16, 2);
+        for p in &parts {
+            p.route_into(std::slice::from_mut(&mut joined), |_| Some(0));
+        }
+        assert_eq!(joined.sorted(), packed);
     }
 }
