@@ -1,7 +1,10 @@
 //! Sparse tables in checkpoints end to end, against real `parasync server` processes: a
 //! shard killed with SIGKILL comes back from its checkpoint with its table's rows, optimizer
 //! slots, admission counts and counters bit for bit, and training goes on exactly as it
-//! would have; a checkpoint restored onto another shard count routes the rows by id.
+//! would have; a checkpoint restored onto another shard count routes the rows by id. A
+//! shard whose only state is table rows (the job's small dense variable sits whole on the
+//! other shard) writes the same checkpoints: every N steps in sync and async mode, and at
+//! the steps shards agree on through the workers' sparse pushes (`--checkpoint-every-s`).
 
 mod common;
 
@@ -115,15 +118,29 @@ async fn connect(addrs: &[String], worker: u32) -> Client {
     Client::connect(addrs, opts).await.expect("connecting")
 }
 
+/// A dense variable small enough to be placed whole on one shard: the other holds only
+/// table rows.
+fn small_dense() -> Vec<VariableSpec> {
+    let mut b = VariableSpec::new("bias", &[8]);
+    b.optimizer = Optimizer::Sgd { lr: 0.05, momentum: 0.9, nesterov: false };
+    b.init = Init::Uniform { low: -1.0, high: 1.0, seed: 3 };
+    vec![b]
+}
+
 /// The workers train steps `from..to` (per step: look up their ids, push row gradients of
 /// what they read, push-pull the dense variable); returns the dense values of step `to`.
 async fn train(addrs: &[String], from: u64, to: u64) -> Vec<f32> {
+    train_with(addrs, from, to, dense).await
+}
+
+/// [`train`] with the dense variables `specs` gives.
+async fn train_with(addrs: &[String], from: u64, to: u64, specs: fn() -> Vec<VariableSpec>) -> Vec<f32> {
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
         let addrs = addrs.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut c = connect(&addrs, w).await;
-            c.register(dense()).await.unwrap();
+            c.register(specs()).await.unwrap();
             c.register_table(&table()).await.unwrap();
             let mut params = c.pull(from).await.unwrap();
             for step in from..to {
@@ -278,6 +295,213 @@ async fn a_table_checkpoint_restores_onto_three_shards_by_routing_rows_by_id() {
         let values = train(&addrs, 6, 8).await;
         assert!(values.iter().all(|x| x.is_finite()));
         assert!(table_counters(&addrs).await.iter().all(|c| c.0 == 8));
+    })
+    .await;
+}
+
+/// The one shard that holds no dense variable (and the table's rows), by `ServerInfo`.
+async fn tables_only_shard(addrs: &[String]) -> usize {
+    let info = connect(addrs, 0).await.shard_info().await.unwrap();
+    let without: Vec<usize> = info.iter().filter(|i| i.variables.is_empty()).map(|i| i.shard_index as usize).collect();
+    assert_eq!(without.len(), 1, "the small variable sits whole on one shard: {info:?}");
+    let k = without[0];
+    assert!(info[k].tables.iter().any(|t| t.name == "emb" && t.rows > 0), "shard {k} holds table rows: {:?}", info[k]);
+    k
+}
+
+/// Shard `shard`'s manifest of the checkpoint in `dir`.
+fn shard_manifest(dir: &Path, shard: usize) -> serde_json::Value {
+    let path = dir.join(format!("shard-{shard}-of-2.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_of_tables_alone_writes_every_n_steps_and_comes_back_from_sigkill_bit_for_bit() {
+    common::bounded(240, async {
+        let sync = ["--mode", "sync", "--num-workers", "2"];
+        // Nine steps straight, reading the rows at step 9.
+        let straight9 = {
+            let cluster = start(2, &sync);
+            train_with(&cluster.addrs(), 0, 9, small_dense).await;
+            lookups(&cluster.addrs(), 9).await
+        };
+
+        let dir = TempDir::new("tables-only");
+        let mut args = sync.to_vec();
+        args.extend(["--num-shards", "2", "--checkpoint-dir", dir.0.to_str().unwrap(), "--checkpoint-every-steps", "3"]);
+        let mut cluster = start(2, &args);
+        let addrs = cluster.addrs();
+        train_with(&addrs, 0, 6, small_dense).await;
+        let k = tables_only_shard(&addrs).await;
+        let step3 = complete(&dir.0, 3).await;
+        let step6 = complete(&dir.0, 6).await;
+        let at6 = lookups(&addrs, 6).await;
+        let before = table_counters(&addrs).await;
+        for (step, d) in [(3u64, &step3), (6, &step6)] {
+            let m = shard_manifest(d, k);
+            assert_eq!(m["variables"].as_array().map(Vec::len), Some(0), "{m}");
+            let t = &m["tables"][0];
+            assert_eq!((t["name"].as_str(), t["version"].as_u64()), (Some("emb"), Some(step)), "{m}");
+        }
+        assert_eq!(shard_manifest(&step6, k)["tables"][0]["rows"].as_u64(), Some(before[k].1));
+
+        // The shard of table rows alone dies and comes back from step 6.
+        cluster.kill(k);
+        cluster.restart(k, &["--restore", "latest"]).unwrap();
+        let info = connect(&addrs, 0).await.shard_info().await.unwrap();
+        assert_eq!(info[k].restored_step, Some(6), "{:?}", info[k]);
+        assert_eq!(info[1 - k].restored_step, None);
+        assert_eq!(table_counters(&addrs).await, before, "version, rows, admitted, evicted and dropped restored");
+        assert_eq!(lookups(&addrs, 6).await, at6, "every row as step 6 left it");
+
+        // Training goes on as it would have without the kill.
+        train_with(&addrs, 6, 9, small_dense).await;
+        assert_eq!(lookups(&addrs, 9).await, straight9, "rows equal after three more steps");
+        complete(&dir.0, 9).await;
+
+        // A checkpoint a client asks for: the shard of table rows alone writes its part too.
+        let files = connect(&addrs, 0).await.checkpoint(9).await.unwrap();
+        let mine = files.iter().find(|f| f.shard == k).unwrap();
+        assert_eq!(mine.step, 9);
+        assert!(mine.path.ends_with(&format!("shard-{k}-of-2.safetensors")), "{mine:?}");
+        let m = shard_manifest(&complete(&dir.0, 9).await, k);
+        assert_eq!((m["tables"][0]["name"].as_str(), m["tables"][0]["version"].as_u64()), (Some("emb"), Some(9)), "{m}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_shard_of_tables_alone_writes_its_checkpoints_at_the_first_push_of_the_step() {
+    common::bounded(240, async {
+        let dir = TempDir::new("tables-only-async");
+        let args = [
+            "--mode", "async", "--num-workers", "1", "--num-shards", "2",
+            "--checkpoint-dir", dir.0.to_str().unwrap(), "--checkpoint-every-steps", "3",
+        ];
+        let mut cluster = start(2, &args);
+        let addrs = cluster.addrs();
+        let mut c = connect(&addrs, 0).await;
+        c.register(small_dense()).await.unwrap();
+        c.register_table(&table()).await.unwrap();
+        let mut params = c.pull(0).await.unwrap();
+        let probe = probe_ids();
+        let mut at3 = Vec::new();
+        for step in 0..5u64 {
+            if step == 3 {
+                // What the first push of step 3 finds: the checkpoint takes it before applying it.
+                at3 = vec![0f32; probe.len() * DIM];
+                c.lookup("emb", &probe, step, &mut at3).await.unwrap();
+            }
+            let ids = batch(0, step);
+            let mut rows = vec![0f32; ids.len() * DIM];
+            c.lookup("emb", &ids, step, &mut rows).await.unwrap();
+            let s = c.push_sparse("emb", &ids, &row_grads(0, step, &rows), step).await.unwrap();
+            assert_eq!(s.accepted, 2, "{s:?}");
+            let grads = dense_grads(0, step, &params[0]);
+            c.push_pull(step, &[&grads], &mut params).await.unwrap();
+        }
+        let k = tables_only_shard(&addrs).await;
+        let step3 = complete(&dir.0, 3).await;
+        let m = shard_manifest(&step3, k);
+        assert_eq!(m["variables"].as_array().map(Vec::len), Some(0), "{m}");
+        assert_eq!((m["mode"].as_str(), m["tables"][0]["name"].as_str(), m["tables"][0]["version"].as_u64()), (Some("async"), Some("emb"), Some(3)), "{m}");
+        let joined: serde_json::Value = serde_json::from_slice(&std::fs::read(step3.join("manifest.json")).unwrap()).unwrap();
+        let shards: Vec<u64> = joined["tables"][0]["shards"].as_array().unwrap().iter().map(|s| s["shard"].as_u64().unwrap()).collect();
+        assert_eq!((joined["tables"][0]["name"].as_str(), shards), (Some("emb"), vec![0, 1]), "{joined}");
+
+        // Killed and restored, the shard holds its rows as step 3's first push found them.
+        cluster.kill(k);
+        cluster.restart(k, &["--restore", step3.to_str().unwrap()]).unwrap();
+        let mut back = vec![0f32; probe.len() * DIM];
+        connect(&addrs, 0).await.lookup("emb", &probe, 3, &mut back).await.unwrap();
+        let on_k = |rows: &[f32]| -> Vec<u32> {
+            probe
+                .iter()
+                .zip(rows.chunks_exact(DIM))
+                .filter(|(&id, _)| parasync_proto::sparse::shard_of_id(id, 2) == k)
+                .flat_map(|(_, r)| bits(r))
+                .collect()
+        };
+        assert!(!on_k(&at3).is_empty());
+        assert_eq!(on_k(&back), on_k(&at3), "shard {k}'s rows bit for bit");
+        let info = connect(&addrs, 0).await.shard_info().await.unwrap();
+        assert_eq!(info[k].tables[0].version, 3);
+    })
+    .await;
+}
+
+/// The complete checkpoints in `dir` (every shard's manifest and the joined one), by step,
+/// once no unfinished one is left (bounded wait).
+async fn complete_checkpoints(dir: &Path) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (mut complete, mut unfinished) = (Vec::new(), Vec::new());
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) else { continue };
+            let have = (0..2).filter(|i| e.path().join(format!("shard-{i}-of-2.json")).is_file()).count();
+            if have == 2 && e.path().join("manifest.json").is_file() {
+                complete.push(step);
+            } else {
+                unfinished.push(step);
+            }
+        }
+        complete.sort();
+        if unfinished.is_empty() {
+            return complete;
+        }
+        assert!(std::time::Instant::now() < deadline, "checkpoints {unfinished:?} never got every shard's part (complete: {complete:?})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--checkpoint-every-s` in a job of a table alone: the sparse pushes' replies name the
+/// steps and the workers pass them on in their sparse pushes, so both shards write the same
+/// steps (sync: each table exactly as that step left it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_based_checkpoints_of_a_job_of_tables_alone_are_agreed_through_sparse_pushes() {
+    common::bounded(240, async {
+        for mode in ["sync", "async"] {
+            let dir = TempDir::new(&format!("tables-timed-{mode}"));
+            let args = [
+                "--mode", mode, "--num-workers", "2", "--num-shards", "2", "--checkpoint-dir", dir.0.to_str().unwrap(),
+                "--checkpoint-every-s", "0.25", "--keep-checkpoints", "1000",
+            ];
+            let cluster = start(2, &args);
+            let mut tasks = Vec::new();
+            for w in 0..WORKERS {
+                let addrs = cluster.addrs();
+                tasks.push(tokio::spawn(async move {
+                    let c = connect(&addrs, w).await;
+                    c.register_table(&table()).await.unwrap();
+                    for step in 0..40u64 {
+                        let ids = batch(w, step);
+                        let mut rows = vec![0f32; ids.len() * DIM];
+                        c.lookup("emb", &ids, step, &mut rows).await.unwrap();
+                        c.push_sparse("emb", &ids, &row_grads(w, step, &rows), step).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let steps = complete_checkpoints(&dir.0).await;
+            eprintln!("{mode}: complete checkpoints at steps {steps:?}");
+            assert!(steps.len() >= 2, "{mode}: about one checkpoint per 0.25 s of a ≥ 1 s run: {steps:?}");
+            for &s in &steps {
+                let d = dir.0.join(format!("step-{s}"));
+                for shard in 0..2 {
+                    let m = shard_manifest(&d, shard);
+                    let t = &m["tables"][0];
+                    assert_eq!(t["name"].as_str(), Some("emb"), "{m}");
+                    if mode == "sync" {
+                        assert_eq!(t["version"].as_u64(), Some(s), "sync: step {s} holds the table as that step left it: {m}");
+                    }
+                }
+            }
+            drop(cluster);
+        }
     })
     .await;
 }

@@ -859,15 +859,21 @@ impl Client {
             pull_wire_dtype: dtype_to_proto(self.pull_wire()),
             client_incarnation: if seq == 0 { 0 } else { self.incarnation },
             sequence: seq,
-            checkpoint_step: match self.checkpoint_step.load(std::sync::atomic::Ordering::Relaxed) {
-                c if c >= step && kind == ps::PushKind::Gradient => c,
-                _ => 0,
-            },
+            checkpoint_step: if kind == ps::PushKind::Gradient { self.checkpoint_step_for(step) } else { 0 },
         }
     }
 
-    /// Keeps the checkpoint step a shard's push reply names, to pass it on.
-    fn note_reply(&self, r: &ps::PushResponse) {
+    /// The checkpoint step a gradient push of `step` (dense or sparse) passes on: the newest
+    /// a shard named, while `step` has not passed it (0: none).
+    pub(crate) fn checkpoint_step_for(&self, step: u64) -> u64 {
+        match self.checkpoint_step.load(std::sync::atomic::Ordering::Relaxed) {
+            c if c >= step => c,
+            _ => 0,
+        }
+    }
+
+    /// Keeps the checkpoint step a shard's push reply (dense or sparse) names, to pass it on.
+    pub(crate) fn note_reply(&self, r: &ps::PushResponse) {
         if r.checkpoint_due > 0 {
             self.checkpoint_step.fetch_max(r.checkpoint_due, std::sync::atomic::Ordering::Relaxed);
         }

@@ -303,7 +303,8 @@ impl Client {
     /// repeated ids are summed (in the order they appear) before they are sent; each shard
     /// gets its ids in one request. In sync mode every worker pushes every step to every
     /// shard, with or without ids for it: a shard completes a step when all workers' pushes
-    /// arrived.
+    /// arrived. Time-based checkpoints work as for dense pushes: a step a shard's reply
+    /// names is passed on in this worker's pushes of the steps up to it.
     pub async fn push_sparse(&self, table: &str, ids: &[u64], grads: &[f32], step: u64) -> Result<SparsePushSummary> {
         let dim = self.table_dim(table, ids.len(), grads.len(), "push to table")?;
         let plan = split(ids, self.shards.len());
@@ -318,6 +319,8 @@ impl Client {
             known.get(table).map_or_else(|| vec![0; self.shards.len()], |t| t.versions.clone())
         };
         let wire = self.opts.wire_dtype;
+        // A time-based checkpoint step a shard named, passed on to every shard.
+        let checkpoint_step = self.checkpoint_step_for(step);
         let replies = try_join_all(plan.shards.iter().zip(&rows).enumerate().map(|(i, (shard_ids, rows))| {
             let bases = &bases;
             async move {
@@ -332,6 +335,7 @@ impl Client {
                     rows: Default::default(),
                     num_ids: shard_ids.len() as u64,
                     wire_dtype: dtype_to_proto(wire),
+                    checkpoint_step,
                 };
                 match &shard.data {
                     Some(data) => data.push_sparse(req, shard_ids, rows, wire, &ctx).await,
@@ -348,6 +352,7 @@ impl Client {
         .await?;
         let mut summary = SparsePushSummary { unique_ids: plan.unique, ..Default::default() };
         for r in replies {
+            self.note_reply(&r);
             if r.accepted {
                 summary.accepted += 1;
                 summary.staleness.push(r.staleness);

@@ -108,8 +108,8 @@ pub struct ServerArgs {
     /// Write a checkpoint about every this many seconds. Shards agree on what they write
     /// through the workers: a shard that is due names a step in its push replies, the
     /// workers pass it on with their next pushes to every shard, and each shard writes that
-    /// step (sync: the state the step leaves; async / bounded: every variable as the first
-    /// such push finds it). 0: off.
+    /// step (sync: the state the step leaves; async / bounded: every variable and table as
+    /// the first such push finds it). 0: off.
     #[arg(long, env = "PARASYNC_CHECKPOINT_EVERY_S", default_value_t = 0.0, conflicts_with = "checkpoint_every_steps")]
     pub checkpoint_every_s: f64,
     /// Checkpoints kept (the newest); older ones are removed.

@@ -36,11 +36,16 @@
 //! lookups do not). In sync mode each table is taken under its clock the moment a sync step
 //! takes it to the checkpoint's step (or, if it is at that step when the variables are all
 //! in, then); a table found past the step, not taken at it, fails that checkpoint as a
-//! variable past it does. The tables are told of the checkpointer by the first push of a
-//! variable (or any checkpoint request), so a shard without variables writes no
-//! `--checkpoint-every-steps` checkpoints, and with variables one whose tables completed the
-//! step before any variable was pushed is skipped. In async and bounded mode every table is
-//! taken as it is when the checkpoint is taken, its version recorded.
+//! variable past it does. The tables are told of the checkpointer when the store gets it
+//! ([`VariableStore::set_checkpointer`]). On a shard that holds variables, the variables
+//! complete a checkpoint: its tables are kept for the steps of `--checkpoint-every-steps`
+//! once a variable was pushed (a step the tables completed before any variable was pushed
+//! is skipped). A shard whose only state is tables (dense variables are placed whole on
+//! one shard, so in a job of a few small variables and large tables most shards hold table
+//! rows only) writes the same checkpoints: its tables complete them, each taken as the step
+//! left it, the checkpoint written once every table is in. In async and bounded mode every
+//! table is taken as it is when the checkpoint is taken, its version recorded: at the first
+//! push of a checkpoint step, a variable's or a table's.
 //!
 //! **When.** In sync mode a checkpoint of step `n` holds every variable exactly as step `n`
 //! left it: the state is taken (shared, not copied) the moment a variable completes step
@@ -55,7 +60,8 @@
 //! they could cut at on their own, so they agree through the workers. A shard whose time
 //! has come names a step in its push replies (`checkpoint_due`: two steps past the newest
 //! it has seen in sync mode, one in async and bounded); each worker passes it on in its
-//! pushes of the steps up to it (`checkpoint_step`), which reach every shard. In sync mode
+//! pushes of the steps up to it (`checkpoint_step`, in dense and sparse pushes alike: a
+//! shard of tables alone names steps and takes them too), which reach every shard. In sync mode
 //! no variable can complete that step before a push of every worker arrives, so every
 //! shard takes the same step; in async and bounded mode each shard takes its variables
 //! when the first push passing the step on arrives. Every shard restarts its timer then.
@@ -160,10 +166,12 @@ pub struct Checkpointer {
     timed: Mutex<Timed>,
     /// This checkpointer, for the hook the tables call (see [`Checkpointer::attach`]).
     me: std::sync::Weak<Checkpointer>,
-    /// The tables' hook is set.
-    attached: std::sync::atomic::AtomicBool,
+    /// The store whose tables call the hook (set by [`Checkpointer::attach`]): a sync step
+    /// of a table may complete a checkpoint of a shard without variables.
+    store: std::sync::OnceLock<std::sync::Weak<VariableStore>>,
     /// A variable of the store was pushed: the store's checkpoints of every
-    /// `--checkpoint-every-steps` steps get their variables (the tables' steps are kept for them).
+    /// `--checkpoint-every-steps` steps get their variables (the tables' steps are kept for
+    /// them). A store without variables needs none: its tables' steps are always kept.
     variables_pushed: std::sync::atomic::AtomicBool,
     /// Sync: the newest steps handed to the writer or failed (a table taken late for one
     /// of them is dropped). Locked after `pending`, never before.
@@ -206,7 +214,7 @@ impl Checkpointer {
         let next = if every > 0 { (step / every + 1) * every } else { u64::MAX };
         let c = Arc::new_cyclic(|me| Checkpointer {
             me: me.clone(),
-            attached: std::sync::atomic::AtomicBool::new(false),
+            store: std::sync::OnceLock::new(),
             variables_pushed: std::sync::atomic::AtomicBool::new(false),
             finished: Mutex::new(std::collections::BTreeSet::new()),
             settings,
@@ -275,7 +283,6 @@ impl Checkpointer {
 
     /// Sync mode: a variable's state as of the step it just completed.
     pub fn captured(&self, store: &VariableStore, capture: VariableCapture) {
-        self.attach(store);
         let step = capture.version;
         {
             let mut pending = self.pending.lock();
@@ -288,41 +295,60 @@ impl Checkpointer {
     }
 
     /// Has the store's sparse tables hand their state to this checkpointer as the sync steps
-    /// it wants complete (once; later calls change nothing). Every call with the store does
-    /// it, the first push of a variable at the latest.
-    pub fn attach(&self, store: &VariableStore) {
-        if self.attached.load(Ordering::Acquire) {
-            return;
+    /// it wants complete, tables registered or restored later included (once; later calls
+    /// change nothing). [`VariableStore::set_checkpointer`] does it.
+    pub fn attach(&self, store: &Arc<VariableStore>) {
+        if self.store.set(Arc::downgrade(store)).is_ok() {
+            store.tables().set_step_hook(Arc::new(StepHook(self.me.clone())));
         }
-        store.tables().set_step_hook(Arc::new(StepHook(self.me.clone())));
-        self.attached.store(true, Ordering::Release);
+    }
+
+    /// The store attached, while it exists.
+    fn attached_store(&self) -> Option<Arc<VariableStore>> {
+        self.store.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Sync mode: are the tables' states at the steps of `--checkpoint-every-steps` kept? Once
+    /// a variable was pushed (its checkpoints get their tables), or while the store holds no
+    /// variable (the tables complete its checkpoints). A store with variables none of which
+    /// was pushed keeps none: nothing would complete them.
+    fn keeps_table_steps(&self) -> bool {
+        self.variables_pushed.load(Ordering::Acquire) || self.attached_store().is_some_and(|s| s.is_empty())
     }
 
     /// Sync mode: is the state of a table that just completed `step` wanted? The steps of
-    /// `--checkpoint-every-steps` once a variable was pushed (a shard of tables alone gets no
-    /// such checkpoints: its variables are what take them), and any step asked for.
+    /// `--checkpoint-every-steps` (see [`Checkpointer::keeps_table_steps`]), and any step
+    /// asked for or passed on.
     fn wants_table_step(&self, step: u64) -> bool {
         let every = self.settings.every_steps;
-        (every > 0 && step > 0 && step % every == 0 && self.variables_pushed.load(Ordering::Acquire))
+        (every > 0 && step > 0 && step % every == 0 && self.keeps_table_steps())
             || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
     }
 
-    /// Sync mode: a table's state as of the step it just completed.
+    /// Sync mode: a table's state as of the step it just completed. On a shard without
+    /// variables this may be what completes the checkpoint: the other tables at the step
+    /// now are taken, and those still before it as they complete it.
     fn table_captured(&self, capture: TableCapture) {
         let step = capture.version;
-        let mut pending = self.pending.lock();
-        if self.finished.lock().contains(&step) {
-            drop(pending);
-            return; // taken once the variables were in, and written or failed since
+        {
+            let mut pending = self.pending.lock();
+            if self.finished.lock().contains(&step) {
+                return; // taken once the variables were in, and written or failed since
+            }
+            if !pending.contains_key(&step) && !self.keeps_table_steps() {
+                return;
+            }
+            let p = pending.entry(step).or_default();
+            p.tables.entry(capture.def.name.clone()).or_insert(capture);
+            self.pending_count.store(pending.len(), Ordering::Release);
+            self.send_if_complete(&mut pending, step);
         }
-        if !pending.contains_key(&step) && !self.variables_pushed.load(Ordering::Acquire) {
-            drop(pending);
-            return;
+        // Variables all in (none, on a shard of tables alone): the step waits for the tables only.
+        if let Some(store) = self.attached_store() {
+            if let Err(why) = self.complete_if_ready(&store, step) {
+                tracing::warn!(step, "checkpoint skipped on this shard: {why}");
+            }
         }
-        let p = pending.entry(step).or_default();
-        p.tables.entry(capture.def.name.clone()).or_insert(capture);
-        self.pending_count.store(pending.len(), Ordering::Release);
-        self.send_if_complete(&mut pending, step);
     }
 
     /// Once every variable of the store is in checkpoint `step`: takes the tables that are at
@@ -428,13 +454,27 @@ impl Checkpointer {
         }
     }
 
-    /// Async / bounded mode: a push of a worker's `step` is about to be applied; the first
-    /// one of a checkpoint step takes every variable's state first.
+    /// A push of a variable for a worker's `step` is about to be applied. Async / bounded
+    /// mode: the first push of a checkpoint step takes every variable's and table's state
+    /// first (see [`Checkpointer::before_table_push`]).
     pub fn before_push(&self, store: &VariableStore, step: u64) {
         if !self.variables_pushed.load(Ordering::Acquire) {
-            self.attach(store);
             self.variables_pushed.store(true, Ordering::Release);
         }
+        self.before_step_push(store, step);
+    }
+
+    /// A push of a table's rows for a worker's `step` is about to be applied. Async /
+    /// bounded mode: as [`Checkpointer::before_push`], so a shard whose only state is tables
+    /// writes the same checkpoints (sync mode: nothing to do, the tables' completed steps
+    /// take them).
+    pub fn before_table_push(&self, store: &VariableStore, step: u64) {
+        self.before_step_push(store, step);
+    }
+
+    /// Async / bounded mode: the first push (of a variable or a table) of a checkpoint step
+    /// takes every variable's and table's state before it is applied.
+    fn before_step_push(&self, store: &VariableStore, step: u64) {
         let every = self.settings.every_steps;
         if every == 0 || matches!(self.mode, Mode::Sync { .. }) || step < self.next_async.load(Ordering::Acquire) {
             return;
@@ -452,10 +492,10 @@ impl Checkpointer {
 
     /// A checkpoint of `step` asked for by a client. Sync: every variable as `step` leaves
     /// it (now, for those already there; as the others get there); a variable already past
-    /// `step` fails the request. Async / bounded: every variable as it is now, named `step`.
+    /// `step` fails the request (tables alike: a shard of tables alone answers too). Async /
+    /// bounded: every variable and table as it is now, named `step`.
     pub fn request(&self, store: &VariableStore, step: u64) -> oneshot::Receiver<Result<Outcome, String>> {
         let (tx, rx) = oneshot::channel();
-        self.attach(store);
         if !matches!(self.mode, Mode::Sync { .. }) {
             self.send(Job { step, captures: store.capture_all(), tables: Self::tables_now(store), waiters: vec![tx] });
         } else if let Err(why) = self.take_at(store, step, Some(tx)) {
@@ -468,7 +508,6 @@ impl Checkpointer {
     /// checkpoint (and `waiter`) to the writer once all are taken. Fails (and fails the
     /// waiters) if a variable has completed a later step already.
     fn take_at(&self, store: &VariableStore, step: u64, waiter: Option<Waiter>) -> Result<(), String> {
-        self.attach(store);
         {
             let mut pending = self.pending.lock();
             let p = pending.entry(step).or_default();
@@ -1027,7 +1066,7 @@ mod tests {
         let dir = TempDir::new("sync-tables");
         let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
         let (store, c) = store_with_checkpoints(mode, &dir.0, 2);
-        dense_push(&store, 0, 0); // the first push of a variable tells the tables of the checkpointer
+        dense_push(&store, 0, 0); // a variable pushed: the tables' steps are kept for the variables
         let t = store.tables().get("emb").unwrap();
         let mut at = BTreeMap::new();
         for step in 0..4 {
@@ -1116,6 +1155,182 @@ mod tests {
         assert_eq!(ck.shards[0].tables[0].version, 5);
         let back = table_of(&ck, mode);
         assert_eq!((every_row(&back), status(&back)), now);
+    }
+
+    /// A store of the tables `emb` (f32) and `emb2` (bf16) and no variable, writing
+    /// checkpoints every `every` steps and, with `timed`, about that often.
+    fn tables_only(mode: Mode, dir: &Path, every: u64, timed: Option<Duration>) -> (Arc<VariableStore>, Arc<Checkpointer>, [Arc<SparseTable>; 2]) {
+        let metrics = Arc::new(Metrics::default());
+        let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::clone(&metrics)));
+        store.tables().register(table_def(DType::F32)).unwrap();
+        store.tables().register(TableDef { name: "emb2".into(), ..table_def(DType::Bf16) }).unwrap();
+        let c = Checkpointer::start(CheckpointSettings { every: timed, ..settings(dir, every, 0, 1) }, mode, 0, metrics).unwrap();
+        store.set_checkpointer(Arc::clone(&c));
+        let tables = [store.tables().get("emb").unwrap(), store.tables().get("emb2").unwrap()];
+        (store, c, tables)
+    }
+
+    /// Both tables' rows and status.
+    type TablesAt = Vec<(Vec<u32>, crate::sparse::TableStatus)>;
+
+    fn tables_at(tables: &[Arc<SparseTable>]) -> TablesAt {
+        tables.iter().map(|t| (every_row(t), status(t))).collect()
+    }
+
+    /// The tables of checkpoint `step` in `dir`, restored, as [`tables_at`] sees them
+    /// (checking the checkpoint holds no variable).
+    fn checkpointed(dir: &Path, step: u64, mode: Mode) -> TablesAt {
+        let ck = Checkpoint::load(&dir.join(format!("step-{step}"))).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+        assert!(ck.shards[0].variables.is_empty());
+        let (vars, tables) = ck.read_shard_all(0).unwrap();
+        assert!(vars.is_empty());
+        let names: Vec<&str> = tables.iter().map(|t| t.def.name.as_str()).collect();
+        assert_eq!(names, ["emb", "emb2"], "step {step}: every table");
+        let back: Vec<Arc<SparseTable>> = tables.into_iter().map(|t| Arc::new(SparseTable::restored(t, mode).unwrap())).collect();
+        tables_at(&back)
+    }
+
+    #[test]
+    fn a_sync_shard_of_tables_alone_writes_every_n_steps_each_table_as_the_step_left_it() {
+        let dir = TempDir::new("sync-tables-only");
+        let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
+        let (_store, c, [a, b]) = tables_only(mode, &dir.0, 2, None);
+        // `emb` runs four steps ahead; `emb2` completes steps 2 and 4 later.
+        let (mut at_a, mut at_b) = (BTreeMap::new(), BTreeMap::new());
+        for step in 0..4 {
+            for w in 0..2 {
+                table_push(&a, w, step);
+            }
+            at_a.insert(step + 1, (every_row(&a), status(&a)));
+        }
+        {
+            let pending = c.pending.lock();
+            assert_eq!(pending.keys().copied().collect::<Vec<_>>(), [2, 4], "taken as `emb` completed them, waiting for `emb2`");
+            assert!(pending.values().all(|p| p.tables.len() == 1 && p.expected_tables.is_some()));
+        }
+        for step in 0..4 {
+            for w in 0..2 {
+                table_push(&b, w, step);
+            }
+            at_b.insert(step + 1, (every_row(&b), status(&b)));
+        }
+        c.finish();
+        for step in [2u64, 4] {
+            assert_eq!(checkpointed(&dir.0, step, mode), vec![at_a[&step].clone(), at_b[&step].clone()], "step {step}: each table as it left it");
+            let joined: Manifest = serde_json::from_slice(&std::fs::read(dir.0.join(format!("step-{step}/manifest.json"))).unwrap()).unwrap();
+            assert_eq!(joined.tables.iter().map(|t| (t.name.as_str(), t.version)).collect::<Vec<_>>(), [("emb", step), ("emb2", step)]);
+        }
+        assert!(!dir.0.join("step-1").exists() && !dir.0.join("step-3").exists());
+        assert!(c.pending.lock().is_empty(), "nothing left waiting");
+    }
+
+    #[test]
+    fn an_async_shard_of_tables_alone_takes_its_tables_at_the_first_push_of_a_checkpoint_step() {
+        for mode in [Mode::Async { num_workers: 1, lr_div_staleness: false }, Mode::Bounded { num_workers: 1, max_staleness: 2, lr_div_staleness: false }] {
+            let dir = TempDir::new(&format!("{}-tables-only", mode.name()));
+            let (store, c, tables) = tables_only(mode, &dir.0, 2, None);
+            let mut at = BTreeMap::new();
+            for step in 0..5 {
+                let before = tables_at(&tables);
+                for t in &tables {
+                    // As a push of rows arrives at the shard: the checkpointer first.
+                    c.before_table_push(&store, step);
+                    table_push(t, 0, step);
+                }
+                at.insert(step, before);
+            }
+            c.finish();
+            for step in [2u64, 4] {
+                assert_eq!(checkpointed(&dir.0, step, mode), at[&step], "{mode:?}: step {step} as its first push found the tables");
+            }
+            assert!(!dir.0.join("step-1").exists() && !dir.0.join("step-3").exists());
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_asked_of_a_shard_of_tables_alone_holds_its_tables_at_that_step() {
+        let dir = TempDir::new("asked-tables-only");
+        let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
+        let (store, c, tables) = tables_only(mode, &dir.0, 0, None);
+        let step = |s: u64| {
+            for t in &tables {
+                for w in 0..2 {
+                    table_push(t, w, s);
+                }
+            }
+        };
+        step(0);
+        // Asked ahead of the tables: written as they complete it. At their step: at once.
+        let ahead = c.request(&store, 3);
+        let now = c.request(&store, 1);
+        let at1 = tables_at(&tables);
+        step(1);
+        step(2);
+        let at3 = tables_at(&tables);
+        step(3);
+        let o = now.blocking_recv().unwrap().unwrap();
+        assert_eq!((o.step, o.complete), (1, true));
+        let o = ahead.blocking_recv().unwrap().unwrap();
+        assert_eq!((o.step, o.complete), (3, true));
+        // A step the tables have passed cannot be held as it left them.
+        let err = c.request(&store, 2).blocking_recv().unwrap().unwrap_err();
+        assert!(err.contains("table emb has completed step 4 already, past step 2"), "{err}");
+        c.finish();
+        assert_eq!(checkpointed(&dir.0, 1, mode), at1);
+        assert_eq!(checkpointed(&dir.0, 3, mode), at3);
+        assert!(!dir.0.join("step-2").join("shard-0-of-1.json").exists());
+
+        // Async: the tables as they are now.
+        let dir = TempDir::new("asked-tables-only-async");
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        let (store, c, tables) = tables_only(mode, &dir.0, 0, None);
+        tables.iter().for_each(|t| table_push(t, 0, 0));
+        let now = tables_at(&tables);
+        let o = c.request(&store, 7).blocking_recv().unwrap().unwrap();
+        assert_eq!(o.step, 7);
+        c.finish();
+        assert_eq!(checkpointed(&dir.0, 7, mode), now);
+    }
+
+    #[test]
+    fn time_based_checkpoints_of_a_shard_of_tables_alone_are_named_and_taken() {
+        // Sync: due at once, it names two steps past the newest push; a push passing that
+        // step on takes every table as the step leaves it.
+        let dir = TempDir::new("timed-tables-only");
+        let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
+        let (store, c, tables) = tables_only(mode, &dir.0, 0, Some(Duration::ZERO));
+        let mut named = 0;
+        let mut at = BTreeMap::new();
+        for s in 0..4u64 {
+            for w in 0..2 {
+                for t in &tables {
+                    if named > 0 {
+                        c.passed_on(&store, named);
+                    }
+                    table_push(t, w, s);
+                    let due = c.on_push(s);
+                    if s == 0 && named == 0 {
+                        assert_eq!(due, 2, "two steps past the newest");
+                        named = due;
+                    }
+                }
+            }
+            at.insert(s + 1, tables_at(&tables));
+        }
+        c.finish();
+        assert_eq!(checkpointed(&dir.0, 2, mode), at[&2]);
+
+        // Async: taken at once, before the push that passes it on.
+        let dir = TempDir::new("timed-tables-only-async");
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        let (store, c, tables) = tables_only(mode, &dir.0, 0, Some(Duration::ZERO));
+        tables.iter().for_each(|t| table_push(t, 0, 0));
+        assert_eq!(c.on_push(0), 1, "one step past the newest");
+        let now = tables_at(&tables);
+        c.passed_on(&store, 1);
+        tables.iter().for_each(|t| table_push(t, 0, 1));
+        c.finish();
+        assert_eq!(checkpointed(&dir.0, 1, mode), now);
     }
 
     /// A table's rows on shard `shard` of `shards` after a few steps (ids routed as clients route them).

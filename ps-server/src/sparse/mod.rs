@@ -53,6 +53,17 @@ pub struct SparseGrad {
 }
 
 impl SparseGrad {
+    /// [`SparseGrad::summed`] taking the request's buffers: when no id repeats (clients send
+    /// unique ids) they become the gradient as they are, without a copy.
+    pub fn summed_owned(ids: Vec<u64>, rows: Vec<f32>, dim: usize) -> SparseGrad {
+        let mut seen: IdMap<()> = IdMap::default();
+        seen.reserve(ids.len());
+        if ids.iter().all(|&id| seen.insert(id, ()).is_none()) {
+            return SparseGrad { ids, rows };
+        }
+        SparseGrad::summed(&ids, &rows, dim)
+    }
+
     /// Sums the rows of repeated ids (in the order they appear: the same input always gives
     /// the same bits). `rows` holds `ids.len() * dim` values.
     pub fn summed(ids: &[u64], rows: &[f32], dim: usize) -> SparseGrad {
@@ -225,12 +236,8 @@ impl SparseTable {
             if members.is_empty() {
                 continue;
             }
-            let ids: Vec<u64> = members.iter().map(|&i| grad.ids[i]).collect();
-            let mut rows = Vec::with_capacity(members.len() * dim);
-            for &i in members {
-                rows.extend_from_slice(&grad.rows[i * dim..(i + 1) * dim]);
-            }
-            self.stripes[s].write().push(&self.def, &ids, &rows, lr, step);
+            let rows = members.iter().map(|&i| (grad.ids[i], &grad.rows[i * dim..(i + 1) * dim]));
+            self.stripes[s].write().push_rows(&self.def, rows, lr, step);
         }
     }
 
@@ -430,7 +437,7 @@ impl SparseTables {
 
     /// Checks a push's rows (`ids.len() * dim` finite values unless allowed) and sums repeated
     /// ids: the gradient to hand to [`SparseTable::push`].
-    pub fn gradient(&self, table: &SparseTable, ids: &[u64], rows: &[f32]) -> Result<SparseGrad> {
+    pub fn gradient(&self, table: &SparseTable, ids: Vec<u64>, rows: Vec<f32>) -> Result<SparseGrad> {
         let dim = table.dim();
         if rows.len() != ids.len() * dim {
             return Err(Error::invalid(
@@ -439,14 +446,14 @@ impl SparseTables {
             ));
         }
         if !self.allow_non_finite {
-            if let Some(i) = parasync_tensor::first_non_finite(rows) {
+            if let Some(i) = parasync_tensor::first_non_finite(&rows) {
                 return Err(Error::invalid(
                     &table.def.name,
                     format!("gradient row of id {} holds a non-finite value ({}) at element {}", ids[i / dim], rows[i], i % dim),
                 ));
             }
         }
-        Ok(SparseGrad::summed(ids, rows, dim))
+        Ok(SparseGrad::summed_owned(ids, rows, dim))
     }
 }
 
@@ -665,6 +672,11 @@ mod tests {
         let g = SparseGrad::summed(&[5, 3, 5, 5], &[1.0, 2.0, 10.0, 20.0, 0.5, 0.25, 0.125, 0.0625], 2);
         assert_eq!(g.ids, [5, 3]);
         assert_eq!(g.rows, [1.0 + 0.5 + 0.125, 2.0 + 0.25 + 0.0625, 10.0, 20.0]);
+        // Taking the buffers: the same sums with repeats, the buffers themselves without.
+        let rows = vec![1.0, 2.0, 10.0, 20.0, 0.5, 0.25, 0.125, 0.0625];
+        assert_eq!(SparseGrad::summed_owned(vec![5, 3, 5, 5], rows.clone(), 2), g);
+        let unique = SparseGrad::summed_owned(vec![5, 3, 4, 6], rows.clone(), 2);
+        assert_eq!((unique.ids, unique.rows), (vec![5, 3, 4, 6], rows));
         // Applied once with the sum (Adagrad sees one update of the summed gradient).
         let t = table(Mode::Async { num_workers: 1, lr_div_staleness: false }, RowOptimizer::Adagrad { lr: 1.0, initial_accumulator: 0.0, epsilon: 0.0 });
         t.push(meta(0, 0), SparseGrad::summed(&[7, 7], &[3.0, 4.0, 1.0, -8.0], 2)).unwrap();

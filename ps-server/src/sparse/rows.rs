@@ -123,6 +123,7 @@ impl RowOptimizer {
     /// One update of row `w` with its (summed) gradient `g` at learning rate `lr` (the table's
     /// current rate, times any staleness scale). `s0` and `s1` are the row's slots (empty
     /// where the method keeps fewer); `steps` is the row's update count (Adam's `t`).
+    #[inline(always)]
     pub fn apply(&self, lr: f32, w: &mut [f32], s0: &mut [f32], s1: &mut [f32], steps: &mut u32, g: &[f32]) {
         *steps = steps.saturating_add(1);
         match *self {

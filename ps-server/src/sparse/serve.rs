@@ -83,21 +83,37 @@ impl PsService {
         Ok((reply, out))
     }
 
-    /// Applies a push of gradient rows (`rows` in the request's wire dtype).
+    /// Applies a push of gradient rows (`rows` in the request's wire dtype). Checkpoints
+    /// take part as in a push of a variable: a checkpoint step the worker passes on is
+    /// taken before the rows are applied (they may complete that step), the first push of
+    /// an async / bounded checkpoint step takes the shard's state first, and the reply
+    /// names the step of a time-based checkpoint this shard is due for.
     pub(crate) async fn push_rows(&self, r: &ps::PushSparseRequest, ids: Vec<u64>, rows: &[u8]) -> Result<ps::PushResponse, Status> {
         let tables = self.store().tables();
         let table = tables.get(&r.table).map_err(|e| self.reject(e))?;
         let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.table).map_err(|e| self.reject(e))?;
         let values = parasync_tensor::decode_vec(rows, wire)
             .map_err(|e| self.reject(Error::invalid(&r.table, format!("rows: {e}"))))?;
-        let grad = tables.gradient(&table, &ids, &values).map_err(|e| self.reject(e))?;
+        let n = values.len();
+        let grad = tables.gradient(&table, ids, values).map_err(|e| self.reject(e))?;
         table.traffic.bytes_in.fetch_add(rows.len() as u64, Relaxed);
         self.store().metrics().bytes_in.fetch_add(rows.len() as u64, Relaxed);
         let meta = PushMeta { worker: r.worker_id, step: r.step, base_version: r.base_version };
-        let n = values.len();
+        let checkpointer = self.store().checkpointer().cloned();
+        if let (Some(c), true) = (&checkpointer, r.checkpoint_step > 0) {
+            // Before this push is applied: it may be the one that completes that step.
+            c.passed_on(self.store(), r.checkpoint_step);
+        }
         let work = {
             let table = Arc::clone(&table);
-            move || table.push(meta, grad)
+            let store = Arc::clone(self.store());
+            let checkpointer = checkpointer.clone();
+            move || {
+                if let Some(c) = &checkpointer {
+                    c.before_table_push(&store, meta.step);
+                }
+                table.push(meta, grad)
+            }
         };
         let result = if n >= BLOCKING_ROW_VALUES {
             tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("update task failed: {e}")))?
@@ -114,7 +130,7 @@ impl PsService {
             version: r.version,
             staleness: r.staleness,
             duplicate: false,
-            checkpoint_due: 0,
+            checkpoint_due: checkpointer.map_or(0, |c| c.on_push(meta.step)),
         })
     }
 

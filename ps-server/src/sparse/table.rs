@@ -172,6 +172,29 @@ impl Rows {
     /// learning rate `lr`, for `step` (the time-to-live clock). Ids without a row go through
     /// admission, and a new row may first evict others. `scratch` holds one row.
     pub fn push(&mut self, def: &TableDef, ids: &[u64], grads: &[f32], lr: f32, step: u64) {
+        let dim = self.dim;
+        self.push_rows(def, ids.iter().copied().zip(grads.chunks_exact(dim)), lr, step);
+    }
+
+    /// [`Rows::push`] for rows given one by one (ids unique): a table's stripe takes its
+    /// part of a batch without copying it out first.
+    pub fn push_rows<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2. (No FMA: the results are the same bits either way.)
+            return unsafe { self.push_avx2(def, rows, lr, step) };
+        }
+        self.push_any(def, rows, lr, step)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn push_avx2<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
+        self.push_any(def, rows, lr, step)
+    }
+
+    #[inline(always)]
+    fn push_any<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
         self.tick += 1;
         if let Eviction::Ttl { steps } = def.eviction {
             if step >= self.swept_at.saturating_add(steps) {
@@ -180,7 +203,7 @@ impl Rows {
             }
         }
         let mut scratch = vec![0f32; self.dim];
-        for (&id, g) in ids.iter().zip(grads.chunks_exact(self.dim)) {
+        for (id, g) in rows {
             let slot = match self.index.get(&id) {
                 Some(&slot) => slot as usize,
                 None => {
@@ -272,6 +295,7 @@ impl Rows {
         Some(slot)
     }
 
+    #[inline(always)]
     fn update(&mut self, def: &TableDef, slot: usize, g: &[f32], lr: f32, step: u64, scratch: &mut [f32]) {
         let at = slot * self.dim;
         let range = at..at + self.dim;

@@ -183,9 +183,12 @@ impl VariableStore {
         &self.tables
     }
 
-    /// Has `checkpointer` see every step (once; later calls change nothing).
-    pub fn set_checkpointer(&self, checkpointer: Arc<crate::checkpoint::Checkpointer>) {
-        let _ = self.checkpointer.set(checkpointer);
+    /// Has `checkpointer` see every step of the variables and of the sparse tables, those
+    /// registered or restored later included (once; later calls change nothing).
+    pub fn set_checkpointer(self: &Arc<Self>, checkpointer: Arc<crate::checkpoint::Checkpointer>) {
+        if self.checkpointer.set(Arc::clone(&checkpointer)).is_ok() {
+            checkpointer.attach(self);
+        }
     }
 
     /// The checkpointer, if the shard writes checkpoints.
