@@ -200,16 +200,14 @@ impl SparseTable {
             self.stripes[0].read().lookup(&self.def, ids, out);
         } else {
             let order = self.by_stripe(ids);
-            let mut one = vec![0f32; dim];
+            // Every position's row of `out`, handed to the stripe that holds its id.
+            let mut rows_out: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(dim).map(Some).collect();
             for (s, members) in order.iter().enumerate() {
                 if members.is_empty() {
                     continue;
                 }
                 let rows = self.stripes[s].read();
-                for &i in members {
-                    rows.lookup(&self.def, &ids[i..i + 1], &mut one);
-                    out[i * dim..(i + 1) * dim].copy_from_slice(&one);
-                }
+                rows.lookup_rows(&self.def, members.iter().map(|&i| (ids[i], rows_out[i].take().expect("each position once"))));
             }
         }
         self.traffic.lookups.fetch_add(1, Relaxed);

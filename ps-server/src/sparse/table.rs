@@ -32,6 +32,26 @@ impl Hasher for IdHasher {
 
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
+/// How many rows ahead an update or a lookup fetches the row it will work on.
+const PREFETCH_ROWS: usize = 4;
+
+/// Asks the CPU to bring the `bytes` at `p` into its caches (a hint: nothing on other CPUs).
+#[inline(always)]
+fn prefetch_bytes(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetching never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 /// Bookkeeping of one row.
 #[derive(Clone, Copy, Debug, Default)]
 struct RowMeta {
@@ -146,20 +166,35 @@ impl Rows {
     /// Writes the rows of `ids` into `out` (`ids.len() * dim` values): the held row, or the
     /// initial row of an id without one. Changes nothing.
     pub fn lookup(&self, def: &TableDef, ids: &[u64], out: &mut [f32]) {
-        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.dim)) {
-            match self.index.get(&id) {
-                Some(&slot) => self.read_row(slot as usize, row),
-                None => {
-                    def.init.fill(id, row);
-                    if let Values::Bf16(_) = self.values {
-                        // As the row will be stored once it exists.
-                        row.iter_mut().for_each(|x| *x = bf16::to_f32(bf16::from_f32_rne(*x)));
-                    }
-                }
+        let dim = self.dim;
+        self.lookup_rows(def, ids.iter().copied().zip(out.chunks_exact_mut(dim)));
+    }
+
+    /// [`Rows::lookup`] for rows given one by one: first every id's slot, then the copies,
+    /// each fetching the rows a few places ahead (as in [`Rows::push_rows`]).
+    pub fn lookup_rows<'o>(&self, def: &TableDef, rows: impl Iterator<Item = (u64, &'o mut [f32])>) {
+        let mut todo: Vec<(u64, Option<u32>, &'o mut [f32])> = rows.map(|(id, row)| (id, self.index.get(&id).copied(), row)).collect();
+        for k in 0..todo.len() {
+            if let Some(&(_, Some(ahead), _)) = todo.get(k + PREFETCH_ROWS) {
+                self.prefetch_values(ahead as usize);
+            }
+            let (id, slot, row) = &mut todo[k];
+            match *slot {
+                Some(slot) => self.read_row(slot as usize, row),
+                None => self.initial_row(def, *id, row),
             }
         }
     }
 
+    /// The row an id without one reads: its initial row, as it will be stored.
+    fn initial_row(&self, def: &TableDef, id: u64, row: &mut [f32]) {
+        def.init.fill(id, row);
+        if let Values::Bf16(_) = self.values {
+            row.iter_mut().for_each(|x| *x = bf16::to_f32(bf16::from_f32_rne(*x)));
+        }
+    }
+
+    #[inline]
     fn read_row(&self, slot: usize, row: &mut [f32]) {
         let at = slot * self.dim;
         match &self.values {
@@ -202,7 +237,10 @@ impl Rows {
                 self.swept_at = step;
             }
         }
-        let mut scratch = vec![0f32; self.dim];
+        // First every row's slot (admitting and creating rows), then the updates: the rows
+        // lie anywhere in memory, so each update fetches the rows a few places ahead of it
+        // while it works (one row at a time would wait for memory at every row).
+        let mut todo: Vec<(usize, &[f32])> = Vec::new();
         for (id, g) in rows {
             let slot = match self.index.get(&id) {
                 Some(&slot) => slot as usize,
@@ -220,7 +258,36 @@ impl Rows {
                     }
                 }
             };
+            todo.push((slot, g));
+        }
+        let mut scratch = vec![0f32; self.dim];
+        for k in 0..todo.len() {
+            if let Some(&(ahead, _)) = todo.get(k + PREFETCH_ROWS) {
+                self.prefetch(ahead);
+            }
+            let (slot, g) = todo[k];
             self.update(def, slot, g, lr, step, &mut scratch);
+        }
+    }
+
+    /// Asks the CPU to bring row `slot`'s values, slots and bookkeeping into its caches.
+    #[inline(always)]
+    fn prefetch(&self, slot: usize) {
+        self.prefetch_values(slot);
+        let at = slot * self.dim;
+        for sl in &self.slots {
+            prefetch_bytes(sl[at..].as_ptr().cast(), self.dim * 4);
+        }
+        prefetch_bytes((&self.meta[slot] as *const RowMeta).cast(), std::mem::size_of::<RowMeta>());
+    }
+
+    /// Asks the CPU to bring row `slot`'s values into its caches.
+    #[inline(always)]
+    fn prefetch_values(&self, slot: usize) {
+        let at = slot * self.dim;
+        match &self.values {
+            Values::F32(v) => prefetch_bytes(v[at..].as_ptr().cast(), self.dim * 4),
+            Values::Bf16(v) => prefetch_bytes(v[at..].as_ptr().cast(), self.dim * 2),
         }
     }
 
