@@ -5,32 +5,11 @@
 //! Plain data, no locks and no I/O: the caller holds the stripe's lock and feeds it batches
 //! of unique ids (repeated ids are summed before they get here).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use parasync_tensor::{bf16, DType};
 
 use super::def::{mix64, Admission, Eviction, TableDef, GOLDEN_GAMMA};
 
-/// Hashes ids with SplitMix64's finaliser (ids are often small consecutive integers).
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = mix64(self.0 ^ b as u64);
-        }
-    }
-    fn write_u64(&mut self, id: u64) {
-        self.0 = mix64(id);
-    }
-}
-
-pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+pub(crate) use parasync_proto::sparse::IdMap;
 
 /// How many rows ahead an update or a lookup fetches the row it will work on.
 const PREFETCH_ROWS: usize = 4;

@@ -261,16 +261,21 @@ mod tests {
     use std::net::TcpListener;
     use tokio_rustls::rustls::ClientConnection;
 
+    /// A self-signed certificate for 127.0.0.1 as both sides' TLS, and a listener there.
+    fn setup() -> (ServerTls, ClientTls, TcpListener) {
+        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let pem = key.cert.pem().into_bytes();
+        let server = ServerTls::new(pem.clone(), key.key_pair.serialize_pem().into_bytes(), None).unwrap();
+        let client = ClientTls::new(pem, None, None).unwrap();
+        (server, client, TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
     /// A peer that sends its first bytes right behind its Finished message (one segment, as
     /// a busy receiver finds them): the accepting side must pass them on at once, not when
     /// something more arrives (the rendezvous waited for a hello it already held).
     #[test]
     fn bytes_that_arrive_with_the_handshake_reach_the_engine() {
-        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-        let pem = key.cert.pem().into_bytes();
-        let server = ServerTls::new(pem.clone(), key.key_pair.serialize_pem().into_bytes(), None).unwrap();
-        let client = ClientTls::new(pem, None, None).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, client, listener) = setup();
         let addr = listener.local_addr().unwrap();
         let peer = std::thread::spawn(move || {
             let mut tcp = TcpStream::connect(addr).unwrap();
@@ -312,11 +317,7 @@ mod tests {
     /// error after them, not a wait without end.
     #[test]
     fn the_engine_end_keeps_the_connection_timeouts() {
-        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-        let pem = key.cert.pem().into_bytes();
-        let server = ServerTls::new(pem.clone(), key.key_pair.serialize_pem().into_bytes(), None).unwrap();
-        let client = ClientTls::new(pem, None, None).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, client, listener) = setup();
         let addr = listener.local_addr().unwrap();
         let peer = std::thread::spawn(move || {
             let tcp = TcpStream::connect(addr).unwrap();
