@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{complete_checkpoints, TempDir};
+
+use std::path::Path;
 use std::time::Duration;
 
 use parasync::cluster::{ClusterOptions, LocalCluster};
@@ -46,23 +48,6 @@ fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
     v.iter().map(|x| x.iter().map(|f| f.to_bits()).collect()).collect()
 }
 
-/// A folder removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("parasync-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn start(shards: usize, args: &[&str], log_dir: Option<&Path>) -> LocalCluster {
     let mut opts = ClusterOptions::new(shards, args);
@@ -457,31 +442,6 @@ async fn ride_out_a_killed_shard(mode: &[&str]) {
     eprintln!("{}: shard 1 back {restarted_after:?} after its SIGKILL", mode[1]);
 }
 
-/// The complete checkpoints in `dir` (every shard's manifest and the joined one), by step,
-/// once the writers are done with those of steps up to `last` (bounded wait).
-async fn complete_checkpoints(dir: &Path, shards: usize) -> Vec<u64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut complete = Vec::new();
-        let mut unfinished = Vec::new();
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) else { continue };
-            let have = (0..shards).filter(|i| e.path().join(format!("shard-{i}-of-{shards}.json")).is_file()).count();
-            if have == shards && e.path().join("manifest.json").is_file() {
-                complete.push(step);
-            } else {
-                unfinished.push(step);
-            }
-        }
-        complete.sort();
-        if unfinished.is_empty() {
-            return complete;
-        }
-        assert!(std::time::Instant::now() < deadline, "checkpoints {unfinished:?} never got every shard's part (complete: {complete:?})");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `--checkpoint-every-s`: shards with their own timers agree on the steps they write
 /// through the workers' pushes. Sync: every shard writes the same steps, each exactly the

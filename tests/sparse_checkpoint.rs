@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{complete_checkpoints, TempDir};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,23 +84,6 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// A folder removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("parasync-sparse-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn start(shards: usize, args: &[&str]) -> LocalCluster {
     let mut opts = ClusterOptions::new(shards, args);
@@ -430,30 +415,6 @@ async fn an_async_shard_of_tables_alone_writes_its_checkpoints_at_the_first_push
     .await;
 }
 
-/// The complete checkpoints in `dir` (every shard's manifest and the joined one), by step,
-/// once no unfinished one is left (bounded wait).
-async fn complete_checkpoints(dir: &Path) -> Vec<u64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (mut complete, mut unfinished) = (Vec::new(), Vec::new());
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) else { continue };
-            let have = (0..2).filter(|i| e.path().join(format!("shard-{i}-of-2.json")).is_file()).count();
-            if have == 2 && e.path().join("manifest.json").is_file() {
-                complete.push(step);
-            } else {
-                unfinished.push(step);
-            }
-        }
-        complete.sort();
-        if unfinished.is_empty() {
-            return complete;
-        }
-        assert!(std::time::Instant::now() < deadline, "checkpoints {unfinished:?} never got every shard's part (complete: {complete:?})");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `--checkpoint-every-s` in a job of a table alone: the sparse pushes' replies name the
 /// steps and the workers pass them on in their sparse pushes, so both shards write the same
@@ -486,7 +447,7 @@ async fn time_based_checkpoints_of_a_job_of_tables_alone_are_agreed_through_spar
             for t in tasks {
                 t.await.unwrap();
             }
-            let steps = complete_checkpoints(&dir.0).await;
+            let steps = complete_checkpoints(&dir.0, 2).await;
             eprintln!("{mode}: complete checkpoints at steps {steps:?}");
             assert!(steps.len() >= 2, "{mode}: about one checkpoint per 0.25 s of a ≥ 1 s run: {steps:?}");
             for &s in &steps {
