@@ -296,3 +296,29 @@ async fn bad_table_requests_get_the_right_status_and_change_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_capacity_past_the_shard_memory_limit_is_refused() {
+    let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1", "--max-shard-bytes", "1MiB"]);
+    common::bounded(60, async {
+        let c = Client::connect(&cluster.addrs(), options(0, true)).await.unwrap();
+        let table = |name: &str, capacity: u64| {
+            let mut t = TableSpec::new(name, 64);
+            t.eviction = Eviction::Lru;
+            t.capacity = capacity;
+            t
+        };
+        // 256 bytes a row (64 f32 values, SGD keeps no slot).
+        let e = c.register_table(&table("big", 10_000)).await.unwrap_err();
+        assert_eq!(e.kind, parasync_client::ErrorKind::InvalidArgument, "{e}");
+        assert!(e.message.contains("\"big\"") && e.message.contains("--max-shard-bytes"), "{e}");
+        c.register_table(&table("small", 1000)).await.unwrap();
+        c.register_table(&table("small", 1000)).await.expect("an identical registration reserves nothing more");
+        c.register_table(&table("third", 3000)).await.expect("256 000 + 768 000 bytes fit in 1 MiB");
+        let e = c.register_table(&table("fourth", 100)).await.unwrap_err();
+        assert!(e.message.contains("\"fourth\""), "{e}");
+        let info = c.shard_info().await.unwrap();
+        assert_eq!(info[0].tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["small", "third"]);
+    })
+    .await;
+}

@@ -44,7 +44,7 @@ impl PsService {
     /// Creates a table or confirms an identical one.
     pub(crate) fn register_table(&self, r: ps::RegisterTableRequest) -> Result<ps::RegisterTableResponse, Status> {
         let def = convert::register_table_request(r).map_err(|e| self.reject(e))?;
-        let created = self.store().tables().register(def).map_err(|e| self.reject(e))?;
+        let created = self.store().register_table(def).map_err(|e| self.reject(e))?;
         Ok(ps::RegisterTableResponse { created })
     }
 

@@ -334,6 +334,39 @@ impl VariableStore {
         Ok(Reservation { held: &self.held_bytes, bytes, kept: false })
     }
 
+    /// Creates a sparse table (or confirms an identical one). A table with a capacity holds
+    /// up to `capacity` rows of values and slots: that much is reserved from
+    /// `--max-shard-bytes` when it is created (`resource_exhausted` past it). A table without
+    /// a capacity is not bounded by it: give tables a capacity where memory is tight.
+    pub fn register_table(&self, def: crate::sparse::TableDef) -> Result<bool> {
+        if let Ok(existing) = self.tables.get(&def.name) {
+            let diff = existing.def.differences(&def);
+            if diff.is_empty() {
+                return Ok(false);
+            }
+        }
+        def.validate().map_err(|reason| Error::invalid(&def.name, reason))?;
+        let bytes = def.capacity.saturating_mul(def.row_bytes());
+        let max = self.config.max_shard_bytes;
+        self.held_bytes
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_add(bytes).filter(|&after| after <= max))
+            .map_err(|held| Error::ResourceExhausted {
+                variable: def.name.clone(),
+                reason: format!(
+                    "a capacity of {} rows of {} bytes (values and slots) needs {bytes} bytes; this shard holds {held} of its \
+                     --max-shard-bytes {max}",
+                    def.capacity,
+                    def.row_bytes()
+                ),
+            })?;
+        let reservation = Reservation { held: &self.held_bytes, bytes, kept: false };
+        let created = self.tables.register(def)?;
+        if created {
+            reservation.keep();
+        }
+        Ok(created)
+    }
+
     /// Bytes of values and optimizer slots held by the variables of this shard.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes.load(Relaxed)
