@@ -216,10 +216,14 @@ impl Rows {
                 self.swept_at = step;
             }
         }
-        // First every row's slot (admitting and creating rows), then the updates: the rows
-        // lie anywhere in memory, so each update fetches the rows a few places ahead of it
-        // while it works (one row at a time would wait for memory at every row).
+        // First the rows' slots (admitting and creating rows), then the updates: the rows lie
+        // anywhere in memory, so each update fetches the rows a few places ahead of it while
+        // it works (one row at a time would wait for memory at every row). A new row that
+        // has to evict others first applies the updates found so far, so that the result is
+        // that of updating the rows one after the other: no row waiting for its update is
+        // evicted (nor its slot given to another row) before the update.
         let mut todo: Vec<(usize, &[f32])> = Vec::new();
+        let mut scratch = vec![0f32; self.dim];
         for (id, g) in rows {
             let slot = match self.index.get(&id) {
                 Some(&slot) => slot as usize,
@@ -227,6 +231,9 @@ impl Rows {
                     if !self.admit(def, id) {
                         self.counts.dropped += 1;
                         continue;
+                    }
+                    if self.capacity > 0 && self.index.len() >= self.capacity {
+                        self.apply_updates(def, &mut todo, lr, step, &mut scratch);
                     }
                     match self.create(def, id, step) {
                         Some(slot) => slot,
@@ -239,14 +246,20 @@ impl Rows {
             };
             todo.push((slot, g));
         }
-        let mut scratch = vec![0f32; self.dim];
+        self.apply_updates(def, &mut todo, lr, step, &mut scratch);
+    }
+
+    /// Applies the updates of `todo` in order (fetching rows ahead) and empties it.
+    #[inline(always)]
+    fn apply_updates(&mut self, def: &TableDef, todo: &mut Vec<(usize, &[f32])>, lr: f32, step: u64, scratch: &mut [f32]) {
         for k in 0..todo.len() {
             if let Some(&(ahead, _)) = todo.get(k + PREFETCH_ROWS) {
                 self.prefetch(ahead);
             }
             let (slot, g) = todo[k];
-            self.update(def, slot, g, lr, step, &mut scratch);
+            self.update(def, slot, g, lr, step, scratch);
         }
+        todo.clear();
     }
 
     /// Asks the CPU to bring row `slot`'s values, slots and bookkeeping into its caches.
@@ -806,6 +819,56 @@ mod tests {
         r.lookup(&d, &[7], &mut out);
         assert_eq!(out, [initial[0] - 1.0, initial[1] - 1.0]);
         assert_eq!((r.counts().evicted, r.counts().admitted), (2, 3));
+    }
+
+    /// Updates within one push happen as if one after the other: a row updated earlier in
+    /// the batch is not evicted before its update, and a new row's slot never carries
+    /// another row's pending update (checked against a plain one-at-a-time loop).
+    #[test]
+    fn a_batch_that_evicts_gives_the_same_rows_as_one_update_at_a_time() {
+        fn one_at_a_time(r: &mut Rows, d: &TableDef, ids: &[u64], grads: &[f32], step: u64) {
+            r.tick += 1;
+            let mut scratch = vec![0f32; r.dim];
+            for (&id, g) in ids.iter().zip(grads.chunks_exact(r.dim)) {
+                let held = r.index.get(&id).copied();
+                let slot = match held {
+                    Some(s) => s as usize,
+                    None if !r.admit(d, id) => {
+                        r.counts.dropped += 1;
+                        continue;
+                    }
+                    None => match r.create(d, id, step) {
+                        Some(s) => s,
+                        None => {
+                            r.counts.dropped += 1;
+                            continue;
+                        }
+                    },
+                };
+                r.update(d, slot, g, 1.0, step, &mut scratch);
+            }
+        }
+        for (eviction, evict_batch) in [(Eviction::Lru, 1), (Eviction::Lfu, 1), (Eviction::Lru, 2), (Eviction::Lfu, 3)] {
+            let d = def(Admission::Always, eviction, 4);
+            let (mut batched, mut single) = (Rows::new(&d, 4, evict_batch), Rows::new(&d, 4, evict_batch));
+            let warm: &[u64] = &[1, 2, 3, 4];
+            let batch: &[u64] = &[4, 1, 5, 6, 7, 101, 2];
+            let grads: Vec<f32> = (0..batch.len() * 2).map(|i| i as f32 + 0.5).collect();
+            batched.push(&d, warm, &[1.0; 8], 1.0, 0);
+            one_at_a_time(&mut single, &d, warm, &[1.0; 8], 0);
+            batched.push(&d, &[4], &[1.0; 2], 1.0, 1);
+            one_at_a_time(&mut single, &d, &[4], &[1.0; 2], 1);
+            batched.push(&d, batch, &grads, 1.0, 2);
+            one_at_a_time(&mut single, &d, batch, &grads, 2);
+            let what = format!("{eviction:?}, {evict_batch} at a time");
+            assert_eq!(held(&batched), held(&single), "{what}");
+            let ids = held(&batched);
+            let (mut a, mut b) = (vec![0.0; ids.len() * 2], vec![0.0; ids.len() * 2]);
+            batched.lookup(&d, &ids, &mut a);
+            single.lookup(&d, &ids, &mut b);
+            assert_eq!(a, b, "{what}");
+            assert_eq!(batched.counts(), single.counts(), "{what}");
+        }
     }
 
     #[test]
