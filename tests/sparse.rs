@@ -319,6 +319,21 @@ async fn a_table_capacity_past_the_shard_memory_limit_is_refused() {
         assert!(e.message.contains("\"fourth\""), "{e}");
         let info = c.shard_info().await.unwrap();
         assert_eq!(info[0].tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["small", "third"]);
+        // A lookup may not ask for more than 256 MiB of rows at once (a few ids of wide rows).
+        c.register_table(&TableSpec::new("wide", 65_536)).await.unwrap();
+        let ids: Vec<u64> = (0..1025).collect();
+        let mut rpc = ParameterServerClient::connect(format!("http://{}", cluster.addrs()[0])).await.unwrap();
+        let req = ps::LookupRequest {
+            table: "wide".into(),
+            ids: ids.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into(),
+            wire_dtype: ps::Dtype::F32 as i32,
+            ..Default::default()
+        };
+        let e = rpc.lookup(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+        assert!(e.message().contains("\"wide\"") && e.message().contains("fewer ids"), "{}", e.message());
+        let mut rows = vec![0f32; 2 * 65_536];
+        c.lookup("wide", &ids[..2], 0, &mut rows).await.expect("a small lookup of the same table");
     })
     .await;
 }

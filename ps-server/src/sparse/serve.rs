@@ -13,6 +13,10 @@ use crate::error::Error;
 use crate::service::PsService;
 use crate::store::PushMeta;
 
+/// Most row bytes one lookup returns (its ids arrive in far fewer bytes than the rows they
+/// ask for: without a bound, one small request could make the shard allocate any amount).
+const MAX_LOOKUP_BYTES: usize = 256 << 20;
+
 /// Lookups and pushes of at least this many values run on the blocking pool.
 const BLOCKING_ROW_VALUES: usize = 1 << 18;
 
@@ -53,10 +57,21 @@ impl PsService {
     pub(crate) async fn lookup_rows(&self, r: &ps::LookupRequest, ids: Vec<u64>) -> Result<(ps::LookupResponse, bytes::Bytes), Status> {
         let table = self.store().tables().get(&r.table).map_err(|e| self.reject(e))?;
         let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.table).map_err(|e| self.reject(e))?;
+        let n = ids.len().saturating_mul(table.dim());
+        if n.saturating_mul(wire.size()) > MAX_LOOKUP_BYTES {
+            return Err(self.reject(Error::ResourceExhausted {
+                variable: r.table.clone(),
+                reason: format!(
+                    "a lookup of {} ids of {} elements would return {} bytes; at most {MAX_LOOKUP_BYTES} are sent at once: look up fewer ids at a time",
+                    ids.len(),
+                    table.dim(),
+                    n.saturating_mul(wire.size())
+                ),
+            }));
+        }
         let timeout = self.pull_timeout(r.timeout_ms);
         let wait = table.wait_readable(r.step, timeout);
         let version = self.unless_shutdown(wait).await.map_err(|e| self.reject(e))?;
-        let n = ids.len() * table.dim();
         let work = {
             let table = Arc::clone(&table);
             move || {
