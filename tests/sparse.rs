@@ -252,6 +252,15 @@ async fn bad_table_requests_get_the_right_status_and_change_nothing() {
         assert_eq!(e.code(), Code::NotFound);
         let e = rpc.lookup(ps::LookupRequest { ids: vec![1u8; 7].into(), ..lookup("emb", &[]) }).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
+        // A client that did not register the table: the row width comes from the buffers,
+        // an empty batch needs none, and empty rows for ids are a usage error, not a panic.
+        let other = Client::connect(&cluster.addrs(), options(1, false)).await.unwrap();
+        let e = other.push_sparse("emb", &[1, 2], &[], 0).await.unwrap_err();
+        assert_eq!(e.kind, parasync_client::ErrorKind::Usage, "{e}");
+        other.push_sparse("emb", &[], &[], 0).await.expect("an empty push");
+        let mut one = [0f32; 4];
+        other.lookup("emb", &[1], 0, &mut one).await.unwrap();
+        assert_eq!(one[..], before[..4]);
         // Registrations that disagree, or make no sense.
         let mut other = s.clone();
         other.dim = 8;

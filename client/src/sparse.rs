@@ -223,11 +223,20 @@ impl Client {
     }
 
     /// The row width of a table this client registered (or `out_len / ids`).
+    /// The row width of `table`: the one this client registered, or else `values / ids`
+    /// (remembered from then on, with the versions the lookups see). An empty batch needs
+    /// none (a sync worker pushes every step, with or without ids): it gets 1 when the table
+    /// is unknown.
     fn table_dim(&self, table: &str, ids: usize, values: usize, what: &str) -> Result<usize> {
-        let known = self.tables.lock().expect("tables lock").get(table).map(|t| t.dim);
-        let dim = match known {
+        let mut known = self.tables.lock().expect("tables lock");
+        let dim = match known.get(table).map(|t| t.dim) {
             Some(d) => d,
-            None if ids > 0 && values % ids == 0 => values / ids,
+            None if ids == 0 && values == 0 => return Ok(1),
+            None if ids > 0 && values > 0 && values % ids == 0 => {
+                let dim = values / ids;
+                known.insert(table.to_string(), KnownTable { dim, versions: vec![0; self.shards.len()] });
+                dim
+            }
             None => return Err(Error::usage(format!("{what} {}: {values} values do not split into {ids} rows", Quoted(table)))),
         };
         if values != ids * dim {

@@ -28,7 +28,16 @@ impl std::hash::Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, id: u64) {
-        self.0 = mix64(id);
+        self.0 = mix64(id ^ self.0);
+    }
+}
+
+impl IdHasher {
+    /// A hasher whose hashes depend on `key` as well (see `IdHasher::default` for none): a
+    /// server keys its maps with a secret drawn at start, so that nobody can send ids chosen
+    /// to collide in them.
+    pub fn keyed(key: u64) -> IdHasher {
+        IdHasher(key)
     }
 }
 

@@ -9,7 +9,28 @@ use parasync_tensor::{bf16, DType};
 
 use super::def::{mix64, Admission, Eviction, TableDef, GOLDEN_GAMMA};
 
-pub(crate) use parasync_proto::sparse::IdMap;
+/// A shard's maps keyed by id: SplitMix64's finaliser of the id and a key drawn when the
+/// process starts (ids come from the network: a fixed hash would let a client send ids
+/// that all collide).
+pub(crate) type IdMap<V> = std::collections::HashMap<u64, V, KeyedIds>;
+
+/// Builds the hashers of [`IdMap`]s with this process's key.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyedIds(u64);
+
+impl Default for KeyedIds {
+    fn default() -> Self {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        KeyedIds(*KEY.get_or_init(rand::random::<u64>))
+    }
+}
+
+impl std::hash::BuildHasher for KeyedIds {
+    type Hasher = parasync_proto::sparse::IdHasher;
+    fn build_hasher(&self) -> Self::Hasher {
+        parasync_proto::sparse::IdHasher::keyed(self.0)
+    }
+}
 
 /// How many rows ahead an update or a lookup fetches the row it will work on.
 const PREFETCH_ROWS: usize = 4;
@@ -869,6 +890,16 @@ mod tests {
             assert_eq!(a, b, "{what}");
             assert_eq!(batched.counts(), single.counts(), "{what}");
         }
+    }
+
+    #[test]
+    fn a_shards_id_maps_are_keyed() {
+        use std::hash::BuildHasher;
+        let plain = std::hash::BuildHasherDefault::<parasync_proto::sparse::IdHasher>::default();
+        let key = KeyedIds::default();
+        assert!((0..64u64).filter(|&id| key.hash_one(id) == plain.hash_one(id)).count() < 2, "the process key changes every hash");
+        assert_eq!(key.hash_one(9u64), KeyedIds::default().hash_one(9u64), "one key per process");
+        assert_ne!(KeyedIds(1).hash_one(9u64), KeyedIds(2).hash_one(9u64));
     }
 
     #[test]
