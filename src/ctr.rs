@@ -9,7 +9,6 @@
 //! 32-32-1 head whose variables live on the same shards. Workers are real processes; the
 //! parent measures the held-out AUC beside the AUC of the planted model itself.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -20,7 +19,7 @@ use parasync_client::{Admission, Client, ClientOptions, DType, Eviction, Init, O
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterOptions, LocalCluster};
-use crate::demo::{ChildRegistry, DemoArgs, DemoMode, Workers};
+use crate::demo::{forward_events, ChildRegistry, DemoArgs, DemoMode, Workers};
 
 /// Vocabulary of each field.
 pub const VOCAB: [u64; 4] = [5000, 2000, 500, 50];
@@ -403,16 +402,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<CtrReport> {
         children.add(child.id());
         workers.0.push(child);
         let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let ev = line
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| serde_json::from_str::<Event>(&l).with_context(|| format!("worker {w} printed {l:?}")));
-                if tx.send(ev).is_err() {
-                    break;
-                }
-            }
-        });
+        forward_events(out, w, tx);
     }
     drop(tx);
     let mut rate = 0.0;

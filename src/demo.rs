@@ -266,6 +266,25 @@ fn model_specs(init_seed: u64, lr: f32) -> Vec<VariableSpec> {
         .collect()
 }
 
+/// Passes worker `w`'s JSON event lines (its stdout) on to `tx`, from a thread of their own,
+/// until the worker closes its stdout or nobody listens any more.
+pub(crate) fn forward_events<E: serde::de::DeserializeOwned + Send + 'static>(
+    out: std::process::ChildStdout,
+    w: usize,
+    tx: mpsc::Sender<anyhow::Result<E>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let ev = line
+                .map_err(anyhow::Error::from)
+                .and_then(|l| serde_json::from_str::<E>(&l).with_context(|| format!("worker {w} printed {l:?}")));
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+}
+
 /// Kills the worker processes if the demo ends early (error or Ctrl-C).
 pub(crate) struct Workers(pub(crate) Vec<Child>);
 
@@ -428,16 +447,7 @@ pub fn run(args: &DemoArgs, exe: &Path) -> anyhow::Result<DemoReport> {
         children.add(child.id());
         workers.0.push(child);
         let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let ev = line.map_err(anyhow::Error::from).and_then(|l| {
-                    serde_json::from_str::<WorkerEvent>(&l).with_context(|| format!("worker {w} printed {l:?}"))
-                });
-                if tx.send(ev).is_err() {
-                    break;
-                }
-            }
-        });
+        forward_events(out, w, tx);
     }
     drop(tx);
 

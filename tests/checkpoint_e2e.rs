@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use parasync::cluster::{ClusterOptions, LocalCluster};
-use parasync_client::{Client, ClientOptions, DType, Init, Optimizer, VariableSpec};
+use parasync_client::{Client, DType, Init, Optimizer, VariableSpec};
 
 const WORKERS: u32 = 4;
 
@@ -58,15 +58,7 @@ fn start(shards: usize, args: &[&str], log_dir: Option<&Path>) -> LocalCluster {
 }
 
 async fn connect(addrs: &[String], worker: u32) -> Client {
-    let opts = ClientOptions {
-        worker_id: worker,
-        split_bytes: 1024,
-        chunk_bytes: 4096,
-        pull_timeout: Some(Duration::from_secs(20)),
-        connect_timeout: Duration::from_secs(10),
-        ..Default::default()
-    };
-    Client::connect(addrs, opts).await.expect("connecting")
+    common::client_at(addrs, worker, 1024, true).await
 }
 
 /// Four workers register and train steps `from..to`; returns the values of step `to`.

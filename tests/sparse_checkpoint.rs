@@ -13,8 +13,7 @@ use common::{complete_checkpoints, TempDir};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use parasync::cluster::{ClusterOptions, LocalCluster};
-use parasync_client::{Admission, Client, ClientOptions, Eviction, Init, Optimizer, RowInit, TableOptimizer, TableSpec, VariableSpec};
+use parasync_client::{Admission, Client, Eviction, Init, Optimizer, RowInit, TableOptimizer, TableSpec, VariableSpec};
 use parasync_proto::ps::{self, parameter_server_client::ParameterServerClient};
 
 const WORKERS: u32 = 2;
@@ -85,22 +84,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 
-fn start(shards: usize, args: &[&str]) -> LocalCluster {
-    let mut opts = ClusterOptions::new(shards, args);
-    opts.show_logs = std::env::var_os("PARASYNC_TEST_LOGS").is_some();
-    LocalCluster::start(&common::exe(), &opts).expect("starting the cluster")
-}
-
 async fn connect(addrs: &[String], worker: u32) -> Client {
-    let opts = ClientOptions {
-        worker_id: worker,
-        split_bytes: 1024,
-        chunk_bytes: 4096,
-        pull_timeout: Some(Duration::from_secs(20)),
-        connect_timeout: Duration::from_secs(10),
-        ..Default::default()
-    };
-    Client::connect(addrs, opts).await.expect("connecting")
+    common::client_at(addrs, worker, 1024, true).await
 }
 
 /// A dense variable small enough to be placed whole on one shard: the other holds only
@@ -196,7 +181,7 @@ async fn a_shard_killed_after_a_checkpoint_restores_its_table_bit_for_bit_and_tr
         let sync = ["--mode", "sync", "--num-workers", "2"];
         // Nine steps straight, reading the rows at step 6 and 9.
         let (straight6, straight9, dense9) = {
-            let cluster = start(2, &sync);
+            let cluster = common::cluster(2, &sync);
             train(&cluster.addrs(), 0, 6).await;
             let l6 = lookups(&cluster.addrs(), 6).await;
             let d9 = train(&cluster.addrs(), 6, 9).await;
@@ -207,7 +192,7 @@ async fn a_shard_killed_after_a_checkpoint_restores_its_table_bit_for_bit_and_tr
         let d = dir.0.to_str().unwrap();
         let mut args = sync.to_vec();
         args.extend(["--num-shards", "2", "--checkpoint-dir", d, "--checkpoint-every-steps", "3"]);
-        let mut cluster = start(2, &args);
+        let mut cluster = common::cluster(2, &args);
         let addrs = cluster.addrs();
         train(&addrs, 0, 6).await;
         let step6 = complete(&dir.0, 6).await;
@@ -258,7 +243,7 @@ async fn a_table_checkpoint_restores_onto_three_shards_by_routing_rows_by_id() {
         let two = TempDir::new("two");
         let mut args = sync.to_vec();
         args.extend(["--num-shards", "2", "--checkpoint-dir", two.0.to_str().unwrap(), "--checkpoint-every-steps", "3"]);
-        let cluster = start(2, &args);
+        let cluster = common::cluster(2, &args);
         train(&cluster.addrs(), 0, 6).await;
         let step6 = complete(&two.0, 6).await;
         let at6 = lookups(&cluster.addrs(), 6).await;
@@ -266,7 +251,7 @@ async fn a_table_checkpoint_restores_onto_three_shards_by_routing_rows_by_id() {
         drop(cluster); // SIGKILL, every shard
 
         let restore = step6.to_str().unwrap();
-        let three = start(3, &["--mode", "sync", "--num-workers", "2", "--num-shards", "3", "--restore", restore]);
+        let three = common::cluster(3, &["--mode", "sync", "--num-workers", "2", "--num-shards", "3", "--restore", restore]);
         let addrs = three.addrs();
         let mut rpc = ParameterServerClient::connect(format!("http://{}", addrs[2])).await.unwrap();
         assert!(!rpc.register_table(table_request()).await.unwrap().into_inner().created, "restored before serving");
@@ -306,7 +291,7 @@ async fn a_shard_of_tables_alone_writes_every_n_steps_and_comes_back_from_sigkil
         let sync = ["--mode", "sync", "--num-workers", "2"];
         // Nine steps straight, reading the rows at step 9.
         let straight9 = {
-            let cluster = start(2, &sync);
+            let cluster = common::cluster(2, &sync);
             train_with(&cluster.addrs(), 0, 9, small_dense).await;
             lookups(&cluster.addrs(), 9).await
         };
@@ -314,7 +299,7 @@ async fn a_shard_of_tables_alone_writes_every_n_steps_and_comes_back_from_sigkil
         let dir = TempDir::new("tables-only");
         let mut args = sync.to_vec();
         args.extend(["--num-shards", "2", "--checkpoint-dir", dir.0.to_str().unwrap(), "--checkpoint-every-steps", "3"]);
-        let mut cluster = start(2, &args);
+        let mut cluster = common::cluster(2, &args);
         let addrs = cluster.addrs();
         train_with(&addrs, 0, 6, small_dense).await;
         let k = tables_only_shard(&addrs).await;
@@ -363,7 +348,7 @@ async fn an_async_shard_of_tables_alone_writes_its_checkpoints_at_the_first_push
             "--mode", "async", "--num-workers", "1", "--num-shards", "2",
             "--checkpoint-dir", dir.0.to_str().unwrap(), "--checkpoint-every-steps", "3",
         ];
-        let mut cluster = start(2, &args);
+        let mut cluster = common::cluster(2, &args);
         let addrs = cluster.addrs();
         let mut c = connect(&addrs, 0).await;
         c.register(small_dense()).await.unwrap();
@@ -428,7 +413,7 @@ async fn time_based_checkpoints_of_a_job_of_tables_alone_are_agreed_through_spar
                 "--mode", mode, "--num-workers", "2", "--num-shards", "2", "--checkpoint-dir", dir.0.to_str().unwrap(),
                 "--checkpoint-every-s", "0.25", "--keep-checkpoints", "1000",
             ];
-            let cluster = start(2, &args);
+            let cluster = common::cluster(2, &args);
             let mut tasks = Vec::new();
             for w in 0..WORKERS {
                 let addrs = cluster.addrs();

@@ -385,7 +385,6 @@ impl Conn {
         let payload = ids.len() * 8 + rows.len() * wire.size();
         let req = ps::DataRequest { op: Some(op), payload_bytes: payload as u64 };
         self.scratch.clear();
-        self.scratch.reserve(payload + 64);
         put_frame(&req, &mut self.scratch);
         for id in ids {
             self.scratch.extend_from_slice(&id.to_le_bytes());

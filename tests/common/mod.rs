@@ -29,6 +29,11 @@ pub async fn client(cluster: &LocalCluster, worker: u32, split_bytes: usize) -> 
 
 /// [`client`], choosing whether tensors go over the shards' data plane or over gRPC.
 pub async fn client_with(cluster: &LocalCluster, worker: u32, split_bytes: usize, data_plane: bool) -> Client {
+    client_at(&cluster.addrs(), worker, split_bytes, data_plane).await
+}
+
+/// [`client_with`] for shard addresses (a cluster whose shards restart keeps them).
+pub async fn client_at(addrs: &[String], worker: u32, split_bytes: usize, data_plane: bool) -> Client {
     let opts = ClientOptions {
         data_plane,
         worker_id: worker,
@@ -38,7 +43,7 @@ pub async fn client_with(cluster: &LocalCluster, worker: u32, split_bytes: usize
         connect_timeout: Duration::from_secs(10),
         ..Default::default()
     };
-    Client::connect(&cluster.addrs(), opts).await.expect("connecting")
+    Client::connect(addrs, opts).await.expect("connecting")
 }
 
 /// Bounds a whole async test body.

@@ -129,8 +129,7 @@ pub struct TableTraffic {
     /// Lookup calls, and rows they returned.
     pub lookups: AtomicU64,
     pub rows_looked_up: AtomicU64,
-    /// Push calls accepted, and gradient rows they carried (after summing repeated ids).
-    pub pushes: AtomicU64,
+    /// Gradient rows of accepted pushes (after summing repeated ids).
     pub rows_pushed: AtomicU64,
     /// Row payload bytes received and sent.
     pub bytes_in: AtomicU64,
@@ -284,7 +283,6 @@ impl SparseTable {
                 return Ok(result);
             }
         }
-        self.traffic.pushes.fetch_add(1, Relaxed);
         self.traffic.rows_pushed.fetch_add(rows, Relaxed);
         self.changed.send_modify(|c| *c += 1);
         if let Some((hook, capture)) = step_capture {
@@ -324,6 +322,11 @@ impl SparseTable {
         self.clock.lock().lr = lr;
     }
 
+    /// Whether `id` has a row.
+    pub fn contains(&self, id: u64) -> bool {
+        self.stripes[stripe_of(id, self.stripes.len())].read().contains(id)
+    }
+
     /// Rows, counters, version and rate as they are now.
     pub fn status(&self) -> TableStatus {
         let (version, learning_rate) = {
@@ -343,11 +346,6 @@ impl SparseTable {
             status.allocated_bytes += r.allocated_bytes();
         }
         status
-    }
-
-    /// Whether `id` has a row.
-    pub fn contains(&self, id: u64) -> bool {
-        self.stripes[stripe_of(id, self.stripes.len())].read().contains(id)
     }
 }
 
