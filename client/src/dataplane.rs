@@ -157,13 +157,15 @@ impl DataPlane {
         Ok((reply.values.map_or(0, |h| h.version), push))
     }
 
-    /// Looks up the rows of `ids` (the request's `num_ids` set) into `dst` (`ids.len() * dim`
-    /// values, sent as `wire`); returns their version.
-    pub async fn lookup(&self, req: ps::LookupRequest, ids: &[u64], wire: DType, dst: &mut [f32], ctx: &str) -> Result<u64> {
+    /// Looks up the rows of `ids` (the request's `num_ids` set; `row_values` elements each,
+    /// sent as `wire`); returns their version and the rows as they came (`wire` bytes).
+    pub async fn lookup(&self, req: ps::LookupRequest, ids: &[u64], wire: DType, row_values: usize, ctx: &str) -> Result<(u64, Vec<u8>)> {
         let (_permit, mut c) = self.lease(ctx).await?;
+        let n = ids.len() * row_values * wire.size();
+        let mut rows = Vec::new();
         let outcome = async {
             c.send_rows(Op::Lookup(req), ids, &[], wire).await?;
-            c.spin_for_reply(self.spin_for(dst.len() * wire.size())).await;
+            c.spin_for_reply(self.spin_for(n)).await;
             let reply = c.reply().await?;
             if reply.code != 0 {
                 return Ok(reply);
@@ -172,22 +174,16 @@ impl DataPlane {
             if header.wire_dtype != crate::spec::dtype_to_proto(wire) {
                 return Err(Failure::Protocol(wrong_wire(header.wire_dtype, wire)));
             }
-            let n = dst.len() * wire.size();
             if reply.payload_bytes != n as u64 {
                 return Err(Failure::Protocol(format!("{} row bytes announced, {n} expected", reply.payload_bytes)));
             }
-            #[cfg(target_endian = "little")]
-            if wire == DType::F32 {
-                c.sock.read_exact(parasync_tensor::f32_as_le_bytes_mut(dst)).await?;
-                return Ok(reply);
-            }
-            fill(&mut c.sock, &mut c.scratch, n).await?;
-            parasync_tensor::decode_into(&c.scratch[..n], wire, dst).map_err(|e| Failure::Protocol(e.to_string()))?;
+            rows.resize(n, 0);
+            c.sock.read_exact(&mut rows).await?;
             Ok(reply)
         }
         .await;
         let reply = self.finish(c, outcome, ctx)?;
-        Ok(reply.lookup.map_or(0, |h| h.version))
+        Ok((reply.lookup.map_or(0, |h| h.version), rows))
     }
 
     /// Pushes gradient rows of `ids` (the request's `num_ids` set), sent as `wire`.

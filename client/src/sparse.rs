@@ -9,7 +9,7 @@
 use futures::future::try_join_all;
 use parasync_proto::names::{self, Quoted};
 use parasync_proto::ps;
-use parasync_proto::sparse::{shard_of_id, IdMap};
+use parasync_proto::sparse::{shard_of_id, UniqueIds};
 use parasync_tensor::DType;
 
 use crate::client::Client;
@@ -175,20 +175,18 @@ struct Split {
 }
 
 fn split(ids: &[u64], num_shards: usize) -> Split {
-    let mut seen: IdMap<(u32, u32)> = IdMap::default();
-    seen.reserve(ids.len());
+    let (mut unique, mut first) = (Vec::new(), Vec::new());
+    UniqueIds::default().number(ids, &mut unique, &mut first);
     let mut shards = vec![Vec::new(); num_shards];
-    let at = ids
+    let place: Vec<(u32, u32)> = unique
         .iter()
         .map(|&id| {
-            *seen.entry(id).or_insert_with(|| {
-                let s = shard_of_id(id, num_shards);
-                shards[s].push(id);
-                (s as u32, (shards[s].len() - 1) as u32)
-            })
+            let s = shard_of_id(id, num_shards);
+            shards[s].push(id);
+            (s as u32, (shards[s].len() - 1) as u32)
         })
         .collect();
-    Split { at, unique: seen.len(), shards }
+    Split { at: first.iter().map(|&k| place[k as usize]).collect(), unique: unique.len(), shards }
 }
 
 fn id_bytes(ids: &[u64]) -> Vec<u8> {
@@ -262,7 +260,6 @@ impl Client {
         let got = try_join_all(plan.shards.iter().enumerate().filter(|(_, s)| !s.is_empty()).map(|(i, shard_ids)| async move {
             let shard = &self.shards[i];
             let ctx = format!("lookup of {} ids in table {} for step {step} on shard {i} ({})", shard_ids.len(), Quoted(table), shard.addr);
-            let mut rows = vec![0f32; shard_ids.len() * dim];
             let mut req = ps::LookupRequest {
                 table: table.to_string(),
                 worker_id: self.opts.worker_id,
@@ -272,24 +269,29 @@ impl Client {
                 wire_dtype: dtype_to_proto(wire),
                 timeout_ms: self.pull_timeout_ms(),
             };
-            let version = match &shard.data {
-                Some(data) => data.lookup(req, shard_ids, wire, &mut rows, &ctx).await?,
+            let (version, rows) = match &shard.data {
+                Some(data) => {
+                    let (version, rows) = data.lookup(req, shard_ids, wire, dim, &ctx).await?;
+                    (version, bytes::Bytes::from(rows))
+                }
                 None => {
                     req.ids = id_bytes(shard_ids).into();
                     let r = shard.rpc().lookup(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner();
                     if r.wire_dtype != dtype_to_proto(wire) {
                         return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {}", crate::dataplane::wrong_wire(r.wire_dtype, wire))));
                     }
-                    parasync_tensor::decode_into(&r.rows, wire, &mut rows)
-                        .map_err(|e| Error::new(crate::ErrorKind::Internal, format!("{ctx}: rows: {e}")))?;
-                    r.version
+                    if r.rows.len() != shard_ids.len() * dim * wire.size() {
+                        let n = r.rows.len();
+                        return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {n} row bytes for {} ids of {dim} {wire}", shard_ids.len())));
+                    }
+                    (r.version, r.rows)
                 }
             };
             Ok::<_, Error>((i, version, rows))
         }))
         .await?;
-        // Each position of the batch gets its row from its shard's answer.
-        let mut by_shard: Vec<&[f32]> = vec![&[]; self.shards.len()];
+        // Each position of the batch gets its row from its shard's answer, decoded there.
+        let mut by_shard: Vec<&[u8]> = vec![&[]; self.shards.len()];
         let mut lowest = u64::MAX;
         {
             let mut known = self.tables.lock().expect("tables lock");
@@ -301,9 +303,11 @@ impl Client {
                 }
             }
         }
+        let row_bytes = dim * wire.size();
         for (row, &(s, j)) in out.chunks_exact_mut(dim).zip(&plan.at) {
             let j = j as usize;
-            row.copy_from_slice(&by_shard[s as usize][j * dim..(j + 1) * dim]);
+            parasync_tensor::decode_into(&by_shard[s as usize][j * row_bytes..(j + 1) * row_bytes], wire, row)
+                .expect("rows of the announced size");
         }
         Ok(lowest)
     }
@@ -318,10 +322,16 @@ impl Client {
         let dim = self.table_dim(table, ids.len(), grads.len(), "push to table")?;
         let plan = split(ids, self.shards.len());
         // Each shard's rows, with the rows of repeated ids summed in the order they appear.
-        let mut rows: Vec<Vec<f32>> = plan.shards.iter().map(|s| vec![0f32; s.len() * dim]).collect();
+        // An id's first row is copied in (first appearances come in the order of each shard's
+        // ids), later ones are added to it.
+        let mut rows: Vec<Vec<f32>> = plan.shards.iter().map(|s| Vec::with_capacity(s.len() * dim)).collect();
         for (g, &(s, j)) in grads.chunks_exact(dim).zip(&plan.at) {
-            let j = j as usize;
-            rows[s as usize][j * dim..(j + 1) * dim].iter_mut().zip(g).for_each(|(r, &x)| *r += x);
+            let (r, j) = (&mut rows[s as usize], j as usize);
+            if r.len() == j * dim {
+                r.extend_from_slice(g);
+            } else {
+                r[j * dim..(j + 1) * dim].iter_mut().zip(g).for_each(|(r, &x)| *r += x);
+            }
         }
         let bases: Vec<u64> = {
             let known = self.tables.lock().expect("tables lock");

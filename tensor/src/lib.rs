@@ -92,6 +92,17 @@ pub fn encode_f32(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
     }
 }
 
+/// Writes `values` encoded as `dtype` into `out`, which holds exactly their encoded bytes
+/// (`values.len() * dtype.size()`; panics otherwise).
+pub fn encode_f32_into(values: &[f32], dtype: DType, out: &mut [u8]) {
+    assert_eq!(out.len(), values.len() * dtype.size(), "encode_f32_into: output of the wrong size");
+    match dtype {
+        DType::F32 => out.copy_from_slice(f32_as_le_bytes(values)),
+        // SAFETY: `out` holds 2 bytes per value.
+        DType::Bf16 => unsafe { simd::dispatch_encode_bf16(values, out.as_mut_ptr()) },
+    }
+}
+
 /// The bytes of `values` as little-endian f32 data, without copying (on little-endian
 /// targets the in-memory layout already is the wire layout).
 #[cfg(target_endian = "little")]

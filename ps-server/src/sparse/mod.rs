@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use parasync_proto::sparse::UniqueIds;
+use parasync_tensor::DType;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -25,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::store::{PushMeta, PushResult};
 
 pub mod def;
+mod index;
 pub mod rows;
 pub(crate) mod serve;
 pub mod table;
@@ -56,31 +59,35 @@ impl SparseGrad {
     /// [`SparseGrad::summed`] taking the request's buffers: when no id repeats (clients send
     /// unique ids) they become the gradient as they are, without a copy.
     pub fn summed_owned(ids: Vec<u64>, rows: Vec<f32>, dim: usize) -> SparseGrad {
-        let mut seen: IdMap<()> = IdMap::default();
-        seen.reserve(ids.len());
-        if ids.iter().all(|&id| seen.insert(id, ()).is_none()) {
+        let (mut unique, mut at) = (Vec::new(), Vec::new());
+        UniqueIds::keyed(table::id_key()).number(&ids, &mut unique, &mut at);
+        if unique.len() == ids.len() {
             return SparseGrad { ids, rows };
         }
-        SparseGrad::summed(&ids, &rows, dim)
+        SparseGrad::sum_numbered(unique, &at, &rows, dim)
     }
 
     /// Sums the rows of repeated ids (in the order they appear: the same input always gives
     /// the same bits). `rows` holds `ids.len() * dim` values.
     pub fn summed(ids: &[u64], rows: &[f32], dim: usize) -> SparseGrad {
-        let mut at: IdMap<usize> = IdMap::default();
-        at.reserve(ids.len());
-        let mut out = SparseGrad { ids: Vec::with_capacity(ids.len()), rows: Vec::with_capacity(rows.len()) };
-        for (&id, row) in ids.iter().zip(rows.chunks_exact(dim)) {
-            match at.get(&id) {
-                Some(&k) => out.rows[k * dim..(k + 1) * dim].iter_mut().zip(row).for_each(|(s, &g)| *s += g),
-                None => {
-                    at.insert(id, out.ids.len());
-                    out.ids.push(id);
-                    out.rows.extend_from_slice(row);
-                }
+        let (mut unique, mut at) = (Vec::new(), Vec::new());
+        UniqueIds::keyed(table::id_key()).number(ids, &mut unique, &mut at);
+        SparseGrad::sum_numbered(unique, &at, rows, dim)
+    }
+
+    /// The gradient of `unique` ids whose rows are the sums of `rows` by `at` (each row's
+    /// index into `unique`): an id's first row copied, later ones added in order.
+    fn sum_numbered(unique: Vec<u64>, at: &[u32], rows: &[f32], dim: usize) -> SparseGrad {
+        let mut out: Vec<f32> = Vec::with_capacity(unique.len() * dim);
+        for (&k, row) in at.iter().zip(rows.chunks_exact(dim)) {
+            let k = k as usize;
+            if out.len() == k * dim {
+                out.extend_from_slice(row);
+            } else {
+                out[k * dim..(k + 1) * dim].iter_mut().zip(row).for_each(|(s, &g)| *s += g);
             }
         }
-        out
+        SparseGrad { ids: unique, rows: out }
     }
 
     /// The mean per id of a sync step's gradients, given in worker order: each id's rows are
@@ -193,20 +200,27 @@ impl SparseTable {
     /// Rows of `ids` into `out` (`ids.len() * dim`): held rows, or the initial rows of ids
     /// without one. Repeated ids are fine.
     pub fn lookup(&self, ids: &[u64], out: &mut [f32]) {
-        let dim = self.dim();
-        assert_eq!(out.len(), ids.len() * dim, "lookup: output of the wrong size");
+        self.lookup_wire(ids, DType::F32, parasync_tensor::f32_as_le_bytes_mut(out));
+    }
+
+    /// [`SparseTable::lookup`] with the rows written as `wire` into `out`
+    /// (`ids.len() * dim * wire.size()` bytes): what a reply sends.
+    pub fn lookup_wire(&self, ids: &[u64], wire: DType, out: &mut [u8]) {
+        let row_bytes = self.dim() * wire.size();
+        assert_eq!(out.len(), ids.len() * row_bytes, "lookup: output of the wrong size");
         if self.stripes.len() == 1 {
-            self.stripes[0].read().lookup(&self.def, ids, out);
+            self.stripes[0].read().lookup_rows(&self.def, ids.iter().copied().zip(out.chunks_exact_mut(row_bytes)), wire);
         } else {
             let order = self.by_stripe(ids);
             // Every position's row of `out`, handed to the stripe that holds its id.
-            let mut rows_out: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(dim).map(Some).collect();
+            let mut rows_out: Vec<Option<&mut [u8]>> = out.chunks_exact_mut(row_bytes).map(Some).collect();
             for (s, members) in order.iter().enumerate() {
                 if members.is_empty() {
                     continue;
                 }
                 let rows = self.stripes[s].read();
-                rows.lookup_rows(&self.def, members.iter().map(|&i| (ids[i], rows_out[i].take().expect("each position once"))));
+                let members = members.iter().map(|&i| (ids[i], rows_out[i].take().expect("each position once")));
+                rows.lookup_rows(&self.def, members, wire);
             }
         }
         self.traffic.lookups.fetch_add(1, Relaxed);

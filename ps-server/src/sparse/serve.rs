@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use parasync_proto::ps;
-use parasync_tensor::DType;
 use tonic::Status;
 
 use crate::convert;
@@ -35,15 +34,6 @@ pub(crate) fn decode_ids(bytes: &[u8], expected: Option<u64>, table: &str) -> Re
     Ok(bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
 }
 
-/// Looked-up f32 rows as the little-endian bytes of a reply.
-struct F32Rows(Vec<f32>);
-
-impl AsRef<[u8]> for F32Rows {
-    fn as_ref(&self) -> &[u8] {
-        parasync_tensor::f32_as_le_bytes(&self.0)
-    }
-}
-
 impl PsService {
     /// Creates a table or confirms an identical one.
     pub(crate) fn register_table(&self, r: ps::RegisterTableRequest) -> Result<ps::RegisterTableResponse, Status> {
@@ -52,8 +42,7 @@ impl PsService {
         Ok(ps::RegisterTableResponse { created })
     }
 
-    /// Rows of `ids` once the request's step allows, encoded in its wire dtype (f32 rows
-    /// are sent as they were looked up, without another copy).
+    /// Rows of `ids` once the request's step allows, written straight in its wire dtype.
     pub(crate) async fn lookup_rows(&self, r: &ps::LookupRequest, ids: Vec<u64>) -> Result<(ps::LookupResponse, bytes::Bytes), Status> {
         let table = self.store().tables().get(&r.table).map_err(|e| self.reject(e))?;
         let wire = convert::dtype(r.wire_dtype, "wire_dtype", &r.table).map_err(|e| self.reject(e))?;
@@ -75,16 +64,9 @@ impl PsService {
         let work = {
             let table = Arc::clone(&table);
             move || {
-                let mut rows = vec![0f32; n];
-                table.lookup(&ids, &mut rows);
-                match wire {
-                    DType::F32 => bytes::Bytes::from_owner(F32Rows(rows)),
-                    DType::Bf16 => {
-                        let mut out = Vec::with_capacity(n * 2);
-                        parasync_tensor::encode_f32(&rows, wire, &mut out);
-                        out.into()
-                    }
-                }
+                let mut out = vec![0u8; n * wire.size()];
+                table.lookup_wire(&ids, wire, &mut out);
+                bytes::Bytes::from(out)
             }
         };
         let out = if n >= BLOCKING_ROW_VALUES {

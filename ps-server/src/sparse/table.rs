@@ -8,6 +8,7 @@
 use parasync_tensor::{bf16, DType};
 
 use super::def::{mix64, Admission, Eviction, TableDef, GOLDEN_GAMMA};
+use super::index::RowIndex;
 
 /// A shard's maps keyed by id: SplitMix64's finaliser of the id and a key drawn when the
 /// process starts (ids come from the network: a fixed hash would let a client send ids
@@ -20,9 +21,14 @@ pub(crate) struct KeyedIds(u64);
 
 impl Default for KeyedIds {
     fn default() -> Self {
-        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        KeyedIds(*KEY.get_or_init(rand::random::<u64>))
+        KeyedIds(id_key())
     }
+}
+
+/// This process's key for hashing ids (drawn once, at first use).
+pub(crate) fn id_key() -> u64 {
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KEY.get_or_init(rand::random::<u64>)
 }
 
 impl std::hash::BuildHasher for KeyedIds {
@@ -33,11 +39,14 @@ impl std::hash::BuildHasher for KeyedIds {
 }
 
 /// How many rows ahead an update or a lookup fetches the row it will work on.
-const PREFETCH_ROWS: usize = 4;
+const PREFETCH_ROWS: usize = 8;
+
+/// How many ids ahead a batch fetches the index entry of the id it will look for.
+const PREFETCH_IDS: usize = 16;
 
 /// Asks the CPU to bring the `bytes` at `p` into its caches (a hint: nothing on other CPUs).
 #[inline(always)]
-fn prefetch_bytes(p: *const u8, bytes: usize) {
+pub(crate) fn prefetch_bytes(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -90,7 +99,7 @@ pub struct Rows {
     capacity: usize,
     /// Rows evicted at once when full: at least one; spreading the scan over many inserts.
     evict_batch: usize,
-    index: IdMap<u32>,
+    index: RowIndex,
     meta: Vec<RowMeta>,
     values: Values,
     /// `num_slots` arrays of `dim` f32 per row slot.
@@ -125,7 +134,7 @@ impl Rows {
             dim: def.dim as usize,
             capacity,
             evict_batch: evict_batch.max(1),
-            index: IdMap::default(),
+            index: RowIndex::new(id_key()),
             meta: Vec::new(),
             values,
             slots: vec![Vec::new(); def.optimizer.num_slots()],
@@ -155,33 +164,48 @@ impl Rows {
 
     /// Whether `id` has a row.
     pub fn contains(&self, id: u64) -> bool {
-        self.index.contains_key(&id)
+        self.index.contains(id)
     }
 
     /// The ids held, in no particular order.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.index.keys().copied()
+        self.index.iter().map(|(id, _)| id)
     }
 
     /// Writes the rows of `ids` into `out` (`ids.len() * dim` values): the held row, or the
     /// initial row of an id without one. Changes nothing.
     pub fn lookup(&self, def: &TableDef, ids: &[u64], out: &mut [f32]) {
-        let dim = self.dim;
-        self.lookup_rows(def, ids.iter().copied().zip(out.chunks_exact_mut(dim)));
+        let row_bytes = self.dim * 4;
+        let out = parasync_tensor::f32_as_le_bytes_mut(out);
+        self.lookup_rows(def, ids.iter().copied().zip(out.chunks_exact_mut(row_bytes)), DType::F32);
     }
 
-    /// [`Rows::lookup`] for rows given one by one: first every id's slot, then the copies,
-    /// each fetching the rows a few places ahead (as in [`Rows::push_rows`]).
-    pub fn lookup_rows<'o>(&self, def: &TableDef, rows: impl Iterator<Item = (u64, &'o mut [f32])>) {
-        let mut todo: Vec<(u64, Option<u32>, &'o mut [f32])> = rows.map(|(id, row)| (id, self.index.get(&id).copied(), row)).collect();
+    /// [`Rows::lookup`] for rows given one by one, each written as `wire` (`dim` elements
+    /// of it): first every id's slot, then the rows, each fetching the rows a few places
+    /// ahead (as in [`Rows::push_rows`]). Rows go straight from storage into the reply: no
+    /// f32 copy of them is made first.
+    pub fn lookup_rows<'o>(&self, def: &TableDef, rows: impl Iterator<Item = (u64, &'o mut [u8])>, wire: DType) {
+        let rows: Vec<(u64, &'o mut [u8])> = rows.collect();
+        let mut slots: Vec<Option<u32>> = Vec::with_capacity(rows.len());
+        for k in 0..rows.len() {
+            if let Some(&(ahead, _)) = rows.get(k + PREFETCH_IDS) {
+                self.index.prefetch(ahead);
+            }
+            slots.push(self.index.get(rows[k].0));
+        }
+        let mut todo: Vec<(u64, Option<u32>, &'o mut [u8])> = rows.into_iter().zip(slots).map(|((id, row), slot)| (id, slot, row)).collect();
+        let mut scratch = vec![0f32; self.dim];
         for k in 0..todo.len() {
             if let Some(&(_, Some(ahead), _)) = todo.get(k + PREFETCH_ROWS) {
                 self.prefetch_values(ahead as usize);
             }
             let (id, slot, row) = &mut todo[k];
             match *slot {
-                Some(slot) => self.read_row(slot as usize, row),
-                None => self.initial_row(def, *id, row),
+                Some(slot) => self.read_row(slot as usize, row, wire, &mut scratch),
+                None => {
+                    self.initial_row(def, *id, &mut scratch);
+                    parasync_tensor::encode_f32_into(&scratch, wire, row);
+                }
             }
         }
     }
@@ -194,12 +218,17 @@ impl Rows {
         }
     }
 
+    /// Row `slot` as `wire` bytes (`scratch`: one row of f32, for bf16 storage read as f32).
     #[inline]
-    fn read_row(&self, slot: usize, row: &mut [f32]) {
+    fn read_row(&self, slot: usize, out: &mut [u8], wire: DType, scratch: &mut [f32]) {
         let at = slot * self.dim;
-        match &self.values {
-            Values::F32(v) => row.copy_from_slice(&v[at..at + self.dim]),
-            Values::Bf16(v) => row.iter_mut().zip(&v[at..at + self.dim]).for_each(|(x, &w)| *x = bf16::to_f32(w)),
+        match (&self.values, wire) {
+            (Values::F32(v), _) => parasync_tensor::encode_f32_into(&v[at..at + self.dim], wire, out),
+            (Values::Bf16(v), DType::Bf16) => out.copy_from_slice(parasync_tensor::u16_as_le_bytes(&v[at..at + self.dim])),
+            (Values::Bf16(v), DType::F32) => {
+                scratch.iter_mut().zip(&v[at..at + self.dim]).for_each(|(x, &w)| *x = bf16::to_f32(w));
+                out.copy_from_slice(parasync_tensor::f32_as_le_bytes(scratch));
+            }
         }
     }
 
@@ -243,11 +272,16 @@ impl Rows {
         // has to evict others first applies the updates found so far, so that the result is
         // that of updating the rows one after the other: no row waiting for its update is
         // evicted (nor its slot given to another row) before the update.
-        let mut todo: Vec<(usize, &[f32])> = Vec::new();
+        let rows: Vec<(u64, &[f32])> = rows.collect();
+        let mut todo: Vec<(usize, &[f32])> = Vec::with_capacity(rows.len());
         let mut scratch = vec![0f32; self.dim];
-        for (id, g) in rows {
-            let slot = match self.index.get(&id) {
-                Some(&slot) => slot as usize,
+        for k in 0..rows.len() {
+            if let Some(&(ahead, _)) = rows.get(k + PREFETCH_IDS) {
+                self.index.prefetch(ahead);
+            }
+            let (id, g) = rows[k];
+            let slot = match self.index.get(id) {
+                Some(slot) => slot as usize,
                 None => {
                     if !self.admit(def, id) {
                         self.counts.dropped += 1;
@@ -403,7 +437,7 @@ impl Rows {
     /// Evicts the `n` rows with the lowest `key` (keys end with the id, so they are unique
     /// and the choice does not depend on the map's order).
     fn evict_lowest(&mut self, n: usize, key: impl Fn(&RowMeta) -> (u64, u64, u64)) {
-        let mut held: Vec<((u64, u64, u64), u32)> = self.index.values().map(|&s| (key(&self.meta[s as usize]), s)).collect();
+        let mut held: Vec<((u64, u64, u64), u32)> = self.index.iter().map(|(_, s)| (key(&self.meta[s as usize]), s)).collect();
         let n = n.min(held.len());
         if n == 0 {
             return;
@@ -418,7 +452,7 @@ impl Rows {
 
     /// Evicts every row last updated before step `oldest`.
     fn evict_older_than(&mut self, oldest: u64) {
-        let old: Vec<u32> = self.index.values().copied().filter(|&s| self.meta[s as usize].step < oldest).collect();
+        let old: Vec<u32> = self.index.iter().map(|(_, s)| s).filter(|&s| self.meta[s as usize].step < oldest).collect();
         for slot in old {
             self.remove(slot);
         }
@@ -426,7 +460,7 @@ impl Rows {
 
     fn remove(&mut self, slot: u32) {
         let id = self.meta[slot as usize].id;
-        self.index.remove(&id);
+        self.index.remove(id);
         self.free.push(slot);
         self.counts.evicted += 1;
     }
@@ -440,7 +474,7 @@ impl Rows {
         let slots: usize = self.slots.iter().map(|s| s.capacity() * 4).sum();
         let meta = self.meta.capacity() * std::mem::size_of::<RowMeta>();
         // hashbrown: a key, a value and a control byte per bucket.
-        let index = self.index.capacity() * (8 + 4 + 1) + self.seen.capacity() * (8 + 4 + 1);
+        let index = self.index.capacity() * 16 + self.seen.capacity() * (8 + 4 + 1);
         (values + slots + meta + index + self.free.capacity() * 4) as u64
     }
 }
@@ -619,7 +653,7 @@ impl Rows {
     /// A copy of the held rows, sorted by id, and of the admission counters, sorted by id (the
     /// slots evicted rows left free are not in it).
     pub fn packed(&self) -> PackedRows {
-        let mut held: Vec<(u64, u32)> = self.index.iter().map(|(&id, &slot)| (id, slot)).collect();
+        let mut held: Vec<(u64, u32)> = self.index.iter().collect();
         held.sort_unstable();
         let dim = self.dim;
         let mut out = PackedRows::empty(dim, match self.values {
@@ -681,7 +715,7 @@ impl Rows {
         if n > u32::MAX as usize {
             return Err(format!("{n} rows in one stripe"));
         }
-        let mut index = IdMap::default();
+        let mut index = RowIndex::new(id_key());
         index.reserve(n);
         let mut meta = Vec::with_capacity(n);
         for (k, (&id, m)) in rows.ids.iter().zip(&rows.meta).enumerate() {
@@ -693,7 +727,7 @@ impl Rows {
         let mut seen = IdMap::default();
         seen.reserve(rows.seen_ids.len());
         for (&id, &count) in rows.seen_ids.iter().zip(&rows.seen_counts) {
-            if index.contains_key(&id) {
+            if index.contains(id) {
                 return Err(format!("id {id} has a row and an admission count"));
             }
             if seen.insert(id, count).is_some() {
@@ -851,7 +885,7 @@ mod tests {
             r.tick += 1;
             let mut scratch = vec![0f32; r.dim];
             for (&id, g) in ids.iter().zip(grads.chunks_exact(r.dim)) {
-                let held = r.index.get(&id).copied();
+                let held = r.index.get(id);
                 let slot = match held {
                     Some(s) => s as usize,
                     None if !r.admit(d, id) => {
