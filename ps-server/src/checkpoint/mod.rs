@@ -191,6 +191,12 @@ impl TableStepHook for StepHook {
             c.table_captured(capture);
         }
     }
+
+    fn after_capture(&self, step: u64) {
+        if let Some(c) = self.0.upgrade() {
+            c.after_table_capture(step);
+        }
+    }
 }
 
 /// The state of time-based checkpoints.
@@ -281,14 +287,23 @@ impl Checkpointer {
             || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
     }
 
-    /// Sync mode: a variable's state as of the step it just completed.
-    pub fn captured(&self, store: &VariableStore, capture: VariableCapture) {
+    /// Sync mode: a variable's state as of the step it just completed, handed over while the
+    /// variable's state is still locked (so the variable cannot complete another step, and
+    /// a later checkpoint cannot be complete, before this one has it). Then
+    /// [`Checkpointer::after_captured`], with the lock released.
+    pub fn captured(&self, capture: VariableCapture) {
         let step = capture.version;
-        {
-            let mut pending = self.pending.lock();
-            pending.entry(step).or_default().captures.insert(capture.def.name.clone(), capture);
-            self.pending_count.store(pending.len(), Ordering::Release);
+        let mut pending = self.pending.lock();
+        if !pending.contains_key(&step) && self.finished.lock().contains(&step) {
+            return; // written or failed already
         }
+        pending.entry(step).or_default().captures.insert(capture.def.name.clone(), capture);
+        self.pending_count.store(pending.len(), Ordering::Release);
+    }
+
+    /// Sync mode: after a variable's state at `step` is in ([`Checkpointer::captured`]):
+    /// once every variable is, takes the tables and hands the checkpoint to the writer.
+    pub fn after_captured(&self, store: &VariableStore, step: u64) {
         if let Err(why) = self.complete_if_ready(store, step) {
             tracing::warn!(step, "checkpoint skipped on this shard: {why}");
         }
@@ -325,24 +340,29 @@ impl Checkpointer {
             || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
     }
 
-    /// Sync mode: a table's state as of the step it just completed. On a shard without
-    /// variables this may be what completes the checkpoint: the other tables at the step
-    /// now are taken, and those still before it as they complete it.
+    /// Sync mode: a table's state as of the step it just completed, handed over while the
+    /// table's clock is held: it is in the pending checkpoint before the table can complete
+    /// another step (a checkpoint that found the table past the step before its state was
+    /// in would be failed). Takes no table's clock: see [`Checkpointer::after_table_capture`].
     fn table_captured(&self, capture: TableCapture) {
         let step = capture.version;
-        {
-            let mut pending = self.pending.lock();
-            if self.finished.lock().contains(&step) {
-                return; // taken once the variables were in, and written or failed since
-            }
-            if !pending.contains_key(&step) && !self.keeps_table_steps() {
-                return;
-            }
-            let p = pending.entry(step).or_default();
-            p.tables.entry(capture.def.name.clone()).or_insert(capture);
-            self.pending_count.store(pending.len(), Ordering::Release);
-            self.send_if_complete(&mut pending, step);
+        let mut pending = self.pending.lock();
+        if self.finished.lock().contains(&step) {
+            return; // taken once the variables were in, and written or failed since
         }
+        if !pending.contains_key(&step) && !self.keeps_table_steps() {
+            return;
+        }
+        let p = pending.entry(step).or_default();
+        p.tables.entry(capture.def.name.clone()).or_insert(capture);
+        self.pending_count.store(pending.len(), Ordering::Release);
+        self.send_if_complete(&mut pending, step);
+    }
+
+    /// Sync mode: after a table's state at `step` is in (its clock released). On a shard
+    /// without variables this may be what completes the checkpoint: the other tables at the
+    /// step now are taken, and those still before it as they complete it.
+    fn after_table_capture(&self, step: u64) {
         // Variables all in (none, on a shard of tables alone): the step waits for the tables only.
         if let Some(store) = self.attached_store() {
             if let Err(why) = self.complete_if_ready(&store, step) {
@@ -1222,6 +1242,79 @@ mod tests {
         }
         assert!(!dir.0.join("step-1").exists() && !dir.0.join("step-3").exists());
         assert!(c.pending.lock().is_empty(), "nothing left waiting");
+    }
+
+    /// A hook between the tables and the checkpointer that, as a table hands over its state
+    /// at step 2, has another thread complete the table's next step and the variable's step
+    /// 2 (waiting for it up to a second) before passing the state on: the order a preempted
+    /// thread could see.
+    struct Racing {
+        inner: StepHook,
+        store: Arc<VariableStore>,
+        other: Mutex<Option<std::thread::JoinHandle<()>>>,
+    }
+
+    impl TableStepHook for Racing {
+        fn wants_step(&self, step: u64) -> bool {
+            self.inner.wants_step(step)
+        }
+
+        fn table_captured(&self, capture: TableCapture) {
+            if capture.version == 2 {
+                let store = Arc::clone(&self.store);
+                let (tx, rx) = std::sync::mpsc::channel();
+                let other = std::thread::spawn(move || {
+                    table_push(&store.tables().get("emb").unwrap(), 0, 2);
+                    dense_push(&store, 0, 1);
+                    let _ = tx.send(());
+                });
+                let _ = rx.recv_timeout(Duration::from_secs(1));
+                *self.other.lock() = Some(other);
+            }
+            self.inner.table_captured(capture);
+        }
+
+        fn after_capture(&self, step: u64) {
+            self.inner.after_capture(step);
+        }
+    }
+
+    #[test]
+    fn a_table_that_completes_the_next_step_at_once_is_still_in_the_sync_checkpoint() {
+        let dir = TempDir::new("sync-race");
+        let mode = Mode::Sync { num_workers: 1, replicas_to_aggregate: 1 };
+        let metrics = Arc::new(Metrics::default());
+        let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::clone(&metrics)));
+        let w = VariableDef {
+            name: "w".into(),
+            shape: vec![4],
+            dtype: DType::F32,
+            optimizer: OptimizerSpec::Sgd { lr: 0.5, momentum: 0.0, nesterov: false },
+            stochastic_rounding: false,
+        };
+        store.register(w, &Init::Constant(1.0)).unwrap();
+        store.tables().register(table_def(DType::F32)).unwrap();
+        let c = Checkpointer::start(settings(&dir.0, 2, 0, 1), mode, 0, metrics).unwrap();
+        let racing = Arc::new(Racing { inner: StepHook(Arc::downgrade(&c)), store: Arc::clone(&store), other: Mutex::new(None) });
+        assert!(store.tables().set_step_hook(racing.clone()));
+        store.set_checkpointer(Arc::clone(&c));
+        let t = store.tables().get("emb").unwrap();
+        dense_push(&store, 0, 0);
+        table_push(&t, 0, 0);
+        let at2 = {
+            let reference = SparseTable::new(table_def(DType::F32), mode);
+            table_push(&reference, 0, 0);
+            table_push(&reference, 0, 1);
+            (every_row(&reference), status(&reference))
+        };
+        table_push(&t, 0, 1); // completes step 2: the other thread pushes step 2 of `emb` and step 1 of `w`
+        racing.other.lock().take().expect("the other thread ran").join().unwrap();
+        assert_eq!(status(&t).version, 3);
+        c.finish();
+        let ck = Checkpoint::load(&dir.0.join("step-2")).expect("checkpoint 2 written");
+        assert_eq!(ck.shards[0].tables[0].version, 2);
+        let back = table_of(&ck, mode);
+        assert_eq!((every_row(&back), status(&back)), at2, "the table as step 2 left it");
     }
 
     #[test]

@@ -277,8 +277,8 @@ impl SparseTable {
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: self.def.name.clone(), refusal })?;
         let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0, duplicate: false };
-        // The table as a completed sync step left it, if a checkpoint wants that step.
-        let mut step_capture = None;
+        // The hook that took the table as a completed sync step left it, and that step.
+        let mut captured = None;
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let lr = clock.lr * lr_scale;
@@ -303,7 +303,12 @@ impl SparseTable {
                 let step = clock.bounded_step(step);
                 self.apply(&mean, clock.lr, step);
                 result.version = clock.clock.version();
-                step_capture = self.wanted_capture(&clock, result.version);
+                // Handed over before the clock is released: the table cannot complete the
+                // next step before the hook has this one.
+                if let Some((hook, capture)) = self.wanted_capture(&clock, result.version) {
+                    hook.table_captured(capture);
+                    captured = Some((hook, result.version));
+                }
                 drop(clock);
             }
             PushDecision::DropStale { .. } => {
@@ -315,8 +320,8 @@ impl SparseTable {
         }
         self.traffic.rows_pushed.fetch_add(rows, Relaxed);
         self.changed.send_modify(|c| *c += 1);
-        if let Some((hook, capture)) = step_capture {
-            hook.table_captured(capture);
+        if let Some((hook, step)) = captured {
+            hook.after_capture(step);
         }
         Ok(result)
     }
@@ -489,8 +494,14 @@ pub trait TableStepHook: Send + Sync {
     /// Is the state of a table that has just completed `step` steps (its version) wanted?
     /// Asked while the table's clock is held: must be quick.
     fn wants_step(&self, step: u64) -> bool;
-    /// A table's state as of the version it just reached (called with no lock held).
+    /// A table's state as of the version it just reached, handed over while the table's
+    /// clock is still held (so the table cannot complete another step before the hook has
+    /// this one): must be quick, and must not take any table's clock.
     fn table_captured(&self, capture: TableCapture);
+    /// Called after [`TableStepHook::table_captured`] once the table's clock is released
+    /// (no lock held), with the step of the capture: the place for work that takes other
+    /// tables' clocks.
+    fn after_capture(&self, step: u64);
 }
 
 /// The hook of a shard's tables, shared by the registry and every table.
@@ -929,6 +940,7 @@ mod tests {
         fn table_captured(&self, capture: TableCapture) {
             self.1.lock().push(capture);
         }
+        fn after_capture(&self, _step: u64) {}
     }
 
     #[test]

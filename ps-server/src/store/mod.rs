@@ -477,17 +477,19 @@ impl VariableStore {
         if let Some(id) = id {
             st.last_push.insert(meta.worker, (id, result));
         }
-        // A sync step completed here: the checkpoint of this step takes the state now.
-        let capture = checkpointer
-            .filter(|c| step_done && c.wants_step(result.version))
-            .map(|_| VariableCapture::take(var, &st));
+        // A sync step completed here: the checkpoint of this step takes the state now, in
+        // before the variable can complete the next step.
+        let captured = checkpointer.filter(|c| step_done && c.wants_step(result.version));
+        if let Some(c) = captured {
+            c.captured(VariableCapture::take(var, &st));
+        }
         drop(st);
         if result.accepted {
             self.metrics.pushes.fetch_add(1, Relaxed);
             var.changed.send_modify(|c| *c += 1);
         }
-        if let (Some(c), Some(capture)) = (checkpointer, capture) {
-            c.captured(self, capture);
+        if let Some(c) = captured {
+            c.after_captured(self, result.version);
         }
         Ok(result)
     }
