@@ -43,7 +43,11 @@
 //! is skipped). A shard whose only state is tables (dense variables are placed whole on
 //! one shard, so in a job of a few small variables and large tables most shards hold table
 //! rows only) writes the same checkpoints: its tables complete them, each taken as the step
-//! left it, the checkpoint written once every table is in. In async and bounded mode every
+//! left it, the checkpoint written once every table is in. A sync checkpoint still waiting
+//! when a later one is complete is failed (logged: it can no longer be completed), and so is
+//! one waiting for a table that no push has reached since the shard started (registered and
+//! never used) once a later checkpoint step has every variable in: such a table would hold
+//! every checkpoint open, each with copies of the other tables. In async and bounded mode every
 //! table is taken as it is when the checkpoint is taken, its version recorded: at the first
 //! push of a checkpoint step, a variable's or a table's.
 //!
@@ -419,7 +423,35 @@ impl Checkpointer {
         }
         p.expected_tables = Some(names);
         self.send_if_complete(&mut pending, step);
+        self.drop_stalled_before(&mut pending, store, step);
         Ok(())
+    }
+
+    /// Checkpoint `step` has every variable in: fails the earlier checkpoints still waiting
+    /// for a table that no push has reached since the shard started (registered and never
+    /// pushed, or restored and not pushed since). Such a table would hold them open for good,
+    /// each with its copies of the other tables; a table in use is pushed by every worker
+    /// from the first step on, long before another checkpoint step has its variables.
+    fn drop_stalled_before(&self, pending: &mut BTreeMap<u64, Pending>, store: &VariableStore, step: u64) {
+        let stalled: Vec<(u64, String)> = pending
+            .range(..step)
+            .filter_map(|(&earlier, p)| {
+                let expected = p.expected_tables.as_ref()?;
+                let idle = expected
+                    .iter()
+                    .filter(|n| !p.tables.contains_key(*n))
+                    .find(|n| store.tables().get(n).map_or(true, |t| !t.pushed()))?;
+                Some((earlier, idle.clone()))
+            })
+            .collect();
+        for (earlier, table) in stalled {
+            let why = format!(
+                "table {table} has not been pushed since the shard started, and checkpoint {step} has every variable: \
+                 checkpoint {earlier} dropped (it would wait for that table for good)"
+            );
+            tracing::warn!(step = earlier, "checkpoint skipped on this shard: {why}");
+            self.fail_step(pending, earlier, &why);
+        }
     }
 
     /// Hands checkpoint `step` to the writer if its variables and every table it waits for are in.
@@ -438,6 +470,14 @@ impl Checkpointer {
         let mut tables: Vec<TableCapture> = expected.iter().filter_map(|n| p.tables.remove(n)).collect();
         tables.sort_by(|a, b| a.def.name.cmp(&b.def.name));
         self.send(Job { step, captures, tables, waiters: p.waiters });
+        // Every variable and table is past the earlier steps still waiting: those not in
+        // them by now were not taken as those steps left them, and never will be.
+        let earlier: Vec<u64> = pending.range(..step).map(|(&s, _)| s).collect();
+        for s in earlier {
+            let why = format!("checkpoint {step} is complete first: checkpoint {s} can no longer get every variable and table as step {s} left them");
+            tracing::warn!(step = s, "checkpoint skipped on this shard: {why}");
+            self.fail_step(pending, s, &why);
+        }
     }
 
     /// Drops checkpoint `step` (its waiters hear `why`).
@@ -1215,7 +1255,9 @@ mod tests {
         let dir = TempDir::new("sync-tables-only");
         let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
         let (_store, c, [a, b]) = tables_only(mode, &dir.0, 2, None);
-        // `emb` runs four steps ahead; `emb2` completes steps 2 and 4 later.
+        // `emb` runs four steps ahead; `emb2`, with one worker's push of step 0 in, completes
+        // steps 2 and 4 later.
+        table_push(&b, 0, 0);
         let (mut at_a, mut at_b) = (BTreeMap::new(), BTreeMap::new());
         for step in 0..4 {
             for w in 0..2 {
@@ -1230,7 +1272,9 @@ mod tests {
         }
         for step in 0..4 {
             for w in 0..2 {
-                table_push(&b, w, step);
+                if (step, w) != (0, 0) {
+                    table_push(&b, w, step);
+                }
             }
             at_b.insert(step + 1, (every_row(&b), status(&b)));
         }
@@ -1242,6 +1286,33 @@ mod tests {
         }
         assert!(!dir.0.join("step-1").exists() && !dir.0.join("step-3").exists());
         assert!(c.pending.lock().is_empty(), "nothing left waiting");
+    }
+
+    #[test]
+    fn a_table_never_pushed_does_not_hold_sync_checkpoints_open() {
+        let dir = TempDir::new("sync-never-pushed");
+        let mode = Mode::Sync { num_workers: 1, replicas_to_aggregate: 1 };
+        // A shard of tables alone, `emb2` registered and never pushed.
+        let (_store, c, [a, b]) = tables_only(mode, &dir.0, 2, None);
+        for step in 0..20 {
+            table_push(&a, 0, step);
+            let pending = c.pending.lock();
+            assert!(pending.len() <= 1, "step {step}: checkpoints waiting {:?}", pending.keys().collect::<Vec<_>>());
+        }
+        assert_eq!(c.pending.lock().keys().copied().collect::<Vec<_>>(), [20], "only the newest waits");
+        assert!(!b.pushed() && a.pushed());
+        // Beside a variable alike: each checkpoint step with every variable in drops the earlier ones.
+        let dir = TempDir::new("sync-never-pushed-dense");
+        let (store, c) = store_with_checkpoints(mode, &dir.0, 2);
+        store.tables().register(TableDef { name: "idle".into(), ..table_def(DType::F32) }).unwrap();
+        let t = store.tables().get("emb").unwrap();
+        for step in 0..20 {
+            dense_push(&store, 0, step);
+            table_push(&t, 0, step);
+            assert!(c.pending.lock().len() <= 1, "step {step}");
+        }
+        c.finish();
+        assert!(!dir.0.join("step-2").exists());
     }
 
     /// A hook between the tables and the checkpointer that, as a table hands over its state

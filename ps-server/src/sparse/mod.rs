@@ -11,7 +11,7 @@
 //! Modules: [`def`] (definitions, initial rows, admission and eviction policies), [`rows`]
 //! (the row optimizers), [`table`] (one stripe's rows).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,6 +174,8 @@ pub struct SparseTable {
     pub traffic: TableTraffic,
     /// Called as sync steps complete (see [`SparseTables::set_step_hook`]).
     hook: HookCell,
+    /// A push reached the table's clock since it was created or restored.
+    pushed: AtomicBool,
 }
 
 /// A table's state for info and metrics.
@@ -207,7 +209,13 @@ impl SparseTable {
             mode,
             traffic: TableTraffic::default(),
             hook: HookCell::default(),
+            pushed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a push reached the table since it was created or restored (in this process).
+    pub fn pushed(&self) -> bool {
+        self.pushed.load(Relaxed)
     }
 
     /// Elements per row.
@@ -276,6 +284,9 @@ impl SparseTable {
             .clock
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: self.def.name.clone(), refusal })?;
+        if !self.pushed.load(Relaxed) {
+            self.pushed.store(true, Relaxed);
+        }
         let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0, duplicate: false };
         // The hook that took the table as a completed sync step left it, and that step.
         let mut captured = None;
