@@ -1017,7 +1017,7 @@ pub fn restore_into(store: &VariableStore, checkpoint: Arc<Checkpoint>, shard: u
 fn insert_tables(store: &VariableStore, tables: Vec<crate::sparse::RestoredTable>) -> anyhow::Result<()> {
     for t in tables {
         let (name, rows, version) = (t.def.name.clone(), t.rows.len(), t.version);
-        store.tables().insert_restored(t).map_err(|e| anyhow::anyhow!("restoring table {name}: {e}"))?;
+        store.insert_restored_table(t).map_err(|e| anyhow::anyhow!("restoring table {name}: {e}"))?;
         tracing::info!(table = %name, rows, version, "table restored");
     }
     Ok(())
@@ -1564,6 +1564,39 @@ mod tests {
             assert_eq!(r.info("table:emb:ids").unwrap().shape, vec![n]);
             assert_eq!(r.info("table:emb:accumulator").unwrap().shape, vec![n, 3]);
         }
+    }
+
+    #[test]
+    fn restored_tables_reserve_their_capacity_from_the_shard_limit() {
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        // Capacity 10 rows of 3 f32 values and an Adagrad slot: 240 bytes.
+        let def = table_def(DType::F32);
+        assert_eq!(def.capacity * def.row_bytes(), 240);
+        let original = SparseTable::new(def.clone(), mode);
+        table_push(&original, 0, 0);
+        table_push(&original, 0, 1);
+        let restored = |name: &str| {
+            let c = original.capture();
+            let (rows, stripes) = c.packed();
+            RestoredTable { def: TableDef { name: name.into(), ..c.def.clone() }, version: c.version, worker_clocks: c.worker_clocks.clone(), learning_rate: c.learning_rate, rows, stripes }
+        };
+        let mut config = StoreConfig::new(mode);
+        config.max_shard_bytes = 500;
+        let store = VariableStore::new(config, Arc::new(Metrics::default()));
+        insert_tables(&store, vec![restored("emb"), restored("emb2")]).unwrap();
+        assert_eq!(store.held_bytes(), 480, "both capacities reserved");
+        // The registration of the same table finds it and reserves nothing more.
+        assert!(!store.register_table(TableDef { name: "emb".into(), ..def.clone() }).unwrap());
+        assert_eq!(store.held_bytes(), 480);
+        let e = insert_tables(&store, vec![restored("emb3")]).unwrap_err().to_string();
+        assert!(e.contains("emb3") && e.contains("needs 240 bytes") && e.contains("holds 480 of its --max-shard-bytes 500"), "{e}");
+        assert!(store.tables().get("emb3").is_err());
+        assert_eq!(store.held_bytes(), 480, "the refused one holds nothing");
+        // A table restored twice gives its second reservation back.
+        assert!(insert_tables(&store, vec![restored("emb")]).is_err());
+        assert_eq!(store.held_bytes(), 480);
+        let e = store.register_table(TableDef { name: "new".into(), ..def }).unwrap_err();
+        assert!(matches!(e, crate::error::Error::ResourceExhausted { .. }), "{e}");
     }
 
     #[test]
