@@ -346,3 +346,41 @@ async fn a_table_capacity_past_the_shard_memory_limit_is_refused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_lookups_over_grpc_go_in_parts_and_pushes_past_the_grpc_limit_fail_before_sending() {
+    let cluster = common::cluster(1, &["--mode", "async", "--num-workers", "1"]);
+    common::bounded(120, async {
+        const WIDE: usize = 1024;
+        let mut spec = TableSpec::new("wide", WIDE);
+        spec.init = RowInit::Uniform { low: -1.0, high: 1.0, seed: 3 };
+        let grpc = Client::connect(&cluster.addrs(), options(0, false)).await.unwrap();
+        let data = Client::connect(&cluster.addrs(), options(0, true)).await.unwrap();
+        grpc.register_table(&spec).await.unwrap();
+        data.register_table(&spec).await.unwrap();
+        // 5 000 rows of 4 KiB: a 20 MiB reply, past the shard's 16 MiB gRPC message limit in one piece.
+        let ids: Vec<u64> = (0..5000u64).map(|i| i * 7919 + 3).collect();
+        let mut over_grpc = vec![0f32; ids.len() * WIDE];
+        grpc.lookup("wide", &ids, 0, &mut over_grpc).await.expect("a 20 MiB lookup over gRPC");
+        let mut over_data = vec![0f32; ids.len() * WIDE];
+        data.lookup("wide", &ids, 0, &mut over_data).await.unwrap();
+        assert!(over_grpc == over_data, "the same rows in parts over gRPC as in one piece over the data plane");
+        assert!(over_grpc[..WIDE].iter().any(|&x| x != 0.0));
+        // A push of 3 000 such rows (12 MiB) is one request per shard: over gRPC it fails
+        // before anything is sent, naming the table, the size and the limit.
+        let grads = vec![1.0f32; 3000 * WIDE];
+        let e = grpc.push_sparse("wide", &ids[..3000], &grads, 0).await.unwrap_err();
+        assert_eq!(e.kind, parasync_client::ErrorKind::Usage, "{e}");
+        for needle in ["\"wide\"", "bytes", "limit", "data plane", "nothing was sent"] {
+            assert!(e.message.contains(needle), "{needle:?} in {e}");
+        }
+        let info = data.shard_info().await.unwrap();
+        assert_eq!((info[0].tables[0].rows, info[0].tables[0].rows_pushed), (0, 0), "nothing reached the shard");
+        // The same push over the data plane, and a small one over gRPC, go through.
+        data.push_sparse("wide", &ids[..3000], &grads, 0).await.expect("the data plane takes it");
+        grpc.push_sparse("wide", &ids[..10], &grads[..10 * WIDE], 1).await.expect("a small push over gRPC");
+        let info = data.shard_info().await.unwrap();
+        assert_eq!(info[0].tables[0].rows_pushed, 3010);
+    })
+    .await;
+}

@@ -24,6 +24,12 @@ pub(crate) type Rpc = ParameterServerClient<InterceptedService<Channel, PresentT
 /// stream, so no single message gets large.
 const INLINE_INIT_BYTES: usize = 4 << 20;
 
+/// The largest gRPC request this client sends: a chunk, or a registration with its values
+/// inline (a larger one fails to encode).
+pub(crate) fn grpc_request_limit(opts: &ClientOptions) -> usize {
+    opts.chunk_bytes.max(INLINE_INIT_BYTES) * 2 + (64 << 10)
+}
+
 /// Settings of a client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -1125,7 +1131,7 @@ async fn connect_shard(index: usize, addr: &str, opts: &ClientOptions) -> Result
                     // whatever the shard sends (it is the data asked for).
                     .max_decoding_message_size(usize::MAX)
                     // The largest request: a chunk, or a registration with its values inline.
-                    .max_encoding_message_size(opts.chunk_bytes.max(INLINE_INIT_BYTES) * 2 + (64 << 10)),
+                    .max_encoding_message_size(grpc_request_limit(opts)),
             ),
             Err(e) if started.elapsed() < opts.connect_timeout => {
                 tracing::debug!(shard = index, %addr, error = %e, "shard not reachable yet, retrying");

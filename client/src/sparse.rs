@@ -5,6 +5,12 @@
 //! every place the id appears; a push sums the rows of repeated ids in the order they
 //! appear), then split by shard (`parasync_proto::sparse::shard_of_id`), and the parts go
 //! to their shards at once.
+//!
+//! Over gRPC (a shard without a data plane, or `data_plane: false`) a shard's part of a
+//! lookup goes as several requests when its rows would exceed [`GRPC_LOOKUP_BYTES`] (the
+//! shards refuse replies past their `--max-message-bytes`, 16 MiB by default); a push goes
+//! as one request per shard always (a sync step counts one push per worker and shard), and
+//! one past the client's gRPC request limit fails before anything is sent.
 
 use futures::future::try_join_all;
 use parasync_proto::names::{self, Quoted};
@@ -189,6 +195,13 @@ fn split(ids: &[u64], num_shards: usize) -> Split {
     Split { at: first.iter().map(|&k| place[k as usize]).collect(), unique: unique.len(), shards }
 }
 
+/// Bytes of rows one gRPC lookup request asks a shard for at most: a larger part of a lookup
+/// goes as several requests (well under the shards' default `--max-message-bytes` of 16 MiB).
+pub const GRPC_LOOKUP_BYTES: usize = 4 << 20;
+
+/// Room for a gRPC push request's fields besides its ids and rows (the table name apart).
+const PUSH_OVERHEAD: usize = 256;
+
 fn id_bytes(ids: &[u64]) -> Vec<u8> {
     ids.iter().flat_map(|id| id.to_le_bytes()).collect()
 }
@@ -249,7 +262,8 @@ impl Client {
 
     /// Writes the rows of `ids` (for `step`: sync waits for it, bounded gates on the slowest
     /// worker) into `out` (`ids.len() * dim`, row after row). Returns the lowest version of
-    /// the shards asked.
+    /// the shards asked. Over gRPC a shard's part goes as several requests when its rows
+    /// exceed [`GRPC_LOOKUP_BYTES`].
     pub async fn lookup(&self, table: &str, ids: &[u64], step: u64, out: &mut [f32]) -> Result<u64> {
         let dim = self.table_dim(table, ids.len(), out.len(), "lookup in table")?;
         if ids.is_empty() {
@@ -275,16 +289,27 @@ impl Client {
                     (version, bytes::Bytes::from(rows))
                 }
                 None => {
-                    req.ids = id_bytes(shard_ids).into();
-                    let r = shard.rpc().lookup(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner();
-                    if r.wire_dtype != dtype_to_proto(wire) {
-                        return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {}", crate::dataplane::wrong_wire(r.wire_dtype, wire))));
+                    // Parts whose rows stay under GRPC_LOOKUP_BYTES, one after the other (the
+                    // lowest version of the parts stands for the shard's).
+                    let row_bytes = dim * wire.size();
+                    let per = (GRPC_LOOKUP_BYTES / row_bytes.max(8)).max(1);
+                    let mut lowest = u64::MAX;
+                    let mut rows = Vec::with_capacity(shard_ids.len() * row_bytes);
+                    for part in shard_ids.chunks(per) {
+                        req.ids = id_bytes(part).into();
+                        req.num_ids = part.len() as u64;
+                        let r = shard.rpc().lookup(req.clone()).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner();
+                        if r.wire_dtype != dtype_to_proto(wire) {
+                            return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {}", crate::dataplane::wrong_wire(r.wire_dtype, wire))));
+                        }
+                        if r.rows.len() != part.len() * row_bytes {
+                            let n = r.rows.len();
+                            return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {n} row bytes for {} ids of {dim} {wire}", part.len())));
+                        }
+                        rows.extend_from_slice(&r.rows);
+                        lowest = lowest.min(r.version);
                     }
-                    if r.rows.len() != shard_ids.len() * dim * wire.size() {
-                        let n = r.rows.len();
-                        return Err(Error::new(crate::ErrorKind::Internal, format!("{ctx}: {n} row bytes for {} ids of {dim} {wire}", shard_ids.len())));
-                    }
-                    (r.version, r.rows)
+                    (lowest, bytes::Bytes::from(rows))
                 }
             };
             Ok::<_, Error>((i, version, rows))
@@ -314,7 +339,8 @@ impl Client {
 
     /// Pushes one gradient row per id (`grads`: `ids.len() * dim`) for `step`. Rows of
     /// repeated ids are summed (in the order they appear) before they are sent; each shard
-    /// gets its ids in one request. In sync mode every worker pushes every step to every
+    /// gets its ids in one request (over gRPC, a shard's part past the client's request limit
+    /// is a usage error before anything is sent: the data plane takes any size). In sync mode every worker pushes every step to every
     /// shard, with or without ids for it: a shard completes a step when all workers' pushes
     /// arrived. Time-based checkpoints work as for dense pushes: a step a shard's reply
     /// names is passed on in this worker's pushes of the steps up to it.
@@ -338,6 +364,22 @@ impl Client {
             known.get(table).map_or_else(|| vec![0; self.shards.len()], |t| t.versions.clone())
         };
         let wire = self.opts.wire_dtype;
+        // A push is one request per shard (sync counts one per worker and step): over gRPC,
+        // one past the request limit fails here, before any shard gets its part.
+        let limit = crate::client::grpc_request_limit(&self.opts);
+        for (i, shard_ids) in plan.shards.iter().enumerate() {
+            let bytes = shard_ids.len() * (8 + dim * wire.size()) + table.len() + PUSH_OVERHEAD;
+            if self.shards[i].data.is_none() && bytes > limit {
+                return Err(Error::usage(format!(
+                    "push to table {} for step {step}: shard {i}'s part ({} ids of {dim} {} elements) makes a gRPC \
+                     request of {bytes} bytes, past this client's limit of {limit} bytes; nothing was sent. Push fewer \
+                     ids per call, or use the shards' data plane (ClientOptions::data_plane), which takes pushes of any size",
+                    Quoted(table),
+                    shard_ids.len(),
+                    wire.name(),
+                )));
+            }
+        }
         // A time-based checkpoint step a shard named, passed on to every shard.
         let checkpoint_step = self.checkpoint_step_for(step);
         let replies = try_join_all(plan.shards.iter().zip(&rows).enumerate().map(|(i, (shard_ids, rows))| {

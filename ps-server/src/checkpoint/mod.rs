@@ -43,7 +43,11 @@
 //! is skipped). A shard whose only state is tables (dense variables are placed whole on
 //! one shard, so in a job of a few small variables and large tables most shards hold table
 //! rows only) writes the same checkpoints: its tables complete them, each taken as the step
-//! left it, the checkpoint written once every table is in. In async and bounded mode every
+//! left it, the checkpoint written once every table is in. A sync checkpoint still waiting
+//! when a later one is complete is failed (logged: it can no longer be completed), and so is
+//! one waiting for a table that no push has reached since the shard started (registered and
+//! never used) once a later checkpoint step has every variable in: such a table would hold
+//! every checkpoint open, each with copies of the other tables. In async and bounded mode every
 //! table is taken as it is when the checkpoint is taken, its version recorded: at the first
 //! push of a checkpoint step, a variable's or a table's.
 //!
@@ -191,6 +195,12 @@ impl TableStepHook for StepHook {
             c.table_captured(capture);
         }
     }
+
+    fn after_capture(&self, step: u64) {
+        if let Some(c) = self.0.upgrade() {
+            c.after_table_capture(step);
+        }
+    }
 }
 
 /// The state of time-based checkpoints.
@@ -281,14 +291,23 @@ impl Checkpointer {
             || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
     }
 
-    /// Sync mode: a variable's state as of the step it just completed.
-    pub fn captured(&self, store: &VariableStore, capture: VariableCapture) {
+    /// Sync mode: a variable's state as of the step it just completed, handed over while the
+    /// variable's state is still locked (so the variable cannot complete another step, and
+    /// a later checkpoint cannot be complete, before this one has it). Then
+    /// [`Checkpointer::after_captured`], with the lock released.
+    pub fn captured(&self, capture: VariableCapture) {
         let step = capture.version;
-        {
-            let mut pending = self.pending.lock();
-            pending.entry(step).or_default().captures.insert(capture.def.name.clone(), capture);
-            self.pending_count.store(pending.len(), Ordering::Release);
+        let mut pending = self.pending.lock();
+        if !pending.contains_key(&step) && self.finished.lock().contains(&step) {
+            return; // written or failed already
         }
+        pending.entry(step).or_default().captures.insert(capture.def.name.clone(), capture);
+        self.pending_count.store(pending.len(), Ordering::Release);
+    }
+
+    /// Sync mode: after a variable's state at `step` is in ([`Checkpointer::captured`]):
+    /// once every variable is, takes the tables and hands the checkpoint to the writer.
+    pub fn after_captured(&self, store: &VariableStore, step: u64) {
         if let Err(why) = self.complete_if_ready(store, step) {
             tracing::warn!(step, "checkpoint skipped on this shard: {why}");
         }
@@ -325,24 +344,29 @@ impl Checkpointer {
             || (self.pending_count.load(Ordering::Acquire) > 0 && self.pending.lock().contains_key(&step))
     }
 
-    /// Sync mode: a table's state as of the step it just completed. On a shard without
-    /// variables this may be what completes the checkpoint: the other tables at the step
-    /// now are taken, and those still before it as they complete it.
+    /// Sync mode: a table's state as of the step it just completed, handed over while the
+    /// table's clock is held: it is in the pending checkpoint before the table can complete
+    /// another step (a checkpoint that found the table past the step before its state was
+    /// in would be failed). Takes no table's clock: see [`Checkpointer::after_table_capture`].
     fn table_captured(&self, capture: TableCapture) {
         let step = capture.version;
-        {
-            let mut pending = self.pending.lock();
-            if self.finished.lock().contains(&step) {
-                return; // taken once the variables were in, and written or failed since
-            }
-            if !pending.contains_key(&step) && !self.keeps_table_steps() {
-                return;
-            }
-            let p = pending.entry(step).or_default();
-            p.tables.entry(capture.def.name.clone()).or_insert(capture);
-            self.pending_count.store(pending.len(), Ordering::Release);
-            self.send_if_complete(&mut pending, step);
+        let mut pending = self.pending.lock();
+        if self.finished.lock().contains(&step) {
+            return; // taken once the variables were in, and written or failed since
         }
+        if !pending.contains_key(&step) && !self.keeps_table_steps() {
+            return;
+        }
+        let p = pending.entry(step).or_default();
+        p.tables.entry(capture.def.name.clone()).or_insert(capture);
+        self.pending_count.store(pending.len(), Ordering::Release);
+        self.send_if_complete(&mut pending, step);
+    }
+
+    /// Sync mode: after a table's state at `step` is in (its clock released). On a shard
+    /// without variables this may be what completes the checkpoint: the other tables at the
+    /// step now are taken, and those still before it as they complete it.
+    fn after_table_capture(&self, step: u64) {
         // Variables all in (none, on a shard of tables alone): the step waits for the tables only.
         if let Some(store) = self.attached_store() {
             if let Err(why) = self.complete_if_ready(&store, step) {
@@ -399,7 +423,35 @@ impl Checkpointer {
         }
         p.expected_tables = Some(names);
         self.send_if_complete(&mut pending, step);
+        self.drop_stalled_before(&mut pending, store, step);
         Ok(())
+    }
+
+    /// Checkpoint `step` has every variable in: fails the earlier checkpoints still waiting
+    /// for a table that no push has reached since the shard started (registered and never
+    /// pushed, or restored and not pushed since). Such a table would hold them open for good,
+    /// each with its copies of the other tables; a table in use is pushed by every worker
+    /// from the first step on, long before another checkpoint step has its variables.
+    fn drop_stalled_before(&self, pending: &mut BTreeMap<u64, Pending>, store: &VariableStore, step: u64) {
+        let stalled: Vec<(u64, String)> = pending
+            .range(..step)
+            .filter_map(|(&earlier, p)| {
+                let expected = p.expected_tables.as_ref()?;
+                let idle = expected
+                    .iter()
+                    .filter(|n| !p.tables.contains_key(*n))
+                    .find(|n| store.tables().get(n).map_or(true, |t| !t.pushed()))?;
+                Some((earlier, idle.clone()))
+            })
+            .collect();
+        for (earlier, table) in stalled {
+            let why = format!(
+                "table {table} has not been pushed since the shard started, and checkpoint {step} has every variable: \
+                 checkpoint {earlier} dropped (it would wait for that table for good)"
+            );
+            tracing::warn!(step = earlier, "checkpoint skipped on this shard: {why}");
+            self.fail_step(pending, earlier, &why);
+        }
     }
 
     /// Hands checkpoint `step` to the writer if its variables and every table it waits for are in.
@@ -418,6 +470,14 @@ impl Checkpointer {
         let mut tables: Vec<TableCapture> = expected.iter().filter_map(|n| p.tables.remove(n)).collect();
         tables.sort_by(|a, b| a.def.name.cmp(&b.def.name));
         self.send(Job { step, captures, tables, waiters: p.waiters });
+        // Every variable and table is past the earlier steps still waiting: those not in
+        // them by now were not taken as those steps left them, and never will be.
+        let earlier: Vec<u64> = pending.range(..step).map(|(&s, _)| s).collect();
+        for s in earlier {
+            let why = format!("checkpoint {step} is complete first: checkpoint {s} can no longer get every variable and table as step {s} left them");
+            tracing::warn!(step = s, "checkpoint skipped on this shard: {why}");
+            self.fail_step(pending, s, &why);
+        }
     }
 
     /// Drops checkpoint `step` (its waiters hear `why`).
@@ -957,7 +1017,7 @@ pub fn restore_into(store: &VariableStore, checkpoint: Arc<Checkpoint>, shard: u
 fn insert_tables(store: &VariableStore, tables: Vec<crate::sparse::RestoredTable>) -> anyhow::Result<()> {
     for t in tables {
         let (name, rows, version) = (t.def.name.clone(), t.rows.len(), t.version);
-        store.tables().insert_restored(t).map_err(|e| anyhow::anyhow!("restoring table {name}: {e}"))?;
+        store.insert_restored_table(t).map_err(|e| anyhow::anyhow!("restoring table {name}: {e}"))?;
         tracing::info!(table = %name, rows, version, "table restored");
     }
     Ok(())
@@ -1195,7 +1255,9 @@ mod tests {
         let dir = TempDir::new("sync-tables-only");
         let mode = Mode::Sync { num_workers: 2, replicas_to_aggregate: 2 };
         let (_store, c, [a, b]) = tables_only(mode, &dir.0, 2, None);
-        // `emb` runs four steps ahead; `emb2` completes steps 2 and 4 later.
+        // `emb` runs four steps ahead; `emb2`, with one worker's push of step 0 in, completes
+        // steps 2 and 4 later.
+        table_push(&b, 0, 0);
         let (mut at_a, mut at_b) = (BTreeMap::new(), BTreeMap::new());
         for step in 0..4 {
             for w in 0..2 {
@@ -1210,7 +1272,9 @@ mod tests {
         }
         for step in 0..4 {
             for w in 0..2 {
-                table_push(&b, w, step);
+                if (step, w) != (0, 0) {
+                    table_push(&b, w, step);
+                }
             }
             at_b.insert(step + 1, (every_row(&b), status(&b)));
         }
@@ -1222,6 +1286,106 @@ mod tests {
         }
         assert!(!dir.0.join("step-1").exists() && !dir.0.join("step-3").exists());
         assert!(c.pending.lock().is_empty(), "nothing left waiting");
+    }
+
+    #[test]
+    fn a_table_never_pushed_does_not_hold_sync_checkpoints_open() {
+        let dir = TempDir::new("sync-never-pushed");
+        let mode = Mode::Sync { num_workers: 1, replicas_to_aggregate: 1 };
+        // A shard of tables alone, `emb2` registered and never pushed.
+        let (_store, c, [a, b]) = tables_only(mode, &dir.0, 2, None);
+        for step in 0..20 {
+            table_push(&a, 0, step);
+            let pending = c.pending.lock();
+            assert!(pending.len() <= 1, "step {step}: checkpoints waiting {:?}", pending.keys().collect::<Vec<_>>());
+        }
+        assert_eq!(c.pending.lock().keys().copied().collect::<Vec<_>>(), [20], "only the newest waits");
+        assert!(!b.pushed() && a.pushed());
+        // Beside a variable alike: each checkpoint step with every variable in drops the earlier ones.
+        let dir = TempDir::new("sync-never-pushed-dense");
+        let (store, c) = store_with_checkpoints(mode, &dir.0, 2);
+        store.tables().register(TableDef { name: "idle".into(), ..table_def(DType::F32) }).unwrap();
+        let t = store.tables().get("emb").unwrap();
+        for step in 0..20 {
+            dense_push(&store, 0, step);
+            table_push(&t, 0, step);
+            assert!(c.pending.lock().len() <= 1, "step {step}");
+        }
+        c.finish();
+        assert!(!dir.0.join("step-2").exists());
+    }
+
+    /// A hook between the tables and the checkpointer that, as a table hands over its state
+    /// at step 2, has another thread complete the table's next step and the variable's step
+    /// 2 (waiting for it up to a second) before passing the state on: the order a preempted
+    /// thread could see.
+    struct Racing {
+        inner: StepHook,
+        store: Arc<VariableStore>,
+        other: Mutex<Option<std::thread::JoinHandle<()>>>,
+    }
+
+    impl TableStepHook for Racing {
+        fn wants_step(&self, step: u64) -> bool {
+            self.inner.wants_step(step)
+        }
+
+        fn table_captured(&self, capture: TableCapture) {
+            if capture.version == 2 {
+                let store = Arc::clone(&self.store);
+                let (tx, rx) = std::sync::mpsc::channel();
+                let other = std::thread::spawn(move || {
+                    table_push(&store.tables().get("emb").unwrap(), 0, 2);
+                    dense_push(&store, 0, 1);
+                    let _ = tx.send(());
+                });
+                let _ = rx.recv_timeout(Duration::from_secs(1));
+                *self.other.lock() = Some(other);
+            }
+            self.inner.table_captured(capture);
+        }
+
+        fn after_capture(&self, step: u64) {
+            self.inner.after_capture(step);
+        }
+    }
+
+    #[test]
+    fn a_table_that_completes_the_next_step_at_once_is_still_in_the_sync_checkpoint() {
+        let dir = TempDir::new("sync-race");
+        let mode = Mode::Sync { num_workers: 1, replicas_to_aggregate: 1 };
+        let metrics = Arc::new(Metrics::default());
+        let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::clone(&metrics)));
+        let w = VariableDef {
+            name: "w".into(),
+            shape: vec![4],
+            dtype: DType::F32,
+            optimizer: OptimizerSpec::Sgd { lr: 0.5, momentum: 0.0, nesterov: false },
+            stochastic_rounding: false,
+        };
+        store.register(w, &Init::Constant(1.0)).unwrap();
+        store.tables().register(table_def(DType::F32)).unwrap();
+        let c = Checkpointer::start(settings(&dir.0, 2, 0, 1), mode, 0, metrics).unwrap();
+        let racing = Arc::new(Racing { inner: StepHook(Arc::downgrade(&c)), store: Arc::clone(&store), other: Mutex::new(None) });
+        assert!(store.tables().set_step_hook(racing.clone()));
+        store.set_checkpointer(Arc::clone(&c));
+        let t = store.tables().get("emb").unwrap();
+        dense_push(&store, 0, 0);
+        table_push(&t, 0, 0);
+        let at2 = {
+            let reference = SparseTable::new(table_def(DType::F32), mode);
+            table_push(&reference, 0, 0);
+            table_push(&reference, 0, 1);
+            (every_row(&reference), status(&reference))
+        };
+        table_push(&t, 0, 1); // completes step 2: the other thread pushes step 2 of `emb` and step 1 of `w`
+        racing.other.lock().take().expect("the other thread ran").join().unwrap();
+        assert_eq!(status(&t).version, 3);
+        c.finish();
+        let ck = Checkpoint::load(&dir.0.join("step-2")).expect("checkpoint 2 written");
+        assert_eq!(ck.shards[0].tables[0].version, 2);
+        let back = table_of(&ck, mode);
+        assert_eq!((every_row(&back), status(&back)), at2, "the table as step 2 left it");
     }
 
     #[test]
@@ -1400,6 +1564,39 @@ mod tests {
             assert_eq!(r.info("table:emb:ids").unwrap().shape, vec![n]);
             assert_eq!(r.info("table:emb:accumulator").unwrap().shape, vec![n, 3]);
         }
+    }
+
+    #[test]
+    fn restored_tables_reserve_their_capacity_from_the_shard_limit() {
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        // Capacity 10 rows of 3 f32 values and an Adagrad slot: 240 bytes.
+        let def = table_def(DType::F32);
+        assert_eq!(def.capacity * def.row_bytes(), 240);
+        let original = SparseTable::new(def.clone(), mode);
+        table_push(&original, 0, 0);
+        table_push(&original, 0, 1);
+        let restored = |name: &str| {
+            let c = original.capture();
+            let (rows, stripes) = c.packed();
+            RestoredTable { def: TableDef { name: name.into(), ..c.def.clone() }, version: c.version, worker_clocks: c.worker_clocks.clone(), learning_rate: c.learning_rate, rows, stripes }
+        };
+        let mut config = StoreConfig::new(mode);
+        config.max_shard_bytes = 500;
+        let store = VariableStore::new(config, Arc::new(Metrics::default()));
+        insert_tables(&store, vec![restored("emb"), restored("emb2")]).unwrap();
+        assert_eq!(store.held_bytes(), 480, "both capacities reserved");
+        // The registration of the same table finds it and reserves nothing more.
+        assert!(!store.register_table(TableDef { name: "emb".into(), ..def.clone() }).unwrap());
+        assert_eq!(store.held_bytes(), 480);
+        let e = insert_tables(&store, vec![restored("emb3")]).unwrap_err().to_string();
+        assert!(e.contains("emb3") && e.contains("needs 240 bytes") && e.contains("holds 480 of its --max-shard-bytes 500"), "{e}");
+        assert!(store.tables().get("emb3").is_err());
+        assert_eq!(store.held_bytes(), 480, "the refused one holds nothing");
+        // A table restored twice gives its second reservation back.
+        assert!(insert_tables(&store, vec![restored("emb")]).is_err());
+        assert_eq!(store.held_bytes(), 480);
+        let e = store.register_table(TableDef { name: "new".into(), ..def }).unwrap_err();
+        assert!(matches!(e, crate::error::Error::ResourceExhausted { .. }), "{e}");
     }
 
     #[test]

@@ -218,7 +218,9 @@ pub enum Eviction {
     /// The rows updated least often go first (ties: the least recently updated).
     Lfu,
     /// Rows not updated for `steps` steps go: at every `steps`-th step, and when the table is
-    /// full (if none is that old then, new rows are not created).
+    /// full (if none is that old then, new rows are not created). The steps are those the
+    /// pushes carry, each taken as at most [`STEP_WINDOW`](super::STEP_WINDOW) past the
+    /// highest the table has applied.
     Ttl { steps: u64 },
 }
 

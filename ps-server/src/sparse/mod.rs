@@ -11,7 +11,7 @@
 //! Modules: [`def`] (definitions, initial rows, admission and eviction policies), [`rows`]
 //! (the row optimizers), [`table`] (one stripe's rows).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,10 +124,35 @@ fn stripe_of(id: u64, stripes: usize) -> usize {
     }
 }
 
+/// How far one push may move a table's current step (the clock of time-to-live eviction)
+/// past the highest step the table has applied: a push's step is taken as at most that
+/// highest step plus this window.
+///
+/// Async and bounded pushes carry the worker's own step, which the server cannot check (in
+/// sync mode the clock sets it); a worker that sends a wild one (`u64::MAX` from a bug) would
+/// otherwise move the table's notion of "now" to the end of time in one push: every row
+/// evicted as too old, and no sweep ever running again. Honest workers step one at a time;
+/// a table restored from a checkpoint starts from the highest step of its rows and sweeps;
+/// a fresh table reaches a job's step within `step / STEP_WINDOW + 1` pushes.
+pub const STEP_WINDOW: u64 = 1 << 20;
+
 /// Consistency state and learning rate of a table.
 struct Clock {
     clock: VariableClock<SparseGrad>,
     lr: f32,
+    /// The highest step the table's rows were updated at (see [`STEP_WINDOW`]).
+    step_seen: u64,
+}
+
+impl Clock {
+    /// The step a push for `step` is applied at (its rows' time-to-live clock): `step`, but
+    /// at most [`STEP_WINDOW`] past the highest step applied so far, which it becomes if it
+    /// is higher.
+    fn bounded_step(&mut self, step: u64) -> u64 {
+        let step = step.min(self.step_seen.saturating_add(STEP_WINDOW));
+        self.step_seen = self.step_seen.max(step);
+        step
+    }
 }
 
 /// Lookup and push counters of a table.
@@ -156,6 +181,8 @@ pub struct SparseTable {
     pub traffic: TableTraffic,
     /// Called as sync steps complete (see [`SparseTables::set_step_hook`]).
     hook: HookCell,
+    /// A push reached the table's clock since it was created or restored.
+    pushed: AtomicBool,
 }
 
 /// A table's state for info and metrics.
@@ -184,12 +211,18 @@ impl SparseTable {
         SparseTable {
             def,
             stripes,
-            clock: Mutex::new(Clock { clock: VariableClock::new(mode), lr }),
+            clock: Mutex::new(Clock { clock: VariableClock::new(mode), lr, step_seen: 0 }),
             changed: watch::channel(0).0,
             mode,
             traffic: TableTraffic::default(),
             hook: HookCell::default(),
+            pushed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a push reached the table since it was created or restored (in this process).
+    pub fn pushed(&self) -> bool {
+        self.pushed.load(Relaxed)
     }
 
     /// Elements per row.
@@ -236,7 +269,8 @@ impl SparseTable {
         order
     }
 
-    /// Applies `grad` (unique ids) at learning rate `lr` for `step`.
+    /// Applies `grad` (unique ids) at learning rate `lr` for `step` (as bounded by
+    /// [`Clock::bounded_step`]).
     fn apply(&self, grad: &SparseGrad, lr: f32, step: u64) {
         if self.stripes.len() == 1 {
             self.stripes[0].write().push(&self.def, &grad.ids, &grad.rows, lr, step);
@@ -254,7 +288,9 @@ impl SparseTable {
 
     /// A worker's push of `grad` (unique ids, see [`SparseGrad::summed`]) as the server's mode
     /// decides: applied now (async, bounded), held for its sync step, applied with the other
-    /// workers' as the step completes, or dropped as late.
+    /// workers' as the step completes, or dropped as late. The rows are updated at the push's
+    /// step (sync: the step completed) for time-to-live eviction, but at most
+    /// [`STEP_WINDOW`] past the highest step the table has applied.
     pub fn push(&self, meta: PushMeta, grad: SparseGrad) -> Result<PushResult> {
         let rows = grad.ids.len() as u64;
         let mut clock = self.clock.lock();
@@ -262,21 +298,25 @@ impl SparseTable {
             .clock
             .on_push(meta.worker, meta.step, meta.base_version, grad)
             .map_err(|refusal| Error::Refused { variable: self.def.name.clone(), refusal })?;
+        if !self.pushed.load(Relaxed) {
+            self.pushed.store(true, Relaxed);
+        }
         let mut result = PushResult { accepted: true, dropped_stale: false, version: 0, staleness: 0, duplicate: false };
-        // The table as a completed sync step left it, if a checkpoint wants that step.
-        let mut step_capture = None;
+        // The hook that took the table as a completed sync step left it, and that step.
+        let mut captured = None;
         match decision {
             PushDecision::Apply { grad, staleness, lr_scale } => {
                 let lr = clock.lr * lr_scale;
                 result.version = clock.clock.version();
                 result.staleness = staleness;
+                let step = clock.bounded_step(meta.step);
                 if matches!(self.mode, Mode::Async { .. }) {
                     // Nothing reads behind an async update: apply it outside the clock.
                     drop(clock);
-                    self.apply(&grad, lr, meta.step);
+                    self.apply(&grad, lr, step);
                 } else {
                     // Bounded: a read gate that opens must find the update applied.
-                    self.apply(&grad, lr, meta.step);
+                    self.apply(&grad, lr, step);
                     drop(clock);
                 }
             }
@@ -285,9 +325,15 @@ impl SparseTable {
             }
             PushDecision::ApplyMean { step, grads } => {
                 let mean = SparseGrad::mean_in_worker_order(grads, self.dim());
+                let step = clock.bounded_step(step);
                 self.apply(&mean, clock.lr, step);
                 result.version = clock.clock.version();
-                step_capture = self.wanted_capture(&clock, result.version);
+                // Handed over before the clock is released: the table cannot complete the
+                // next step before the hook has this one.
+                if let Some((hook, capture)) = self.wanted_capture(&clock, result.version) {
+                    hook.table_captured(capture);
+                    captured = Some((hook, result.version));
+                }
                 drop(clock);
             }
             PushDecision::DropStale { .. } => {
@@ -299,8 +345,8 @@ impl SparseTable {
         }
         self.traffic.rows_pushed.fetch_add(rows, Relaxed);
         self.changed.send_modify(|c| *c += 1);
-        if let Some((hook, capture)) = step_capture {
-            hook.table_captured(capture);
+        if let Some((hook, step)) = captured {
+            hook.after_capture(step);
         }
         Ok(result)
     }
@@ -473,8 +519,14 @@ pub trait TableStepHook: Send + Sync {
     /// Is the state of a table that has just completed `step` steps (its version) wanted?
     /// Asked while the table's clock is held: must be quick.
     fn wants_step(&self, step: u64) -> bool;
-    /// A table's state as of the version it just reached (called with no lock held).
+    /// A table's state as of the version it just reached, handed over while the table's
+    /// clock is still held (so the table cannot complete another step before the hook has
+    /// this one): must be quick, and must not take any table's clock.
     fn table_captured(&self, capture: TableCapture);
+    /// Called after [`TableStepHook::table_captured`] once the table's clock is released
+    /// (no lock held), with the step of the capture: the place for work that takes other
+    /// tables' clocks.
+    fn after_capture(&self, step: u64);
 }
 
 /// The hook of a shard's tables, shared by the registry and every table.
@@ -603,6 +655,8 @@ impl SparseTable {
             return Err(format!("rows of {} elements, the table's have {}", rows.dim, def.dim));
         }
         rows.route_into(&mut parts, |id| Some(stripe_of(id, n)));
+        // Where the table's time-to-live clock was: its rows' steps and its sweeps.
+        let step_seen = rows.meta.iter().map(|m| m.step).chain(stripes.iter().map(|s| s.swept_at)).max().unwrap_or(0);
         drop(rows);
         let states = if stripes.len() == n {
             stripes
@@ -625,6 +679,7 @@ impl SparseTable {
             let mut c = table.clock.lock();
             c.clock.restore(version, &worker_clocks)?;
             c.lr = learning_rate;
+            c.step_seen = step_seen;
         }
         Ok(table)
     }
@@ -850,6 +905,57 @@ mod tests {
         assert_eq!(back.status().rows, t.status().rows);
     }
 
+    /// An async table of SGD rows that live `ttl` steps (one stripe: every push sweeps it).
+    fn ttl_table(ttl: u64) -> SparseTable {
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        let def = TableDef { eviction: Eviction::Ttl { steps: ttl }, capacity: 1000, ..table(mode, RowOptimizer::Sgd { lr: 1.0 }).def };
+        let t = SparseTable::new(def, mode);
+        assert_eq!(t.stripes.len(), 1);
+        t
+    }
+
+    fn push_one(t: &SparseTable, id: u64, step: u64) {
+        t.push(meta(0, step), SparseGrad::summed(&[id], &[1.0, 1.0], 2)).unwrap();
+    }
+
+    #[test]
+    fn a_wild_worker_step_moves_the_time_to_live_clock_by_at_most_the_window() {
+        let t = ttl_table(10);
+        push_one(&t, 1, 0);
+        push_one(&t, 2, 5);
+        // A worker's step of u64::MAX counts as the highest step so far plus the window.
+        push_one(&t, 3, u64::MAX);
+        let now = 5 + STEP_WINDOW;
+        assert!(t.contains(3));
+        push_one(&t, 4, now + 5);
+        assert!(t.contains(3) && t.contains(4), "no sweep yet: within ten steps of the wild one");
+        // Sweeps go on: eleven steps on, the row of the wild step is older than ten.
+        push_one(&t, 5, now + 11);
+        assert!(!t.contains(3), "the row pushed at the wild step is swept as one of that step");
+        assert!(t.contains(4) && t.contains(5));
+        push_one(&t, 6, now + 30);
+        assert!(!t.contains(4) && !t.contains(5) && t.contains(6), "and later sweeps still run");
+        assert_eq!(t.status().counts.evicted, 5);
+    }
+
+    #[test]
+    fn a_restored_table_keeps_its_time_to_live_clock_past_the_window() {
+        const W: u64 = STEP_WINDOW;
+        let t = ttl_table(10);
+        // Honest steps one window apart reach 3W; the last row lives at 3W.
+        for (id, step) in [(1, 0), (2, W), (3, 2 * W), (4, 3 * W), (5, 3 * W + 4)] {
+            push_one(&t, id, step);
+        }
+        assert!(t.contains(4) && t.contains(5) && !t.contains(3));
+        let mode = Mode::Async { num_workers: 1, lr_div_staleness: false };
+        let back = SparseTable::restored(restored_of(&t.capture()), mode).unwrap();
+        // A push at 3W + 11 is no jump for the restored table: it sweeps the row of 3W as the original does.
+        for x in [&t, &back] {
+            push_one(x, 6, 3 * W + 11);
+            assert!(!x.contains(4) && x.contains(5) && x.contains(6));
+        }
+    }
+
     struct Wants(u64, Mutex<Vec<TableCapture>>);
 
     impl TableStepHook for Wants {
@@ -859,6 +965,7 @@ mod tests {
         fn table_captured(&self, capture: TableCapture) {
             self.1.lock().push(capture);
         }
+        fn after_capture(&self, _step: u64) {}
     }
 
     #[test]

@@ -336,8 +336,9 @@ impl VariableStore {
 
     /// Creates a sparse table (or confirms an identical one). A table with a capacity holds
     /// up to `capacity` rows of values and slots: that much is reserved from
-    /// `--max-shard-bytes` when it is created (`resource_exhausted` past it). A table without
-    /// a capacity is not bounded by it: give tables a capacity where memory is tight.
+    /// `--max-shard-bytes` when it is created (`resource_exhausted` past it), or restored (see
+    /// [`VariableStore::insert_restored_table`]). A table without a capacity is not bounded by
+    /// it: give tables a capacity where memory is tight.
     pub fn register_table(&self, def: crate::sparse::TableDef) -> Result<bool> {
         if let Ok(existing) = self.tables.get(&def.name) {
             let diff = existing.def.differences(&def);
@@ -346,6 +347,29 @@ impl VariableStore {
             }
         }
         def.validate().map_err(|reason| Error::invalid(&def.name, reason))?;
+        let reservation = self.reserve_table(&def)?;
+        let created = self.tables.register(def)?;
+        if created {
+            reservation.keep();
+        }
+        Ok(created)
+    }
+
+    /// Creates a sparse table from a checkpoint's state (see
+    /// [`crate::sparse::SparseTables::insert_restored`]), reserving its capacity from
+    /// `--max-shard-bytes` as a registration does (`resource_exhausted` naming the table if
+    /// it does not fit).
+    pub fn insert_restored_table(&self, restored: crate::sparse::RestoredTable) -> Result<()> {
+        restored.def.validate().map_err(|reason| Error::invalid(&restored.def.name, format!("checkpoint: {reason}")))?;
+        let reservation = self.reserve_table(&restored.def)?;
+        self.tables.insert_restored(restored)?;
+        reservation.keep();
+        Ok(())
+    }
+
+    /// Reserves the bytes of `def`'s capacity (rows of values and slots) against
+    /// `max_shard_bytes`; given back unless kept.
+    fn reserve_table(&self, def: &crate::sparse::TableDef) -> Result<Reservation<'_>> {
         let bytes = def.capacity.saturating_mul(def.row_bytes());
         let max = self.config.max_shard_bytes;
         self.held_bytes
@@ -353,18 +377,13 @@ impl VariableStore {
             .map_err(|held| Error::ResourceExhausted {
                 variable: def.name.clone(),
                 reason: format!(
-                    "a capacity of {} rows of {} bytes (values and slots) needs {bytes} bytes; this shard holds {held} of its \
-                     --max-shard-bytes {max}",
+                    "a capacity of {} rows of {} bytes (values and slots) needs {bytes} bytes; this shard holds {held} of \
+                     its --max-shard-bytes {max}",
                     def.capacity,
                     def.row_bytes()
                 ),
             })?;
-        let reservation = Reservation { held: &self.held_bytes, bytes, kept: false };
-        let created = self.tables.register(def)?;
-        if created {
-            reservation.keep();
-        }
-        Ok(created)
+        Ok(Reservation { held: &self.held_bytes, bytes, kept: false })
     }
 
     /// Bytes of values and optimizer slots held by the variables of this shard.
@@ -477,17 +496,19 @@ impl VariableStore {
         if let Some(id) = id {
             st.last_push.insert(meta.worker, (id, result));
         }
-        // A sync step completed here: the checkpoint of this step takes the state now.
-        let capture = checkpointer
-            .filter(|c| step_done && c.wants_step(result.version))
-            .map(|_| VariableCapture::take(var, &st));
+        // A sync step completed here: the checkpoint of this step takes the state now, in
+        // before the variable can complete the next step.
+        let captured = checkpointer.filter(|c| step_done && c.wants_step(result.version));
+        if let Some(c) = captured {
+            c.captured(VariableCapture::take(var, &st));
+        }
         drop(st);
         if result.accepted {
             self.metrics.pushes.fetch_add(1, Relaxed);
             var.changed.send_modify(|c| *c += 1);
         }
-        if let (Some(c), Some(capture)) = (checkpointer, capture) {
-            c.captured(self, capture);
+        if let Some(c) = captured {
+            c.after_captured(self, result.version);
         }
         Ok(result)
     }
