@@ -183,6 +183,42 @@ pub struct SparseTable {
     hook: HookCell,
     /// A push reached the table's clock since it was created or restored.
     pushed: AtomicBool,
+    /// The shard's memory budget, for a table without a capacity (whose rows are taken from
+    /// it as they are created; a table with one reserved it whole when created).
+    budget: std::sync::OnceLock<Arc<MemoryBudget>>,
+    /// The log said that the budget ran out.
+    budget_warned: AtomicBool,
+}
+
+/// Bytes of a shard's values, slots and table rows, against `--max-shard-bytes`.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    /// Bytes held or reserved.
+    pub held: AtomicU64,
+    /// At most this many.
+    pub max: u64,
+}
+
+impl MemoryBudget {
+    /// A budget of `max` bytes, none held.
+    pub fn new(max: u64) -> MemoryBudget {
+        MemoryBudget { held: AtomicU64::new(0), max }
+    }
+
+    /// Takes `want` bytes, or as many as are left; returns how many it took.
+    pub fn take_up_to(&self, want: u64) -> u64 {
+        let mut took = 0;
+        let _ = self.held.fetch_update(Relaxed, Relaxed, |held| {
+            took = want.min(self.max.saturating_sub(held));
+            Some(held + took)
+        });
+        took
+    }
+
+    /// Gives back `bytes` taken before.
+    pub fn give(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Relaxed);
+    }
 }
 
 /// A table's state for info and metrics.
@@ -217,6 +253,8 @@ impl SparseTable {
             traffic: TableTraffic::default(),
             hook: HookCell::default(),
             pushed: AtomicBool::new(false),
+            budget: std::sync::OnceLock::new(),
+            budget_warned: AtomicBool::new(false),
         }
     }
 
@@ -272,17 +310,48 @@ impl SparseTable {
     /// Applies `grad` (unique ids) at learning rate `lr` for `step` (as bounded by
     /// [`Clock::bounded_step`]).
     fn apply(&self, grad: &SparseGrad, lr: f32, step: u64) {
+        let dim = self.dim();
         if self.stripes.len() == 1 {
-            self.stripes[0].write().push(&self.def, &grad.ids, &grad.rows, lr, step);
+            let rows = grad.ids.iter().copied().zip(grad.rows.chunks_exact(dim));
+            self.apply_to_stripe(0, rows, grad.ids.len(), lr, step);
             return;
         }
-        let dim = self.dim();
         for (s, members) in self.by_stripe(&grad.ids).iter().enumerate() {
             if members.is_empty() {
                 continue;
             }
             let rows = members.iter().map(|&i| (grad.ids[i], &grad.rows[i * dim..(i + 1) * dim]));
+            self.apply_to_stripe(s, rows, members.len(), lr, step);
+        }
+    }
+
+    /// Applies `n` gradient rows to stripe `s`. A table without a capacity takes the bytes of
+    /// the rows it may create from the shard's memory budget first, and gives back what it
+    /// did not use (and what rows evicted by their time to live held): past the budget, new
+    /// rows are not created and their updates are dropped (counted, and said once in the log).
+    fn apply_to_stripe<'g>(&self, s: usize, rows: impl Iterator<Item = (u64, &'g [f32])>, n: usize, lr: f32, step: u64) {
+        let Some(budget) = self.budget.get() else {
             self.stripes[s].write().push_rows(&self.def, rows, lr, step);
+            return;
+        };
+        let row_bytes = self.def.row_bytes().max(1);
+        let granted = budget.take_up_to(n as u64 * row_bytes);
+        let room = (granted / row_bytes) as usize;
+        let mut stripe = self.stripes[s].write();
+        let (before, dropped_before) = (stripe.len() as u64, stripe.counts().dropped);
+        stripe.push_rows_within(&self.def, rows, lr, step, room);
+        let (after, dropped_after) = (stripe.len() as u64, stripe.counts().dropped);
+        drop(stripe);
+        let kept = after.saturating_sub(before) * row_bytes;
+        budget.give(granted - kept.min(granted) + before.saturating_sub(after) * row_bytes);
+        if room < n && dropped_after > dropped_before && !self.budget_warned.swap(true, Relaxed) {
+            tracing::warn!(
+                table = %self.def.name,
+                rows = after,
+                max_shard_bytes = budget.max,
+                "the shard's memory limit is reached: this table (no capacity) creates no more rows, and updates of ids \
+                 without one are dropped; give the table a capacity and an eviction policy, or raise --max-shard-bytes"
+            );
         }
     }
 
@@ -417,12 +486,27 @@ pub struct SparseTables {
     allow_non_finite: bool,
     /// Shared with every table (see [`SparseTables::set_step_hook`]).
     hook: HookCell,
+    /// The shard's memory budget, handed to tables without a capacity.
+    budget: std::sync::OnceLock<Arc<MemoryBudget>>,
 }
 
 impl SparseTables {
     /// No tables yet; `mode` is the server's.
     pub fn new(mode: Mode, allow_non_finite: bool) -> Self {
-        SparseTables { mode, tables: DashMap::new(), allow_non_finite, hook: HookCell::default() }
+        SparseTables { mode, tables: DashMap::new(), allow_non_finite, hook: HookCell::default(), budget: Default::default() }
+    }
+
+    /// Bounds the rows of tables without a capacity by the shard's memory budget (the
+    /// store's, see [`crate::store::VariableStore`]): tables created after this take from it.
+    pub fn set_budget(&self, budget: Arc<MemoryBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// Hands the shard's budget to `table` if it has no capacity of its own.
+    fn bound(&self, table: &SparseTable) {
+        if let (0, Some(b)) = (table.def.capacity, self.budget.get()) {
+            let _ = table.budget.set(Arc::clone(b));
+        }
     }
 
     /// Creates `def`'s table, or confirms an identical one; `Ok(true)` if created.
@@ -440,6 +524,7 @@ impl SparseTables {
             dashmap::mapref::entry::Entry::Vacant(e) => {
                 let mut table = SparseTable::new(def, self.mode);
                 table.hook = Arc::clone(&self.hook);
+                self.bound(&table);
                 e.insert(Arc::new(table));
                 Ok(true)
             }
@@ -475,7 +560,7 @@ impl SparseTables {
             ("parasync_table_bytes", "gauge", "Bytes allocated for a table's rows, slots and index.", |_, s| s.allocated_bytes),
             ("parasync_table_rows_admitted_total", "counter", "Rows created.", |_, s| s.counts.admitted),
             ("parasync_table_rows_evicted_total", "counter", "Rows evicted.", |_, s| s.counts.evicted),
-            ("parasync_table_updates_dropped_total", "counter", "Row updates dropped (not admitted yet, or the table was full).", |_, s| s.counts.dropped),
+            ("parasync_table_updates_dropped_total", "counter", "Row updates dropped (not admitted yet, the table was full, or the shard's memory limit was reached).", |_, s| s.counts.dropped),
             ("parasync_table_lookups_total", "counter", "Lookup calls.", |t, _| t.traffic.lookups.load(Relaxed)),
             ("parasync_table_rows_looked_up_total", "counter", "Rows returned by lookups.", |t, _| t.traffic.rows_looked_up.load(Relaxed)),
             ("parasync_table_rows_pushed_total", "counter", "Gradient rows pushed (after summing repeated ids).", |t, _| t.traffic.rows_pushed.load(Relaxed)),
@@ -697,6 +782,7 @@ impl SparseTables {
         let name = restored.def.name.clone();
         let mut table = SparseTable::restored(restored, self.mode).map_err(|e| Error::invalid(&name, format!("checkpoint: {e}")))?;
         table.hook = Arc::clone(&self.hook);
+        self.bound(&table);
         match self.tables.entry(name.clone()) {
             dashmap::mapref::entry::Entry::Occupied(_) => Err(Error::Conflict { variable: name, reason: "restored twice".into() }),
             dashmap::mapref::entry::Entry::Vacant(e) => {
@@ -819,6 +905,56 @@ mod tests {
         }
         assert_eq!(t.status().rows, 1000);
         assert!(t.stripes.iter().all(|s| s.read().len() > 20), "ids spread over the stripes");
+    }
+
+    /// Tables without a capacity take their rows' bytes from the shard's budget: past it no
+    /// row is created and the updates are dropped; rows evicted by their time to live give
+    /// their bytes back.
+    #[test]
+    fn a_table_without_a_capacity_is_bounded_by_the_shard_memory() {
+        let tables = SparseTables::new(Mode::Async { num_workers: 1, lr_div_staleness: false }, false);
+        // Rows of 2 f32 with SGD: 8 bytes each; room for 5 and a bit.
+        let budget = Arc::new(MemoryBudget::new(5 * 8 + 3));
+        tables.set_budget(Arc::clone(&budget));
+        let def = TableDef {
+            name: "open".into(),
+            dim: 2,
+            dtype: DType::F32,
+            init: RowInit::Zeros,
+            optimizer: RowOptimizer::Sgd { lr: 1.0 },
+            admission: Admission::Always,
+            eviction: Eviction::Ttl { steps: 2 },
+            capacity: 0,
+        };
+        tables.register(def.clone()).unwrap();
+        tables.register(TableDef { name: "bounded".into(), capacity: 100, eviction: Eviction::Lru, ..def }).unwrap();
+        let t = tables.get("open").unwrap();
+        let push = |ids: &[u64], step: u64| {
+            let grad = SparseGrad::summed(ids, &vec![1.0; ids.len() * 2], 2);
+            t.push(PushMeta { worker: 0, step, base_version: 0 }, grad).unwrap();
+        };
+        let ids: Vec<u64> = (0..8).collect();
+        push(&ids, 0);
+        let s = t.status();
+        assert_eq!((s.rows, s.counts.dropped), (5, 3));
+        assert_eq!(budget.held.load(Relaxed), 40, "what the rows hold, no more");
+        // The held rows are updated again; the others are still dropped.
+        push(&ids, 1);
+        let s = t.status();
+        assert_eq!((s.rows, s.counts.dropped, s.counts.updated), (5, 6, 10));
+        let mut out = vec![9.0; 16];
+        t.lookup(&ids, &mut out);
+        assert_eq!(out.iter().filter(|&&x| x == -2.0).count(), 10, "five rows updated twice");
+        assert_eq!(out.iter().filter(|&&x| x == 0.0).count(), 6, "three ids still at their initial row");
+        // Much later, other ids: the old rows expire where these land, and give their bytes back.
+        for (k, id) in (100..400u64).enumerate() {
+            push(&[id], 10 + k as u64);
+            assert_eq!(budget.held.load(Relaxed), t.status().rows * 8, "after id {id}");
+        }
+        assert!(t.status().counts.evicted > 0);
+        // The table with a capacity took nothing from the budget.
+        tables.get("bounded").unwrap().push(PushMeta { worker: 0, step: 0, base_version: 0 }, SparseGrad::summed(&[1], &[1.0, 1.0], 2)).unwrap();
+        assert_eq!(budget.held.load(Relaxed), t.status().rows * 8);
     }
 
     fn adagrad_table(mode: Mode, capacity: u64) -> SparseTable {

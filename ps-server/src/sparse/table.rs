@@ -243,22 +243,28 @@ impl Rows {
     /// [`Rows::push`] for rows given one by one (ids unique): a table's stripe takes its
     /// part of a batch without copying it out first.
     pub fn push_rows<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
+        self.push_rows_within(def, rows, lr, step, usize::MAX)
+    }
+
+    /// [`Rows::push_rows`] creating at most `room` new rows: the updates of further ids
+    /// without a row are dropped (counted as dropped).
+    pub fn push_rows_within<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64, room: usize) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2. (No FMA: the results are the same bits either way.)
-            return unsafe { self.push_avx2(def, rows, lr, step) };
+            return unsafe { self.push_avx2(def, rows, lr, step, room) };
         }
-        self.push_any(def, rows, lr, step)
+        self.push_any(def, rows, lr, step, room)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn push_avx2<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
-        self.push_any(def, rows, lr, step)
+    unsafe fn push_avx2<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64, room: usize) {
+        self.push_any(def, rows, lr, step, room)
     }
 
     #[inline(always)]
-    fn push_any<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64) {
+    fn push_any<'g>(&mut self, def: &TableDef, rows: impl Iterator<Item = (u64, &'g [f32])>, lr: f32, step: u64, room: usize) {
         self.tick += 1;
         if let Eviction::Ttl { steps } = def.eviction {
             if step >= self.swept_at.saturating_add(steps) {
@@ -275,6 +281,7 @@ impl Rows {
         let rows: Vec<(u64, &[f32])> = rows.collect();
         let mut todo: Vec<(usize, &[f32])> = Vec::with_capacity(rows.len());
         let mut scratch = vec![0f32; self.dim];
+        let mut created = 0;
         for k in 0..rows.len() {
             if let Some(&(ahead, _)) = rows.get(k + PREFETCH_IDS) {
                 self.index.prefetch(ahead);
@@ -283,10 +290,11 @@ impl Rows {
             let slot = match self.index.get(id) {
                 Some(slot) => slot as usize,
                 None => {
-                    if !self.admit(def, id) {
+                    if created == room || !self.admit(def, id) {
                         self.counts.dropped += 1;
                         continue;
                     }
+                    created += 1;
                     if self.capacity > 0 && self.index.len() >= self.capacity {
                         self.apply_updates(def, &mut todo, lr, step, &mut scratch);
                     }

@@ -156,7 +156,7 @@ pub struct VariableStore {
     restore_source: std::sync::OnceLock<Arc<dyn RestoreSource>>,
     /// Bytes of values and slots of the variables held or being created (see
     /// [`StoreConfig::max_shard_bytes`]).
-    held_bytes: AtomicU64,
+    budget: Arc<crate::sparse::MemoryBudget>,
     /// The shard's sparse tables.
     tables: crate::sparse::SparseTables,
 }
@@ -166,6 +166,8 @@ impl VariableStore {
     pub fn new(config: StoreConfig, metrics: Arc<Metrics>) -> Self {
         let spares = Arc::new(SpareBudget::new(config.spare_buffer_bytes, Arc::clone(&metrics)));
         let tables = crate::sparse::SparseTables::new(config.mode, config.allow_non_finite);
+        let budget = Arc::new(crate::sparse::MemoryBudget::new(config.max_shard_bytes));
+        tables.set_budget(Arc::clone(&budget));
         VariableStore {
             tables,
             config,
@@ -174,7 +176,7 @@ impl VariableStore {
             spares,
             checkpointer: std::sync::OnceLock::new(),
             restore_source: std::sync::OnceLock::new(),
-            held_bytes: AtomicU64::new(0),
+            budget,
         }
     }
 
@@ -321,7 +323,8 @@ impl VariableStore {
     fn reserve(&self, def: &VariableDef, len: usize) -> Result<Reservation<'_>> {
         let bytes = def.bytes_held(len);
         let max = self.config.max_shard_bytes;
-        self.held_bytes
+        self.budget
+            .held
             .fetch_update(Relaxed, Relaxed, |held| held.checked_add(bytes).filter(|&after| after <= max))
             .map_err(|held| Error::ResourceExhausted {
                 variable: def.name.clone(),
@@ -331,14 +334,15 @@ impl VariableStore {
                     def.optimizer.num_slots()
                 ),
             })?;
-        Ok(Reservation { held: &self.held_bytes, bytes, kept: false })
+        Ok(Reservation { held: &self.budget.held, bytes, kept: false })
     }
 
     /// Creates a sparse table (or confirms an identical one). A table with a capacity holds
     /// up to `capacity` rows of values and slots: that much is reserved from
     /// `--max-shard-bytes` when it is created (`resource_exhausted` past it), or restored (see
-    /// [`VariableStore::insert_restored_table`]). A table without a capacity is not bounded by
-    /// it: give tables a capacity where memory is tight.
+    /// [`VariableStore::insert_restored_table`]). A table without a capacity takes each row's
+    /// bytes from it as the row is created: once the shard is full it creates no more rows
+    /// and drops the updates of ids without one (counted; said once in the log).
     pub fn register_table(&self, def: crate::sparse::TableDef) -> Result<bool> {
         if let Ok(existing) = self.tables.get(&def.name) {
             let diff = existing.def.differences(&def);
@@ -347,7 +351,7 @@ impl VariableStore {
             }
         }
         def.validate().map_err(|reason| Error::invalid(&def.name, reason))?;
-        let reservation = self.reserve_table(&def)?;
+        let reservation = self.reserve_table(&def, 0)?;
         let created = self.tables.register(def)?;
         if created {
             reservation.keep();
@@ -361,34 +365,39 @@ impl VariableStore {
     /// it does not fit).
     pub fn insert_restored_table(&self, restored: crate::sparse::RestoredTable) -> Result<()> {
         restored.def.validate().map_err(|reason| Error::invalid(&restored.def.name, format!("checkpoint: {reason}")))?;
-        let reservation = self.reserve_table(&restored.def)?;
+        let rows = restored.rows.ids.len() as u64;
+        let reservation = self.reserve_table(&restored.def, rows)?;
         self.tables.insert_restored(restored)?;
         reservation.keep();
         Ok(())
     }
 
     /// Reserves the bytes of `def`'s capacity (rows of values and slots) against
-    /// `max_shard_bytes`; given back unless kept.
-    fn reserve_table(&self, def: &crate::sparse::TableDef) -> Result<Reservation<'_>> {
-        let bytes = def.capacity.saturating_mul(def.row_bytes());
+    /// `max_shard_bytes`, or for a table without one the bytes of the `rows` it holds
+    /// already (a restored table; later rows take theirs as they are created); given back
+    /// unless kept.
+    fn reserve_table(&self, def: &crate::sparse::TableDef, rows: u64) -> Result<Reservation<'_>> {
+        let rows = if def.capacity > 0 { def.capacity } else { rows };
+        let bytes = rows.saturating_mul(def.row_bytes());
         let max = self.config.max_shard_bytes;
-        self.held_bytes
+        self.budget
+            .held
             .fetch_update(Relaxed, Relaxed, |held| held.checked_add(bytes).filter(|&after| after <= max))
             .map_err(|held| Error::ResourceExhausted {
                 variable: def.name.clone(),
                 reason: format!(
-                    "a capacity of {} rows of {} bytes (values and slots) needs {bytes} bytes; this shard holds {held} of \
-                     its --max-shard-bytes {max}",
-                    def.capacity,
-                    def.row_bytes()
+                    "the table needs {bytes} bytes for {rows} rows of {} bytes (values and slots{}); this shard holds \
+                     {held} of its --max-shard-bytes {max}",
+                    def.row_bytes(),
+                    if def.capacity > 0 { ": the table's capacity" } else { ", restored" }
                 ),
             })?;
-        Ok(Reservation { held: &self.held_bytes, bytes, kept: false })
+        Ok(Reservation { held: &self.budget.held, bytes, kept: false })
     }
 
     /// Bytes of values and optimizer slots held by the variables of this shard.
     pub fn held_bytes(&self) -> u64 {
-        self.held_bytes.load(Relaxed)
+        self.budget.held.load(Relaxed)
     }
 
     fn confirm(existing: &Variable, def: &VariableDef) -> Result<Registered> {
