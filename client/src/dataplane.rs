@@ -164,7 +164,7 @@ impl DataPlane {
         let n = ids.len() * row_values * wire.size();
         let mut rows = Vec::new();
         let outcome = async {
-            c.send_rows(Op::Lookup(req), ids, &[], wire).await?;
+            c.send_rows(Op::Lookup(req), ids, &[]).await?;
             c.spin_for_reply(self.spin_for(n)).await;
             let reply = c.reply().await?;
             if reply.code != 0 {
@@ -186,12 +186,13 @@ impl DataPlane {
         Ok((reply.lookup.map_or(0, |h| h.version), rows))
     }
 
-    /// Pushes gradient rows of `ids` (the request's `num_ids` set), sent as `wire`.
-    pub async fn push_sparse(&self, req: ps::PushSparseRequest, ids: &[u64], rows: &[f32], wire: DType, ctx: &str) -> Result<ps::PushResponse> {
+    /// Pushes gradient rows of `ids` (the request's `num_ids` and wire dtype set), already
+    /// encoded in that dtype.
+    pub async fn push_sparse(&self, req: ps::PushSparseRequest, ids: &[u64], rows: &[u8], ctx: &str) -> Result<ps::PushResponse> {
         let (_permit, mut c) = self.lease(ctx).await?;
         let outcome = async {
-            c.send_rows(Op::PushSparse(req), ids, rows, wire).await?;
-            c.spin_for_reply(self.spin_for(rows.len() * wire.size())).await;
+            c.send_rows(Op::PushSparse(req), ids, rows).await?;
+            c.spin_for_reply(self.spin_for(rows.len())).await;
             c.reply().await
         }
         .await;
@@ -377,23 +378,22 @@ impl Conn {
     }
 
     /// Sends a table request: its frame, the ids, then `rows` encoded as `wire`, in one write.
-    async fn send_rows(&mut self, op: Op, ids: &[u64], rows: &[f32], wire: DType) -> std::result::Result<(), Failure> {
-        let payload = ids.len() * 8 + rows.len() * wire.size();
+    async fn send_rows(&mut self, op: Op, ids: &[u64], rows: &[u8]) -> std::result::Result<(), Failure> {
+        let payload = ids.len() * 8 + rows.len();
         let req = ps::DataRequest { op: Some(op), payload_bytes: payload as u64 };
         self.scratch.clear();
         put_frame(&req, &mut self.scratch);
         for id in ids {
             self.scratch.extend_from_slice(&id.to_le_bytes());
         }
-        #[cfg(target_endian = "little")]
-        if wire == DType::F32 && rows.len() * 4 > COALESCE_BYTES {
-            // Large f32 rows go from the caller's buffer straight to the socket.
+        if rows.len() > COALESCE_BYTES {
+            // Large rows go from the caller's buffer straight to the socket.
             self.sock.write_all(&self.scratch).await?;
-            self.sock.write_all(parasync_tensor::f32_as_le_bytes(rows)).await?;
+            self.sock.write_all(rows).await?;
             self.sock.flush().await?;
             return Ok(());
         }
-        parasync_tensor::encode_f32(rows, wire, &mut self.scratch);
+        self.scratch.extend_from_slice(rows);
         self.sock.write_all(&self.scratch).await?;
         self.sock.flush().await?;
         Ok(())

@@ -174,6 +174,10 @@ struct Split {
     /// For every position of the batch, where its id's row is: (shard, index in that
     /// shard's ids).
     at: Vec<(u32, u32)>,
+    /// For every position of the batch, its id's number among the unique ids.
+    first: Vec<u32>,
+    /// For every unique id (in order of first appearance), where its row is.
+    place: Vec<(u32, u32)>,
     /// Unique ids of the batch.
     unique: usize,
     /// Per shard, its unique ids in order of first appearance.
@@ -192,7 +196,52 @@ fn split(ids: &[u64], num_shards: usize) -> Split {
             (s as u32, (shards[s].len() - 1) as u32)
         })
         .collect();
-    Split { at: first.iter().map(|&k| place[k as usize]).collect(), unique: unique.len(), shards }
+    Split { at: first.iter().map(|&k| place[k as usize]).collect(), first, place, unique: unique.len(), shards }
+}
+
+/// Each shard's gradient rows as `wire` bytes, in the order of its ids: an id's row is the
+/// sum of its rows in the batch, in the order they appear (the first copied, the others
+/// added), encoded once. A row of an id that appears once goes straight from `grads` to
+/// the wire.
+fn wire_rows(plan: &Split, grads: &[f32], dim: usize, wire: DType) -> Vec<Vec<u8>> {
+    // The batch's positions grouped by unique id, each group in order (a counting sort).
+    let n = plan.place.len();
+    let mut start = vec![0usize; n + 1];
+    for &k in &plan.first {
+        start[k as usize + 1] += 1;
+    }
+    for k in 0..n {
+        start[k + 1] += start[k];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0u32; plan.first.len()];
+    for (p, &k) in plan.first.iter().enumerate() {
+        order[next[k as usize]] = p as u32;
+        next[k as usize] += 1;
+    }
+    let row_bytes = dim * wire.size();
+    let mut out: Vec<Vec<u8>> = plan.shards.iter().map(|s| Vec::with_capacity(s.len() * row_bytes)).collect();
+    let mut sum = vec![0f32; dim];
+    let row = |p: u32| &grads[p as usize * dim..(p as usize + 1) * dim];
+    for k in 0..n {
+        // Unique ids come in order of first appearance, and so do each shard's: this row
+        // goes at the end of its shard's bytes.
+        let bytes = &mut out[plan.place[k].0 as usize];
+        let at = bytes.len();
+        bytes.resize(at + row_bytes, 0);
+        match &order[start[k]..start[k + 1]] {
+            [p] => parasync_tensor::encode_f32_into(row(*p), wire, &mut bytes[at..]),
+            [p, rest @ ..] => {
+                sum.copy_from_slice(row(*p));
+                for &q in rest {
+                    sum.iter_mut().zip(row(q)).for_each(|(s, &x)| *s += x);
+                }
+                parasync_tensor::encode_f32_into(&sum, wire, &mut bytes[at..]);
+            }
+            [] => unreachable!("every unique id appears"),
+        }
+    }
+    out
 }
 
 /// Bytes of rows one gRPC lookup request asks a shard for at most: a larger part of a lookup
@@ -347,23 +396,13 @@ impl Client {
     pub async fn push_sparse(&self, table: &str, ids: &[u64], grads: &[f32], step: u64) -> Result<SparsePushSummary> {
         let dim = self.table_dim(table, ids.len(), grads.len(), "push to table")?;
         let plan = split(ids, self.shards.len());
+        let wire = self.opts.wire_dtype;
         // Each shard's rows, with the rows of repeated ids summed in the order they appear.
-        // An id's first row is copied in (first appearances come in the order of each shard's
-        // ids), later ones are added to it.
-        let mut rows: Vec<Vec<f32>> = plan.shards.iter().map(|s| Vec::with_capacity(s.len() * dim)).collect();
-        for (g, &(s, j)) in grads.chunks_exact(dim).zip(&plan.at) {
-            let (r, j) = (&mut rows[s as usize], j as usize);
-            if r.len() == j * dim {
-                r.extend_from_slice(g);
-            } else {
-                r[j * dim..(j + 1) * dim].iter_mut().zip(g).for_each(|(r, &x)| *r += x);
-            }
-        }
+        let rows = wire_rows(&plan, grads, dim, wire);
         let bases: Vec<u64> = {
             let known = self.tables.lock().expect("tables lock");
             known.get(table).map_or_else(|| vec![0; self.shards.len()], |t| t.versions.clone())
         };
-        let wire = self.opts.wire_dtype;
         // A push is one request per shard (sync counts one per worker and step): over gRPC,
         // one past the request limit fails here, before any shard gets its part.
         let limit = crate::client::grpc_request_limit(&self.opts);
@@ -382,7 +421,7 @@ impl Client {
         }
         // A time-based checkpoint step a shard named, passed on to every shard.
         let checkpoint_step = self.checkpoint_step_for(step);
-        let replies = try_join_all(plan.shards.iter().zip(&rows).enumerate().map(|(i, (shard_ids, rows))| {
+        let replies = try_join_all(plan.shards.iter().zip(rows).enumerate().map(|(i, (shard_ids, rows))| {
             let bases = &bases;
             async move {
                 let shard = &self.shards[i];
@@ -399,12 +438,10 @@ impl Client {
                     checkpoint_step,
                 };
                 match &shard.data {
-                    Some(data) => data.push_sparse(req, shard_ids, rows, wire, &ctx).await,
+                    Some(data) => data.push_sparse(req, shard_ids, &rows, &ctx).await,
                     None => {
                         req.ids = id_bytes(shard_ids).into();
-                        let mut bytes = Vec::with_capacity(rows.len() * wire.size());
-                        parasync_tensor::encode_f32(rows, wire, &mut bytes);
-                        req.rows = bytes.into();
+                        req.rows = rows.into();
                         Ok(shard.rpc().push_sparse(req).await.map_err(|s| Error::from_status(s, &ctx))?.into_inner())
                     }
                 }
@@ -445,5 +482,35 @@ mod tests {
         }
         assert_eq!(p.at[0], p.at[2]);
         assert_eq!(p.at[1], p.at[4]);
+    }
+
+    #[test]
+    fn pushed_rows_are_summed_in_batch_order_and_encoded_once() {
+        let ids = [7, 3, 7, 9, 3, 3, 11];
+        // Rows of 2: position p holds (p + 0.25, -p).
+        let grads: Vec<f32> = (0..ids.len()).flat_map(|p| [p as f32 + 0.25, -(p as f32)]).collect();
+        let p = split(&ids, 2);
+        for wire in [DType::F32, DType::Bf16] {
+            let rows = wire_rows(&p, &grads, 2, wire);
+            for (s, shard_ids) in p.shards.iter().enumerate() {
+                let got = parasync_tensor::decode_vec(&rows[s], wire).unwrap();
+                assert_eq!(got.len(), shard_ids.len() * 2);
+                for (j, id) in shard_ids.iter().enumerate() {
+                    // The sum of the id's rows from 0.0 upwards, in batch order.
+                    let mut want = [None::<f32>; 2];
+                    for (pos, _) in ids.iter().enumerate().filter(|(_, &x)| x == *id) {
+                        for (e, w) in want.iter_mut().enumerate() {
+                            let x = grads[pos * 2 + e];
+                            *w = Some(w.map_or(x, |s| s + x));
+                        }
+                    }
+                    let want: Vec<f32> = want.iter().map(|w| {
+                        let w = w.unwrap();
+                        if wire == DType::Bf16 { parasync_tensor::bf16::to_f32(parasync_tensor::bf16::from_f32_rne(w)) } else { w }
+                    }).collect();
+                    assert_eq!(&got[j * 2..j * 2 + 2], &want[..], "id {id} over {wire:?}");
+                }
+            }
+        }
     }
 }
