@@ -1070,8 +1070,9 @@ mod tests {
         CheckpointSettings { dir: dir.to_path_buf(), every_steps, every: None, keep: 100, shard, num_shards }
     }
 
-    /// A store with a variable `w` and the table `emb`, writing checkpoints every `every` steps.
-    fn store_with_checkpoints(mode: Mode, dir: &Path, every: u64) -> (Arc<VariableStore>, Arc<Checkpointer>) {
+    /// A store with a variable `w` and the table `emb`, and a checkpointer writing every `every`
+    /// steps that the store does not know of yet.
+    fn store_and_checkpointer(mode: Mode, dir: &Path, every: u64) -> (Arc<VariableStore>, Arc<Checkpointer>) {
         let metrics = Arc::new(Metrics::default());
         let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::clone(&metrics)));
         let w = VariableDef {
@@ -1084,6 +1085,12 @@ mod tests {
         store.register(w, &Init::Constant(1.0)).unwrap();
         store.tables().register(table_def(DType::F32)).unwrap();
         let c = Checkpointer::start(settings(dir, every, 0, 1), mode, 0, metrics).unwrap();
+        (store, c)
+    }
+
+    /// A store with a variable `w` and the table `emb`, writing checkpoints every `every` steps.
+    fn store_with_checkpoints(mode: Mode, dir: &Path, every: u64) -> (Arc<VariableStore>, Arc<Checkpointer>) {
+        let (store, c) = store_and_checkpointer(mode, dir, every);
         store.set_checkpointer(Arc::clone(&c));
         (store, c)
     }
@@ -1354,18 +1361,7 @@ mod tests {
     fn a_table_that_completes_the_next_step_at_once_is_still_in_the_sync_checkpoint() {
         let dir = TempDir::new("sync-race");
         let mode = Mode::Sync { num_workers: 1, replicas_to_aggregate: 1 };
-        let metrics = Arc::new(Metrics::default());
-        let store = Arc::new(VariableStore::new(StoreConfig::new(mode), Arc::clone(&metrics)));
-        let w = VariableDef {
-            name: "w".into(),
-            shape: vec![4],
-            dtype: DType::F32,
-            optimizer: OptimizerSpec::Sgd { lr: 0.5, momentum: 0.0, nesterov: false },
-            stochastic_rounding: false,
-        };
-        store.register(w, &Init::Constant(1.0)).unwrap();
-        store.tables().register(table_def(DType::F32)).unwrap();
-        let c = Checkpointer::start(settings(&dir.0, 2, 0, 1), mode, 0, metrics).unwrap();
+        let (store, c) = store_and_checkpointer(mode, &dir.0, 2);
         let racing = Arc::new(Racing { inner: StepHook(Arc::downgrade(&c)), store: Arc::clone(&store), other: Mutex::new(None) });
         assert!(store.tables().set_step_hook(racing.clone()));
         store.set_checkpointer(Arc::clone(&c));
