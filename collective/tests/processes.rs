@@ -368,6 +368,9 @@ fn a_wrong_job_token_is_refused_and_the_job_goes_on() {
 /// 60 allreduces in a row by peer copy (3 and 4 ranks, ring steps over 1 MiB): none may
 /// come near the timeout. A `Copied` answer taken off its link by the abort check, while
 /// the sending half was about to wait on that link, once slept until 3/4 of the timeout.
+/// And a rank that finished the last allreduce and exited right after its final `Confirmed`
+/// was taken for lost by the neighbour that read that answer and then the end of the stream
+/// in one look (about one run in five).
 #[test]
 fn steady_peer_copy_allreduces_never_stall() {
     // Also the rendezvous timeout: four debug-build ranks starting on two busy cores.

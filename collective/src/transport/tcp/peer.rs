@@ -326,6 +326,12 @@ impl TcpTransport {
             let fd = self.link(peer).fd;
             let mut raw = [0u8; HEADER_LEN];
             let got = peek(fd, &mut raw);
+            if got == 0 && moved.is_some() {
+                // The frames before the end are acted on first: a peer that answered (its
+                // last `Confirmed`, say) and then finished and exited is lost only if
+                // something more is needed from it, which the next look finds out.
+                return Ok(moved);
+            }
             if got == 0 {
                 let err = Self::lost(peer, op, "connection closed by the peer");
                 return Err(self.prefer_abort(op, err, std::time::Duration::from_millis(100)));
